@@ -1,0 +1,1 @@
+//! Per-host agent that runs recorded instances, produces their events and snapshots them

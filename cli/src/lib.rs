@@ -1,0 +1,1 @@
+//! The vmreplay command line

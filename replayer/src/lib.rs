@@ -1,0 +1,1 @@
+//! gRPC service that restores clones from snapshots and replays recorded inputs

@@ -1,0 +1,1 @@
+//! Harnesses for tests over real processes (broker, registry, QEMU) and the end-to-end scenarios

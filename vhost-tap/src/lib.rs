@@ -1,0 +1,1 @@
+//! vhost-user block and net backends that record every request

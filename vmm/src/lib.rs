@@ -1,0 +1,1 @@
+//! vmreplay's built-in KVM microVM
