@@ -8,6 +8,7 @@
 //! - [`framing`]: length-prefixed event files (capture files, local spools).
 //! - [`schemas`]: the `.proto` sources, as registered in the Schema Registry.
 
+pub mod config;
 pub mod domain;
 pub mod framing;
 pub mod schemas;
