@@ -89,7 +89,8 @@ impl Endpoints {
                 name: "bootstrap-servers",
             });
         }
-        if !(self.registry_url.starts_with("http://") || self.registry_url.starts_with("https://")) {
+        if !(self.registry_url.starts_with("http://") || self.registry_url.starts_with("https://"))
+        {
             return Err(EndpointsError::RegistryScheme(self.registry_url.clone()));
         }
         if !(self.object_store_url.starts_with("s3://")
@@ -130,10 +131,12 @@ mod tests {
             registry_url: "ftp://x".into(),
             ..Endpoints::default()
         };
-        assert!(matches!(e.validate(), Err(EndpointsError::RegistryScheme(_))));
-        let e = Endpoints::default().with_env(|k| {
-            (k == "VMR_OBJECT_STORE_URL").then(|| "s3://bucket/snaps".to_string())
-        });
+        assert!(matches!(
+            e.validate(),
+            Err(EndpointsError::RegistryScheme(_))
+        ));
+        let e = Endpoints::default()
+            .with_env(|k| (k == "VMR_OBJECT_STORE_URL").then(|| "s3://bucket/snaps".to_string()));
         assert_eq!(e.object_store_url, "s3://bucket/snaps");
         e.validate().unwrap();
     }

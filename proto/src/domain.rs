@@ -472,7 +472,9 @@ impl SnapshotManifest {
 }
 
 fn is_hex_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl From<SnapshotManifest> for pb::SnapshotManifest {

@@ -21,7 +21,7 @@ pub mod pb {
 }
 
 pub use domain::{
-    BlockIo, BlockOp, BlockStatus, ContentHash, ConversionError, Direction, EnvSample, Event,
-    Gap, InstanceId, Lifecycle, LifecycleKind, NetFrame, Payload, SnapshotManifest,
-    SnapshotObject, TopicOffset, VcpuRegs,
+    BlockIo, BlockOp, BlockStatus, ContentHash, ConversionError, Direction, EnvSample, Event, Gap,
+    InstanceId, Lifecycle, LifecycleKind, NetFrame, Payload, SnapshotManifest, SnapshotObject,
+    TopicOffset, VcpuRegs,
 };

@@ -7,7 +7,9 @@
 //! their prerequisites first; when a prerequisite is missing they fail with a
 //! message naming it rather than pass silently.
 
+pub mod broker;
 pub mod process;
+pub mod registry;
 
 pub use process::{free_port, workspace_bin, ChildGuard, HarnessError};
 

@@ -61,7 +61,9 @@ impl ChildGuard {
 
     /// Whether the process has exited; returns its status if so.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends SIGTERM to the process group, waits up to `grace`, then SIGKILLs.
@@ -98,7 +100,9 @@ impl Drop for ChildGuard {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 always succeeds");
-    l.local_addr().expect("a bound socket has an address").port()
+    l.local_addr()
+        .expect("a bound socket has an address")
+        .port()
 }
 
 /// Path of one of the workspace's binaries (built by `cargo build --workspace
