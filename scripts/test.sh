@@ -23,7 +23,7 @@ log "unit tests"
 cargo test --workspace
 
 log "heavy tests (broker, registry, QEMU, KVM)"
-export VMR_BIN_DIR="$VMR_ROOT/target/debug"
+export VMR_BIN_DIR="${CARGO_TARGET_DIR:-$VMR_ROOT/target}/debug"
 cargo test --workspace -- --ignored --test-threads=1
 
 log "all tests passed"
