@@ -110,7 +110,13 @@ def main(argv=None):
                 continue
             value = msg.value()
             ctx = SerializationContext(msg.topic(), MessageField.VALUE)
-            event = deserializer(value, ctx)
+            try:
+                event = deserializer(value, ctx)
+            except Exception as e:  # a poison record: report it and keep going
+                print(f"undecodable record at {msg.topic()}/{msg.partition()}@{msg.offset()}: {e}",
+                      file=sys.stderr)
+                seen += 1
+                continue
             key = msg.key()
             print(json.dumps({
                 "topic": msg.topic(),
