@@ -73,7 +73,7 @@ up() {
         wait_port registry "$REGISTRY_PORT" 60
     fi
     log "registering the event schemas"
-    "$BIN_DIR/schema-registry" register --registry "$REGISTRY_URL"
+    "$BIN_DIR/schema-registry" register --registry "$REGISTRY_URL" >&2
     env_exports
 }
 

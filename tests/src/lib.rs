@@ -8,7 +8,9 @@
 //! message naming it rather than pass silently.
 
 pub mod broker;
+pub mod guest;
 pub mod process;
+pub mod qemu;
 pub mod registry;
 
 pub use process::{free_port, workspace_bin, ChildGuard, HarnessError};

@@ -1,0 +1,398 @@
+//! vhost-user-blk benchmark: a synthetic frontend (no guest) drives 4 KiB random
+//! writes and reads at queue depth 32 and 1 MiB sequential writes against
+//! qemu-storage-daemon, vhost-tap-blk with the capture tee off, and with the
+//! tee writing to a file; prints one table.
+//!
+//! Every backend serves the same pre-filled raw image in the same directory,
+//! every run lasts the same time, and the backends take turns round by round so
+//! that background noise spreads over all of them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use vmr_testkit::ChildGuard;
+
+use vmr_bench::frontend::BlkDevice;
+use vmr_bench::workload::{self, Tally, Until, WORKLOADS};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(about = "vhost-user-blk benchmark: qemu-storage-daemon vs vhost-tap-blk")]
+struct Args {
+    /// Rounds; each round runs every workload once on every backend.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Seconds per workload run.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Size of the disk image in MiB.
+    #[arg(long, default_value_t = 512)]
+    image_mib: u64,
+    /// Directory for the image, sockets and capture files (same file system for all).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// qemu-storage-daemon binary.
+    #[arg(long, default_value = "/usr/bin/qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// vhost-tap-blk binary (default: next to this binary).
+    #[arg(long)]
+    tap_blk: Option<PathBuf>,
+    /// Arguments of vhost-tap-blk; `{socket}` and `{image}` are substituted.
+    #[arg(
+        long,
+        default_value = "--socket {socket} --image {image} --instance-id bench --device vda"
+    )]
+    tap_args: String,
+    /// Extra arguments that turn the tee on with a file sink; `{capture}` is substituted.
+    #[arg(long, default_value = "--capture {capture}")]
+    tee_args: String,
+    /// Skip counting allocations with vmr-bench-blk-alloc.
+    #[arg(long)]
+    no_alloc: bool,
+    /// Backends to run (comma-separated: qsd, tap-off, tap-on).
+    #[arg(long, default_value = "qsd,tap-off,tap-on")]
+    backends: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Qsd,
+    TapOff,
+    TapOn,
+}
+
+impl Backend {
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Qsd => "qemu-storage-daemon",
+            Backend::TapOff => "vhost-tap-blk tee off",
+            Backend::TapOn => "vhost-tap-blk tee on",
+        }
+    }
+    /// Whether the tee is on (None: not a vhost-tap backend).
+    fn tee(self) -> Option<bool> {
+        match self {
+            Backend::Qsd => None,
+            Backend::TapOff => Some(false),
+            Backend::TapOn => Some(true),
+        }
+    }
+    fn target(self) -> Option<f64> {
+        match self {
+            Backend::Qsd => None,
+            Backend::TapOff => Some(1.0),
+            Backend::TapOn => Some(0.9),
+        }
+    }
+}
+
+fn wait_for_socket(path: &Path, guard: &mut ChildGuard, what: &str) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Some(status) = guard.try_wait() {
+            bail!(
+                "{what} exited ({status}) before creating {}",
+                path.display()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("{what} did not create {} within 10 s", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn substitute(template: &str, vars: &[(&str, &Path)]) -> Vec<String> {
+    template
+        .split_whitespace()
+        .map(|w| {
+            let mut w = w.to_string();
+            for (k, v) in vars {
+                w = w.replace(&format!("{{{k}}}"), &v.to_string_lossy());
+            }
+            w
+        })
+        .collect()
+}
+
+fn start_backend(
+    args: &Args,
+    b: Backend,
+    work: &Path,
+    image: &Path,
+    tap_bin: &Path,
+) -> Result<(ChildGuard, PathBuf)> {
+    let socket = work.join(format!("{b:?}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let log = std::fs::File::create(work.join(format!("{b:?}.log")))?;
+    let mut cmd = match b {
+        Backend::Qsd => {
+            let mut c = Command::new(&args.qsd);
+            c.arg("--blockdev").arg(format!(
+                "driver=file,node-name=disk,filename={},cache.direct=off",
+                image.display()
+            ));
+            c.arg("--export").arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                socket.display()
+            ));
+            c
+        }
+        Backend::TapOff | Backend::TapOn => {
+            let mut c = Command::new(tap_bin);
+            c.args(substitute(
+                &args.tap_args,
+                &[("socket", &socket), ("image", image)],
+            ));
+            if b == Backend::TapOn {
+                let capture = work.join("capture.events");
+                let _ = std::fs::remove_file(&capture);
+                c.args(substitute(&args.tee_args, &[("capture", &capture)]));
+            }
+            c.env("RUST_LOG", "warn");
+            c
+        }
+    };
+    cmd.stdout(log.try_clone()?).stderr(log);
+    let mut guard = ChildGuard::spawn(b.label(), &mut cmd)?;
+    wait_for_socket(&socket, &mut guard, b.label())?;
+    Ok((guard, socket))
+}
+
+/// Runs `vmr-bench-blk-alloc` (tee off and on, as selected) and returns
+/// `(workload, tee, allocations per request)`.
+fn count_allocations(
+    backends: &[Backend],
+    work: &Path,
+    image: &Path,
+) -> Result<Vec<(String, bool, f64)>> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("this binary has a directory")?
+        .join("vmr-bench-blk-alloc");
+    let mut out = Vec::new();
+    for b in backends {
+        let Some(tee) = b.tee() else { continue };
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--image").arg(image).arg("--dir").arg(work);
+        if tee {
+            cmd.arg("--tee");
+        }
+        eprintln!("  counting allocations ({})", b.label());
+        let o = cmd
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !o.status.success() {
+            bail!(
+                "{} failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            // alloc <workload words...> tee=<on|off> per_request=<f>
+            let Some(rest) = line.strip_prefix("alloc ") else {
+                continue;
+            };
+            let Some((name, tail)) = rest.split_once(" tee=") else {
+                continue;
+            };
+            let Some(n) = tail
+                .split_once("per_request=")
+                .and_then(|(_, v)| v.trim().parse().ok())
+            else {
+                continue;
+            };
+            out.push((name.to_string(), tee, n));
+        }
+    }
+    Ok(out)
+}
+
+fn prefill(image: &Path, bytes: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    for (i, b) in chunk.iter_mut().enumerate() {
+        *b = (i * 131 % 251) as u8 | 1;
+    }
+    for _ in 0..bytes >> 20 {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let backends: Vec<Backend> = args
+        .backends
+        .split(',')
+        .map(|s| match s.trim() {
+            "qsd" => Ok(Backend::Qsd),
+            "tap-off" => Ok(Backend::TapOff),
+            "tap-on" => Ok(Backend::TapOn),
+            other => bail!("unknown backend {other:?} (use qsd, tap-off, tap-on)"),
+        })
+        .collect::<Result<_>>()?;
+    if !args.qsd.is_file() && backends.contains(&Backend::Qsd) {
+        bail!(
+            "{} not found: install qemu-system-common (scripts/setup.sh)",
+            args.qsd.display()
+        );
+    }
+    let tap_bin = match &args.tap_blk {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has a directory")?
+            .join("vhost-tap-blk"),
+    };
+    if !tap_bin.is_file() && backends.iter().any(|b| *b != Backend::Qsd) {
+        bail!(
+            "{} not found: build it with `cargo build --release -p vhost-tap`",
+            tap_bin.display()
+        );
+    }
+    let work = tempfile::Builder::new()
+        .prefix("vmr-bench-blk-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("creating a work directory in {}", args.dir.display()))?;
+    let image = work.path().join("disk.raw");
+    let image_bytes = args.image_mib << 20;
+    prefill(&image, image_bytes)?;
+
+    eprintln!(
+        "vmr-bench-blk: {} rounds x {} workloads x {} backends, {:.1} s each, image {} MiB in {}",
+        args.rounds,
+        WORKLOADS.len(),
+        backends.len(),
+        args.seconds,
+        args.image_mib,
+        args.dir.display()
+    );
+    let mut results = vec![vec![Tally::default(); backends.len()]; WORKLOADS.len()];
+    let mut per_round = vec![vec![Vec::<f64>::new(); backends.len()]; WORKLOADS.len()];
+    for round in 0..args.rounds {
+        // Alternate the order each round.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..backends.len()).collect()
+        } else {
+            (0..backends.len()).rev().collect()
+        };
+        for &bi in &order {
+            let b = backends[bi];
+            let (mut guard, socket) = start_backend(&args, b, work.path(), &image, &tap_bin)?;
+            let mut dev = BlkDevice::connect(&socket)
+                .with_context(|| format!("connecting to {}", b.label()))?;
+            workload::verify(&mut dev, image_bytes)
+                .with_context(|| format!("verifying {}", b.label()))?;
+            for (wi, w) in WORKLOADS.iter().enumerate() {
+                let t = workload::run(
+                    &mut dev,
+                    *w,
+                    image_bytes,
+                    Until::Elapsed(Duration::from_secs_f64(args.seconds)),
+                    0x5eed + round as u64,
+                )
+                .with_context(|| format!("{} on {}", w.name, b.label()))?;
+                let r = &mut results[wi][bi];
+                r.ops += t.ops;
+                r.bytes += t.bytes;
+                r.secs += t.secs;
+                per_round[wi][bi].push(t.ops as f64 / t.secs);
+                eprintln!(
+                    "  round {} {:<22} {:<18} {:>10.0} IOPS",
+                    round + 1,
+                    b.label(),
+                    w.name,
+                    t.ops as f64 / t.secs
+                );
+            }
+            drop(dev);
+            guard.stop(Duration::from_secs(5));
+            let _ = std::fs::remove_file(work.path().join("capture.events"));
+        }
+    }
+
+    let allocs = if args.no_alloc {
+        Vec::new()
+    } else {
+        count_allocations(&backends, work.path(), &image)?
+    };
+
+    println!();
+    println!(
+        "{:<18} {:<22} {:>10} {:>9} {:>13} {:>8} {:>8} {:>10}  result",
+        "workload", "backend", "IOPS", "MiB/s", "IOPS min-max", "vs qsd", "target", "allocs/req"
+    );
+    let qsd_index = backends.iter().position(|b| *b == Backend::Qsd);
+    let mut misses = 0;
+    for (wi, w) in WORKLOADS.iter().enumerate() {
+        for (bi, b) in backends.iter().enumerate() {
+            let t = results[wi][bi];
+            let iops = t.ops as f64 / t.secs;
+            let mibs = t.bytes as f64 / t.secs / (1 << 20) as f64;
+            let rounds = &per_round[wi][bi];
+            let lo = rounds.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = rounds.iter().cloned().fold(0.0, f64::max);
+            let ratio = qsd_index.map(|q| {
+                let base = results[wi][q];
+                iops / (base.ops as f64 / base.secs)
+            });
+            let (ratio_s, target_s, verdict) = match (ratio, b.target()) {
+                (Some(r), Some(tgt)) => {
+                    let ok = r >= tgt;
+                    if !ok {
+                        misses += 1;
+                    }
+                    (
+                        format!("{r:.2}x"),
+                        format!(">={tgt:.2}x"),
+                        if ok { "ok" } else { "MISS" },
+                    )
+                }
+                (Some(r), None) => (format!("{r:.2}x"), "-".into(), "baseline"),
+                (None, _) => ("-".into(), "-".into(), "-"),
+            };
+            let alloc_s = allocs
+                .iter()
+                .find(|(name, tee, _)| name == w.name && Some(*tee) == b.tee())
+                .map_or_else(|| "-".to_string(), |(_, _, n)| format!("{n:.3}"));
+            println!(
+                "{:<18} {:<22} {:>10.0} {:>9.1} {:>13} {:>8} {:>8} {:>10}  {}",
+                if bi == 0 { w.name } else { "" },
+                b.label(),
+                iops,
+                mibs,
+                format!("{:.0}-{:.0}", lo, hi),
+                ratio_s,
+                target_s,
+                alloc_s,
+                verdict
+            );
+        }
+    }
+    println!();
+    println!(
+        "IOPS: total requests / total time over {} rounds of {:.1} s per cell; min-max: per-round IOPS.",
+        args.rounds, args.seconds
+    );
+    if !allocs.is_empty() {
+        println!(
+            "allocs/req: heap allocations per request of the vhost-tap library run in-process \
+             (vmr-bench-blk-alloc, counting allocator, steady state after warm-up)."
+        );
+    }
+    if misses > 0 {
+        println!("{misses} row(s) miss their target.");
+    } else if qsd_index.is_some() && backends.len() > 1 {
+        println!("all rows meet their targets.");
+    }
+    Ok(())
+}

@@ -1,0 +1,586 @@
+//! [`BlockBackend`]: `VhostUserBackend` for virtio-blk.
+//!
+//! One worker thread per queue. Each kick is processed synchronously: the
+//! worker pops every available chain, does the I/O and completes it before it
+//! releases the queue, and `stop_vring` (sent by the front-end's
+//! `GET_VRING_BASE`) takes the same per-queue lock, so when the front-end
+//! receives the ring base every request up to it has completed and none after
+//! it has been touched.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmr_proto::pb;
+
+use super::disk::{Disk, DiskError};
+use super::request::{self, Limits, Request, RequestType, Segment};
+use crate::capture::Tee;
+use crate::fault::{BlockFault, FaultHook};
+use crate::filter::BlockFilter;
+use crate::metrics::Metrics;
+use crate::{GuestMem, GuestMemAtomic, Mode};
+
+/// Errors building a block backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("disk")]
+    Disk(#[from] DiskError),
+    #[error("number of queues must be between 1 and 64, got {0}")]
+    Queues(usize),
+    #[error("queue size must be a power of two between 2 and 32768, got {0}")]
+    QueueSize(u16),
+    #[error("serial is longer than 20 bytes")]
+    Serial,
+    #[error("replay mode needs an overlay so the image stays untouched")]
+    ReplayNeedsOverlay,
+}
+
+/// Settings of a block backend.
+#[derive(Clone)]
+pub struct BlockConfig {
+    /// Device name written into records.
+    pub device: String,
+    /// Answer to GET_ID (at most 20 bytes).
+    pub serial: String,
+    /// Request queues.
+    pub num_queues: usize,
+    /// Largest queue size offered.
+    pub queue_size: u16,
+    /// Capture or replay.
+    pub mode: Mode,
+    /// Which operations are recorded.
+    pub filter: BlockFilter,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl BlockConfig {
+    /// One queue of 256, device `vda`, capture mode, everything recorded.
+    pub fn new(device: impl Into<String>) -> Self {
+        let device = device.into();
+        Self {
+            serial: device.clone(),
+            device,
+            num_queues: 1,
+            queue_size: 256,
+            mode: Mode::Capture,
+            filter: BlockFilter::all(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Per-queue scratch state, reused by every request.
+struct Worker {
+    segs: Vec<Segment>,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+struct Inner {
+    config: BlockConfig,
+    disk: Disk,
+    mem: Mutex<Option<GuestMemAtomic>>,
+    event_idx: AtomicBool,
+    workers: Vec<Mutex<Worker>>,
+    tee: Option<Tee>,
+    faults: Option<Arc<dyn FaultHook>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The virtio-blk vhost-user backend. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct BlockBackend {
+    inner: Arc<Inner>,
+}
+
+impl BlockBackend {
+    /// Builds a backend over `disk`. `tee` records requests (None: tee off);
+    /// `faults` may fail requests (replay).
+    pub fn new(
+        config: BlockConfig,
+        disk: Disk,
+        tee: Option<Tee>,
+        faults: Option<Arc<dyn FaultHook>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BlockError> {
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(BlockError::Queues(config.num_queues));
+        }
+        if !config.queue_size.is_power_of_two() || config.queue_size < 2 {
+            return Err(BlockError::QueueSize(config.queue_size));
+        }
+        if config.serial.len() > request::ID_LEN as usize {
+            return Err(BlockError::Serial);
+        }
+        let workers = (0..config.num_queues)
+            .map(|_| {
+                Mutex::new(Worker {
+                    segs: Vec::with_capacity(config.queue_size as usize),
+                    buf: Vec::new(),
+                    scratch: Vec::new(),
+                })
+            })
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                disk,
+                mem: Mutex::new(None),
+                event_idx: AtomicBool::new(false),
+                workers,
+                tee,
+                faults,
+                metrics,
+            }),
+        })
+    }
+
+    /// The metrics of this backend.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The device name.
+    pub fn device(&self) -> &str {
+        &self.inner.config.device
+    }
+
+    /// The disk served.
+    pub fn disk(&self) -> &Disk {
+        &self.inner.disk
+    }
+
+    /// The tee, if recording.
+    pub fn tee(&self) -> Option<&Tee> {
+        self.inner.tee.as_ref()
+    }
+
+    /// The virtio-blk configuration space.
+    pub fn config_space(&self) -> [u8; 60] {
+        let c = &self.inner.config;
+        let mut cfg = [0u8; 60];
+        cfg[0..8].copy_from_slice(&(self.inner.disk.size() / 512).to_le_bytes());
+        cfg[8..12].copy_from_slice(&c.limits.max_data.to_le_bytes()); // size_max
+        let seg_max = (c.queue_size as u32).saturating_sub(2).max(1);
+        cfg[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        cfg[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
+        cfg[34..36].copy_from_slice(&(c.num_queues as u16).to_le_bytes());
+        let max_sectors = c.limits.max_data / 512;
+        cfg[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        cfg[40..44].copy_from_slice(&c.limits.max_ranges.to_le_bytes());
+        cfg[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard alignment
+        cfg[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        cfg[52..56].copy_from_slice(&c.limits.max_ranges.to_le_bytes());
+        cfg[56] = 1; // write_zeroes_may_unmap
+        cfg
+    }
+
+    fn process_queue(&self, vring: &VringRwLock<GuestMemAtomic>, q: u16) -> io::Result<()> {
+        let inner = &*self.inner;
+        let Some(atomic) = inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut worker = inner.workers[q as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let event_idx = inner.event_idx.load(Ordering::Acquire);
+        let mut state = vring.get_mut();
+        let mut completed = 0usize;
+        loop {
+            let queue = state.get_queue_mut();
+            // A driver that publishes an avail index more than a ring ahead
+            // has a corrupt ring: refuse it instead of spinning on it.
+            if queue.ready() {
+                let avail = queue
+                    .avail_idx(&*mem, Ordering::Acquire)
+                    .map_err(io::Error::other)?;
+                if avail.0.wrapping_sub(queue.next_avail()) > queue.size() {
+                    Metrics::add(&inner.metrics.malformed, 1);
+                    tracing::warn!(device = %inner.config.device, queue = q, "avail index out of range; ignoring the kick");
+                    break;
+                }
+            }
+            if event_idx {
+                queue
+                    .disable_notification(&*mem)
+                    .map_err(io::Error::other)?;
+            }
+            let mut popped = 0usize;
+            while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                let used = self.handle_chain(&mem, chain, q, &mut worker);
+                queue
+                    .add_used(&*mem, head, used)
+                    .map_err(io::Error::other)?;
+                popped += 1;
+            }
+            completed += popped;
+            if !event_idx {
+                break;
+            }
+            let more = queue.enable_notification(&*mem).map_err(io::Error::other)?;
+            // A stopped ring (GET_VRING_BASE) still has requests available
+            // but must not be touched until it is restarted.
+            if !more || popped == 0 || !queue.ready() {
+                break;
+            }
+        }
+        if completed > 0
+            && state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .map_err(io::Error::other)?
+        {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Handles one chain; returns the used length.
+    fn handle_chain<M>(
+        &self,
+        mem: &GuestMem,
+        chain: virtio_queue::DescriptorChain<M>,
+        q: u16,
+        w: &mut Worker,
+    ) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMem>,
+    {
+        let inner = &*self.inner;
+        let req = match request::parse_chain(mem, chain, &mut w.segs, &inner.config.limits) {
+            Ok(r) => r,
+            Err(error) => {
+                Metrics::add(&inner.metrics.malformed, 1);
+                tracing::warn!(device = %inner.config.device, queue = q, %error, "malformed request");
+                if error.has_status() {
+                    if let Some(status) = w.segs.last().filter(|s| s.write && s.len > 0) {
+                        let at = vm_memory::Address::unchecked_add(
+                            &status.addr,
+                            u64::from(status.len) - 1,
+                        );
+                        if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() {
+                            return 1;
+                        }
+                    }
+                }
+                return 0;
+            }
+        };
+        let (status, written) = self.execute(mem, &req, q, w);
+        if mem.write_obj(status as u8, req.status).is_err() {
+            return 0;
+        }
+        Metrics::add(&inner.metrics.requests, 1);
+        if status == VIRTIO_BLK_S_IOERR {
+            Metrics::add(&inner.metrics.io_errors, 1);
+        }
+        written + 1
+    }
+
+    /// Runs a request; returns the status and bytes written to the guest
+    /// (before the status byte).
+    fn execute(&self, mem: &GuestMem, req: &Request, q: u16, w: &mut Worker) -> (u32, u32) {
+        let inner = &*self.inner;
+        let op = req.rtype.op();
+        let len = req.data_len;
+        if let Some(f) = &inner.faults {
+            if !matches!(req.rtype, RequestType::Unsupported(_))
+                && f.block(op, req.sector, len) == BlockFault::IoError
+            {
+                Metrics::add(&inner.metrics.faults, 1);
+                self.record(q, op, req.sector, len, None, None, VIRTIO_BLK_S_IOERR);
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+        let off = req.sector.checked_mul(512);
+        let (status, written) = match req.rtype {
+            RequestType::In => {
+                w.buf.resize(len as usize, 0);
+                let r = off
+                    .ok_or(DiskError::OutOfRange)
+                    .and_then(|off| inner.disk.read(off, &mut w.buf[..len as usize]));
+                match r {
+                    Ok(()) => {
+                        if request::scatter(mem, &w.segs, &w.buf[..len as usize]).is_err() {
+                            (VIRTIO_BLK_S_IOERR, 0)
+                        } else {
+                            Metrics::add(&inner.metrics.bytes, u64::from(len));
+                            self.record(
+                                q,
+                                op,
+                                req.sector,
+                                len,
+                                None,
+                                Some(&w.buf[..len as usize]),
+                                VIRTIO_BLK_S_OK,
+                            );
+                            return (VIRTIO_BLK_S_OK, len);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, sector = req.sector, "read failed");
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                }
+            }
+            RequestType::Out => {
+                w.buf.resize(len as usize, 0);
+                let gathered = request::gather(
+                    mem,
+                    &w.segs,
+                    u64::from(request::HEADER_LEN),
+                    &mut w.buf[..len as usize],
+                );
+                let r = match (gathered, off) {
+                    (Ok(()), Some(off)) => {
+                        inner
+                            .disk
+                            .write(off, &w.buf[..len as usize], &mut w.scratch)
+                    }
+                    _ => Err(DiskError::OutOfRange),
+                };
+                let status = match r {
+                    Ok(()) => {
+                        Metrics::add(&inner.metrics.bytes, u64::from(len));
+                        VIRTIO_BLK_S_OK
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, sector = req.sector, "write failed");
+                        VIRTIO_BLK_S_IOERR
+                    }
+                };
+                let data = std::mem::take(&mut w.buf);
+                self.record(
+                    q,
+                    op,
+                    req.sector,
+                    len,
+                    Some(&data[..len as usize]),
+                    None,
+                    status,
+                );
+                w.buf = data;
+                return (status, 0);
+            }
+            RequestType::Flush => match inner.disk.flush() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            },
+            RequestType::GetId => {
+                let mut id = [0u8; request::ID_LEN as usize];
+                let s = inner.config.serial.as_bytes();
+                id[..s.len()].copy_from_slice(s);
+                match request::scatter(mem, &w.segs, &id[..len as usize]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                w.buf.resize(len as usize, 0);
+                let mut status = VIRTIO_BLK_S_OK;
+                if request::gather(
+                    mem,
+                    &w.segs,
+                    u64::from(request::HEADER_LEN),
+                    &mut w.buf[..len as usize],
+                )
+                .is_err()
+                {
+                    status = VIRTIO_BLK_S_IOERR;
+                }
+                let n = len / request::RANGE_LEN;
+                for i in 0..n as usize {
+                    if status != VIRTIO_BLK_S_OK {
+                        break;
+                    }
+                    let Some((sector, count, _flags)) = request::range_at(&w.buf, i) else {
+                        status = VIRTIO_BLK_S_IOERR;
+                        break;
+                    };
+                    let r = sector
+                        .checked_mul(512)
+                        .ok_or(DiskError::OutOfRange)
+                        .and_then(|o| inner.disk.zero(o, u64::from(count) * 512, &mut w.scratch));
+                    if r.is_err() {
+                        status = VIRTIO_BLK_S_IOERR;
+                    }
+                }
+                let data = std::mem::take(&mut w.buf);
+                self.record(
+                    q,
+                    op,
+                    req.sector,
+                    len,
+                    Some(&data[..len as usize]),
+                    None,
+                    status,
+                );
+                w.buf = data;
+                return (status, 0);
+            }
+            RequestType::Unsupported(_) => return (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        self.record(q, op, req.sector, len, None, None, status);
+        (status, written)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn record(
+        &self,
+        q: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        data: Option<&[u8]>,
+        read: Option<&[u8]>,
+        status: u32,
+    ) {
+        let inner = &*self.inner;
+        let Some(tee) = &inner.tee else { return };
+        if !inner.config.filter.matches(op) {
+            return;
+        }
+        let status = match status {
+            VIRTIO_BLK_S_OK => pb::BlockStatus::Ok,
+            VIRTIO_BLK_S_UNSUPP => pb::BlockStatus::Unsupported,
+            _ => pb::BlockStatus::Ioerr,
+        };
+        tee.record_block(&inner.config.device, q, op, sector, len, data, read, status);
+    }
+}
+
+/// Feature bits offered by the block backend.
+pub fn block_features(read_only: bool, num_queues: usize) -> u64 {
+    let mut f = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_BLK_F_SIZE_MAX
+        | 1 << VIRTIO_BLK_F_SEG_MAX
+        | 1 << VIRTIO_BLK_F_BLK_SIZE
+        | 1 << VIRTIO_BLK_F_FLUSH
+        | 1 << VIRTIO_BLK_F_DISCARD
+        | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
+    if num_queues > 1 {
+        f |= 1 << VIRTIO_BLK_F_MQ;
+    }
+    if read_only {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    }
+    f
+}
+
+/// Protocol features offered by both backends.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Vring = VringRwLock<GuestMemAtomic>;
+
+    fn num_queues(&self) -> usize {
+        self.inner.config.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.config.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        block_features(self.inner.disk.read_only(), self.inner.config.num_queues)
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config_space();
+        let start = (offset as usize).min(cfg.len());
+        let end = start.saturating_add(size as usize).min(cfg.len());
+        let mut out = cfg[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        *self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.config.num_queues)
+            .map(|i| 1u64 << i)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        Some((c, n))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Wait for the worker to finish the batch it may be processing: all
+        // requests it popped are completed when this lock is granted.
+        if let Some(w) = self.inner.workers.get(queue_index as usize) {
+            drop(w.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        // Each thread owns exactly one queue: thread i serves queue i, and
+        // `device_event` is the index within the thread's vrings.
+        let q = thread_id as u16;
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
+        if q as usize >= self.inner.config.num_queues {
+            return Ok(());
+        }
+        self.process_queue(vring, q)
+    }
+}
+
+/// Which mode a block backend runs in (re-exported for binaries).
+pub fn check_mode(mode: Mode, has_overlay: bool) -> Result<(), BlockError> {
+    if mode == Mode::Replay && !has_overlay {
+        return Err(BlockError::ReplayNeedsOverlay);
+    }
+    Ok(())
+}

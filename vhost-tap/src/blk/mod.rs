@@ -1,0 +1,8 @@
+//! The virtio-blk backend.
+
+pub mod backend;
+pub mod disk;
+pub mod request;
+
+pub use backend::{BlockBackend, BlockConfig, BlockError};
+pub use disk::{Disk, DiskError};

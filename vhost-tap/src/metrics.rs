@@ -1,0 +1,88 @@
+//! Counters of a backend, readable as a [`MetricsSnapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, updated with relaxed atomics from the device threads.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests (block) or frames (net) completed.
+    pub requests: AtomicU64,
+    /// Payload bytes moved (read + written, or frame bytes).
+    pub bytes: AtomicU64,
+    /// Records handed to the capture queue.
+    pub recorded: AtomicU64,
+    /// Records dropped because the sink fell behind (policy `drop`).
+    pub dropped: AtomicU64,
+    /// GAP events emitted for dropped records.
+    pub gaps: AtomicU64,
+    /// Batches the sink failed to accept.
+    pub sink_errors: AtomicU64,
+    /// Descriptor chains refused as malformed.
+    pub malformed: AtomicU64,
+    /// Requests completed with an I/O error (including injected ones).
+    pub io_errors: AtomicU64,
+    /// Faults injected by a fault hook.
+    pub faults: AtomicU64,
+    /// Frames taken from a replay source.
+    pub injected: AtomicU64,
+}
+
+/// A point-in-time copy of [`Metrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MetricsSnapshot {
+    pub requests: u64,
+    pub bytes: u64,
+    pub recorded: u64,
+    pub dropped: u64,
+    pub gaps: u64,
+    pub sink_errors: u64,
+    pub malformed: u64,
+    pub io_errors: u64,
+    pub faults: u64,
+    pub injected: u64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Copies the counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            requests: l(&self.requests),
+            bytes: l(&self.bytes),
+            recorded: l(&self.recorded),
+            dropped: l(&self.dropped),
+            gaps: l(&self.gaps),
+            sink_errors: l(&self.sink_errors),
+            malformed: l(&self.malformed),
+            io_errors: l(&self.io_errors),
+            faults: l(&self.faults),
+            injected: l(&self.injected),
+        }
+    }
+}
+
+impl MetricsSnapshot {
+    /// Logs the snapshot at info level.
+    pub fn log(&self, device: &str) {
+        tracing::info!(
+            device,
+            requests = self.requests,
+            bytes = self.bytes,
+            recorded = self.recorded,
+            dropped = self.dropped,
+            gaps = self.gaps,
+            sink_errors = self.sink_errors,
+            malformed = self.malformed,
+            io_errors = self.io_errors,
+            faults = self.faults,
+            injected = self.injected,
+            "metrics"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! VMM timings in one table: start to first guest instruction, pause,
+//! snapshot (full and incremental) and restore to the first guest
+//! instruction, for 128 MiB and 512 MiB guests.
+//!
+//! `cargo bench -p vmr-vmm` (needs /dev/kvm and make + gcc for the test
+//! guest). Firecracker's published figures are shown for comparison.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmr_vmm::guest_abi::{build_test_guest, TestPorts, CMD_DIRTY, END_OF_LIST};
+use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
+use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
+
+const RUNS: usize = 5;
+const WAIT: Duration = Duration::from_secs(60);
+/// Pages the guest dirties between the base and the incremental snapshot.
+const DIRTY_PAGES: u32 = 1024;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn boot(elf: &Path, mem: u64, fill: bool) -> (Vm, TestPorts, Instant) {
+    let t0 = Instant::now();
+    let mut vm = Vm::new(VmConfig {
+        mem_size: mem,
+        ..Default::default()
+    })
+    .expect("VM");
+    if fill {
+        // Make every page non-zero, as in a guest that has used its memory,
+        // so the full snapshot writes all of it.
+        // SAFETY: the guest has not started; nothing else uses the memory.
+        let memory = vm.memory();
+        // SAFETY: as above.
+        let m = unsafe { memory.as_mut_slice() };
+        for (i, page) in m.chunks_mut(4096).enumerate() {
+            page[8..16].copy_from_slice(&(i as u64 | 1).to_le_bytes());
+        }
+    }
+    let ports = TestPorts::new();
+    ports.attach(&vm.pio_bus()).expect("ports");
+    vm.load(&BootSource::Elf(elf.to_path_buf())).expect("load");
+    vm.start().expect("start");
+    assert!(
+        ports.wait(WAIT, |s| s.boot_at.is_some()),
+        "guest did not boot"
+    );
+    assert!(
+        ports.wait(WAIT, |s| s.first_read_at.is_some()),
+        "guest did not reach its command loop"
+    );
+    (vm, ports, t0)
+}
+
+struct Row {
+    what: String,
+    ours: f64,
+    note: String,
+    anchor: &'static str,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes with --list.
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("vmm bench needs /dev/kvm: {e}");
+        std::process::exit(1);
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let elf = build_test_guest(&tmp.path().join("guest")).unwrap_or_else(|e| panic!("{e}"));
+    let mut rows = Vec::new();
+
+    let first: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let (vm, ports, t0) = boot(&elf, 128 << 20, false);
+            let at = ports.with(|s| s.boot_at).expect("booted");
+            drop(vm);
+            ms(at - t0)
+        })
+        .collect();
+    rows.push(Row {
+        what: "VMM start to first guest instruction (128 MiB)".into(),
+        ours: median(first),
+        note: format!("median of {RUNS}"),
+        anchor: "-",
+    });
+
+    for mem_mib in [128u64, 512] {
+        let mem = mem_mib << 20;
+        let (mut pause, mut full, mut inc, mut restore_lazy, mut restore_copy) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut full_pages = 0;
+        let mut inc_pages = 0;
+        for run in 0..RUNS {
+            let dir = tmp.path().join(format!("{mem_mib}-{run}"));
+            let (vm, ports, _) = boot(&elf, mem, true);
+            let t = Instant::now();
+            vm.pause().expect("pause");
+            pause.push(ms(t.elapsed()));
+            let t = Instant::now();
+            let f = vm
+                .snapshot(&dir.join("base"), MemoryKind::Full)
+                .expect("full");
+            full.push(ms(t.elapsed()));
+            full_pages = f.pages;
+            vm.resume().expect("resume");
+            let mut cmd = vec![CMD_DIRTY];
+            cmd.extend(0..DIRTY_PAGES);
+            cmd.push(END_OF_LIST);
+            ports.push_commands(&cmd);
+            assert!(
+                ports.wait(WAIT, |s| !s.done.is_empty()),
+                "dirty workload did not finish"
+            );
+            vm.pause().expect("pause");
+            let t = Instant::now();
+            let i = vm
+                .snapshot(&dir.join("inc"), MemoryKind::Incremental)
+                .expect("incremental");
+            inc.push(ms(t.elapsed()));
+            inc_pages = i.pages;
+            drop(vm);
+
+            for (mode, out) in [
+                (RestoreMemory::PrivateLazy, &mut restore_lazy),
+                (RestoreMemory::SharedCopy, &mut restore_copy),
+            ] {
+                let t = Instant::now();
+                let (clone, _) = Vm::restore(
+                    &dir.join("inc"),
+                    RestoreOptions {
+                        memory: mode,
+                        ..Default::default()
+                    },
+                )
+                .expect("restore");
+                let p = TestPorts::new();
+                p.attach(&clone.pio_bus()).expect("ports");
+                clone.resume().expect("resume");
+                assert!(
+                    p.wait(WAIT, |s| s.first_read_at.is_some()),
+                    "clone did not run"
+                );
+                out.push(ms(p.with(|s| s.first_read_at).expect("ran") - t));
+            }
+            std::fs::remove_dir_all(&dir).expect("cleanup");
+        }
+        rows.push(Row {
+            what: format!("pause ({mem_mib} MiB)"),
+            ours: median(pause),
+            note: "1 vCPU".into(),
+            anchor: "-",
+        });
+        rows.push(Row {
+            what: format!("full snapshot ({mem_mib} MiB)"),
+            ours: median(full),
+            note: format!("{full_pages} pages written"),
+            anchor: "-",
+        });
+        rows.push(Row {
+            what: format!("incremental snapshot ({mem_mib} MiB)"),
+            ours: median(inc),
+            note: format!("{inc_pages} dirty pages"),
+            anchor: if mem_mib == 512 {
+                "~18 ms (diff, 512 MiB)"
+            } else {
+                "-"
+            },
+        });
+        rows.push(Row {
+            what: format!("restore to first instruction, private lazy ({mem_mib} MiB)"),
+            ours: median(restore_lazy),
+            note: "base + 1 increment".into(),
+            anchor: "< 8 ms (resume)",
+        });
+        rows.push(Row {
+            what: format!("restore to first instruction, shared copy ({mem_mib} MiB)"),
+            ours: median(restore_copy),
+            note: "base + 1 increment".into(),
+            anchor: "-",
+        });
+    }
+
+    println!();
+    let (a, b, c, d) = ("vmr-vmm", "ms", "Firecracker anchor", "notes");
+    println!("{a:<58} {b:>10}  {c:<24} {d}");
+    println!("{}", "-".repeat(120));
+    for r in rows {
+        println!(
+            "{:<58} {:>10.2}  {:<24} {}",
+            r.what, r.ours, r.anchor, r.note
+        );
+    }
+}

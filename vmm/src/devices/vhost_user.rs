@@ -1,0 +1,363 @@
+//! The vhost-user frontend side of a virtio device: one connection to a
+//! backend process (for example `vhost-tap-blk` or `vhost-tap-net`), the
+//! feature negotiation done at connect time, and the ring setup done when the
+//! guest driver sets `DRIVER_OK`.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, info};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: the device speaks virtio 1.x (required by the
+/// modern MMIO transport).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Protocol features the frontend knows how to use.
+const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+
+/// `VHOST_VRING_F_LOG`: the backend logs writes to the used ring.
+const VRING_F_LOG: u32 = 1;
+
+/// Errors talking to a vhost-user backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    /// The backend socket could not be reached.
+    #[error("cannot connect to vhost-user backend at {path}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A request failed.
+    #[error("vhost-user request {request} failed")]
+    Request {
+        /// Name of the request.
+        request: &'static str,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend lacks a feature the transport needs.
+    #[error("vhost-user backend lacks {0}")]
+    MissingFeature(&'static str),
+    /// A guest address is outside every memory region.
+    #[error("guest address {0:#x} is not in guest memory")]
+    BadGuestAddress(u64),
+}
+
+fn req<T>(request: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
+    r.map_err(|source| VhostUserError::Request { request, source })
+}
+
+/// One region of guest memory as the backend must map it: a range of guest
+/// physical addresses backed by a shareable file (a memfd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedRegion {
+    /// First guest physical address of the region.
+    pub guest_phys_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Where the region is mapped in this process.
+    pub host_addr: u64,
+    /// File descriptor of the backing file. It must stay open while the
+    /// device lives.
+    pub fd: RawFd,
+    /// Offset of the region in the backing file.
+    pub fd_offset: u64,
+}
+
+impl SharedRegion {
+    /// Translates a guest physical address into this process's address.
+    pub fn host_addr_of(regions: &[SharedRegion], gpa: u64) -> Option<u64> {
+        regions.iter().find_map(|r| {
+            (gpa >= r.guest_phys_addr && gpa - r.guest_phys_addr < r.size)
+                .then(|| r.host_addr + (gpa - r.guest_phys_addr))
+        })
+    }
+}
+
+/// Addresses and size of one split virtqueue, as the driver programmed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VringAddrs {
+    /// Number of descriptors.
+    pub size: u16,
+    /// Descriptor table (guest physical).
+    pub desc: u64,
+    /// Driver (available) ring (guest physical).
+    pub avail: u64,
+    /// Device (used) ring (guest physical).
+    pub used: u64,
+}
+
+/// A connected, feature-negotiated vhost-user backend.
+pub struct VhostUserConnection {
+    frontend: Frontend,
+    socket: PathBuf,
+    backend_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    queue_num: u64,
+}
+
+impl std::fmt::Debug for VhostUserConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserConnection")
+            .field("socket", &self.socket)
+            .field(
+                "backend_features",
+                &format_args!("{:#x}", self.backend_features),
+            )
+            .field("protocol_features", &self.protocol_features)
+            .field("queue_num", &self.queue_num)
+            .finish()
+    }
+}
+
+impl VhostUserConnection {
+    /// Connects to the backend listening on `socket`, takes ownership of the
+    /// session and negotiates protocol features. `max_queues` is the number of
+    /// queues the transport will expose.
+    pub fn connect(socket: &Path, max_queues: u64) -> Result<Self, VhostUserError> {
+        let mut frontend =
+            Frontend::connect(socket, max_queues).map_err(|source| VhostUserError::Connect {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        req("SET_OWNER", frontend.set_owner())?;
+        let backend_features = req("GET_FEATURES", frontend.get_features())?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserError::MissingFeature("VIRTIO_F_VERSION_1"));
+        }
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        let mut queue_num = max_queues;
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = req("GET_PROTOCOL_FEATURES", frontend.get_protocol_features())?;
+            protocol_features = offered & WANTED_PROTOCOL_FEATURES;
+            req(
+                "SET_PROTOCOL_FEATURES",
+                frontend.set_protocol_features(protocol_features),
+            )?;
+            if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+                let n = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
+                queue_num = n.min(max_queues);
+            }
+        }
+        info!(
+            socket = %socket.display(),
+            features = format_args!("{backend_features:#x}"),
+            protocol = format_args!("{:#x}", protocol_features.bits()),
+            queue_num,
+            "connected to vhost-user backend"
+        );
+        Ok(Self {
+            frontend,
+            socket: socket.to_path_buf(),
+            backend_features,
+            protocol_features,
+            queue_num,
+        })
+    }
+
+    /// Socket path of the backend.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Virtio feature bits the backend offers.
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    /// Virtio feature bits the guest may see: the backend's, without the
+    /// vhost-user-only bits (protocol features, log-all).
+    pub fn guest_features(&self) -> u64 {
+        self.backend_features
+            & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                | VhostUserVirtioFeatures::LOG_ALL.bits())
+    }
+
+    /// Negotiated protocol features.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.protocol_features
+    }
+
+    /// Number of queues the backend serves (bounded by the transport's).
+    pub fn queue_num(&self) -> u64 {
+        self.queue_num
+    }
+
+    /// Whether the backend can log its writes to guest memory into a shared
+    /// bitmap (`LOG_SHMFD` protocol feature and `LOG_ALL` feature).
+    pub fn supports_dirty_log(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            && self.backend_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// Reads `buf.len()` bytes of the device configuration space at `offset`
+    /// from the backend. `None` when the backend does not serve its config.
+    pub fn get_config(&mut self, offset: u32, len: u32) -> Option<Vec<u8>> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return None;
+        }
+        let buf = vec![0u8; len as usize];
+        match self
+            .frontend
+            .get_config(offset, len, VhostUserConfigFlags::empty(), &buf)
+        {
+            Ok((_, data)) => Some(data),
+            Err(error) => {
+                debug!(%error, offset, len, "GET_CONFIG failed; using local config");
+                None
+            }
+        }
+    }
+
+    /// Writes device configuration space (only when the backend serves it).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), VhostUserError> {
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            req(
+                "SET_CONFIG",
+                self.frontend
+                    .set_config(offset, VhostUserConfigFlags::WRITABLE, data),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sends the acknowledged virtio features (plus the vhost-user-only bits
+    /// the frontend uses).
+    pub fn set_features(
+        &mut self,
+        driver_features: u64,
+        log_all: bool,
+    ) -> Result<(), VhostUserError> {
+        let mut features = driver_features & self.backend_features;
+        features |= self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if log_all {
+            features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        }
+        req("SET_FEATURES", self.frontend.set_features(features))
+    }
+
+    /// Shares guest memory with the backend.
+    pub fn set_mem_table(&mut self, regions: &[SharedRegion]) -> Result<(), VhostUserError> {
+        let infos: Vec<VhostUserMemoryRegionInfo> = regions
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.guest_phys_addr,
+                memory_size: r.size,
+                userspace_addr: r.host_addr,
+                mmap_offset: r.fd_offset,
+                mmap_handle: r.fd,
+            })
+            .collect();
+        req("SET_MEM_TABLE", self.frontend.set_mem_table(&infos)).map(|_| ())
+    }
+
+    /// Shares the dirty-page log with the backend.
+    pub fn set_log_base(&mut self, fd: RawFd, size: u64) -> Result<(), VhostUserError> {
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: 0,
+            mmap_handle: fd,
+        };
+        req("SET_LOG_BASE", self.frontend.set_log_base(0, Some(region)))
+    }
+
+    /// Programs and starts one ring: size, addresses, first available index,
+    /// call and kick eventfds, then enables it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_vring(
+        &mut self,
+        index: usize,
+        max_size: u16,
+        addrs: VringAddrs,
+        base: u16,
+        regions: &[SharedRegion],
+        call: &EventFd,
+        kick: &EventFd,
+        log: bool,
+    ) -> Result<(), VhostUserError> {
+        let hva = |gpa| {
+            SharedRegion::host_addr_of(regions, gpa).ok_or(VhostUserError::BadGuestAddress(gpa))
+        };
+        // vhost-user ring addresses are in the frontend's address space; the
+        // log address is guest physical.
+        let config = VringConfigData {
+            queue_max_size: max_size,
+            queue_size: addrs.size,
+            flags: if log { VRING_F_LOG } else { 0 },
+            desc_table_addr: hva(addrs.desc)?,
+            used_ring_addr: hva(addrs.used)?,
+            avail_ring_addr: hva(addrs.avail)?,
+            log_addr: log.then_some(addrs.used),
+        };
+        req(
+            "SET_VRING_NUM",
+            self.frontend.set_vring_num(index, addrs.size),
+        )?;
+        req(
+            "SET_VRING_ADDR",
+            self.frontend.set_vring_addr(index, &config),
+        )?;
+        req("SET_VRING_BASE", self.frontend.set_vring_base(index, base))?;
+        req("SET_VRING_CALL", self.frontend.set_vring_call(index, call))?;
+        req("SET_VRING_KICK", self.frontend.set_vring_kick(index, kick))?;
+        if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            req(
+                "SET_VRING_ENABLE",
+                self.frontend.set_vring_enable(index, true),
+            )?;
+        }
+        debug!(index, size = addrs.size, base, "vring started");
+        Ok(())
+    }
+
+    /// Stops one ring and returns the index of the next available descriptor
+    /// the backend would have processed.
+    pub fn stop_vring(&mut self, index: usize) -> Result<u16, VhostUserError> {
+        if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            req(
+                "SET_VRING_ENABLE",
+                self.frontend.set_vring_enable(index, false),
+            )?;
+        }
+        let base = req("GET_VRING_BASE", self.frontend.get_vring_base(index))?;
+        Ok(base as u16)
+    }
+}
+
+impl AsRawFd for VhostUserConnection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
+    }
+}
+
+impl From<crate::memory::RegionInfo> for SharedRegion {
+    fn from(r: crate::memory::RegionInfo) -> Self {
+        Self {
+            guest_phys_addr: r.guest_phys_addr,
+            size: r.size,
+            host_addr: r.host_addr,
+            fd: r.fd,
+            fd_offset: r.fd_offset,
+        }
+    }
+}

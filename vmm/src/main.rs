@@ -1,0 +1,265 @@
+//! `vmm`: run, restore and probe the built-in microVM.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use vmr_proto::LifecycleKind;
+use vmr_vmm::serial::SerialOut;
+use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
+use vmr_vmm::vcpu::VmEvent;
+use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
+
+/// vmreplay's KVM microVM.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest: an ELF or flat freestanding image, or a Linux bzImage.
+    Run {
+        /// Kernel image (ELF, bzImage or flat binary; detected from its
+        /// first bytes).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initrd (bzImage only).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (bzImage only).
+        #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+        cmdline: String,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem_mib: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Write the serial console here instead of stdout.
+        #[arg(long)]
+        serial_out: Option<PathBuf>,
+        /// On SIGUSR1, pause and write a snapshot into a new numbered
+        /// directory under this one (the first full, later ones
+        /// incremental), then resume.
+        #[arg(long)]
+        snapshot_on_signal: Option<PathBuf>,
+    },
+    /// Restore a snapshot directory into a new VM and run it.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Write the serial console here instead of stdout.
+        #[arg(long)]
+        serial_out: Option<PathBuf>,
+        /// Copy memory into a shared memfd instead of mapping the files
+        /// privately (needed when vhost-user backends attach).
+        #[arg(long)]
+        shared_memory: bool,
+        /// As for `run`.
+        #[arg(long)]
+        snapshot_on_signal: Option<PathBuf>,
+    },
+    /// Print the host's KVM capabilities and whether Linux guests can boot.
+    Probe {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Give up on the speed check after this many seconds.
+        #[arg(long, default_value_t = 20)]
+        timeout_secs: u64,
+    },
+}
+
+static SNAPSHOT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SNAPSHOT_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+fn serial_out(path: &Option<PathBuf>) -> Result<SerialOut> {
+    Ok(match path {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let wants_signal = match &cli.command {
+        Command::Run {
+            snapshot_on_signal, ..
+        }
+        | Command::Restore {
+            snapshot_on_signal, ..
+        } => snapshot_on_signal.is_some(),
+        Command::Probe { .. } => false,
+    };
+    if wants_signal {
+        // Before the VM exists, so an early SIGUSR1 is not fatal.
+        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_usr1)
+            .context("installing the SIGUSR1 handler")?;
+    }
+    match cli.command {
+        Command::Run {
+            kernel,
+            initrd,
+            cmdline,
+            mem_mib,
+            vcpus,
+            serial_out: out,
+            snapshot_on_signal,
+        } => {
+            let mut vm = Vm::new(VmConfig {
+                mem_size: mem_mib
+                    .checked_mul(1 << 20)
+                    .context("--mem-mib is too large")?,
+                vcpus,
+                serial_out: Some(serial_out(&out)?),
+                ..Default::default()
+            })?;
+            vm.load(&BootSource::Auto {
+                kernel,
+                initrd,
+                cmdline,
+            })?;
+            vm.start()?;
+            supervise(&vm, snapshot_on_signal.as_deref())
+        }
+        Command::Restore {
+            snapshot,
+            serial_out: out,
+            shared_memory,
+            snapshot_on_signal,
+        } => {
+            let (vm, devices) = Vm::restore(
+                &snapshot,
+                RestoreOptions {
+                    memory: if shared_memory {
+                        RestoreMemory::SharedCopy
+                    } else {
+                        RestoreMemory::PrivateLazy
+                    },
+                    serial_out: Some(serial_out(&out)?),
+                    dirty_log: true,
+                },
+            )?;
+            if let Some(d) = devices.first() {
+                bail!(
+                    "the snapshot has state for device {:?}; reattaching vhost-user backends is done by the capture agent, not this command",
+                    d.id
+                );
+            }
+            vm.resume()?;
+            supervise(&vm, snapshot_on_signal.as_deref())
+        }
+        Command::Probe { json, timeout_secs } => probe(json, timeout_secs),
+    }
+}
+
+fn supervise(vm: &Vm, snapshot_dir: Option<&Path>) -> Result<()> {
+    let events = vm.events();
+    let mut taken = 0u32;
+    loop {
+        match events.recv_timeout(Duration::from_millis(50)) {
+            Ok(VmEvent::Lifecycle(l)) => match l.kind {
+                LifecycleKind::Shutdown => {
+                    eprintln!("vmm: shutdown: {}", l.detail);
+                    return Ok(());
+                }
+                LifecycleKind::TripleFault
+                | LifecycleKind::InternalError
+                | LifecycleKind::Crash => {
+                    let rip = l.regs.first().map(|r| r.rip).unwrap_or(0);
+                    bail!("guest stopped: {:?}: {} (rip {rip:#x})", l.kind, l.detail);
+                }
+                _ => {}
+            },
+            Ok(VmEvent::Debug(d)) => eprintln!("vmm: debug stop on vCPU {} at {:#x}", d.vcpu, d.pc),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => bail!("event channel closed"),
+        }
+        if let Some(dir) = snapshot_dir {
+            if SNAPSHOT_REQUESTED.swap(false, Ordering::SeqCst) {
+                let kind = if taken == 0 {
+                    MemoryKind::Full
+                } else {
+                    MemoryKind::Incremental
+                };
+                let target = dir.join(format!("{taken:04}"));
+                vm.pause()?;
+                let r = vm.snapshot(&target, kind);
+                vm.resume()?;
+                let info = r?;
+                taken += 1;
+                eprintln!(
+                    "vmm: {:?} snapshot {} ({} pages)",
+                    info.kind,
+                    info.dir.display(),
+                    info.pages
+                );
+            }
+        }
+    }
+}
+
+fn probe(json: bool, timeout_secs: u64) -> Result<()> {
+    let r = vmr_vmm::probe::run(Duration::from_secs(timeout_secs))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let c = &r.capabilities;
+    println!("KVM API version        {}", c.api_version);
+    for (name, on) in [
+        ("in-kernel irqchip", c.irqchip),
+        ("in-kernel PIT", c.pit2),
+        ("irqfd", c.irqfd),
+        ("ioeventfd", c.ioeventfd),
+        ("XSAVE", c.xsave),
+        ("XCRS", c.xcrs),
+        ("debug registers", c.debugregs),
+        ("vCPU events", c.vcpu_events),
+        ("guest debug", c.set_guest_debug),
+        ("immediate exit", c.immediate_exit),
+        ("clock adjust", c.adjust_clock),
+        ("TSC deadline timer", c.tsc_deadline_timer),
+    ] {
+        println!("{name:<22} {}", if on { "yes" } else { "no" });
+    }
+    println!("vCPUs (recommended)    {}", c.nr_vcpus);
+    println!("vCPUs (max)            {}", c.max_vcpus);
+    println!("memory slots           {}", c.nr_memslots);
+    println!("MSR index list         {}", c.msr_index_list);
+    println!(
+        "first instruction      {:.0} us after VMM start",
+        r.first_instruction_us
+    );
+    println!(
+        "plain ring-0 loop      {:.2} ns/iteration",
+        r.plain_ns_per_iter
+    );
+    println!(
+        "CR3 reload loop        {:.0} ns/iteration",
+        r.cr3_ns_per_iter
+    );
+    println!(
+        "linux bootable         {}",
+        if r.linux_bootable { "yes" } else { "no" }
+    );
+    println!("verdict                {}", r.verdict);
+    Ok(())
+}
