@@ -71,6 +71,10 @@ pub struct CommonArgs {
     /// Capacity (records) of the queue in front of the sink.
     #[arg(long, default_value_t = 4096)]
     pub capture_queue: usize,
+    /// Capacity (MiB of write data and frames) of the queue in front of the
+    /// sink; the queue is full when either limit is reached.
+    #[arg(long, default_value_t = 64)]
+    pub capture_queue_mib: usize,
     /// Shared per-instance sequence counter file (8 bytes, mapped).
     #[arg(long)]
     pub seq_file: Option<PathBuf>,
@@ -162,6 +166,7 @@ fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppE
     };
     let mut cfg = TeeConfig::new(c.instance_id.clone());
     cfg.capacity = c.capture_queue;
+    cfg.max_bytes = c.capture_queue_mib.saturating_mul(1 << 20);
     cfg.policy = c.capture_policy;
     Ok(Some(Tee::start(cfg, sink, seq, metrics.clone())?))
 }

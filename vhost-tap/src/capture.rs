@@ -163,6 +163,12 @@ pub struct TeeConfig {
     pub instance_id: String,
     /// Queue capacity in records.
     pub capacity: usize,
+    /// Queue capacity in payload bytes (write data and frames held by queued
+    /// records). The queue counts as full when a record would take it past
+    /// this budget; a single record larger than the budget is still accepted
+    /// into an empty queue. The bound is approximate by at most one record
+    /// per device thread.
+    pub max_bytes: usize,
     /// Behaviour when the queue is full.
     pub policy: Policy,
     /// Hash of read contents.
@@ -170,19 +176,51 @@ pub struct TeeConfig {
 }
 
 impl TeeConfig {
-    /// Defaults: 4096 records, policy block, xxh3-128.
+    /// Defaults: 4096 records, 64 MiB of payload, policy block, xxh3-128.
     pub fn new(instance_id: impl Into<String>) -> Self {
         Self {
             instance_id: instance_id.into(),
             capacity: 4096,
+            max_bytes: DEFAULT_MAX_BYTES,
             policy: Policy::Block,
             hash: ContentHashKind::Xxh3_128,
         }
     }
 }
 
+/// Default payload budget of the capture queue.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
+/// Pooled records keep payload buffers up to this capacity; larger ones are
+/// freed when the record returns to the pool, so the pool's memory stays
+/// bounded after a burst of large writes.
+const POOL_KEEP_BYTES: usize = 1 << 20;
+
+/// Payload bytes a record holds.
+fn payload_bytes(ev: &pb::Event) -> usize {
+    match &ev.payload {
+        Some(pb::event::Payload::Block(b)) => b.data.len(),
+        Some(pb::event::Payload::Net(f)) => f.frame.len(),
+        _ => 0,
+    }
+}
+
+/// Returns `ev` to the pool, freeing an oversized payload buffer.
+fn recycle(pool: &ArrayQueue<pb::Event>, mut ev: pb::Event) {
+    let big = match &ev.payload {
+        Some(pb::event::Payload::Block(b)) => b.data.capacity() > POOL_KEEP_BYTES,
+        Some(pb::event::Payload::Net(f)) => f.frame.capacity() > POOL_KEEP_BYTES,
+        _ => false,
+    };
+    if big {
+        ev.payload = None;
+    }
+    let _ = pool.push(ev);
+}
+
 struct TeeShared {
     config: TeeConfig,
+    queued_bytes: std::sync::atomic::AtomicUsize,
     queue: ArrayQueue<pb::Event>,
     pool: ArrayQueue<pb::Event>,
     seq: Arc<dyn SeqSource>,
@@ -217,6 +255,7 @@ impl Tee {
         let shared = Arc::new(TeeShared {
             queue: ArrayQueue::new(config.capacity),
             pool: ArrayQueue::new(config.capacity + BATCH),
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             config,
             seq,
             metrics,
@@ -341,12 +380,26 @@ impl Tee {
         let (wall, mono) = crate::now_ns();
         ev.wall_time_ns = wall;
         ev.mono_time_ns = mono;
+        let size = payload_bytes(&ev);
+        // Whether `size` more bytes fit the budget (an empty queue takes any record).
+        let fits = || {
+            let queued = s.queued_bytes.load(Ordering::Acquire);
+            queued == 0 || queued + size <= s.config.max_bytes
+        };
         match s.config.policy {
             Policy::Block => {
                 let mut ev = ev;
                 let mut spins = 0u32;
                 loop {
-                    match s.queue.push(ev) {
+                    let pushed = if fits() {
+                        s.queued_bytes.fetch_add(size, Ordering::AcqRel);
+                        s.queue.push(ev).inspect_err(|_| {
+                            s.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                        })
+                    } else {
+                        Err(ev)
+                    };
+                    match pushed {
                         Ok(()) => break,
                         Err(back) => {
                             ev = back;
@@ -361,12 +414,19 @@ impl Tee {
                 }
                 Metrics::add(&s.metrics.recorded, 1);
             }
-            Policy::Drop => match s.queue.push(ev) {
+            Policy::Drop => match if fits() {
+                s.queued_bytes.fetch_add(size, Ordering::AcqRel);
+                s.queue.push(ev).inspect_err(|_| {
+                    s.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                })
+            } else {
+                Err(ev)
+            } {
                 Ok(()) => Metrics::add(&s.metrics.recorded, 1),
                 Err(back) => {
                     Metrics::add(&s.metrics.dropped, 1);
                     let seq = back.seq;
-                    let _ = s.pool.push(back);
+                    recycle(&s.pool, back);
                     let mut gaps = s.gaps.lock().unwrap_or_else(|p| p.into_inner());
                     match gaps.last_mut() {
                         Some((first, count)) if *first + *count == seq => *count += 1,
@@ -399,7 +459,11 @@ fn sink_loop(s: &TeeShared, sink: &dyn CaptureSink) {
         let stopping = s.stop.load(Ordering::Acquire);
         while batch.len() < BATCH {
             match s.queue.pop() {
-                Some(ev) => batch.push(ev),
+                Some(ev) => {
+                    s.queued_bytes
+                        .fetch_sub(payload_bytes(&ev), Ordering::AcqRel);
+                    batch.push(ev);
+                }
                 None => break,
             }
         }
@@ -444,7 +508,7 @@ fn sink_loop(s: &TeeShared, sink: &dyn CaptureSink) {
         }
         dirty = true;
         for ev in batch.drain(..) {
-            let _ = s.pool.push(ev);
+            recycle(&s.pool, ev);
         }
     }
 }
@@ -509,6 +573,55 @@ mod tests {
         let max = *seen.keys().last().unwrap();
         assert_eq!(seen.len() as u64, max, "no hole in 1..={max}");
         assert_eq!(m.gaps as usize, events.len() - m.recorded as usize);
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_the_queue() {
+        let sink = Arc::new(SlowSink(MemorySink::new()));
+        let metrics = Arc::new(Metrics::default());
+        let mut cfg = TeeConfig::new("vm-1");
+        cfg.capacity = 4096;
+        cfg.max_bytes = 16 << 10;
+        cfg.policy = Policy::Drop;
+        let tee = Tee::start(
+            cfg,
+            sink.clone(),
+            Arc::new(AtomicSeq::default()),
+            metrics.clone(),
+        )
+        .unwrap();
+        let data = vec![7u8; 4096];
+        for i in 0..100u64 {
+            tee.record_block(
+                "vda",
+                0,
+                pb::BlockOp::Write,
+                i * 8,
+                4096,
+                Some(&data),
+                None,
+                pb::BlockStatus::Ok,
+            );
+        }
+        assert!(
+            tee.shared.queued_bytes.load(Ordering::Acquire) <= 16 << 10,
+            "queued payload stays within the budget"
+        );
+        tee.shutdown();
+        let m = metrics.snapshot();
+        assert!(
+            m.dropped > 0,
+            "a 16 KiB budget behind a slow sink must drop"
+        );
+        assert_eq!(m.recorded + m.dropped, 100);
+        assert_eq!(tee.shared.queued_bytes.load(Ordering::Acquire), 0);
+        let writes = sink
+            .0
+            .take()
+            .into_iter()
+            .filter(|e| matches!(e.payload, Some(pb::event::Payload::Block(_))))
+            .count() as u64;
+        assert_eq!(writes, m.recorded);
     }
 
     #[test]

@@ -85,6 +85,8 @@ impl BlockConfig {
 /// Per-queue scratch state, reused by every request.
 struct Worker {
     segs: Vec<Segment>,
+    /// Host addresses of a write's guest buffers (writes in place).
+    iov: request::IoVecs,
     buf: Vec<u8>,
     scratch: Vec<u8>,
 }
@@ -129,6 +131,7 @@ impl BlockBackend {
             .map(|_| {
                 Mutex::new(Worker {
                     segs: Vec::with_capacity(config.queue_size as usize),
+                    iov: request::IoVecs::default(),
                     buf: Vec::new(),
                     scratch: Vec::new(),
                 })
@@ -337,6 +340,31 @@ impl BlockBackend {
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
+            }
+            RequestType::Out if inner.tee.is_none() && inner.disk.writes_in_place() => {
+                // No copy: the guest's buffers go straight to pwritev.
+                let r = match (
+                    request::host_iov(mem, &w.segs, request::HEADER_LEN, len, &mut w.iov),
+                    off,
+                ) {
+                    (Ok(()), Some(off)) => {
+                        // SAFETY: `host_iov` resolved every entry inside a mapped
+                        // guest memory region; `mem` keeps the mapping alive
+                        // until this call returns.
+                        unsafe { inner.disk.write_iov(off, &mut w.iov.0) }
+                    }
+                    _ => Err(DiskError::OutOfRange),
+                };
+                return match r {
+                    Ok(()) => {
+                        Metrics::add(&inner.metrics.bytes, u64::from(len));
+                        (VIRTIO_BLK_S_OK, 0)
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, sector = req.sector, "write failed");
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                };
             }
             RequestType::Out => {
                 w.buf.resize(len as usize, 0);

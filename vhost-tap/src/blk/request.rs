@@ -302,6 +302,63 @@ pub fn gather<M: GuestMemory>(
     Ok(())
 }
 
+/// Host buffers of one request, reused across requests by a worker.
+#[derive(Default)]
+pub struct IoVecs(pub Vec<libc::iovec>);
+
+// SAFETY: the pointers are only dereferenced (by pwritev) on the worker
+// thread that filled them, within the request they were filled for; between
+// requests they are stale values that are never used.
+unsafe impl Send for IoVecs {}
+
+/// Fills `iov` with the host addresses of `len` bytes of the chain's
+/// device-readable part after `skip` bytes (the request header), splitting
+/// where a buffer crosses guest memory regions. Fails like [`gather`] on an
+/// address outside guest memory or a chain shorter than `len`.
+pub fn host_iov<M: vm_memory::GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    skip: u32,
+    len: u32,
+    iov: &mut IoVecs,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let iov = &mut iov.0;
+    iov.clear();
+    let mut skip = u64::from(skip);
+    let mut left = u64::from(len);
+    for s in segs.iter().filter(|s| !s.write) {
+        if left == 0 {
+            break;
+        }
+        let seg_len = u64::from(s.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(left);
+        for slice in mem.get_slices(
+            s.addr.unchecked_add(skip),
+            n as usize,
+            vm_memory::Permissions::Read,
+        )? {
+            let slice = slice?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        left -= n;
+        skip = 0;
+    }
+    if left > 0 {
+        return Err(vm_memory::GuestMemoryError::PartialBuffer {
+            expected: len as usize,
+            completed: (u64::from(len) - left) as usize,
+        });
+    }
+    Ok(())
+}
+
 /// Copies `data` into the writable part of the chain (the status byte at the
 /// end is never written by this).
 pub fn scatter<M: GuestMemory>(
