@@ -70,7 +70,7 @@ async fn raw(method: &str, url: &str, content_type: &str, body: Vec<u8>) -> (u16
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn register_lookup_and_reject_incompatible_change() {
     let (_broker, _registry, client) = start();
     let subject = "demo.readings-value";
@@ -150,7 +150,7 @@ async fn register_lookup_and_reject_incompatible_change() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn a_new_instance_rebuilds_the_same_state_from_the_topic() {
     let (broker, mut registry, client) = start();
     let mut ids = Vec::new();
@@ -190,7 +190,7 @@ async fn a_new_instance_rebuilds_the_same_state_from_the_topic() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn two_instances_agree_and_never_reuse_ids() {
     let broker = Broker::start().expect("start the Tansu broker");
     let ra = Registry::start(&broker.bootstrap()).expect("registry A");
@@ -246,7 +246,7 @@ async fn two_instances_agree_and_never_reuse_ids() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn bad_input_gets_confluent_errors() {
     let (_broker, _registry, client) = start();
     let base = client.base_url().to_string();
@@ -347,7 +347,7 @@ async fn bad_input_gets_confluent_errors() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn broker_outage_gives_json_5xx_and_the_registry_recovers() {
     let (mut broker, registry, client) = start();
     let id = client
@@ -401,7 +401,7 @@ async fn broker_outage_gives_json_5xx_and_the_registry_recovers() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker and the schema-registry binary"]
+// Heavy: needs the Tansu broker and the schema-registry binary.
 async fn register_command_registers_every_topic_schema() {
     let (_broker, registry, client) = start();
     let bin = vmr_testkit::workspace_bin("schema-registry").unwrap();
@@ -439,7 +439,7 @@ async fn register_command_registers_every_topic_schema() {
 }
 
 #[tokio::test]
-#[ignore = "heavy: needs the Tansu broker"]
+// Heavy: needs the Tansu broker.
 async fn conflicting_records_are_rejected_alike_by_every_instance() {
     use schema_registry::log::{LogConfig, SchemaLog};
     use schema_registry::registry::Registry as Service;

@@ -87,7 +87,7 @@ print(json.dumps({
 "#;
 
 #[tokio::test]
-#[ignore = "heavy: needs Tansu, protoc and pip confluent-kafka[protobuf]"]
+// Heavy: needs Tansu, protoc and pip confluent-kafka[protobuf].
 async fn confluent_python_client_registers_and_decodes_our_events() {
     require_python();
     let broker = Broker::start().expect("start the Tansu broker");

@@ -2,9 +2,9 @@
 //! Schema Registry, QEMU and our own binaries.
 //!
 //! Every process a harness starts is owned by a guard that kills it (and waits
-//! for it) on drop, so a failing test leaves nothing running. Heavy tests are
-//! marked `#[ignore = "heavy: ..."]` and run by `scripts/test.sh`, which installs
-//! their prerequisites first; when a prerequisite is missing they fail with a
+//! for it) on drop, so a failing test leaves nothing running. Heavy tests say
+//! what they need in a `// Heavy: needs ...` comment and run with the rest of
+//! the suite; `scripts/test.sh` installs their prerequisites first; when a prerequisite is missing they fail with a
 //! message naming it rather than pass silently.
 
 pub mod broker;

@@ -5,7 +5,7 @@
 //! Heavy: they need qemu-system-x86_64, qemu-storage-daemon, root (network
 //! namespaces, TAP devices), the guest image (`guest/linux/build.sh`) and the
 //! workspace binaries (`cargo build --workspace --bins`). Run with
-//! `cargo test -p vmr-testkit --test vhost_tap_qemu -- --ignored --test-threads=1`.
+//! `cargo test -p vmr-testkit --test vhost_tap_qemu -- --test-threads=1`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -351,7 +351,7 @@ fn token() -> String {
 }
 
 #[test]
-#[ignore = "heavy: QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh)"]
+// Heavy: needs QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh).
 fn guest_disk_and_net_go_through_vhost_tap_and_are_captured() -> TestResult {
     let image = image();
     let dir = tempfile::tempdir()?;
@@ -417,7 +417,7 @@ fn guest_disk_and_net_go_through_vhost_tap_and_are_captured() -> TestResult {
 }
 
 #[test]
-#[ignore = "heavy: QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh)"]
+// Heavy: needs QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh).
 fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestResult {
     let image = image();
     let dir = tempfile::tempdir()?;
@@ -513,7 +513,7 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
 /// Checks the harness and the guest image independently of vhost-tap: the
 /// same disk workload and a migration to a file on qemu-storage-daemon.
 #[test]
-#[ignore = "heavy: QEMU (TCG), qemu-storage-daemon, guest image (guest/linux/build.sh)"]
+// Heavy: needs QEMU (TCG), qemu-storage-daemon, guest image (guest/linux/build.sh).
 fn guest_image_and_migration_work_on_qemu_storage_daemon() -> TestResult {
     let image = image();
     let qsd = PathBuf::from("/usr/bin/qemu-storage-daemon");
@@ -599,7 +599,7 @@ fn disk_only_migration(
 /// backend accepts the destination QEMU, the guest's later writes land on the
 /// same image, and one capture file records both rounds with contiguous seq.
 #[test]
-#[ignore = "heavy: QEMU (TCG), vhost-tap-blk binary, guest image (guest/linux/build.sh)"]
+// Heavy: needs QEMU (TCG), vhost-tap-blk binary, guest image (guest/linux/build.sh).
 fn guest_disk_survives_migration_on_vhost_tap_blk() -> TestResult {
     let image = image();
     let dir = tempfile::tempdir()?;
@@ -620,7 +620,7 @@ fn guest_disk_survives_migration_on_vhost_tap_blk() -> TestResult {
 /// opens itself inside the test's namespace: the reference for the vhost-tap
 /// NIC tests (same guest, peer and namespace; only the backend differs).
 #[test]
-#[ignore = "heavy: QEMU (TCG), root (netns, TAP), guest image (guest/linux/build.sh)"]
+// Heavy: needs QEMU (TCG), root (netns, TAP), guest image (guest/linux/build.sh).
 fn guest_network_step_works_over_a_qemu_tap_in_a_namespace() -> TestResult {
     let image = image();
     let dir = tempfile::tempdir()?;
@@ -668,7 +668,7 @@ fn capture_checks_reject_an_empty_capture() {
 
 /// The network namespace and the echo peer the NIC tests rely on.
 #[test]
-#[ignore = "heavy: root (network namespaces), busybox"]
+// Heavy: needs root (network namespaces), busybox.
 fn echo_peer_answers_inside_its_namespace() -> TestResult {
     let ns = NetNs::create()?;
     let peer = EchoPeer::start(&ns, guest::PEER_PORT)?;

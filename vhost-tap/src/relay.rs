@@ -53,6 +53,19 @@ struct Message {
 }
 
 impl Message {
+    /// A message without file descriptors.
+    fn new(request: u32, flags: u32, payload: Vec<u8>) -> Self {
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Self {
+            header,
+            payload,
+            fds: Vec::new(),
+        }
+    }
+
     fn request(&self) -> u32 {
         u32::from_le_bytes([
             self.header[0],
@@ -175,15 +188,8 @@ pub fn run(mut frontend: UnixStream, mut backend: UnixStream) -> Result<(), Rela
                     write_message(&mut backend, &msg).map_err(be)?;
                     if protocol_features_acked {
                         for payload in early_enables.drain(..) {
-                            let mut header = [0u8; HEADER_LEN];
-                            header[0..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                            header[4..8].copy_from_slice(&FLAG_VERSION_1.to_le_bytes());
-                            header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                            let replay = Message {
-                                header,
-                                payload,
-                                fds: Vec::new(),
-                            };
+                            let replay =
+                                Message::new(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, payload);
                             write_message(&mut backend, &replay).map_err(be)?;
                         }
                     }
@@ -193,15 +199,11 @@ pub fn run(mut frontend: UnixStream, mut backend: UnixStream) -> Result<(), Rela
                     tracing::debug!("deferring an early SET_VRING_ENABLE");
                     early_enables.push(msg.payload.clone());
                     if msg.flags() & FLAG_NEED_REPLY != 0 {
-                        let mut header = [0u8; HEADER_LEN];
-                        header[0..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                        header[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
-                        header[8..12].copy_from_slice(&8u32.to_le_bytes());
-                        let ack = Message {
-                            header,
-                            payload: 0u64.to_le_bytes().to_vec(),
-                            fds: Vec::new(),
-                        };
+                        let ack = Message::new(
+                            REQ_SET_VRING_ENABLE,
+                            FLAG_VERSION_1 | FLAG_REPLY,
+                            0u64.to_le_bytes().to_vec(),
+                        );
                         write_message(&mut frontend, &ack).map_err(fe)?;
                     }
                     continue;

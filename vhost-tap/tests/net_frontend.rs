@@ -183,7 +183,7 @@ impl Drop for Netns {
 }
 
 #[test]
-#[ignore = "heavy: root, iproute2 and /dev/net/tun (network namespace + TAP)"]
+// Heavy: needs root, iproute2 and /dev/net/tun (network namespace + TAP).
 fn tap_in_netns_carries_arp_both_ways() {
     assert!(
         std::path::Path::new("/dev/net/tun").exists(),

@@ -703,6 +703,17 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmError> {
+        self.start_vcpus(false)
+    }
+
+    /// Starts the vCPU threads paused, so a debugger can set breakpoints or
+    /// single-stepping before the first guest instruction; [`Vm::resume`]
+    /// (or the gdb stub) runs them.
+    pub fn start_paused(&mut self) -> Result<(), VmError> {
+        self.start_vcpus(true)
+    }
+
+    fn start_vcpus(&mut self, paused: bool) -> Result<(), VmError> {
         let st = self.run_state();
         if st != RunState::Created || self.pending.is_empty() {
             return Err(VmError::State {
@@ -713,26 +724,12 @@ impl Vm {
         }
         // Boot goes out first so it precedes anything the vCPUs report.
         self.emit(LifecycleKind::Boot, String::new(), None);
-        self.spawn_vcpus(false)?;
-        self.set_state(RunState::Running);
-        Ok(())
-    }
-
-    /// Starts the vCPU threads paused, so a debugger can set breakpoints or
-    /// single-stepping before the first guest instruction; [`Vm::resume`]
-    /// (or the gdb stub) runs them.
-    pub fn start_paused(&mut self) -> Result<(), VmError> {
-        let st = self.run_state();
-        if st != RunState::Created || self.pending.is_empty() {
-            return Err(VmError::State {
-                state: st,
-                op: "start",
-                need: "created and loaded",
-            });
-        }
-        self.emit(LifecycleKind::Boot, String::new(), None);
-        self.spawn_vcpus(true)?;
-        self.set_state(RunState::Paused);
+        self.spawn_vcpus(paused)?;
+        self.set_state(if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        });
         Ok(())
     }
 

@@ -301,7 +301,7 @@ fn done_line(seq: u32) -> String {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm, root (network namespaces), python3 and the vhost-tap binaries"]
+// Heavy: needs /dev/kvm, root (network namespaces), python3 and the vhost-tap binaries.
 fn snapshot_clone_continues_and_replays_the_crash() {
     require_kvm();
     let elf = guest_elf();

@@ -20,7 +20,7 @@ use vmr_vmm::vm::{BootSource, Vm, VmConfig};
 const CMD_BLK_SELFTEST: u32 = 0x12;
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn guest_driver_reads_and_writes_through_vhost_tap_blk() {
     require_kvm();
     let elf = guest_elf();

@@ -235,7 +235,7 @@ fn sector(overlay: &Path, image: &Path, n: u64) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn clone_continues_like_the_original_and_crashes_the_same() {
     require_kvm();
     let elf = guest_elf();

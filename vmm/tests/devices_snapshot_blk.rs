@@ -64,7 +64,7 @@ fn symbol(elf: &Path, name: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn restored_clone_reads_through_the_saved_virtqueue() {
     require_kvm();
     let elf = guest_elf();

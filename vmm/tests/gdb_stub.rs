@@ -160,7 +160,7 @@ impl DebugVcpu for LongModeVcpu {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm and gdb"]
+// Heavy: needs /dev/kvm and gdb.
 fn gdb_steps_breaks_and_continues_a_kvm_vcpu() {
     assert!(
         Command::new("gdb").arg("--version").output().is_ok(),

@@ -44,7 +44,7 @@ fn rips(text: &str) -> Vec<u64> {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm and gdb"]
+// Heavy: needs /dev/kvm and gdb.
 fn gdb_breaks_steps_and_continues_the_test_guest() {
     require_kvm();
     assert!(
@@ -122,7 +122,7 @@ fn gdb_breaks_steps_and_continues_the_test_guest() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm and gdb"]
+// Heavy: needs /dev/kvm and gdb.
 fn gdb_interrupts_a_running_guest() {
     require_kvm();
     assert!(

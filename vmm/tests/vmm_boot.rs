@@ -10,7 +10,7 @@ use vmr_proto::LifecycleKind;
 use vmr_vmm::guest_abi::{CMD_COUNT, CMD_EXIT};
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn test_guest_boots_prints_and_exits() {
     let g = boot(32 << 20);
     g.ports.push_commands(&[CMD_COUNT | (32 << 8)]);

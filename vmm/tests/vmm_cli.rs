@@ -27,7 +27,7 @@ fn wait_exit(mut child: ChildGuard, secs: u64) -> std::process::ExitStatus {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn run_boots_the_test_guest_which_exits_without_a_host() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -51,7 +51,7 @@ fn run_boots_the_test_guest_which_exits_without_a_host() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn restore_continues_a_snapshot_taken_by_the_library() {
     let dir = tempfile::tempdir().expect("tempdir");
     let snap = dir.path().join("snap");
@@ -89,7 +89,7 @@ fn restore_continues_a_snapshot_taken_by_the_library() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn probe_prints_json() {
     require_kvm();
     let out = Command::new(VMM)
@@ -119,7 +119,7 @@ fn bad_arguments_are_refused_with_a_message() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn snapshot_on_signal_writes_a_full_then_incremental_snapshots() {
     use vmr_vmm::snapshot::{memory_chain, SnapshotData};
     require_kvm();

@@ -28,7 +28,7 @@ fn next_debug(vm: &Vm) -> DebugEvent {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn single_step_and_hw_breakpoint_stop_the_vcpu() {
     require_kvm();
     // nop; nop; mov al, 5; nop; out 0xf4, al; jmp $

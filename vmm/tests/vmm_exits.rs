@@ -30,7 +30,7 @@ fn run_flat(code: &[u8], irqchip: bool) -> (Lifecycle, Vec<VmEvent>) {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn triple_fault_is_reported_with_registers() {
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault.
     let (stop, _) = run_flat(&[0x90, 0x0f, 0x0b], true);
@@ -40,7 +40,7 @@ fn triple_fault_is_reported_with_registers() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn executing_from_unbacked_memory_is_an_internal_error() {
     // mov rax, 0xd0000000; jmp rax: fetch from the MMIO hole.
     let code = [0x48, 0xb8, 0, 0, 0, 0xd0, 0, 0, 0, 0, 0xff, 0xe0];
@@ -51,7 +51,7 @@ fn executing_from_unbacked_memory_is_an_internal_error() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn i8042_reset_and_debug_exit_are_shutdowns() {
     // mov al, 0xfe; out 0x64, al; jmp $
     let (stop, events) = run_flat(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], true);
@@ -77,7 +77,7 @@ fn i8042_reset_and_debug_exit_are_shutdowns() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn hlt_without_irqchip_stops_the_vm() {
     let (stop, _) = run_flat(&[0xf4], false);
     assert_eq!(stop.kind, LifecycleKind::Shutdown);
@@ -85,7 +85,7 @@ fn hlt_without_irqchip_stops_the_vm() {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn probe_measures_the_guest() {
     require_kvm();
     let r = vmr_vmm::probe::run(Duration::from_secs(60)).expect("probe runs");

@@ -16,7 +16,7 @@ use vmr_vmm::boot::layout;
 use vmr_vmm::vm::{BootSource, Vm, VmConfig};
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm and the Linux guest image (guest/linux/build.sh)"]
+// Heavy: needs /dev/kvm and the Linux guest image (guest/linux/build.sh).
 fn bzimage_initrd_and_zero_page_follow_the_boot_protocol() {
     require_kvm();
     let img = GuestImage::locate().unwrap_or_else(|e| panic!("{e}"));
@@ -120,7 +120,7 @@ impl Console {
 /// KVM cannot run Linux in useful time (this repository's nested KVM among
 /// them) it is skipped, printing the probe's verdict.
 #[test]
-#[ignore = "heavy: needs /dev/kvm, the Linux guest image and a KVM that runs Linux (vmm probe)"]
+// Heavy: needs /dev/kvm, the Linux guest image and a KVM that runs Linux (vmm probe).
 fn linux_boots_to_the_shell_marker_where_the_probe_allows() {
     require_kvm();
     let report = vmr_vmm::probe::run(Duration::from_secs(20)).expect("the probe runs");

@@ -30,7 +30,7 @@ fn restore(dir: &std::path::Path, memory: RestoreMemory) -> (Vm, TestPorts, Shar
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn clone_continues_from_the_snapshot_point() {
     const AFTER: usize = 400;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -109,7 +109,7 @@ fn gpa_pages(arena_pages: &[u32]) -> BTreeSet<u64> {
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn incremental_snapshots_hold_exactly_the_dirtied_pages_and_chain_bit_for_bit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (base, inc1, inc2, full2) = (
@@ -195,7 +195,7 @@ fn incremental_snapshots_hold_exactly_the_dirtied_pages_and_chain_bit_for_bit() 
 }
 
 #[test]
-#[ignore = "heavy: needs /dev/kvm"]
+// Heavy: needs /dev/kvm.
 fn two_vcpus_pause_snapshot_and_restore() {
     use vmr_vmm::vm::{BootSource, VmConfig};
     require_kvm();
