@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,6 +22,9 @@ use crate::registry::{Registry, RegistryError, VersionSpec};
 
 /// Largest request body accepted.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much of an over-limit body is read and discarded before answering 413.
+const DRAIN_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Media types accepted on request bodies.
 pub const ACCEPTED_CONTENT_TYPES: [&str; 3] = [
@@ -148,18 +152,44 @@ async fn read_json<T: DeserializeOwned>(
             format!("request body exceeds {} bytes", app.max_body),
         )
     };
-    if let Some(len) = headers
+    // An over-limit body is still read (and discarded) up to DRAIN_LIMIT_BYTES
+    // so that the client, which is usually still sending, gets the 413 instead
+    // of a reset connection. Beyond that the connection is dropped.
+    let drain_limit = DRAIN_LIMIT_BYTES.max(2 * app.max_body as u64);
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if len > app.max_body {
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > drain_limit) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut received: u64 = 0;
+    let mut over = declared.is_some_and(|len| len > app.max_body as u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                400,
+                format!("reading the request body failed: {e}"),
+            )
+        })?;
+        received += chunk.len() as u64;
+        if received > drain_limit {
             return Err(too_large());
         }
+        if received > app.max_body as u64 {
+            over = true;
+        }
+        if !over {
+            buf.extend_from_slice(&chunk);
+        }
     }
-    let bytes: Bytes = axum::body::to_bytes(body, app.max_body)
-        .await
-        .map_err(|_| too_large())?;
+    if over {
+        return Err(too_large());
+    }
+    let bytes = Bytes::from(buf);
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -75,6 +75,15 @@ pub struct CommonArgs {
     /// sink; the queue is full when either limit is reached.
     #[arg(long, default_value_t = 64)]
     pub capture_queue_mib: usize,
+    /// Keep only the newest MiB of capture (a flight recorder): `--capture`
+    /// names a directory of segment files, and the oldest segments are
+    /// deleted once the others exceed this size. Without it the capture file
+    /// grows without bound.
+    #[arg(long)]
+    pub capture_retain_mib: Option<u64>,
+    /// Size of one segment file with `--capture-retain-mib`.
+    #[arg(long, default_value_t = 64)]
+    pub capture_segment_mib: u64,
     /// Shared per-instance sequence counter file (8 bytes, mapped).
     #[arg(long)]
     pub seq_file: Option<PathBuf>,
@@ -159,7 +168,14 @@ fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppE
     let Some(path) = &c.capture else {
         return Ok(None);
     };
-    let sink: Arc<dyn CaptureSink> = Arc::new(FileSink::create(path)?);
+    let sink: Arc<dyn CaptureSink> = match c.capture_retain_mib {
+        Some(retain) => Arc::new(FileSink::rolling(
+            path,
+            c.capture_segment_mib.saturating_mul(1 << 20),
+            retain.saturating_mul(1 << 20),
+        )?),
+        None => Arc::new(FileSink::create(path)?),
+    };
     let seq: Arc<dyn SeqSource> = match &c.seq_file {
         Some(p) => Arc::new(FileSeq::open(p)?),
         None => Arc::new(AtomicSeq::default()),

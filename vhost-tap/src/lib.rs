@@ -22,6 +22,7 @@ pub mod capture;
 pub mod control;
 pub mod fault;
 pub mod filter;
+pub mod iov;
 pub mod metrics;
 pub mod net;
 pub mod relay;

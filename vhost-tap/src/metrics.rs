@@ -11,6 +11,9 @@ pub struct Metrics {
     pub bytes: AtomicU64,
     /// Records handed to the capture queue.
     pub recorded: AtomicU64,
+    /// Of those, records whose payload the sink wrote straight from guest
+    /// memory.
+    pub recorded_in_place: AtomicU64,
     /// Records dropped because the sink fell behind (policy `drop`).
     pub dropped: AtomicU64,
     /// GAP events emitted for dropped records.
@@ -33,6 +36,7 @@ pub struct MetricsSnapshot {
     pub requests: u64,
     pub bytes: u64,
     pub recorded: u64,
+    pub recorded_in_place: u64,
     pub dropped: u64,
     pub gaps: u64,
     pub sink_errors: u64,
@@ -56,6 +60,7 @@ impl Metrics {
             requests: l(&self.requests),
             bytes: l(&self.bytes),
             recorded: l(&self.recorded),
+            recorded_in_place: l(&self.recorded_in_place),
             dropped: l(&self.dropped),
             gaps: l(&self.gaps),
             sink_errors: l(&self.sink_errors),
@@ -75,6 +80,7 @@ impl MetricsSnapshot {
             requests = self.requests,
             bytes = self.bytes,
             recorded = self.recorded,
+            recorded_in_place = self.recorded_in_place,
             dropped = self.dropped,
             gaps = self.gaps,
             sink_errors = self.sink_errors,

@@ -57,8 +57,6 @@ pub trait Serve:
     fn on_disconnect(&self) {}
 }
 
-impl Serve for crate::blk::BlockBackend {}
-
 /// A running accept loop.
 pub struct Server {
     stop: Arc<AtomicBool>,

@@ -46,14 +46,23 @@ struct Args {
         default_value = "--socket {socket} --image {image} --instance-id bench --device vda"
     )]
     tap_args: String,
-    /// Extra arguments that turn the tee on with a file sink; `{capture}` is substituted.
-    #[arg(long, default_value = "--capture {capture}")]
+    /// Extra arguments that turn the tee on (backend tap-on): a rolling
+    /// capture that keeps the newest 1 GiB; `{capture}` is substituted.
+    #[arg(
+        long,
+        default_value = "--capture {capture} --capture-retain-mib 1024 --capture-segment-mib 64"
+    )]
     tee_args: String,
+    /// Extra arguments of backend tap-file: the tee on with one capture file
+    /// that grows without bound (reported without a target: once the page
+    /// cache's dirty limit is reached it runs at the disk's write speed).
+    #[arg(long, default_value = "--capture {capture}")]
+    tee_file_args: String,
     /// Skip counting allocations with vmr-bench-blk-alloc.
     #[arg(long)]
     no_alloc: bool,
-    /// Backends to run (comma-separated: qsd, tap-off, tap-on).
-    #[arg(long, default_value = "qsd,tap-off,tap-on")]
+    /// Backends to run (comma-separated: qsd, tap-off, tap-on, tap-file).
+    #[arg(long, default_value = "qsd,tap-off,tap-on,tap-file")]
     backends: String,
 }
 
@@ -62,6 +71,7 @@ enum Backend {
     Qsd,
     TapOff,
     TapOn,
+    TapFile,
 }
 
 impl Backend {
@@ -70,6 +80,7 @@ impl Backend {
             Backend::Qsd => "qemu-storage-daemon",
             Backend::TapOff => "vhost-tap-blk tee off",
             Backend::TapOn => "vhost-tap-blk tee on",
+            Backend::TapFile => "tee on, unbounded file",
         }
     }
     /// Whether the tee is on (None: not a vhost-tap backend).
@@ -77,7 +88,7 @@ impl Backend {
         match self {
             Backend::Qsd => None,
             Backend::TapOff => Some(false),
-            Backend::TapOn => Some(true),
+            Backend::TapOn | Backend::TapFile => Some(true),
         }
     }
     fn target(self) -> Option<f64> {
@@ -85,6 +96,7 @@ impl Backend {
             Backend::Qsd => None,
             Backend::TapOff => Some(1.0),
             Backend::TapOn => Some(0.9),
+            Backend::TapFile => None,
         }
     }
 }
@@ -119,6 +131,15 @@ fn substitute(template: &str, vars: &[(&str, &Path)]) -> Vec<String> {
         .collect()
 }
 
+/// Removes a capture file or a rolling capture directory.
+fn remove_capture(path: &Path) {
+    if path.is_dir() {
+        let _ = std::fs::remove_dir_all(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 fn start_backend(
     args: &Args,
     b: Backend,
@@ -142,16 +163,22 @@ fn start_backend(
             ));
             c
         }
-        Backend::TapOff | Backend::TapOn => {
+        Backend::TapOff | Backend::TapOn | Backend::TapFile => {
             let mut c = Command::new(tap_bin);
             c.args(substitute(
                 &args.tap_args,
                 &[("socket", &socket), ("image", image)],
             ));
-            if b == Backend::TapOn {
-                let capture = work.join("capture.events");
-                let _ = std::fs::remove_file(&capture);
-                c.args(substitute(&args.tee_args, &[("capture", &capture)]));
+            let capture = work.join("capture.events");
+            remove_capture(&capture);
+            match b {
+                Backend::TapOn => {
+                    c.args(substitute(&args.tee_args, &[("capture", &capture)]));
+                }
+                Backend::TapFile => {
+                    c.args(substitute(&args.tee_file_args, &[("capture", &capture)]));
+                }
+                _ => {}
             }
             c.env("RUST_LOG", "warn");
             c
@@ -177,6 +204,10 @@ fn count_allocations(
     let mut out = Vec::new();
     for b in backends {
         let Some(tee) = b.tee() else { continue };
+        if *b == Backend::TapFile {
+            // Same code path as tap-on; only the sink's file differs.
+            continue;
+        }
         let mut cmd = Command::new(&bin);
         cmd.arg("--image").arg(image).arg("--dir").arg(work);
         if tee {
@@ -237,7 +268,8 @@ fn main() -> Result<()> {
             "qsd" => Ok(Backend::Qsd),
             "tap-off" => Ok(Backend::TapOff),
             "tap-on" => Ok(Backend::TapOn),
-            other => bail!("unknown backend {other:?} (use qsd, tap-off, tap-on)"),
+            "tap-file" => Ok(Backend::TapFile),
+            other => bail!("unknown backend {other:?} (use qsd, tap-off, tap-on, tap-file)"),
         })
         .collect::<Result<_>>()?;
     if !args.qsd.is_file() && backends.contains(&Backend::Qsd) {
@@ -316,7 +348,7 @@ fn main() -> Result<()> {
             }
             drop(dev);
             guard.stop(Duration::from_secs(5));
-            let _ = std::fs::remove_file(work.path().join("capture.events"));
+            remove_capture(&work.path().join("capture.events"));
         }
     }
 
@@ -357,7 +389,15 @@ fn main() -> Result<()> {
                         if ok { "ok" } else { "MISS" },
                     )
                 }
-                (Some(r), None) => (format!("{r:.2}x"), "-".into(), "baseline"),
+                (Some(r), None) => (
+                    format!("{r:.2}x"),
+                    "-".into(),
+                    if *b == Backend::Qsd {
+                        "baseline"
+                    } else {
+                        "info"
+                    },
+                ),
                 (None, _) => ("-".into(), "-".into(), "-"),
             };
             let alloc_s = allocs

@@ -6,13 +6,23 @@
 //! `GET_VRING_BASE`) takes the same per-queue lock, so when the front-end
 //! receives the ring base every request up to it has completed and none after
 //! it has been touched.
+//!
+//! With the tee on, a large write (at least [`ZERO_COPY_CAPTURE_MIN`] bytes)
+//! goes from guest memory to the disk, and its record keeps pointing at the
+//! guest's buffers: the capture sink writes the payload from there and then
+//! hands the request back through the queue's completion eventfd, and the
+//! worker completes it. `stop_vring` also waits for those.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -22,15 +32,48 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmr_proto::pb;
 
 use super::disk::{Disk, DiskError};
 use super::request::{self, Limits, Request, RequestType, Segment};
-use crate::capture::Tee;
+use crate::capture::{Completion, Tee};
 use crate::fault::{BlockFault, FaultHook};
 use crate::filter::BlockFilter;
 use crate::metrics::Metrics;
 use crate::{GuestMem, GuestMemAtomic, Mode};
+
+/// Writes at least this large are recorded from guest memory without a copy
+/// when the disk writes in place; smaller ones are copied into their record.
+pub const ZERO_COPY_CAPTURE_MIN: u32 = 64 << 10;
+
+/// Requests of one queue whose records the capture sink still holds.
+struct Deferred {
+    /// Completed by the sink: `head << 32 | used length`.
+    done: ArrayQueue<u64>,
+    /// Wakes the queue's worker.
+    fd: EventFd,
+    /// Deferred and not yet put in the used ring.
+    pending: AtomicUsize,
+}
+
+impl Completion for Deferred {
+    fn complete(&self, token: u64) {
+        // At most a queue's size of requests is in flight, so this has room.
+        if self.done.push(token).is_err() {
+            tracing::error!("completion queue overflow; a request stays incomplete");
+        }
+        if let Err(error) = self.fd.write(1) {
+            tracing::error!(%error, "cannot wake the queue worker");
+        }
+    }
+}
+
+/// Epoll id of a worker's completion eventfd: after the queues and the
+/// daemon's exit event.
+fn completion_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
 
 /// Errors building a block backend.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +130,12 @@ struct Worker {
     segs: Vec<Segment>,
     /// Host addresses of a write's guest buffers (writes in place).
     iov: request::IoVecs,
+    /// The same addresses for the write's record (`iov` is consumed).
+    iov_rec: request::IoVecs,
+    /// The last write's record waits for the sink (set by `execute`).
+    defer: bool,
+    /// Completion path of this queue for the current front-end.
+    deferred: Option<(Arc<Deferred>, Arc<dyn Completion>)>,
     buf: Vec<u8>,
     scratch: Vec<u8>,
 }
@@ -132,6 +181,9 @@ impl BlockBackend {
                 Mutex::new(Worker {
                     segs: Vec::with_capacity(config.queue_size as usize),
                     iov: request::IoVecs::default(),
+                    iov_rec: request::IoVecs::default(),
+                    defer: false,
+                    deferred: None,
                     buf: Vec::new(),
                     scratch: Vec::new(),
                 })
@@ -196,7 +248,7 @@ impl BlockBackend {
         let Some(atomic) = inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
+        let mem: Arc<GuestMem> = atomic.memory().into_inner();
         let mut worker = inner.workers[q as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -225,13 +277,15 @@ impl BlockBackend {
             let mut popped = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
-                let used = self.handle_chain(&mem, chain, q, &mut worker);
-                queue
-                    .add_used(&*mem, head, used)
-                    .map_err(io::Error::other)?;
                 popped += 1;
+                // None: the capture sink completes it later.
+                if let Some(used) = self.handle_chain(&mem, chain, head, q, &mut worker) {
+                    queue
+                        .add_used(&*mem, head, used)
+                        .map_err(io::Error::other)?;
+                    completed += 1;
+                }
             }
-            completed += popped;
             if !event_idx {
                 break;
             }
@@ -253,19 +307,61 @@ impl BlockBackend {
         Ok(())
     }
 
-    /// Handles one chain; returns the used length.
+    /// Puts requests the capture sink is done with into the used ring.
+    fn complete_deferred(&self, vring: &VringRwLock<GuestMemAtomic>, q: u16) -> io::Result<()> {
+        let inner = &*self.inner;
+        let deferred = inner.workers[q as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deferred
+            .as_ref()
+            .map(|(d, _)| d.clone());
+        let Some(d) = deferred else {
+            return Ok(());
+        };
+        // Non-blocking; an empty counter only means another wake-up got here first.
+        let _ = d.fd.read();
+        let Some(atomic) = inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        let mut n = 0usize;
+        let mut result = Ok(());
+        while let Some(token) = d.done.pop() {
+            n += 1;
+            let (head, used) = ((token >> 32) as u16, token as u32);
+            if let Err(e) = state.get_queue_mut().add_used(&*mem, head, used) {
+                result = Err(io::Error::other(e));
+            }
+        }
+        d.pending.fetch_sub(n, Ordering::AcqRel);
+        if n > 0
+            && state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .map_err(io::Error::other)?
+        {
+            state.signal_used_queue()?;
+        }
+        result
+    }
+
+    /// Handles one chain; returns the used length, or `None` when the
+    /// capture sink completes the request.
     fn handle_chain<M>(
         &self,
-        mem: &GuestMem,
+        mem: &Arc<GuestMem>,
         chain: virtio_queue::DescriptorChain<M>,
+        head: u16,
         q: u16,
         w: &mut Worker,
-    ) -> u32
+    ) -> Option<u32>
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
         let inner = &*self.inner;
-        let req = match request::parse_chain(mem, chain, &mut w.segs, &inner.config.limits) {
+        let req = match request::parse_chain(&**mem, chain, &mut w.segs, &inner.config.limits) {
             Ok(r) => r,
             Err(error) => {
                 Metrics::add(&inner.metrics.malformed, 1);
@@ -277,22 +373,53 @@ impl BlockBackend {
                             u64::from(status.len) - 1,
                         );
                         if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() {
-                            return 1;
+                            return Some(1);
                         }
                     }
                 }
-                return 0;
+                return Some(0);
             }
         };
+        w.defer = false;
         let (status, written) = self.execute(mem, &req, q, w);
         if mem.write_obj(status as u8, req.status).is_err() {
-            return 0;
+            return Some(0);
         }
         Metrics::add(&inner.metrics.requests, 1);
         if status == VIRTIO_BLK_S_IOERR {
             Metrics::add(&inner.metrics.io_errors, 1);
         }
-        written + 1
+        let used = written + 1;
+        if std::mem::take(&mut w.defer) {
+            if let (Some(tee), Some((d, done))) = (&inner.tee, &w.deferred) {
+                d.pending.fetch_add(1, Ordering::AcqRel);
+                let token = u64::from(head) << 32 | u64::from(used);
+                if tee.record_block_in_guest(
+                    &inner.config.device,
+                    q,
+                    req.sector,
+                    block_status(status),
+                    mem.clone(),
+                    &w.iov_rec.0,
+                    done,
+                    token,
+                ) {
+                    return None;
+                }
+                d.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        Some(used)
+    }
+
+    /// Whether a write of `len` bytes is recorded from guest memory (or not
+    /// recorded at all), so it can go to the disk without a copy.
+    fn writes_from_guest(&self, w: &Worker, op: pb::BlockOp, len: u32) -> bool {
+        let inner = &*self.inner;
+        inner.disk.writes_in_place()
+            && (inner.tee.is_none()
+                || !inner.config.filter.matches(op)
+                || (len >= ZERO_COPY_CAPTURE_MIN && w.deferred.is_some()))
     }
 
     /// Runs a request; returns the status and bytes written to the guest
@@ -341,13 +468,19 @@ impl BlockBackend {
                     }
                 }
             }
-            RequestType::Out if inner.tee.is_none() && inner.disk.writes_in_place() => {
-                // No copy: the guest's buffers go straight to pwritev.
+            RequestType::Out if self.writes_from_guest(w, op, len) => {
+                // No copy: the guest's buffers go straight to pwritev (and,
+                // with the tee on, to the capture sink before completion).
                 let r = match (
                     request::host_iov(mem, &w.segs, request::HEADER_LEN, len, &mut w.iov),
                     off,
                 ) {
                     (Ok(()), Some(off)) => {
+                        if inner.tee.is_some() && inner.config.filter.matches(op) {
+                            w.iov_rec.0.clear();
+                            w.iov_rec.0.extend_from_slice(&w.iov.0);
+                            w.defer = true;
+                        }
                         // SAFETY: `host_iov` resolved every entry inside a mapped
                         // guest memory region; `mem` keeps the mapping alive
                         // until this call returns.
@@ -355,16 +488,21 @@ impl BlockBackend {
                     }
                     _ => Err(DiskError::OutOfRange),
                 };
-                return match r {
+                let status = match r {
                     Ok(()) => {
                         Metrics::add(&inner.metrics.bytes, u64::from(len));
-                        (VIRTIO_BLK_S_OK, 0)
+                        VIRTIO_BLK_S_OK
                     }
                     Err(error) => {
                         tracing::debug!(%error, sector = req.sector, "write failed");
-                        (VIRTIO_BLK_S_IOERR, 0)
+                        VIRTIO_BLK_S_IOERR
                     }
                 };
+                if !w.defer {
+                    // Guest buffers out of range: recorded without data.
+                    self.record(q, op, req.sector, len, None, None, status);
+                }
+                return (status, 0);
             }
             RequestType::Out => {
                 w.buf.resize(len as usize, 0);
@@ -484,12 +622,25 @@ impl BlockBackend {
         if !inner.config.filter.matches(op) {
             return;
         }
-        let status = match status {
-            VIRTIO_BLK_S_OK => pb::BlockStatus::Ok,
-            VIRTIO_BLK_S_UNSUPP => pb::BlockStatus::Unsupported,
-            _ => pb::BlockStatus::Ioerr,
-        };
-        tee.record_block(&inner.config.device, q, op, sector, len, data, read, status);
+        tee.record_block(
+            &inner.config.device,
+            q,
+            op,
+            sector,
+            len,
+            data,
+            read,
+            block_status(status),
+        );
+    }
+}
+
+/// The record's status for a virtio-blk status.
+fn block_status(status: u32) -> pb::BlockStatus {
+    match status {
+        VIRTIO_BLK_S_OK => pb::BlockStatus::Ok,
+        VIRTIO_BLK_S_UNSUPP => pb::BlockStatus::Unsupported,
+        _ => pb::BlockStatus::Ioerr,
     }
 }
 
@@ -575,9 +726,32 @@ impl VhostUserBackend for BlockBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Wait for the worker to finish the batch it may be processing: all
-        // requests it popped are completed when this lock is granted.
-        if let Some(w) = self.inner.workers.get(queue_index as usize) {
-            drop(w.lock().unwrap_or_else(|p| p.into_inner()));
+        // requests it popped are completed or deferred when this lock is
+        // granted. Then wait for the deferred ones: the sink hands them back
+        // and the worker completes them.
+        let Some(w) = self.inner.workers.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deferred = w
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deferred
+            .as_ref()
+            .map(|(d, _)| d.clone());
+        if let Some(d) = deferred {
+            let mut waited = 0u64;
+            while d.pending.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(Duration::from_micros(100));
+                waited += 1;
+                if waited % 50_000 == 0 {
+                    tracing::warn!(
+                        device = %self.inner.config.device,
+                        queue = queue_index,
+                        pending = d.pending.load(Ordering::Acquire),
+                        "still waiting for the capture sink to release requests"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -595,13 +769,52 @@ impl VhostUserBackend for BlockBackend {
         // Each thread owns exactly one queue: thread i serves queue i, and
         // `device_event` is the index within the thread's vrings.
         let q = thread_id as u16;
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Ok(());
-        };
         if q as usize >= self.inner.config.num_queues {
             return Ok(());
         }
+        if device_event == completion_event(self.inner.config.num_queues) {
+            return match vrings.first() {
+                Some(vring) => self.complete_deferred(vring, q),
+                None => Ok(()),
+            };
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
         self.process_queue(vring, q)
+    }
+}
+
+impl crate::server::Serve for BlockBackend {
+    fn on_connect(&self, handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
+        let inner = &*self.inner;
+        if inner.tee.is_none() || !inner.disk.writes_in_place() {
+            return Ok(());
+        }
+        // Thread i serves queue i (see `queues_per_thread`).
+        for (h, worker) in handlers.iter().zip(&inner.workers) {
+            let d = Arc::new(Deferred {
+                done: ArrayQueue::new(usize::from(inner.config.queue_size)),
+                fd: EventFd::new(EFD_NONBLOCK)?,
+                pending: AtomicUsize::new(0),
+            });
+            h.register_listener(
+                d.fd.as_raw_fd(),
+                EventSet::IN,
+                u64::from(completion_event(inner.config.num_queues)),
+            )?;
+            let done: Arc<dyn Completion> = d.clone();
+            worker.lock().unwrap_or_else(|p| p.into_inner()).deferred = Some((d, done));
+        }
+        Ok(())
+    }
+
+    fn on_disconnect(&self) {
+        // Requests the sink still holds belonged to the old front-end; their
+        // completions go to the dropped queues.
+        for worker in &self.inner.workers {
+            worker.lock().unwrap_or_else(|p| p.into_inner()).deferred = None;
+        }
     }
 }
 

@@ -229,50 +229,9 @@ impl Disk {
         }
         let total: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
         self.check(off, total)?;
-        let mut at = off;
-        let mut first = 0usize;
-        while first < iov.len() {
-            let rest = &iov[first..];
-            let cnt = rest.len().min(libc::UIO_MAXIOV as usize);
-            // SAFETY: the caller guarantees the iovecs describe readable,
-            // mapped memory; the file descriptor is ours and open.
-            let n = unsafe {
-                libc::pwritev(
-                    self.base.as_raw_fd(),
-                    rest.as_ptr(),
-                    cnt as libc::c_int,
-                    at as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-            }
-            at += n as u64;
-            // Skip what was written, trimming a partially written entry.
-            let mut n = n as usize;
-            while n > 0 && first < iov.len() {
-                let v = &mut iov[first];
-                if n >= v.iov_len {
-                    n -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same buffer.
-                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                    v.iov_len -= n;
-                    n = 0;
-                }
-            }
-            while first < iov.len() && iov[first].iov_len == 0 {
-                first += 1;
-            }
-        }
+        // SAFETY: the caller guarantees the iovecs describe readable, mapped
+        // memory; the file descriptor is ours and open.
+        unsafe { crate::iov::write_all(self.base.as_raw_fd(), iov, Some(off)) }?;
         Ok(())
     }
 

@@ -302,14 +302,7 @@ pub fn gather<M: GuestMemory>(
     Ok(())
 }
 
-/// Host buffers of one request, reused across requests by a worker.
-#[derive(Default)]
-pub struct IoVecs(pub Vec<libc::iovec>);
-
-// SAFETY: the pointers are only dereferenced (by pwritev) on the worker
-// thread that filled them, within the request they were filled for; between
-// requests they are stale values that are never used.
-unsafe impl Send for IoVecs {}
+pub use crate::iov::IoVecs;
 
 /// Fills `iov` with the host addresses of `len` bytes of the chain's
 /// device-readable part after `skip` bytes (the request header), splitting

@@ -78,9 +78,11 @@ fn main() -> Result<()> {
     let disk = Disk::open(&args.image, None, false).context("opening the image")?;
     let size = disk.size();
     let metrics = Arc::new(Metrics::default());
-    let capture = args.dir.join("alloc-capture.events");
+    let capture = args.dir.join("alloc-capture");
     let tee = if args.tee {
-        let sink = Arc::new(FileSink::create(&capture)?);
+        // The same sink as the benchmark's tee-on backend: a rolling capture
+        // keeping the newest 1 GiB in 64 MiB segments.
+        let sink = Arc::new(FileSink::create(&args.dir.join("x.events"))?);
         Some(Tee::start(
             TeeConfig::new("bench"),
             sink,
@@ -118,6 +120,6 @@ fn main() -> Result<()> {
     if let Some(tee) = tee {
         tee.shutdown();
     }
-    let _ = std::fs::remove_file(&capture);
+    let _ = std::fs::remove_dir_all(&capture);
     Ok(())
 }
