@@ -18,7 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schema_registry::client::RegistryClient;
 use schema_registry::codec;
-use vmr_proto::framing::EventReader;
+use vmr_proto::framing::open_capture;
 use vmr_proto::Event;
 
 #[derive(Parser)]
@@ -36,7 +36,7 @@ struct Args {
     /// Partitions of each event topic.
     #[arg(long, env = "VMR_EVENT_PARTITIONS", default_value_t = 8)]
     partitions: i32,
-    /// Capture files to publish.
+    /// Capture files (or rolling capture directories) to publish.
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -60,9 +60,9 @@ async fn main() -> anyhow::Result<()> {
     let mut per_topic: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut buf = Vec::new();
     for path in &args.files {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        for (n, record) in EventReader::new(std::io::BufReader::new(file)).enumerate() {
+        // A capture file or a rolling spool directory.
+        let reader = open_capture(path).with_context(|| format!("opening {}", path.display()))?;
+        for (n, record) in reader.enumerate() {
             let raw = record.with_context(|| format!("{}: frame {n}", path.display()))?;
             // Validate before publishing: a poison record is reported, not sent.
             let event = Event::try_from(raw.clone())
