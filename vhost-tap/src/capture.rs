@@ -248,15 +248,7 @@ impl FileSink {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Self::with_state(FileState {
-            file: Some(file),
-            size: 0,
-            stale_end: 0,
-            pending: Vec::new(),
-            head: Vec::new(),
-            iov: IoVecs::default(),
-            rolling: None,
-        }))
+        Ok(Self::with_state(Some(file), None))
     }
 
     /// A rolling capture in directory `dir`: segment files named after the
@@ -286,14 +278,9 @@ impl FileSink {
         closed.sort();
         let spares =
             prepare_spares(dir, segment_bytes.max(1), retain_bytes, &closed).map_err(open_err)?;
-        Ok(Self::with_state(FileState {
-            file: None,
-            size: 0,
-            stale_end: 0,
-            pending: Vec::new(),
-            head: Vec::new(),
-            iov: IoVecs::default(),
-            rolling: Some(Rolling {
+        Ok(Self::with_state(
+            None,
+            Some(Rolling {
                 dir: dir.to_owned(),
                 segment_bytes: segment_bytes.max(1),
                 retain_bytes,
@@ -301,12 +288,20 @@ impl FileSink {
                 current: None,
                 spares,
             }),
-        }))
+        ))
     }
 
-    fn with_state(state: FileState) -> Self {
+    fn with_state(file: Option<File>, rolling: Option<Rolling>) -> Self {
         Self {
-            inner: Mutex::new(state),
+            inner: Mutex::new(FileState {
+                file,
+                size: 0,
+                stale_end: 0,
+                pending: Vec::new(),
+                head: Vec::new(),
+                iov: IoVecs::default(),
+                rolling,
+            }),
         }
     }
 }
@@ -971,6 +966,11 @@ mod tests {
     use super::*;
     use crate::seq::AtomicSeq;
 
+    /// A tee with its own sequence counter.
+    fn start(cfg: TeeConfig, sink: Arc<dyn CaptureSink>, metrics: Arc<Metrics>) -> Tee {
+        Tee::start(cfg, sink, Arc::new(AtomicSeq::default()), metrics).unwrap()
+    }
+
     struct SlowSink(MemorySink);
     impl CaptureSink for SlowSink {
         fn submit(&self, batch: &[Record]) -> Result<(), CaptureError> {
@@ -986,13 +986,7 @@ mod tests {
         let mut cfg = TeeConfig::new("vm-1");
         cfg.capacity = 4;
         cfg.policy = Policy::Drop;
-        let tee = Tee::start(
-            cfg,
-            sink.clone(),
-            Arc::new(AtomicSeq::default()),
-            metrics.clone(),
-        )
-        .unwrap();
+        let tee = start(cfg, sink.clone(), metrics.clone());
         for i in 0..200u64 {
             tee.record_frame("net0", 0, pb::Direction::Rx, &i.to_le_bytes());
         }
@@ -1036,13 +1030,7 @@ mod tests {
         cfg.capacity = 4096;
         cfg.max_bytes = 16 << 10;
         cfg.policy = Policy::Drop;
-        let tee = Tee::start(
-            cfg,
-            sink.clone(),
-            Arc::new(AtomicSeq::default()),
-            metrics.clone(),
-        )
-        .unwrap();
+        let tee = start(cfg, sink.clone(), metrics.clone());
         let data = vec![7u8; 4096];
         for i in 0..100u64 {
             tee.record_block(
@@ -1083,13 +1071,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let mut cfg = TeeConfig::new("vm-1");
         cfg.capacity = 2;
-        let tee = Tee::start(
-            cfg,
-            sink.clone(),
-            Arc::new(AtomicSeq::default()),
-            metrics.clone(),
-        )
-        .unwrap();
+        let tee = start(cfg, sink.clone(), metrics.clone());
         for i in 0..50u32 {
             tee.record_block(
                 "vda",
@@ -1168,13 +1150,7 @@ mod tests {
         let path = dir.path().join("cap.events");
         let sink = Arc::new(FileSink::create(&path).unwrap());
         let metrics = Arc::new(Metrics::default());
-        let tee = Tee::start(
-            TeeConfig::new("vm-3"),
-            sink,
-            Arc::new(AtomicSeq::default()),
-            metrics.clone(),
-        )
-        .unwrap();
+        let tee = start(TeeConfig::new("vm-3"), sink, metrics.clone());
         let mem = guest_memory();
         let a: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
         let b = vec![0x5au8; 3000];
@@ -1216,13 +1192,7 @@ mod tests {
         let mut cfg = TeeConfig::new("vm-4");
         cfg.capacity = 1;
         cfg.policy = Policy::Drop;
-        let tee = Tee::start(
-            cfg,
-            sink.clone(),
-            Arc::new(AtomicSeq::default()),
-            metrics.clone(),
-        )
-        .unwrap();
+        let tee = start(cfg, sink.clone(), metrics.clone());
         let mem = guest_memory();
         let iov = guest_buffers(&mem, &[1u8; 100], &[2u8; 100]);
         let tokens = Arc::new(Tokens::default());
@@ -1272,13 +1242,7 @@ mod tests {
         // Segments of about 10 frames, at most about 30 frames kept.
         let frame = 4 + 200;
         let sink = Arc::new(FileSink::rolling(&spool, 10 * frame, 30 * frame).unwrap());
-        let tee = Tee::start(
-            TeeConfig::new("vm-5"),
-            sink,
-            Arc::new(AtomicSeq::default()),
-            Arc::default(),
-        )
-        .unwrap();
+        let tee = start(TeeConfig::new("vm-5"), sink, Arc::default());
         for i in 0..200u32 {
             tee.record_frame("net0", 0, pb::Direction::Tx, &[i as u8; 170]);
         }
@@ -1328,13 +1292,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cap.events");
         let sink = Arc::new(FileSink::create(&path).unwrap());
-        let tee = Tee::start(
-            TeeConfig::new("vm-2"),
-            sink,
-            Arc::new(AtomicSeq::default()),
-            Arc::default(),
-        )
-        .unwrap();
+        let tee = start(TeeConfig::new("vm-2"), sink, Arc::default());
         tee.record_lifecycle(pb::LifecycleKind::Boot, "start");
         tee.record_frame("net0", 1, pb::Direction::Tx, b"hello");
         tee.shutdown();

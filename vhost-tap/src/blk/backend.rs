@@ -296,27 +296,29 @@ impl BlockBackend {
                 break;
             }
         }
-        if completed > 0
-            && state
-                .get_queue_mut()
-                .needs_notification(&*mem)
-                .map_err(io::Error::other)?
-        {
-            state.signal_used_queue()?;
+        if completed > 0 {
+            signal_if_needed(&mut state, &mem)?;
         }
         Ok(())
+    }
+
+    /// The completion path of queue `q` for the current front-end. Taking
+    /// the worker's lock also waits for the batch it may be processing.
+    fn deferred(&self, q: usize) -> Option<Arc<Deferred>> {
+        self.inner
+            .workers
+            .get(q)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deferred
+            .as_ref()
+            .map(|(d, _)| d.clone())
     }
 
     /// Puts requests the capture sink is done with into the used ring.
     fn complete_deferred(&self, vring: &VringRwLock<GuestMemAtomic>, q: u16) -> io::Result<()> {
         let inner = &*self.inner;
-        let deferred = inner.workers[q as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deferred
-            .as_ref()
-            .map(|(d, _)| d.clone());
-        let Some(d) = deferred else {
+        let Some(d) = self.deferred(q as usize) else {
             return Ok(());
         };
         // Non-blocking; an empty counter only means another wake-up got here first.
@@ -336,13 +338,8 @@ impl BlockBackend {
             }
         }
         d.pending.fetch_sub(n, Ordering::AcqRel);
-        if n > 0
-            && state
-                .get_queue_mut()
-                .needs_notification(&*mem)
-                .map_err(io::Error::other)?
-        {
-            state.signal_used_queue()?;
+        if n > 0 {
+            signal_if_needed(&mut state, &mem)?;
         }
         result
     }
@@ -635,6 +632,21 @@ impl BlockBackend {
     }
 }
 
+/// Interrupts the driver if the used ring's notification rules ask for it.
+fn signal_if_needed(
+    state: &mut vhost_user_backend::VringState<GuestMemAtomic>,
+    mem: &GuestMem,
+) -> io::Result<()> {
+    if state
+        .get_queue_mut()
+        .needs_notification(mem)
+        .map_err(io::Error::other)?
+    {
+        state.signal_used_queue()?;
+    }
+    Ok(())
+}
+
 /// The record's status for a virtio-blk status.
 fn block_status(status: u32) -> pb::BlockStatus {
     match status {
@@ -729,16 +741,7 @@ impl VhostUserBackend for BlockBackend {
         // requests it popped are completed or deferred when this lock is
         // granted. Then wait for the deferred ones: the sink hands them back
         // and the worker completes them.
-        let Some(w) = self.inner.workers.get(queue_index as usize) else {
-            return Ok(());
-        };
-        let deferred = w
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deferred
-            .as_ref()
-            .map(|(d, _)| d.clone());
-        if let Some(d) = deferred {
+        if let Some(d) = self.deferred(queue_index as usize) {
             let mut waited = 0u64;
             while d.pending.load(Ordering::Acquire) > 0 {
                 std::thread::sleep(Duration::from_micros(100));
