@@ -7,6 +7,7 @@
 //! workspace binaries (`cargo build --workspace --bins`). Run with
 //! `cargo test -p vmr-testkit --test vhost_tap_qemu -- --test-threads=1`.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -56,68 +57,138 @@ fn wait_for_socket(path: &Path, guard: &mut ChildGuard) -> TestResult {
     })
 }
 
-/// A vhost-tap-blk backend serving `disk` on `socket`, capturing to `capture`.
+/// Starts the vhost-tap binary `name` on `dir/<socket>` with `args`, capturing
+/// to `capture` with the instance's seq file; it logs to `dir/<name>.log`.
+fn start_tap(
+    dir: &Path,
+    name: &str,
+    socket: &str,
+    args: &[&OsStr],
+    capture: &Path,
+) -> Result<(ChildGuard, PathBuf), Box<dyn std::error::Error>> {
+    let bin = workspace_bin(name)?;
+    let socket = dir.join(socket);
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(args)
+        .args(["--instance-id", "e2e-vm"])
+        .arg("--capture")
+        .arg(capture)
+        .arg("--seq-file")
+        .arg(dir.join("e2e-vm.seq"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut guard = ChildGuard::spawn(name, &mut cmd)?;
+    wait_for_socket(&socket, &mut guard)?;
+    Ok((guard, socket))
+}
+
+/// A vhost-tap-blk backend serving `disk`, capturing to `capture`.
 fn start_blk(
     dir: &Path,
     disk: &Path,
     capture: &Path,
 ) -> Result<(ChildGuard, PathBuf), Box<dyn std::error::Error>> {
-    let bin = workspace_bin("vhost-tap-blk")?;
-    let socket = dir.join("blk.sock");
-    let log = std::fs::File::create(dir.join("vhost-tap-blk.log"))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--image")
-        .arg(disk)
-        .args(["--instance-id", "e2e-vm", "--device", "vda"])
-        .arg("--capture")
-        .arg(capture)
-        .arg("--seq-file")
-        .arg(dir.join("e2e-vm.seq"))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut guard = ChildGuard::spawn("vhost-tap-blk", &mut cmd)?;
-    wait_for_socket(&socket, &mut guard)?;
-    Ok((guard, socket))
+    let args = [
+        "--image".as_ref(),
+        disk.as_os_str(),
+        "--device".as_ref(),
+        "vda".as_ref(),
+    ];
+    start_tap(dir, "vhost-tap-blk", "blk.sock", &args, capture)
 }
 
 /// A vhost-tap-net backend whose TAP lives in `ns`, capturing to `capture`.
-///
-/// Known problem (vhost-tap, open): QEMU 7.2's virtio-net sends
-/// `SET_VRING_ENABLE` when the device is realized or reset (`peer_attach`),
-/// before `SET_FEATURES`; the vhost crate's request handler refuses it with
-/// `InactiveFeature(PROTOCOL_FEATURES)` and vhost-tap's server then drops the
-/// front-end, so the guest's NIC never passes traffic and the two tests that
-/// use the NIC fail at the guest's `net:1` step until the backend tolerates that
-/// request.
 fn start_net(
     dir: &Path,
     ns: &NetNs,
     capture: &Path,
 ) -> Result<(ChildGuard, PathBuf), Box<dyn std::error::Error>> {
-    let bin = workspace_bin("vhost-tap-net")?;
-    let socket = dir.join("net.sock");
-    let log = std::fs::File::create(dir.join("vhost-tap-net.log"))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .args(["--tap", TAP_NAME, "--netns", ns.name()])
-        .args(["--instance-id", "e2e-vm", "--device", "net0"])
-        .args(["--mac", guest::GUEST_MAC])
-        .arg("--capture")
-        .arg(capture)
-        .arg("--seq-file")
-        .arg(dir.join("e2e-vm.seq"))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut guard = ChildGuard::spawn("vhost-tap-net", &mut cmd)?;
-    wait_for_socket(&socket, &mut guard)?;
-    Ok((guard, socket))
+    let args: Vec<&OsStr> = ["--tap", TAP_NAME, "--netns", ns.name()]
+        .into_iter()
+        .chain(["--device", "net0", "--mac", guest::GUEST_MAC])
+        .map(OsStr::new)
+        .collect();
+    start_tap(dir, "vhost-tap-net", "net.sock", &args, capture)
+}
+
+/// A blank disk and a network namespace, served by vhost-tap-blk and
+/// vhost-tap-net that capture to files and share the instance's seq file.
+/// Fields drop in order: backends, namespace, then the directory.
+struct TapRig {
+    blk: ChildGuard,
+    net: ChildGuard,
+    ns: NetNs,
+    blk_sock: PathBuf,
+    net_sock: PathBuf,
+    disk: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl TapRig {
+    fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let disk = dir.path().join("disk.raw");
+        blank_disk(&disk)?;
+        let ns = NetNs::create()?;
+        let (blk, blk_sock) = start_blk(dir.path(), &disk, &dir.path().join("blk.events"))?;
+        let (net, net_sock) = start_net(dir.path(), &ns, &dir.path().join("net.events"))?;
+        Ok(Self {
+            blk,
+            net,
+            ns,
+            blk_sock,
+            net_sock,
+            disk,
+            dir,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Gives the guest the rig's disk and NIC.
+    fn attach(&self, cfg: &mut QemuConfig) {
+        cfg.blk_sockets.push(self.blk_sock.clone());
+        cfg.nets.push(NetDevice {
+            socket: self.net_sock.clone(),
+            mac: guest::GUEST_MAC.into(),
+        });
+    }
+
+    /// Configures the namespace's end of the TAP once the guest's NIC is up,
+    /// and starts the echo peer there.
+    fn start_peer(&self) -> Result<EchoPeer, Box<dyn std::error::Error>> {
+        self.ns.wait_for_link(TAP_NAME, Duration::from_secs(30))?;
+        self.ns.configure(TAP_NAME, guest::PEER_IP_CIDR)?;
+        Ok(EchoPeer::start(&self.ns, guest::PEER_PORT)?)
+    }
+
+    /// The backends' logs.
+    fn logs(&self) -> [PathBuf; 2] {
+        [
+            self.path().join("vhost-tap-blk.log"),
+            self.path().join("vhost-tap-net.log"),
+        ]
+    }
+
+    /// Stops the backends (so the capture files are complete) and checks the
+    /// image and both captures against the guest's `rounds`.
+    fn stop_and_check(&mut self, token: &str, rounds: &[u32]) -> TestResult {
+        self.blk.stop(Duration::from_secs(10));
+        self.net.stop(Duration::from_secs(10));
+        check_disk(&self.disk, token, rounds)?;
+        let blk_events = read_events(&self.path().join("blk.events"))?;
+        let net_events = read_events(&self.path().join("net.events"))?;
+        check_seq(&[&blk_events, &net_events]);
+        check_block_capture(&blk_events, token, rounds)?;
+        check_net_capture(&net_events, token, rounds)
+    }
 }
 
 fn read_events(path: &Path) -> Result<Vec<Event>, Box<dyn std::error::Error>> {
@@ -354,48 +425,26 @@ fn token() -> String {
 // Heavy: needs QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh).
 fn guest_disk_and_net_go_through_vhost_tap_and_are_captured() -> TestResult {
     let image = image();
-    let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("disk.raw");
-    blank_disk(&disk)?;
-    let ns = NetNs::create()?;
-    let blk_capture = dir.path().join("blk.events");
-    let net_capture = dir.path().join("net.events");
-    let (mut blk, blk_sock) = start_blk(dir.path(), &disk, &blk_capture)?;
-    let (mut net, net_sock) = start_net(dir.path(), &ns, &net_capture)?;
-
+    let mut rig = TapRig::start()?;
     let token = token();
     let mut cfg = QemuConfig::new(
-        dir.path(),
+        rig.path(),
         &image.kernel,
         &image.initrd,
         &guest::cmdline("disk:1,net:1", &token),
     );
-    cfg.blk_sockets.push(blk_sock);
-    cfg.nets.push(NetDevice {
-        socket: net_sock,
-        mac: guest::GUEST_MAC.into(),
-    });
+    rig.attach(&mut cfg);
     let mut qemu = Qemu::start("qemu", cfg)?;
-    ns.wait_for_link(TAP_NAME, Duration::from_secs(30))?;
-    ns.configure(TAP_NAME, guest::PEER_IP_CIDR)?;
-    let peer = EchoPeer::start(&ns, guest::PEER_PORT)?;
+    let peer = rig.start_peer()?;
 
     let ready = qemu.wait_for_serial("VMR-READY", BOOT_TIMEOUT)?;
     assert!(
         ready.contains("disk=1 net=1"),
         "guest lacks a device: {ready}"
     );
-    let logs = [
-        dir.path().join("vhost-tap-blk.log"),
-        dir.path().join("vhost-tap-net.log"),
-    ];
-    assert_steps(&mut qemu, 2, &logs)?;
+    assert_steps(&mut qemu, 2, &rig.logs())?;
     qemu.wait_exit(Duration::from_secs(30))?;
     assert_eq!(peer.received(), vec![guest::net_message(&token, 1)]);
-
-    // Stop the backends so their capture files are complete.
-    blk.stop(Duration::from_secs(10));
-    net.stop(Duration::from_secs(10));
 
     // The guest's own read-back hashes match the patterns.
     let serial = qemu.serial();
@@ -408,31 +457,18 @@ fn guest_disk_and_net_go_through_vhost_tap_and_are_captured() -> TestResult {
         );
         assert!(serial.contains(&want), "guest did not read back {want}");
     }
-    check_disk(&disk, &token, &[1])?;
-    let (blk_events, net_events) = (read_events(&blk_capture)?, read_events(&net_capture)?);
-    check_seq(&[&blk_events, &net_events]);
-    check_block_capture(&blk_events, &token, &[1])?;
-    check_net_capture(&net_events, &token, &[1])?;
-    Ok(())
+    rig.stop_and_check(&token, &[1])
 }
 
 #[test]
 // Heavy: needs QEMU (TCG), root (netns, TAP), vhost-tap binaries, guest image (guest/linux/build.sh).
 fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestResult {
     let image = image();
-    let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("disk.raw");
-    blank_disk(&disk)?;
-    let ns = NetNs::create()?;
-    let blk_capture = dir.path().join("blk.events");
-    let net_capture = dir.path().join("net.events");
-    let (mut blk, blk_sock) = start_blk(dir.path(), &disk, &blk_capture)?;
-    let (mut net, net_sock) = start_net(dir.path(), &ns, &net_capture)?;
-
+    let mut rig = TapRig::start()?;
     let token = token();
     let steps = "disk:1,net:1,wait,disk:2,net:2";
-    let src_dir = dir.path().join("src");
-    let dst_dir = dir.path().join("dst");
+    let src_dir = rig.path().join("src");
+    let dst_dir = rig.path().join("dst");
     std::fs::create_dir_all(&src_dir)?;
     std::fs::create_dir_all(&dst_dir)?;
     let mut cfg = QemuConfig::new(
@@ -441,15 +477,9 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
         &image.initrd,
         &guest::cmdline(steps, &token),
     );
-    cfg.blk_sockets.push(blk_sock);
-    cfg.nets.push(NetDevice {
-        socket: net_sock,
-        mac: guest::GUEST_MAC.into(),
-    });
+    rig.attach(&mut cfg);
     let mut src = Qemu::start("qemu-source", cfg.clone())?;
-    ns.wait_for_link(TAP_NAME, Duration::from_secs(30))?;
-    ns.configure(TAP_NAME, guest::PEER_IP_CIDR)?;
-    let peer = EchoPeer::start(&ns, guest::PEER_PORT)?;
+    let peer = rig.start_peer()?;
     src.wait_for_serial("VMR-READY", BOOT_TIMEOUT)?;
     src.wait_for_serial("VMR-WAIT", STEP_TIMEOUT)?;
     let before = guest::markers(&src.serial());
@@ -458,15 +488,12 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
             && before.iter().any(|m| m == "VMR-STEP-OK net:1"),
         "first round failed:\n{}\n{}",
         before.join("\n"),
-        log_tails(&[
-            dir.path().join("vhost-tap-blk.log"),
-            dir.path().join("vhost-tap-net.log")
-        ])
+        log_tails(&rig.logs())
     );
 
     // Stop, migrate to a file, and let the source go (the backends then wait
     // for the next frontend).
-    let state = dir.path().join("vm.state");
+    let state = rig.path().join("vm.state");
     src.migrate_to_file(&state, Duration::from_secs(120))?;
     assert!(
         std::fs::metadata(&state)?.len() > 0,
@@ -489,10 +516,7 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
         guest::Done { ok: 5, fail: 0 },
         "steps failed; markers:\n{}\n{}",
         guest::markers(&dst.serial()).join("\n"),
-        log_tails(&[
-            dir.path().join("vhost-tap-blk.log"),
-            dir.path().join("vhost-tap-net.log")
-        ])
+        log_tails(&rig.logs())
     );
     dst.wait_exit(Duration::from_secs(30))?;
     assert_eq!(
@@ -500,14 +524,7 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
         vec![guest::net_message(&token, 1), guest::net_message(&token, 2)]
     );
 
-    blk.stop(Duration::from_secs(10));
-    net.stop(Duration::from_secs(10));
-    check_disk(&disk, &token, &[1, 2])?;
-    let (blk_events, net_events) = (read_events(&blk_capture)?, read_events(&net_capture)?);
-    check_seq(&[&blk_events, &net_events]);
-    check_block_capture(&blk_events, &token, &[1, 2])?;
-    check_net_capture(&net_events, &token, &[1, 2])?;
-    Ok(())
+    rig.stop_and_check(&token, &[1, 2])
 }
 
 /// Checks the harness and the guest image independently of vhost-tap: the

@@ -4,7 +4,6 @@
 //! backend writes while serving a read (data buffer, status byte, used ring)
 //! show up in the log. No KVM is needed.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,67 +14,16 @@ use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::{
     regs, status, DeviceKind, MmioDeviceConfig, VirtioMmioDevice, VmResources,
 };
-use vmr_vmm::devices::vhost_user::SharedRegion;
 
-const MEM_SIZE: usize = 1 << 20;
+mod common;
+use common::{wr, Memory, MEM_SIZE};
+
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
 const HDR: u64 = 0x7000;
 const DATA: u64 = 0x8000;
 const STATUS: u64 = 0x9000;
-
-struct Memory {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl Memory {
-    fn new() -> Self {
-        // SAFETY: memfd_create with a static name; result checked.
-        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sizing our own memfd.
-        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_SIZE as i64) };
-        assert_eq!(r, 0);
-        // SAFETY: new shared mapping of the memfd, address chosen by the kernel.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Self {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-    fn write(&self, gpa: u64, data: &[u8]) {
-        assert!(gpa as usize + data.len() <= MEM_SIZE);
-        // SAFETY: bounds checked above; the mapping lives as long as self.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
-        };
-    }
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut v = vec![0; len];
-        // SAFETY: bounds checked above.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) };
-        v
-    }
-}
-
-fn wr(dev: &mut VirtioMmioDevice, off: u64, v: u32) {
-    dev.mmio_write(off, &v.to_le_bytes());
-}
 
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
     let mut d = addr.to_le_bytes().to_vec();
@@ -117,13 +65,7 @@ fn backend_writes_land_in_the_shared_dirty_log() {
         VmResources {
             vm: None,
             irqchip: false,
-            regions: vec![SharedRegion {
-                guest_phys_addr: 0,
-                size: MEM_SIZE as u64,
-                host_addr: mem.ptr as u64,
-                fd: mem.fd.as_raw_fd(),
-                fd_offset: 0,
-            }],
+            regions: vec![mem.region()],
             dirty_log: Some(log.clone()),
         },
     )

@@ -29,8 +29,8 @@ use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::serial::SharedBuffer;
-use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
-use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
+use vmr_vmm::snapshot::MemoryKind;
+use vmr_vmm::vm::{BootSource, Vm, VmConfig};
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
 const CMD_NET_DISK: u32 = 0x10;
@@ -395,29 +395,16 @@ fn snapshot_clone_continues_and_replays_the_crash() {
 
     // The clone: a new VM from the snapshot, new backends, the same requests.
     let b = start_backends(dir, "b", &image, &overlay_b, NetSide::Replay);
-    let serial_b = SharedBuffer::default();
-    let (clone, states) = Vm::restore(
+    let common::Restored {
+        vm: clone,
+        serial: serial_b,
+        devices: restored,
+    } = common::restore_clone(
         &snap,
-        RestoreOptions {
-            memory: RestoreMemory::SharedCopy,
-            serial_out: Some(Box::new(serial_b.clone())),
-            dirty_log: true,
-        },
-    )
-    .expect("restore");
-    TestPorts::new()
-        .attach(&clone.pio_bus())
-        .expect("ports free");
-    let restored = devices::restore(
-        &clone,
-        &states,
-        |_, kind| match kind {
-            DeviceKind::Block => b.blk_sock.clone(),
-            DeviceKind::Net => b.net_sock.clone(),
-        },
+        &b.blk_sock,
+        &b.net_sock,
         Some(Arc::new(DirtyLog::new(MEM).expect("memfd"))),
-    )
-    .expect("devices reconnect to the new backends");
+    );
     assert_eq!(restored.len(), 2);
     clone.resume().expect("clone runs");
 

@@ -4,7 +4,6 @@
 //! real Unix socket, with guest memory in a memfd shared with the backend.
 //! No KVM is needed: notifications take the MMIO-exit path.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -18,9 +17,10 @@ use vmr_vmm::devices::mmio::{
     regs, status, DeviceKind, MmioDeviceConfig, VirtioMmioDevice, VmResources,
 };
 use vmr_vmm::devices::persist::{MmioConstructorArgs, Persist};
-use vmr_vmm::devices::vhost_user::SharedRegion;
 
-const MEM_SIZE: usize = 1 << 20;
+mod common;
+use common::{rd, wr, Memory};
+
 const FILL: u8 = 0xab;
 
 /// A device that completes each descriptor chain by filling its writable
@@ -109,78 +109,6 @@ fn serve(path: &Path) -> std::thread::JoinHandle<()> {
         daemon.start(&mut listener).expect("frontend connects");
         let _ = daemon.wait();
     })
-}
-
-/// Guest memory: a memfd mapped shared.
-struct Memory {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl Memory {
-    fn new() -> Self {
-        // SAFETY: memfd_create with a static name; result checked.
-        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sizing our own memfd.
-        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_SIZE as i64) };
-        assert_eq!(r, 0);
-        // SAFETY: new shared mapping of the memfd, address chosen by the kernel.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Self {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-    fn region(&self) -> SharedRegion {
-        SharedRegion {
-            guest_phys_addr: 0,
-            size: MEM_SIZE as u64,
-            host_addr: self.ptr as u64,
-            fd: self.fd.as_raw_fd(),
-            fd_offset: 0,
-        }
-    }
-    fn write(&self, gpa: u64, data: &[u8]) {
-        assert!(gpa as usize + data.len() <= MEM_SIZE);
-        // SAFETY: bounds checked above; the mapping lives as long as self.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
-        };
-    }
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut v = vec![0; len];
-        // SAFETY: bounds checked above.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) };
-        v
-    }
-    fn read_u16(&self, gpa: u64) -> u16 {
-        let b = self.read(gpa, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-}
-
-fn rd(dev: &mut VirtioMmioDevice, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    dev.mmio_read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn wr(dev: &mut VirtioMmioDevice, off: u64, v: u32) {
-    dev.mmio_write(off, &v.to_le_bytes());
 }
 
 const DESC: u64 = 0x1000;

@@ -32,8 +32,8 @@ use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::serial::SharedBuffer;
-use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
-use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
+use vmr_vmm::snapshot::MemoryKind;
+use vmr_vmm::vm::{BootSource, Vm, VmConfig};
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
 const CMD_NET_DISK: u32 = 0x10;
@@ -313,29 +313,16 @@ fn clone_continues_like_the_original_and_crashes_the_same() {
     // The clone.
     let blk_b = serve_blk(&image, &dir.join("b.overlay"), &dir.join("b-blk.sock"));
     let nic_b = serve_nic(&dir.join("b-net.sock"));
-    let serial_b = SharedBuffer::default();
-    let (clone, states) = Vm::restore(
+    let common::Restored {
+        vm: clone,
+        serial: serial_b,
+        devices: restored,
+    } = common::restore_clone(
         &snap,
-        RestoreOptions {
-            memory: RestoreMemory::SharedCopy,
-            serial_out: Some(Box::new(serial_b.clone())),
-            dirty_log: true,
-        },
-    )
-    .expect("restore");
-    TestPorts::new()
-        .attach(&clone.pio_bus())
-        .expect("ports free");
-    let restored = devices::restore(
-        &clone,
-        &states,
-        |_, kind| match kind {
-            DeviceKind::Block => dir.join("b-blk.sock"),
-            DeviceKind::Net => dir.join("b-net.sock"),
-        },
+        &dir.join("b-blk.sock"),
+        &dir.join("b-net.sock"),
         None,
-    )
-    .expect("devices reconnect");
+    );
     assert_eq!(restored.len(), 2);
     assert_eq!(
         sector(&dir.join("b.overlay"), &image, 3),

@@ -485,16 +485,7 @@ impl BlockBackend {
                     }
                     _ => Err(DiskError::OutOfRange),
                 };
-                let status = match r {
-                    Ok(()) => {
-                        Metrics::add(&inner.metrics.bytes, u64::from(len));
-                        VIRTIO_BLK_S_OK
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, sector = req.sector, "write failed");
-                        VIRTIO_BLK_S_IOERR
-                    }
-                };
+                let status = self.write_status(r, req.sector, len);
                 if !w.defer {
                     // Guest buffers out of range: recorded without data.
                     self.record(q, op, req.sector, len, None, None, status);
@@ -517,27 +508,8 @@ impl BlockBackend {
                     }
                     _ => Err(DiskError::OutOfRange),
                 };
-                let status = match r {
-                    Ok(()) => {
-                        Metrics::add(&inner.metrics.bytes, u64::from(len));
-                        VIRTIO_BLK_S_OK
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, sector = req.sector, "write failed");
-                        VIRTIO_BLK_S_IOERR
-                    }
-                };
-                let data = std::mem::take(&mut w.buf);
-                self.record(
-                    q,
-                    op,
-                    req.sector,
-                    len,
-                    Some(&data[..len as usize]),
-                    None,
-                    status,
-                );
-                w.buf = data;
+                let status = self.write_status(r, req.sector, len);
+                self.record_buffer(q, op, req.sector, len, status, w);
                 return (status, 0);
             }
             RequestType::Flush => match inner.disk.flush() {
@@ -583,23 +555,51 @@ impl BlockBackend {
                         status = VIRTIO_BLK_S_IOERR;
                     }
                 }
-                let data = std::mem::take(&mut w.buf);
-                self.record(
-                    q,
-                    op,
-                    req.sector,
-                    len,
-                    Some(&data[..len as usize]),
-                    None,
-                    status,
-                );
-                w.buf = data;
+                self.record_buffer(q, op, req.sector, len, status, w);
                 return (status, 0);
             }
             RequestType::Unsupported(_) => return (VIRTIO_BLK_S_UNSUPP, 0),
         };
         self.record(q, op, req.sector, len, None, None, status);
         (status, written)
+    }
+
+    /// The status of a write, counting the bytes of a successful one.
+    fn write_status(&self, r: Result<(), DiskError>, sector: u64, len: u32) -> u32 {
+        match r {
+            Ok(()) => {
+                Metrics::add(&self.inner.metrics.bytes, u64::from(len));
+                VIRTIO_BLK_S_OK
+            }
+            Err(error) => {
+                tracing::debug!(%error, sector, "write failed");
+                VIRTIO_BLK_S_IOERR
+            }
+        }
+    }
+
+    /// Records a request whose payload is the first `len` bytes of the
+    /// worker's buffer.
+    fn record_buffer(
+        &self,
+        q: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        status: u32,
+        w: &mut Worker,
+    ) {
+        let data = std::mem::take(&mut w.buf);
+        self.record(
+            q,
+            op,
+            sector,
+            len,
+            Some(&data[..len as usize]),
+            None,
+            status,
+        );
+        w.buf = data;
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,9 +1,12 @@
 //! Helpers shared by the VMM's KVM tests.
 #![allow(dead_code)]
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vmr_vmm::devices::mmio::VirtioMmioDevice;
+use vmr_vmm::devices::vhost_user::SharedRegion;
 use vmr_vmm::guest_abi::{build_test_guest, TestPorts};
 use vmr_vmm::serial::SharedBuffer;
 use vmr_vmm::vm::{BootSource, Vm, VmConfig};
@@ -72,4 +75,133 @@ pub fn wait_done(ports: &TestPorts, n: usize) {
         "guest finished only {} of {n} commands",
         ports.with(|s| s.done.len())
     );
+}
+
+/// Size of [`Memory`].
+pub const MEM_SIZE: usize = 1 << 20;
+
+/// Guest memory for the transport tests that need no KVM: a memfd of
+/// [`MEM_SIZE`] bytes mapped shared, handed to backends as one region.
+pub struct Memory {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Memory {
+    pub fn new() -> Self {
+        // SAFETY: memfd_create with a static name; result checked.
+        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sizing our own memfd.
+        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_SIZE as i64) };
+        assert_eq!(r, 0);
+        // SAFETY: new shared mapping of the memfd, address chosen by the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Self {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+    pub fn region(&self) -> SharedRegion {
+        SharedRegion {
+            guest_phys_addr: 0,
+            size: MEM_SIZE as u64,
+            host_addr: self.ptr as u64,
+            fd: self.fd.as_raw_fd(),
+            fd_offset: 0,
+        }
+    }
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa as usize + data.len() <= MEM_SIZE);
+        // SAFETY: bounds checked above; the mapping lives as long as self.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
+        };
+    }
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut v = vec![0; len];
+        // SAFETY: bounds checked above.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) };
+        v
+    }
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        let b = self.read(gpa, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+pub fn rd(dev: &mut VirtioMmioDevice, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.mmio_read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+pub fn wr(dev: &mut VirtioMmioDevice, off: u64, v: u32) {
+    dev.mmio_write(off, &v.to_le_bytes());
+}
+
+/// A snapshot restored into a new, still paused VM.
+pub struct Restored {
+    pub vm: Vm,
+    /// The clone's console.
+    pub serial: SharedBuffer,
+    /// The virtio devices, reconnected to the clone's backends.
+    pub devices: Vec<std::sync::Arc<vmr_vmm::devices::VirtioSnapshotDevice>>,
+}
+
+/// Restores the snapshot in `snap` with its memory as a shared copy (so
+/// vhost-user backends can map it), attaches the test ports, and reconnects
+/// the block and net devices to the backends on `blk` and `net`.
+pub fn restore_clone(
+    snap: &std::path::Path,
+    blk: &std::path::Path,
+    net: &std::path::Path,
+    dirty_log: Option<std::sync::Arc<vmr_vmm::devices::dirty_log::DirtyLog>>,
+) -> Restored {
+    use vmr_vmm::devices::mmio::DeviceKind;
+    let serial = SharedBuffer::default();
+    let (vm, states) = Vm::restore(
+        snap,
+        vmr_vmm::vm::RestoreOptions {
+            memory: vmr_vmm::snapshot::RestoreMemory::SharedCopy,
+            serial_out: Some(Box::new(serial.clone())),
+            dirty_log: true,
+        },
+    )
+    .expect("restore");
+    TestPorts::new().attach(&vm.pio_bus()).expect("ports free");
+    let devices = vmr_vmm::devices::restore(
+        &vm,
+        &states,
+        |_, kind| match kind {
+            DeviceKind::Block => blk.to_owned(),
+            DeviceKind::Net => net.to_owned(),
+        },
+        dirty_log,
+    )
+    .expect("devices reconnect to the new backends");
+    Restored {
+        vm,
+        serial,
+        devices,
+    }
 }
