@@ -118,7 +118,7 @@ pub fn sw_breakpoints_supported() -> bool {
 }
 
 fn probe_sw_breakpoints() -> Result<bool, kvm_ioctls::Error> {
-    use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+    use kvm_bindings::kvm_userspace_memory_region;
     use kvm_ioctls::{Kvm, VcpuExit};
 
     const SIZE: usize = 0x10000;
@@ -164,30 +164,7 @@ fn probe_sw_breakpoints() -> Result<bool, kvm_ioctls::Error> {
     // so it is dropped after it.
     unsafe { vm.set_user_memory_region(region)? };
     let mut vcpu = vm.create_vcpu(0)?;
-    let mut s = vcpu.get_sregs()?;
-    s.cr3 = 0x8000;
-    s.cr4 |= 1 << 5; // PAE
-    s.efer |= 0x500; // LME | LMA
-    s.cr0 |= 0x8000_0001; // PG | PE
-    s.cs = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 8,
-        type_: 11,
-        present: 1,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment {
-        selector: 16,
-        type_: 3,
-        l: 0,
-        db: 1,
-        ..s.cs
-    };
-    (s.ds, s.es, s.ss, s.fs, s.gs) = (data, data, data, data, data);
+    let s = crate::boot::flat_long_mode_sregs(&vcpu.get_sregs()?, 0x8000);
     vcpu.set_sregs(&s)?;
     let mut r = vcpu.get_regs()?;
     r.rip = 0x1000;

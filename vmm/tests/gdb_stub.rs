@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmr_vmm::gdb::{self, DebugVcpu, RunStop};
 
@@ -73,30 +73,7 @@ impl LongModeVcpu {
             unsafe { std::ptr::write_unaligned(mem.add(at).cast::<u64>(), entry) };
         }
         let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-        let mut s = fd.get_sregs().expect("sregs");
-        s.cr3 = 0x8000;
-        s.cr4 |= 1 << 5;
-        s.efer |= 0x500;
-        s.cr0 |= 0x8000_0001;
-        s.cs = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: 8,
-            type_: 11,
-            present: 1,
-            s: 1,
-            l: 1,
-            g: 1,
-            ..Default::default()
-        };
-        let data = kvm_segment {
-            selector: 16,
-            type_: 3,
-            l: 0,
-            db: 1,
-            ..s.cs
-        };
-        (s.ds, s.es, s.ss, s.fs, s.gs) = (data, data, data, data, data);
+        let s = vmr_vmm::boot::flat_long_mode_sregs(&fd.get_sregs().expect("sregs"), 0x8000);
         fd.set_sregs(&s).expect("sregs");
         let mut regs = fd.get_regs().expect("regs");
         regs.rip = CODE;

@@ -198,6 +198,37 @@ pub fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     s
 }
 
+/// Long-mode special registers for a minimal guest that has no GDT in
+/// memory: flat 64-bit code (selector 8) and data (selector 16) segments held
+/// in the hidden segment state, paging from the tables at `cr3`.
+pub fn flat_long_mode_sregs(base: &kvm_sregs, cr3: u64) -> kvm_sregs {
+    let mut s = *base;
+    s.cr3 = cr3;
+    s.cr4 |= CR4_PAE;
+    s.efer |= EFER_LME_LMA;
+    s.cr0 |= CR0_PG | CR0_PE;
+    s.cs = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 8,
+        type_: 11,
+        present: 1,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_segment {
+        selector: 16,
+        type_: 3,
+        l: 0,
+        db: 1,
+        ..s.cs
+    };
+    (s.ds, s.es, s.ss, s.fs, s.gs) = (data, data, data, data, data);
+    s
+}
+
 /// General registers for entering at `entry` with stack `rsp` and the
 /// Linux zero page (or 0) in `rsi`.
 pub fn long_mode_regs(entry: u64, rsp: u64, rsi: u64) -> kvm_regs {
