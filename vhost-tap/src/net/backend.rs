@@ -199,29 +199,12 @@ impl NetBackend {
             return Ok(false);
         };
         let head = chain.head_index();
-        segs.clear();
-        let mut room = 0u64;
-        let mut bad = false;
-        let mut last_has_next = false;
-        for d in chain {
-            if !d.is_write_only() || segs.len() >= 1024 {
-                bad = true;
-                break;
-            }
-            last_has_next = d.has_next();
-            room += u64::from(d.len());
-            segs.push(Segment {
-                addr: d.addr(),
-                len: d.len(),
-                write: true,
-            });
-        }
+        let room = chain_segments(chain, true, segs);
         let total = NET_HDR_LEN + frame.len();
         let mut used = 0u32;
-        if bad || last_has_next || segs.is_empty() {
-            Metrics::add(&inner.metrics.malformed, 1);
-        } else if room < total as u64 {
-            // Too small for this frame: drop the frame, return the buffer.
+        if !room.is_some_and(|r| !segs.is_empty() && r >= total as u64) {
+            // Malformed, or too small for this frame: drop the frame, return
+            // the buffer.
             Metrics::add(&inner.metrics.malformed, 1);
         } else {
             let mut hdr = [0u8; NET_HDR_LEN];
@@ -343,28 +326,13 @@ impl NetBackend {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             completed += 1;
-            segs.clear();
-            let mut len = 0u64;
-            let mut bad = false;
-            let mut last_has_next = false;
-            for d in chain {
-                if d.is_write_only() || segs.len() >= 1024 {
-                    bad = true;
-                    break;
-                }
-                last_has_next = d.has_next();
-                len += u64::from(d.len());
-                segs.push(Segment {
-                    addr: d.addr(),
-                    len: d.len(),
-                    write: false,
-                });
-            }
-            if bad || last_has_next || len < NET_HDR_LEN as u64 || len > frame.len() as u64 {
+            let len = chain_segments(chain, false, segs);
+            let Some(len) = len.filter(|&n| n >= NET_HDR_LEN as u64 && n <= frame.len() as u64)
+            else {
                 Metrics::add(&inner.metrics.malformed, 1);
                 queue.add_used(mem, head, 0).map_err(io::Error::other)?;
                 continue;
-            }
+            };
             let len = len as usize;
             if request::gather(mem, segs, 0, &mut frame[..len]).is_err() {
                 Metrics::add(&inner.metrics.malformed, 1);
@@ -406,6 +374,37 @@ impl NetBackend {
         }
         Ok(())
     }
+}
+
+/// Collects a chain's buffers into `segs`; they must all be device-writable
+/// (`write`) or all device-readable. Returns their total length, or `None`
+/// for a buffer of the wrong direction, a chain of more than 1024 buffers,
+/// or a last descriptor that still names a next one.
+fn chain_segments<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    write: bool,
+    segs: &mut Vec<Segment>,
+) -> Option<u64>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    segs.clear();
+    let mut total = 0u64;
+    let mut last_has_next = false;
+    for d in chain {
+        if d.is_write_only() != write || segs.len() >= 1024 {
+            return None;
+        }
+        last_has_next = d.has_next();
+        total += u64::from(d.len());
+        segs.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+            write,
+        });
+    }
+    (!last_has_next).then_some(total)
 }
 
 /// Copies `a` then `b` into the writable segments.
