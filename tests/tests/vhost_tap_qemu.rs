@@ -493,21 +493,12 @@ fn guest_migrated_to_a_file_continues_on_the_same_vhost_tap_backends() -> TestRe
 
     // Stop, migrate to a file, and let the source go (the backends then wait
     // for the next frontend).
-    let state = rig.path().join("vm.state");
-    src.migrate_to_file(&state, Duration::from_secs(120))?;
+    // The destination loads the file and continues on the same backends.
+    let mut dst = migrate_through_file(src, cfg, rig.path(), dst_dir)?;
     assert!(
-        std::fs::metadata(&state)?.len() > 0,
+        std::fs::metadata(rig.path().join("vm.state"))?.len() > 0,
         "empty migration stream"
     );
-    src.quit(Duration::from_secs(10))?;
-
-    // The destination loads the file and continues on the same backends.
-    let mut dst_cfg = cfg;
-    dst_cfg.work_dir = dst_dir;
-    dst_cfg.incoming = Some(format!("exec:cat '{}'", state.display()));
-    let mut dst = Qemu::start("qemu-destination", dst_cfg)?;
-    dst.finish_incoming(Duration::from_secs(120))?;
-    dst.send_serial("go")?;
     dst.wait_for_serial("VMR-RESUMED go", Duration::from_secs(60))?;
     let line = dst.wait_for_serial("VMR-DONE", STEP_TIMEOUT)?;
     let done = guest::parse_done(&line).ok_or_else(|| format!("bad marker {line:?}"))?;
@@ -564,6 +555,27 @@ fn guest_image_and_migration_work_on_qemu_storage_daemon() -> TestResult {
     disk_only_migration(&image, dir.path(), &disk, socket, &token)
 }
 
+/// Migrates `src` (started from `cfg`) to `dir/vm.state`, quits it, starts
+/// the destination QEMU in `dst_dir` from that file and lets the waiting
+/// guest go on.
+fn migrate_through_file(
+    mut src: Qemu,
+    cfg: QemuConfig,
+    dir: &Path,
+    dst_dir: PathBuf,
+) -> Result<Qemu, Box<dyn std::error::Error>> {
+    let state = dir.join("vm.state");
+    src.migrate_to_file(&state, Duration::from_secs(120))?;
+    src.quit(Duration::from_secs(10))?;
+    let mut dst_cfg = cfg;
+    dst_cfg.work_dir = dst_dir;
+    dst_cfg.incoming = Some(format!("exec:cat '{}'", state.display()));
+    let mut dst = Qemu::start("qemu-destination", dst_cfg)?;
+    dst.finish_incoming(Duration::from_secs(120))?;
+    dst.send_serial("go")?;
+    Ok(dst)
+}
+
 /// Boots a disk-only guest on the vhost-user-blk backend at `socket`, runs
 /// `disk:1`, migrates it to a file, continues on a second QEMU and runs
 /// `disk:2`; checks the markers and the disk image.
@@ -591,15 +603,7 @@ fn disk_only_migration(
     src.wait_for_serial("VMR-WAIT", STEP_TIMEOUT)?;
     check_disk(disk, token, &[1])?;
 
-    let state = dir.join("vm.state");
-    src.migrate_to_file(&state, Duration::from_secs(120))?;
-    src.quit(Duration::from_secs(10))?;
-    let mut dst_cfg = cfg;
-    dst_cfg.work_dir = dst_dir;
-    dst_cfg.incoming = Some(format!("exec:cat '{}'", state.display()));
-    let mut dst = Qemu::start("qemu-destination", dst_cfg)?;
-    dst.finish_incoming(Duration::from_secs(120))?;
-    dst.send_serial("go")?;
+    let mut dst = migrate_through_file(src, cfg, dir, dst_dir)?;
     let line = dst.wait_for_serial("VMR-DONE", STEP_TIMEOUT)?;
     assert_eq!(
         guest::parse_done(&line),

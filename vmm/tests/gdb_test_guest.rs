@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -43,18 +44,15 @@ fn rips(text: &str) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-// Heavy: needs /dev/kvm and gdb.
-fn gdb_breaks_steps_and_continues_the_test_guest() {
+/// The test guest loaded into a new VM whose vCPU is started paused, with
+/// `commands` queued on its ports; also returns the guest's ELF.
+fn paused_guest(commands: &[u32]) -> (Arc<Vm>, TestPorts, PathBuf) {
     require_kvm();
     assert!(
         Command::new("gdb").arg("--version").output().is_ok(),
         "`gdb` is required (Debian package gdb)"
     );
     let elf = guest_elf();
-    let probe = symbol(&elf, "gdb_probe");
-    let entry = symbol(&elf, "_start");
-
     let mut vm = Vm::new(VmConfig {
         mem_size: 32 << 20,
         ..Default::default()
@@ -64,8 +62,16 @@ fn gdb_breaks_steps_and_continues_the_test_guest() {
     ports.attach(&vm.pio_bus()).expect("ports free");
     vm.load(&BootSource::Elf(elf.clone())).expect("guest loads");
     vm.start_paused().expect("vCPU thread starts paused");
-    ports.push_commands(&[CMD_GDB_PROBE | (3 << 8), CMD_EXIT | (42 << 8)]);
-    let vm = Arc::new(vm);
+    ports.push_commands(commands);
+    (Arc::new(vm), ports, elf)
+}
+
+#[test]
+// Heavy: needs /dev/kvm and gdb.
+fn gdb_breaks_steps_and_continues_the_test_guest() {
+    let (vm, ports, elf) = paused_guest(&[CMD_GDB_PROBE | (3 << 8), CMD_EXIT | (42 << 8)]);
+    let probe = symbol(&elf, "gdb_probe");
+    let entry = symbol(&elf, "_start");
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let port = listener.local_addr().expect("bound").port();
@@ -124,24 +130,8 @@ fn gdb_breaks_steps_and_continues_the_test_guest() {
 #[test]
 // Heavy: needs /dev/kvm and gdb.
 fn gdb_interrupts_a_running_guest() {
-    require_kvm();
-    assert!(
-        Command::new("gdb").arg("--version").output().is_ok(),
-        "`gdb` is required (Debian package gdb)"
-    );
-    let elf = guest_elf();
-    let mut vm = Vm::new(VmConfig {
-        mem_size: 32 << 20,
-        ..Default::default()
-    })
-    .expect("VM creation");
-    let ports = TestPorts::new();
-    ports.attach(&vm.pio_bus()).expect("ports free");
-    vm.load(&BootSource::Elf(elf.clone())).expect("guest loads");
-    vm.start_paused().expect("vCPU thread starts paused");
     // Count forever: the guest never stops on its own.
-    ports.push_commands(&[vmr_vmm::guest_abi::CMD_COUNT]);
-    let vm = Arc::new(vm);
+    let (vm, ports, elf) = paused_guest(&[vmr_vmm::guest_abi::CMD_COUNT]);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let port = listener.local_addr().expect("bound").port();
     let session = gdb::spawn(

@@ -92,29 +92,6 @@ fn bzimage_initrd_and_zero_page_follow_the_boot_protocol() {
     assert_ne!(rip, 0x10_0200, "the kernel made progress");
 }
 
-/// A `Write` that appends to a shared buffer, for reading the console.
-#[derive(Clone, Default)]
-struct Console(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
-}
-
 /// Boots the Debian cloud kernel with a vhost-tap block device described by
 /// ACPI (LNRO0005) to the image's `VMR-READY` shell marker. On a host whose
 /// KVM cannot run Linux in useful time (this repository's nested KVM among
@@ -150,7 +127,7 @@ fn linux_boots_to_the_shell_marker_where_the_probe_allows() {
     let socket = dir.path().join("blk.sock");
     let server =
         vhost_tap::server::Server::spawn("blk", backend, &socket, true).expect("socket free");
-    let console = Console::default();
+    let console = vmr_vmm::serial::SharedBuffer::default();
     let mut vm = Vm::new(VmConfig {
         mem_size: 512 << 20,
         serial_out: Some(Box::new(console.clone())),
@@ -176,10 +153,12 @@ fn linux_boots_to_the_shell_marker_where_the_probe_allows() {
     .expect("bzImage loads");
     vm.start().expect("vCPUs start");
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while !console.text().contains("VMR-DONE") && std::time::Instant::now() < deadline {
+    while !String::from_utf8_lossy(&console.contents()).contains("VMR-DONE")
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let text = console.text();
+    let text = String::from_utf8_lossy(&console.contents()).into_owned();
     drop(vm);
     let _ = server.stop();
     assert!(
