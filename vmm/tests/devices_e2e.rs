@@ -27,10 +27,9 @@ use vmr_testkit::{workspace_bin, ChildGuard};
 use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
-use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::serial::SharedBuffer;
 use vmr_vmm::snapshot::MemoryKind;
-use vmr_vmm::vm::{BootSource, Vm, VmConfig};
+use vmr_vmm::vm::BootSource;
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
 const CMD_NET_DISK: u32 = 0x10;
@@ -314,15 +313,11 @@ fn snapshot_clone_continues_and_replays_the_crash() {
     let ns_a = Netns::new("a");
     let overlay_a = dir.join("a.overlay");
     let a = start_backends(dir, "a", &image, &overlay_a, NetSide::Tap(&ns_a));
-    let serial_a = SharedBuffer::default();
-    let mut vm = Vm::new(VmConfig {
-        mem_size: MEM,
-        serial_out: Some(Box::new(serial_a.clone())),
-        ..Default::default()
-    })
-    .expect("VM creation");
-    let ports = TestPorts::new();
-    ports.attach(&vm.pio_bus()).expect("ports free");
+    let common::Guest {
+        mut vm,
+        ports,
+        serial: serial_a,
+    } = common::new_guest(MEM);
     let log = Arc::new(DirtyLog::new(MEM).expect("memfd"));
     for (kind, sock, cfg) in [
         (

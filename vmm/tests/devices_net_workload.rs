@@ -30,10 +30,9 @@ use vmr_proto::LifecycleKind;
 use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
-use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::serial::SharedBuffer;
 use vmr_vmm::snapshot::MemoryKind;
-use vmr_vmm::vm::{BootSource, Vm, VmConfig};
+use vmr_vmm::vm::BootSource;
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
 const CMD_NET_DISK: u32 = 0x10;
@@ -247,15 +246,11 @@ fn clone_continues_like_the_original_and_crashes_the_same() {
     // The original.
     let blk_a = serve_blk(&image, &dir.join("a.overlay"), &dir.join("a-blk.sock"));
     let nic_a = serve_nic(&dir.join("a-net.sock"));
-    let serial_a = SharedBuffer::default();
-    let mut vm = Vm::new(VmConfig {
-        mem_size: MEM,
-        serial_out: Some(Box::new(serial_a.clone())),
-        ..Default::default()
-    })
-    .expect("VM creation");
-    let ports = TestPorts::new();
-    ports.attach(&vm.pio_bus()).expect("ports free");
+    let common::Guest {
+        mut vm,
+        ports,
+        serial: serial_a,
+    } = common::new_guest(MEM);
     let log = Arc::new(DirtyLog::new(MEM).expect("memfd"));
     for (kind, sock) in [
         (DeviceKind::Block, "a-blk.sock"),

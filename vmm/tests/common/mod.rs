@@ -37,12 +37,12 @@ pub struct Guest {
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// Boots the test guest and waits until it polls for commands.
-pub fn boot(mem_size: u64) -> Guest {
+/// A new VM with the test ports attached and its console captured; nothing
+/// is loaded yet.
+pub fn new_guest(mem_size: u64) -> Guest {
     require_kvm();
-    let elf = guest_elf();
     let serial = SharedBuffer::default();
-    let mut vm = Vm::new(VmConfig {
+    let vm = Vm::new(VmConfig {
         mem_size,
         serial_out: Some(Box::new(serial.clone())),
         ..Default::default()
@@ -50,7 +50,17 @@ pub fn boot(mem_size: u64) -> Guest {
     .expect("VM creation");
     let ports = TestPorts::new();
     ports.attach(&vm.pio_bus()).expect("ports free");
-    vm.load(&BootSource::Elf(elf)).expect("guest loads");
+    Guest { vm, ports, serial }
+}
+
+/// Boots the test guest and waits until it polls for commands.
+pub fn boot(mem_size: u64) -> Guest {
+    let Guest {
+        mut vm,
+        ports,
+        serial,
+    } = new_guest(mem_size);
+    vm.load(&BootSource::Elf(guest_elf())).expect("guest loads");
     vm.start().expect("vCPUs start");
     assert!(
         ports.wait(WAIT, |s| s.boot_at.is_some()),
