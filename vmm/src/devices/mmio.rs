@@ -511,34 +511,26 @@ impl VirtioMmioDevice {
                     q.ready = v == 1;
                 }
             }
-            regs::QUEUE_DESC_LOW if queue_writable => {
+            regs::QUEUE_DESC_LOW
+            | regs::QUEUE_DESC_HIGH
+            | regs::QUEUE_DRIVER_LOW
+            | regs::QUEUE_DRIVER_HIGH
+            | regs::QUEUE_DEVICE_LOW
+            | regs::QUEUE_DEVICE_HIGH
+                if queue_writable =>
+            {
                 if let Some(q) = self.selected_queue() {
-                    set_low(&mut q.desc);
-                }
-            }
-            regs::QUEUE_DESC_HIGH if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    set_high(&mut q.desc);
-                }
-            }
-            regs::QUEUE_DRIVER_LOW if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    set_low(&mut q.avail);
-                }
-            }
-            regs::QUEUE_DRIVER_HIGH if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    set_high(&mut q.avail);
-                }
-            }
-            regs::QUEUE_DEVICE_LOW if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    set_low(&mut q.used);
-                }
-            }
-            regs::QUEUE_DEVICE_HIGH if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    set_high(&mut q.used);
+                    // Each high half sits 4 bytes above its low half.
+                    let addr = match offset {
+                        regs::QUEUE_DESC_LOW | regs::QUEUE_DESC_HIGH => &mut q.desc,
+                        regs::QUEUE_DRIVER_LOW | regs::QUEUE_DRIVER_HIGH => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    if offset & 4 == 0 {
+                        set_low(addr);
+                    } else {
+                        set_high(addr);
+                    }
                 }
             }
             regs::QUEUE_NOTIFY => self.notify(v),
