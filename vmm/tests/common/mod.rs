@@ -66,6 +66,13 @@ pub fn boot(mem_size: u64) -> Guest {
         ports.wait(WAIT, |s| s.boot_at.is_some()),
         "guest never wrote its boot marker"
     );
+    // The boot marker comes before the guest's start-up code has finished
+    // writing memory (its banner, its stack); only once it reads the command
+    // port does it sit in the loop that touches registers alone.
+    assert!(
+        ports.wait(WAIT, |s| s.first_read_at.is_some()),
+        "guest never polled its command port"
+    );
     Guest { vm, ports, serial }
 }
 
