@@ -1,0 +1,178 @@
+//! vmreplay's driver layer: one way to run, snapshot and restore an instance,
+//! under QEMU or the built-in microVM.
+//!
+//! The capture agent runs originals through it and the replayer runs clones;
+//! both pick the driver per instance by name ([`driver`]). An instance and its
+//! clones always use the same driver, since a snapshot is in that driver's
+//! format.
+//!
+//! - [`InstanceSpec`] describes one instance in driver-neutral terms (vCPUs,
+//!   memory, boot source, vhost-user disks and NICs, console, debugger).
+//! - [`Driver::launch`] starts it; [`Driver::restore`] starts a new instance
+//!   from a snapshot directory, with the devices (new vhost-user sockets) of
+//!   the spec it is given, and leaves it paused.
+//! - [`Instance`] pauses, resumes, stops, waits, reports its state, fans out
+//!   lifecycle events and console output to any number of subscribers, takes
+//!   snapshots as a set of named [`artifacts`], and exposes a debugger.
+//! - [`image::MachineImage`] loads a machine image directory (`image.toml`).
+
+pub mod artifacts;
+mod error;
+pub mod events;
+pub mod image;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use artifacts::{MemoryKind, SnapshotArtifacts};
+pub use error::{DriverError, ErrorKind};
+pub use events::{Bus, DriverEvent, Subscription};
+pub use spec::{
+    Accel, BootSpec, ConsoleSpec, DebugListen, DiskSpec, InstanceSpec, MacAddr, NicSpec,
+    QemuSpec,
+};
+
+/// Run state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Started, guest code not yet running (or restored and not resumed).
+    Created,
+    /// Running guest code.
+    Running,
+    /// Paused by the driver or an operator.
+    Paused,
+    /// The guest crashed (kernel panic, triple fault) and is held for
+    /// inspection.
+    Crashed,
+    /// The hypervisor has exited.
+    Exited,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Crashed => "crashed",
+            RunState::Exited => "exited",
+        })
+    }
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Process exit code, where there is a process and it exited normally.
+    pub code: Option<i32>,
+    /// The signal that ended the process.
+    pub signal: Option<i32>,
+    /// What the driver knows about why (guest shutdown, crash, killed).
+    pub detail: String,
+}
+
+/// What an instance reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Instance id.
+    pub id: String,
+    /// Driver name.
+    pub driver: &'static str,
+    /// Run state.
+    pub state: RunState,
+    /// Acceleration in use (`kvm`, `tcg`) and why it was chosen.
+    pub accel: Option<(String, String)>,
+    /// The hypervisor's process id, where it runs in its own process.
+    pub pid: Option<u32>,
+    /// The console file.
+    pub console_file: PathBuf,
+    /// The debugger endpoint, if enabled.
+    pub debugger: Option<DebugListen>,
+    /// How it ended, once it has.
+    pub exit: Option<ExitInfo>,
+}
+
+/// What a snapshot should contain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Full memory or the pages dirtied since the last snapshot (microVM).
+    pub memory: MemoryKind,
+}
+
+/// A bounded wait for a running instance to exit, used by [`Instance::stop`].
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A hypervisor: creates instances.
+pub trait Driver: Send + Sync {
+    /// The driver's name (`qemu`, `microvm`).
+    fn name(&self) -> &'static str;
+
+    /// Starts `spec` and returns once guest code runs.
+    fn launch(&self, spec: &InstanceSpec) -> Result<Box<dyn Instance>, DriverError>;
+
+    /// Starts a new instance from the snapshot in `snapshot_dir` (written by
+    /// [`Instance::snapshot`] of this driver), attached to the devices of
+    /// `spec` (which must match the snapshot's devices by name, on new
+    /// sockets). The instance is left paused with its state checked; call
+    /// [`Instance::resume`] to run it.
+    fn restore(
+        &self,
+        spec: &InstanceSpec,
+        snapshot_dir: &Path,
+    ) -> Result<Box<dyn Instance>, DriverError>;
+}
+
+/// One running (or paused, crashed or exited) instance.
+///
+/// Dropping an instance stops it (killing the hypervisor if it does not
+/// exit within its grace period); nothing is left running.
+pub trait Instance: Send + Sync {
+    /// Instance id.
+    fn id(&self) -> &str;
+
+    /// Pauses guest execution. Under both drivers this also stops the
+    /// vhost-user queues (GET_VRING_BASE), so the backends have completed
+    /// every request the guest made before the pause when this returns.
+    fn pause(&self) -> Result<(), DriverError>;
+
+    /// Resumes guest execution.
+    fn resume(&self) -> Result<(), DriverError>;
+
+    /// Asks the guest to power off, waits up to `grace`, then kills the
+    /// hypervisor. Returns how it ended.
+    fn stop(&self, grace: Duration) -> Result<ExitInfo, DriverError>;
+
+    /// Waits up to `timeout` for the instance to exit on its own.
+    /// [`DriverError::Timeout`] if it is still running.
+    fn wait(&self, timeout: Duration) -> Result<ExitInfo, DriverError>;
+
+    /// The instance's state.
+    fn query(&self) -> Result<InstanceInfo, DriverError>;
+
+    /// Lifecycle events: every event so far, then each new one.
+    fn subscribe(&self) -> Subscription<DriverEvent>;
+
+    /// Console output from now on, in chunks as the guest printed them.
+    fn console(&self) -> Subscription<Vec<u8>>;
+
+    /// Writes a snapshot into `dir` (which must exist and be empty). A
+    /// running instance is paused for the cut and resumed after it, and the
+    /// pause time is reported; a paused instance stays paused.
+    fn snapshot(
+        &self,
+        dir: &Path,
+        opts: SnapshotOptions,
+    ) -> Result<SnapshotArtifacts, DriverError>;
+
+    /// Where a gdb remote-protocol debugger can attach, if the spec asked
+    /// for one.
+    fn debugger(&self) -> Option<DebugListen>;
+}
+
+/// The driver called `name`.
+pub fn driver(name: &str) -> Result<Box<dyn Driver>, DriverError> {
+    match name {
+        _ => Err(DriverError::UnknownDriver(name.to_string())),
+    }
+}
