@@ -236,6 +236,8 @@ pub struct Event {
     pub seq: u64,
     pub wall_time_ns: u64,
     pub mono_time_ns: u64,
+    /// Incarnation of the recording process (0: unknown).
+    pub epoch: u64,
     pub payload: Payload,
 }
 
@@ -394,6 +396,7 @@ impl From<Event> for pb::Event {
             seq: e.seq,
             wall_time_ns: e.wall_time_ns,
             mono_time_ns: e.mono_time_ns,
+            epoch: e.epoch,
             payload: Some(payload),
         }
     }
@@ -421,6 +424,7 @@ impl TryFrom<pb::Event> for Event {
             seq: e.seq,
             wall_time_ns: e.wall_time_ns,
             mono_time_ns: e.mono_time_ns,
+            epoch: e.epoch,
             payload,
         })
     }
@@ -581,6 +585,7 @@ mod tests {
             seq: 42,
             wall_time_ns: 1_700_000_000_000_000_000,
             mono_time_ns: 99,
+            epoch: 3,
             payload: Payload::Block(BlockIo {
                 device: "vda".into(),
                 queue: 1,

@@ -133,6 +133,7 @@ async fn confluent_python_client_registers_and_decodes_our_events() {
             seq: seq as u64 + 1,
             wall_time_ns: 1_700_000_000_000_000_000 + seq as u64,
             mono_time_ns: 5_000 + seq as u64,
+            epoch: 0,
             payload: Some(pb::event::Payload::Net(pb::NetFrame {
                 device: "eth0".into(),
                 queue: 0,
