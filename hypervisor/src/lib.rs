@@ -20,6 +20,7 @@ pub mod artifacts;
 mod error;
 pub mod events;
 pub mod image;
+pub mod microvm;
 pub mod spec;
 
 use std::path::{Path, PathBuf};
@@ -168,11 +169,16 @@ pub trait Instance: Send + Sync {
     /// Where a gdb remote-protocol debugger can attach, if the spec asked
     /// for one.
     fn debugger(&self) -> Option<DebugListen>;
+
+    /// The concrete instance, for driver-specific extras (for example the
+    /// microVM's test-guest ports).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// The driver called `name`.
 pub fn driver(name: &str) -> Result<Box<dyn Driver>, DriverError> {
     match name {
+        microvm::NAME => Ok(Box::new(microvm::MicrovmDriver)),
         _ => Err(DriverError::UnknownDriver(name.to_string())),
     }
 }

@@ -1,0 +1,688 @@
+//! The microVM driver: instances of the built-in KVM microVM (`vmr-vmm`),
+//! with their vhost-user disks and NICs attached at launch.
+//!
+//! Each instance runs in the calling process (the microVM is a library).
+//! Besides the devices of its spec it gets the test guest's port device
+//! ([`TestPorts`]); guests that do not use those ports never notice it, and
+//! the freestanding test guest takes its commands from it ([`MicrovmInstance::ports`]).
+//!
+//! Snapshots are the microVM's own format (`docs/snapshot-format.md`), full
+//! or incremental, plus `devices.json`, which maps the microVM's device ids
+//! to the spec's device names so a restore can attach each saved device to
+//! the new socket of the same name.
+
+use std::any::Any;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use vmr_proto::domain::LifecycleKind;
+use vmr_vmm::devices::mmio::DeviceKind;
+use vmr_vmm::devices::dirty_log::DirtyLog;
+use vmr_vmm::devices::{self, VirtioSpec};
+use vmr_vmm::guest_abi::TestPorts;
+use vmr_vmm::snapshot::RestoreMemory;
+use vmr_vmm::vcpu::VmEvent;
+use vmr_vmm::vm::{BootSource, RestoreOptions, RunState as VmRunState, Vm, VmConfig};
+
+use crate::artifacts::{
+    self, Artifact, ArtifactKind, HostInfo, MemoryKind, SnapshotArtifacts, ARTIFACTS_VERSION,
+};
+use crate::events::{Bus, DriverEvent, Subscription};
+use crate::spec::{BootSpec, DebugListen, InstanceSpec};
+use crate::{Driver, DriverError, ExitInfo, Instance, InstanceInfo, RunState, SnapshotOptions};
+
+/// Driver name.
+pub const NAME: &str = "microvm";
+/// Version of the files this driver adds to the microVM's snapshot
+/// (`devices.json`).
+pub const FORMAT: u32 = 1;
+const DEVICES_FILE: &str = "devices.json";
+
+/// The microVM driver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MicrovmDriver;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedDevice {
+    /// The microVM's id (`virtio-blk0`).
+    id: String,
+    /// The spec's name (`vda`).
+    name: String,
+    /// `block` or `net`.
+    kind: String,
+}
+
+/// Console writer: appends to the console file and fans out to subscribers.
+struct ConsoleSink {
+    file: std::fs::File,
+    bus: Bus<Vec<u8>>,
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A console file that cannot be written must not stop the guest;
+        // subscribers still get the output.
+        if let Err(error) = self.file.write_all(buf) {
+            warn!(%error, "console file write failed");
+        }
+        self.bus.publish(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+struct Shared {
+    events: Bus<DriverEvent>,
+    console: Bus<Vec<u8>>,
+    exit: Mutex<Option<ExitInfo>>,
+    exited: Condvar,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn finish(&self, info: ExitInfo) {
+        let mut g = self.exit.lock();
+        if g.is_none() {
+            *g = Some(info);
+        }
+        self.exited.notify_all();
+    }
+}
+
+/// A microVM instance.
+pub struct MicrovmInstance {
+    id: String,
+    vm: Mutex<Option<Arc<Vm>>>,
+    ports: TestPorts,
+    shared: Arc<Shared>,
+    devices: Vec<SavedDevice>,
+    console_file: PathBuf,
+    debug: Option<(DebugListen, std::net::SocketAddr)>,
+    last_snapshot: Mutex<Option<PathBuf>>,
+    event_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for MicrovmInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicrovmInstance")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_spec(spec: &InstanceSpec) -> Result<(), DriverError> {
+    spec.validate()?;
+    if matches!(spec.boot, BootSpec::Disk) {
+        return Err(DriverError::Unsupported {
+            driver: NAME.into(),
+            what: "firmware boot from a disk (give a kernel)".into(),
+        });
+    }
+    if spec.memory_mib > 3 * 1024 {
+        return Err(DriverError::spec(
+            "memory_mib",
+            "the microVM supports at most 3072 MiB",
+        ));
+    }
+    if let Some(DebugListen::Unix(_)) = spec.debug {
+        return Err(DriverError::Unsupported {
+            driver: NAME.into(),
+            what: "a debugger on a unix socket (use 127.0.0.1)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn open_console(spec: &InstanceSpec, bus: &Bus<Vec<u8>>) -> Result<ConsoleSink, DriverError> {
+    let path = spec.console_file();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(DriverError::io(path.display().to_string()))?;
+    Ok(ConsoleSink {
+        file,
+        bus: bus.clone(),
+    })
+}
+
+fn new_shared() -> Arc<Shared> {
+    Arc::new(Shared {
+        events: Bus::with_history(),
+        console: Bus::live(),
+        exit: Mutex::new(None),
+        exited: Condvar::new(),
+        stopping: AtomicBool::new(false),
+    })
+}
+
+/// Republishes the VM's events on the instance's bus, stamped with their
+/// time, and records how the guest ended.
+fn spawn_event_thread(
+    vm: &Vm,
+    shared: Arc<Shared>,
+) -> Result<std::thread::JoinHandle<()>, DriverError> {
+    let rx = vm.events();
+    std::thread::Builder::new()
+        .name("microvm-events".into())
+        .spawn(move || loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(VmEvent::Lifecycle(l)) => {
+                    let mut e = DriverEvent::now(l.kind, l.detail.clone());
+                    e.lifecycle = l;
+                    let terminal = e.is_terminal();
+                    let detail = format!("{:?}: {}", e.kind(), e.lifecycle.detail);
+                    shared.events.publish(e);
+                    if terminal {
+                        shared.finish(ExitInfo {
+                            code: None,
+                            signal: None,
+                            detail,
+                        });
+                    }
+                }
+                Ok(VmEvent::Debug(d)) => {
+                    let mut e = DriverEvent::now(
+                        LifecycleKind::Pause,
+                        format!("debugger stop on vCPU {} at {:#x}", d.vcpu, d.pc),
+                    );
+                    e.lifecycle.regs.clear();
+                    shared.events.publish(e);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if shared.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        })
+        .map_err(DriverError::io("microVM event thread"))
+}
+
+/// Binds the debugger listener and serves one debugger at a time until the
+/// instance stops.
+fn spawn_debugger(
+    vm: &Arc<Vm>,
+    listen: &DebugListen,
+    shared: &Arc<Shared>,
+) -> Result<std::net::SocketAddr, DriverError> {
+    let DebugListen::Tcp(addr) = listen else {
+        return Err(DriverError::spec("debug", "the microVM debugger listens on TCP"));
+    };
+    let listener = TcpListener::bind(addr).map_err(DriverError::io(format!("debugger {addr}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(DriverError::io(format!("debugger {addr}")))?;
+    let vm = Arc::downgrade(vm);
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("microvm-gdb".into())
+        .spawn(move || loop {
+            if shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(vm) = vm.upgrade() else { return };
+            let target = match vmr_vmm::gdb::VmDebugTarget::new(vm) {
+                Ok(t) => t,
+                Err(error) => {
+                    warn!(%error, "debugger target unavailable");
+                    return;
+                }
+            };
+            match vmr_vmm::gdb::serve(&listener, target) {
+                Ok(reason) => info!(?reason, "debugger detached"),
+                Err(error) => warn!(%error, "debugger session failed"),
+            }
+        })
+        .map_err(DriverError::io("microVM debugger thread"))?;
+    info!(%bound, "microVM debugger listening");
+    Ok(bound)
+}
+
+impl MicrovmDriver {
+    fn build_instance(
+        spec: &InstanceSpec,
+        vm: Vm,
+        ports: TestPorts,
+        shared: Arc<Shared>,
+        devices: Vec<SavedDevice>,
+        last_snapshot: Option<PathBuf>,
+    ) -> Result<MicrovmInstance, DriverError> {
+        let event_thread = spawn_event_thread(&vm, shared.clone())?;
+        let vm = Arc::new(vm);
+        let debug = match &spec.debug {
+            Some(l) => Some((l.clone(), spawn_debugger(&vm, l, &shared)?)),
+            None => None,
+        };
+        Ok(MicrovmInstance {
+            id: spec.id.clone(),
+            vm: Mutex::new(Some(vm)),
+            ports,
+            shared,
+            devices,
+            console_file: spec.console_file(),
+            debug,
+            last_snapshot: Mutex::new(last_snapshot),
+            event_thread: Mutex::new(Some(event_thread)),
+        })
+    }
+}
+
+impl Driver for MicrovmDriver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn launch(&self, spec: &InstanceSpec) -> Result<Box<dyn Instance>, DriverError> {
+        check_spec(spec)?;
+        let BootSpec::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &spec.boot
+        else {
+            return Err(DriverError::spec("boot", "the microVM boots a kernel"));
+        };
+        let shared = new_shared();
+        let mem_size = u64::from(spec.memory_mib) << 20;
+        let mut vm = Vm::new(VmConfig {
+            mem_size,
+            vcpus: spec.vcpus,
+            serial_out: Some(Box::new(open_console(spec, &shared.console)?)),
+            dirty_log: true,
+            irqchip: true,
+        })?;
+        let ports = TestPorts::new();
+        ports
+            .attach(&vm.pio_bus())
+            .map_err(|e| DriverError::spec("devices", format!("test ports: {e}")))?;
+        let log = Arc::new(
+            DirtyLog::new(mem_size)
+                .map_err(|e| DriverError::spec("memory_mib", format!("dirty log: {e}")))?,
+        );
+        let mut saved = Vec::new();
+        let attach = |kind: DeviceKind, socket: &Path, mac: [u8; 6]| {
+            devices::attach(
+                &vm,
+                VirtioSpec {
+                    kind,
+                    socket: socket.to_path_buf(),
+                    local_config: kind.local_config(0, mac),
+                },
+                Some(log.clone()),
+            )
+        };
+        for (i, d) in spec.disks.iter().enumerate() {
+            let dev = attach(DeviceKind::Block, &d.socket, [0; 6]).map_err(|e| {
+                DriverError::spec(format!("disks[{i}]"), format!("{}: {e}", d.socket.display()))
+            })?;
+            saved.push(SavedDevice {
+                id: vmr_vmm::vm::SnapshotDevice::id(dev.as_ref()),
+                name: d.name.clone(),
+                kind: "block".into(),
+            });
+        }
+        for (i, n) in spec.nics.iter().enumerate() {
+            let dev = attach(DeviceKind::Net, &n.socket, n.mac.0).map_err(|e| {
+                DriverError::spec(format!("nics[{i}]"), format!("{}: {e}", n.socket.display()))
+            })?;
+            saved.push(SavedDevice {
+                id: vmr_vmm::vm::SnapshotDevice::id(dev.as_ref()),
+                name: n.name.clone(),
+                kind: "net".into(),
+            });
+        }
+        vm.load(&BootSource::Auto {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            cmdline: cmdline.clone(),
+        })?;
+        vm.start()?;
+        info!(instance = %spec.id, memory_mib = spec.memory_mib, devices = saved.len(), "microVM launched");
+        let inst = Self::build_instance(spec, vm, ports, shared, saved, None)?;
+        Ok(Box::new(inst))
+    }
+
+    fn restore(
+        &self,
+        spec: &InstanceSpec,
+        snapshot_dir: &Path,
+    ) -> Result<Box<dyn Instance>, DriverError> {
+        check_spec(spec)?;
+        let arts = SnapshotArtifacts::load(snapshot_dir, NAME)?;
+        let dev_art = arts.get("devices")?;
+        let devices: Vec<SavedDevice> = serde_json::from_slice(
+            &std::fs::read(snapshot_dir.join(&dev_art.file)).map_err(|e| {
+                DriverError::Artifact {
+                    artifact: "devices".into(),
+                    reason: e.to_string(),
+                }
+            })?,
+        )
+        .map_err(|e| DriverError::Artifact {
+            artifact: "devices".into(),
+            reason: format!("malformed: {e}"),
+        })?;
+        let socket_of = |name: &str| -> Option<PathBuf> {
+            spec.disks
+                .iter()
+                .find(|d| d.name == name)
+                .map(|d| d.socket.clone())
+                .or_else(|| spec.nics.iter().find(|n| n.name == name).map(|n| n.socket.clone()))
+        };
+        for d in &devices {
+            if socket_of(&d.name).is_none() {
+                return Err(DriverError::spec(
+                    "devices",
+                    format!(
+                        "the snapshot has a {} device {:?}; the spec must attach one of that name",
+                        d.kind, d.name
+                    ),
+                ));
+            }
+        }
+        let shared = new_shared();
+        let (vm, states) = Vm::restore(
+            snapshot_dir,
+            RestoreOptions {
+                memory: if devices.is_empty() {
+                    RestoreMemory::PrivateLazy
+                } else {
+                    RestoreMemory::SharedCopy
+                },
+                serial_out: Some(Box::new(open_console(spec, &shared.console)?)),
+                dirty_log: true,
+            },
+        )
+        .map_err(|e| DriverError::Artifact {
+            artifact: "memory/state".into(),
+            reason: format!("{e}"),
+        })?;
+        let ports = TestPorts::new();
+        ports
+            .attach(&vm.pio_bus())
+            .map_err(|e| DriverError::spec("devices", format!("test ports: {e}")))?;
+        let log = Arc::new(
+            DirtyLog::new(vm.memory().size())
+                .map_err(|e| DriverError::spec("memory_mib", format!("dirty log: {e}")))?,
+        );
+        let by_id = |id: &str| devices.iter().find(|d| d.id == id).map(|d| d.name.clone());
+        let restored = devices::restore(
+            &vm,
+            &states,
+            |id, _| {
+                by_id(id)
+                    .and_then(|n| socket_of(&n))
+                    .unwrap_or_else(|| PathBuf::from("/nonexistent"))
+            },
+            Some(log),
+        )
+        .map_err(|e| DriverError::spec("devices", e.to_string()))?;
+        info!(instance = %spec.id, snapshot = %snapshot_dir.display(), devices = restored.len(), "microVM restored (paused)");
+        let inst = Self::build_instance(
+            spec,
+            vm,
+            ports,
+            shared,
+            devices,
+            Some(snapshot_dir.to_path_buf()),
+        )?;
+        Ok(Box::new(inst))
+    }
+}
+
+impl MicrovmInstance {
+    fn vm(&self) -> Result<Arc<Vm>, DriverError> {
+        self.vm
+            .lock()
+            .clone()
+            .ok_or_else(|| DriverError::Gone(self.exit_detail()))
+    }
+
+    fn exit_detail(&self) -> String {
+        self.shared
+            .exit
+            .lock()
+            .as_ref()
+            .map(|e| e.detail.clone())
+            .unwrap_or_else(|| "stopped".into())
+    }
+
+    /// The test guest's port device (command queue, values, done words).
+    pub fn ports(&self) -> &TestPorts {
+        &self.ports
+    }
+
+    /// The microVM, while the instance has not been stopped.
+    pub fn vmm(&self) -> Option<Arc<Vm>> {
+        self.vm.lock().clone()
+    }
+
+    fn run_state(&self) -> RunState {
+        if self.shared.exit.lock().is_some() {
+            return match self.vm.lock().as_ref() {
+                Some(_) => RunState::Crashed,
+                None => RunState::Exited,
+            };
+        }
+        match self.vm.lock().as_ref().map(|v| v.state()) {
+            None => RunState::Exited,
+            Some(VmRunState::Created) => RunState::Created,
+            Some(VmRunState::Running) => RunState::Running,
+            Some(VmRunState::Paused) => RunState::Paused,
+        }
+    }
+
+    fn write_devices(&self, dir: &Path) -> Result<Artifact, DriverError> {
+        let body = serde_json::to_vec_pretty(&self.devices).map_err(|e| DriverError::Artifact {
+            artifact: "devices".into(),
+            reason: e.to_string(),
+        })?;
+        artifacts::write_durable(&dir.join(DEVICES_FILE), &body)?;
+        Ok(Artifact {
+            name: "devices".into(),
+            kind: ArtifactKind::State,
+            file: DEVICES_FILE.into(),
+            size: body.len() as u64,
+        })
+    }
+}
+
+/// The files the microVM wrote into a snapshot directory, as artifacts.
+fn list_vmm_files(dir: &Path) -> Result<Vec<Artifact>, DriverError> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(DriverError::io(dir.display().to_string()))?;
+    for entry in rd {
+        let entry = entry.map_err(DriverError::io(dir.display().to_string()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == artifacts::ARTIFACTS_FILE || name == DEVICES_FILE || name.ends_with(".tmp") {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .map_err(DriverError::io(entry.path().display().to_string()))?;
+        if !meta.is_file() {
+            continue;
+        }
+        let kind = if name.starts_with("mem") {
+            ArtifactKind::Memory
+        } else {
+            ArtifactKind::State
+        };
+        let stem = name.split('.').next().unwrap_or(&name).to_string();
+        out.push(Artifact {
+            name: stem,
+            kind,
+            file: name,
+            size: meta.len(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// `target` relative to `from` when both sit in the same parent directory
+/// (`../<name>`), else `target` as given.
+fn relative_to(from: &Path, target: &Path) -> String {
+    match (from.parent(), target.parent(), target.file_name()) {
+        (Some(a), Some(b), Some(n)) if a == b => format!("../{}", n.to_string_lossy()),
+        _ => target.display().to_string(),
+    }
+}
+
+impl Instance for MicrovmInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pause(&self) -> Result<(), DriverError> {
+        Ok(self.vm()?.pause()?)
+    }
+
+    fn resume(&self) -> Result<(), DriverError> {
+        Ok(self.vm()?.resume()?)
+    }
+
+    fn stop(&self, _grace: Duration) -> Result<ExitInfo, DriverError> {
+        // The microVM has no guest power button: stopping ends the vCPU
+        // threads (joined when the VM is dropped) and disconnects the
+        // devices.
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let vm = self.vm.lock().take();
+        if let Some(vm) = vm {
+            if vm.state() == VmRunState::Running {
+                let _ = vm.pause();
+            }
+            drop(vm);
+        }
+        if self.shared.exit.lock().is_none() {
+            self.shared
+                .events
+                .publish(DriverEvent::now(LifecycleKind::Shutdown, "stopped by the driver"));
+            self.shared.finish(ExitInfo {
+                code: None,
+                signal: None,
+                detail: "stopped by the driver".into(),
+            });
+        }
+        if let Some(t) = self.event_thread.lock().take() {
+            let _ = t.join();
+        }
+        Ok(self.shared.exit.lock().clone().unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+            detail: "stopped".into(),
+        }))
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<ExitInfo, DriverError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.exit.lock();
+        while g.is_none() {
+            if self.shared.exited.wait_until(&mut g, deadline).timed_out() {
+                break;
+            }
+        }
+        g.clone().ok_or_else(|| DriverError::Timeout {
+            what: format!("instance {} to exit", self.id),
+            after: timeout,
+        })
+    }
+
+    fn query(&self) -> Result<InstanceInfo, DriverError> {
+        Ok(InstanceInfo {
+            id: self.id.clone(),
+            driver: NAME,
+            state: self.run_state(),
+            accel: Some(("kvm".into(), "the microVM always runs on KVM".into())),
+            pid: Some(std::process::id()),
+            console_file: self.console_file.clone(),
+            debugger: self.debugger(),
+            exit: self.shared.exit.lock().clone(),
+        })
+    }
+
+    fn subscribe(&self) -> Subscription<DriverEvent> {
+        self.shared.events.subscribe()
+    }
+
+    fn console(&self) -> Subscription<Vec<u8>> {
+        self.shared.console.subscribe()
+    }
+
+    fn snapshot(&self, dir: &Path, opts: SnapshotOptions) -> Result<SnapshotArtifacts, DriverError> {
+        let vm = self.vm()?;
+        let parent = match opts.memory {
+            MemoryKind::Full => None,
+            MemoryKind::Incremental => Some(self.last_snapshot.lock().clone().ok_or_else(|| {
+                DriverError::State {
+                    operation: "an incremental snapshot".into(),
+                    state: "without a previous snapshot".into(),
+                    needs: "a full snapshot first".into(),
+                }
+            })?),
+        };
+        let was_running = vm.state() == VmRunState::Running;
+        let started = Instant::now();
+        if was_running {
+            vm.pause()?;
+        }
+        let (taken_at_ns, _) = crate::events::now_ns();
+        let kind = match opts.memory {
+            MemoryKind::Full => vmr_vmm::snapshot::MemoryKind::Full,
+            MemoryKind::Incremental => vmr_vmm::snapshot::MemoryKind::Incremental,
+        };
+        let result = vm.snapshot(dir, kind);
+        let pause = if was_running {
+            let resumed = vm.resume();
+            let p = started.elapsed();
+            resumed?;
+            Some(p)
+        } else {
+            None
+        };
+        result?;
+        let mut files = list_vmm_files(dir)?;
+        files.push(self.write_devices(dir)?);
+        let arts = SnapshotArtifacts {
+            version: ARTIFACTS_VERSION,
+            driver: NAME.into(),
+            driver_format: FORMAT,
+            instance: self.id.clone(),
+            memory: opts.memory,
+            parent: parent.as_deref().map(|p| relative_to(dir, p)),
+            artifacts: files,
+            pause,
+            taken_at_ns,
+            host: HostInfo::current(),
+        };
+        arts.store(dir)?;
+        *self.last_snapshot.lock() = Some(dir.to_path_buf());
+        info!(instance = %self.id, dir = %dir.display(), bytes = arts.total_bytes(), pause_us = pause.map(|p| p.as_micros() as u64), "microVM snapshot");
+        Ok(arts)
+    }
+
+    fn debugger(&self) -> Option<DebugListen> {
+        self.debug.as_ref().map(|(_, a)| DebugListen::Tcp(*a))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for MicrovmInstance {
+    fn drop(&mut self) {
+        let _ = Instance::stop(self, Duration::ZERO);
+    }
+}
