@@ -749,8 +749,8 @@ fn serve_stream<V: DebugVcpu>(stream: TcpStream, vcpu: V) -> Result<DisconnectRe
 
 /// [`DebugVcpu`] over vCPU 0 of a [`crate::vm::Vm`]: registers through the
 /// vCPU thread, memory through the VM's guest memory, runs by resuming the
-/// vCPU and waiting for its debug stop or the VM's end on the event queue
-/// (the stub consumes the VM's events while the debugger is attached).
+/// vCPU and waiting for its debug stop or the VM's end on its own
+/// subscription to the VM's events (other subscribers still see them all).
 pub struct VmDebugTarget {
     vm: Arc<crate::vm::Vm>,
     events: crossbeam_channel::Receiver<crate::vcpu::VmEvent>,
@@ -772,7 +772,7 @@ impl VmDebugTarget {
                 "the VM has no running vCPU threads; start it paused first".into(),
             ));
         }
-        let events = vm.events();
+        let events = vm.subscribe();
         Ok(Self {
             vm,
             events,

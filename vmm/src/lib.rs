@@ -5,8 +5,11 @@
 //! - [`memory`]: guest memory on a shared memfd (so vhost-user backends can map
 //!   it), the dirty-page log and the page bitmaps incremental snapshots use.
 //! - [`vm`]: the VM (KVM VM fd, in-kernel irqchip and PIT, the MMIO and PIO
-//!   buses, irqfd/ioeventfd helpers), its vCPU threads, pause/resume and
-//!   lifecycle events.
+//!   buses, irqfd/ioeventfd helpers), its vCPU threads, pause/resume,
+//!   snapshot/restore and lifecycle events (one queue per subscriber).
+//! - [`supervise`]: the loop that runs a VM until it stops, reporting its
+//!   events and taking numbered snapshots on request (the `vmm` binary and
+//!   the driver layer use it).
 //! - [`vcpu`]: one vCPU: CPUID, MSRs, 64-bit boot state, the run loop with
 //!   PIO/MMIO dispatch, state save/restore, guest debug for the gdb stub.
 //! - [`boot`]: long-mode page tables and GDT, and the ELF, flat and bzImage
@@ -28,5 +31,6 @@ pub mod memory;
 pub mod probe;
 pub mod serial;
 pub mod snapshot;
+pub mod supervise;
 pub mod vcpu;
 pub mod vm;

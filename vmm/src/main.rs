@@ -1,14 +1,15 @@
 //! `vmm`: run, restore and probe the built-in microVM.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vmr_proto::LifecycleKind;
 use vmr_vmm::serial::SerialOut;
-use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
+use vmr_vmm::snapshot::RestoreMemory;
+use vmr_vmm::supervise::{supervise, Outcome, Report, SnapshotOnRequest, SnapshotSeries};
 use vmr_vmm::vcpu::VmEvent;
 use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
 
@@ -76,6 +77,8 @@ enum Command {
     },
 }
 
+/// Set by the SIGUSR1 handler (a handler can only reach a static); the
+/// supervisor clears it when it takes the snapshot.
 static SNAPSHOT_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_usr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -137,7 +140,7 @@ fn main() -> Result<()> {
                 cmdline,
             })?;
             vm.start()?;
-            supervise(&vm, snapshot_on_signal.as_deref())
+            run_vm(&vm, snapshot_on_signal.as_deref())
         }
         Command::Restore {
             snapshot,
@@ -154,7 +157,7 @@ fn main() -> Result<()> {
                         RestoreMemory::PrivateLazy
                     },
                     serial_out: Some(serial_out(&out)?),
-                    dirty_log: true,
+                    ..Default::default()
                 },
             )?;
             if let Some(d) = devices.first() {
@@ -164,55 +167,53 @@ fn main() -> Result<()> {
                 );
             }
             vm.resume()?;
-            supervise(&vm, snapshot_on_signal.as_deref())
+            run_vm(&vm, snapshot_on_signal.as_deref())
         }
         Command::Probe { json, timeout_secs } => probe(json, timeout_secs),
     }
 }
 
-fn supervise(vm: &Vm, snapshot_dir: Option<&Path>) -> Result<()> {
-    let events = vm.events();
-    let mut taken = 0u32;
-    loop {
-        match events.recv_timeout(Duration::from_millis(50)) {
-            Ok(VmEvent::Lifecycle(l)) => match l.kind {
-                LifecycleKind::Shutdown => {
-                    eprintln!("vmm: shutdown: {}", l.detail);
-                    return Ok(());
-                }
-                LifecycleKind::TripleFault
-                | LifecycleKind::InternalError
-                | LifecycleKind::Crash => {
-                    let rip = l.regs.first().map(|r| r.rip).unwrap_or(0);
-                    bail!("guest stopped: {:?}: {} (rip {rip:#x})", l.kind, l.detail);
-                }
-                _ => {}
-            },
-            Ok(VmEvent::Debug(d)) => eprintln!("vmm: debug stop on vCPU {} at {:#x}", d.vcpu, d.pc),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => bail!("event channel closed"),
-        }
-        if let Some(dir) = snapshot_dir {
-            if SNAPSHOT_REQUESTED.swap(false, Ordering::SeqCst) {
-                let kind = if taken == 0 {
-                    MemoryKind::Full
-                } else {
-                    MemoryKind::Incremental
-                };
-                let target = dir.join(format!("{taken:04}"));
-                vm.pause()?;
-                let r = vm.snapshot(&target, kind);
-                vm.resume()?;
-                let info = r?;
-                taken += 1;
-                eprintln!(
-                    "vmm: {:?} snapshot {} ({} pages)",
-                    info.kind,
-                    info.dir.display(),
-                    info.pages
-                );
+/// Runs `vm` until the guest stops, taking a snapshot on each SIGUSR1
+/// when `snapshot_dir` is set.
+fn run_vm(vm: &Vm, snapshot_dir: Option<&Path>) -> Result<()> {
+    let mut series = snapshot_dir.map(SnapshotSeries::new);
+    let snapshots = series.as_mut().map(|series| SnapshotOnRequest {
+        series,
+        request: &SNAPSHOT_REQUESTED,
+    });
+    let mut failed = None;
+    let outcome = supervise(vm, Duration::from_millis(50), snapshots, |r| {
+        match r {
+            Report::Event(VmEvent::Debug(d)) => {
+                eprintln!("vmm: debug stop on vCPU {} at {:#x}", d.vcpu, d.pc)
             }
+            Report::Snapshot(info) => eprintln!(
+                "vmm: {:?} snapshot {} ({} pages)",
+                info.kind,
+                info.dir.display(),
+                info.pages
+            ),
+            Report::SnapshotFailed(e) => {
+                failed = Some(e);
+                return ControlFlow::Break(());
+            }
+            Report::Event(_) | Report::Idle => {}
         }
+        ControlFlow::Continue(())
+    });
+    match outcome {
+        Outcome::Shutdown(l) => {
+            eprintln!("vmm: shutdown: {}", l.detail);
+            Ok(())
+        }
+        Outcome::Fault(l) => {
+            let rip = l.regs.first().map(|r| r.rip).unwrap_or(0);
+            bail!("guest stopped: {:?}: {} (rip {rip:#x})", l.kind, l.detail);
+        }
+        Outcome::Detached => match failed {
+            Some(e) => Err(anyhow::Error::new(e).context("snapshot failed")),
+            None => bail!("supervision ended before the guest stopped"),
+        },
     }
 }
 

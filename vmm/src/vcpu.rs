@@ -31,6 +31,7 @@ use tracing::{debug, info, trace, warn};
 use vmr_proto::{Lifecycle, LifecycleKind, VcpuRegs};
 
 use crate::bus::Bus;
+use crate::vm::EventHub;
 
 /// Errors of one vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -550,8 +551,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Port-I/O bus.
     pub pio: Arc<Bus>,
-    /// Event sink.
-    pub events: Sender<VmEvent>,
+    /// Where events go (every subscriber of the VM gets each one).
+    pub events: Arc<EventHub>,
     /// Set by exit devices; the vCPU that sees it stops the VM.
     pub exit_request: Arc<ExitRequest>,
     threads: Mutex<Vec<libc::pthread_t>>,
@@ -564,11 +565,11 @@ impl std::fmt::Debug for VcpuContext {
 }
 
 impl VcpuContext {
-    /// A context over the buses, sending events to `events`.
+    /// A context over the buses, emitting events through `events`.
     pub fn new(
         mmio: Arc<Bus>,
         pio: Arc<Bus>,
-        events: Sender<VmEvent>,
+        events: Arc<EventHub>,
         exit_request: Arc<ExitRequest>,
     ) -> Self {
         VcpuContext {
@@ -892,7 +893,7 @@ fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext, rx: &Receiver<VcpuRequest>, star
                 }
                 stopped = true;
                 ctx.exit_request.request(kind, detail.clone());
-                let _ = ctx.events.send(VmEvent::Lifecycle(Lifecycle {
+                ctx.events.emit(VmEvent::Lifecycle(Lifecycle {
                     kind,
                     detail,
                     regs: vec![regs],
@@ -903,7 +904,7 @@ fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext, rx: &Receiver<VcpuRequest>, star
             }
             Next::Debug(ev) => {
                 paused = true;
-                let _ = ctx.events.send(VmEvent::Debug(ev));
+                ctx.events.emit(VmEvent::Debug(ev));
             }
         }
     }

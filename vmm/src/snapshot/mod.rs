@@ -9,8 +9,9 @@
 //! - `memory.bin` (full: raw image, sparse) or `memory.diff` (incremental:
 //!   only pages dirtied since the parent snapshot; see [`memfile`]).
 //!
-//! An incremental snapshot names its parent directory; restoring it applies
-//! the chain base → ... → it. The byte layouts are in
+//! An incremental snapshot names its parent directory by a path relative to
+//! its own (`../0001`), so a chain moved as a whole still restores;
+//! restoring it applies the chain base → ... → it. The byte layouts are in
 //! `docs/snapshot-format.md`.
 
 pub mod format;
@@ -102,6 +103,17 @@ pub enum SnapshotError {
     /// Guest memory cannot be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// An incremental snapshot's parent directory cannot be found.
+    #[error("snapshot {snapshot} names parent {parent}, which cannot be opened")]
+    MissingParent {
+        /// The child snapshot directory.
+        snapshot: String,
+        /// The parent as named in the child's metadata.
+        parent: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Whether a memory file holds everything or only changed pages.
@@ -122,8 +134,9 @@ pub struct MemoryRef {
     pub kind: MemoryKind,
     /// File name inside the snapshot directory.
     pub file: String,
-    /// Parent snapshot directory (incremental only), absolute or relative
-    /// to this snapshot's directory.
+    /// Parent snapshot directory (incremental only). The VMM writes it
+    /// relative to this snapshot's directory (`../0001`); an absolute path
+    /// (written by earlier versions) is read as well.
     pub parent: Option<PathBuf>,
     /// Pages stored (non-zero pages for full, dirtied pages for incremental).
     pub pages: u64,
@@ -343,9 +356,17 @@ impl SnapshotData {
         Self::decode(&bytes, &path)
     }
 
-    /// Writes `dir/vmstate.bin` atomically (temporary file, then rename);
-    /// the memory file is written separately, before.
+    /// Writes `dir/vmstate.bin` atomically (temporary file, then rename)
+    /// and durably (the file is fsync'd before the rename; the caller
+    /// fsyncs `dir` to make the rename durable). The memory file is written
+    /// separately, before.
     pub fn store(&self, dir: &Path) -> Result<(), SnapshotError> {
+        self.store_with_sync(dir, true)
+    }
+
+    /// As [`SnapshotData::store`]; without `fsync` the file is renamed into
+    /// place without waiting for it to reach the disk.
+    pub fn store_with_sync(&self, dir: &Path, fsync: bool) -> Result<(), SnapshotError> {
         let path = dir.join(STATE_FILE);
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let bytes = self.encode().map_err(|source| SnapshotError::Format {
@@ -356,7 +377,14 @@ impl SnapshotData {
             path: path.display().to_string(),
             source,
         };
-        std::fs::write(&tmp, bytes).map_err(io)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            if fsync {
+                f.sync_all().map_err(io)?;
+            }
+        }
         std::fs::rename(&tmp, &path).map_err(io)
     }
 }
@@ -375,10 +403,15 @@ pub enum RestoreMemory {
     SharedCopy,
 }
 
-/// The memory files of a snapshot's chain, base first.
+/// The memory files of a snapshot's chain, base first. Each link's
+/// directory is canonical (a relative parent is resolved against its
+/// child's directory).
 pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
     let mut chain = Vec::new();
-    let mut cur = dir.to_path_buf();
+    let mut cur = dir.canonicalize().map_err(|source| SnapshotError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let mut mem_size = None;
     loop {
         if chain.len() >= MAX_CHAIN {
@@ -404,11 +437,15 @@ pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, Snaps
         match (m.kind, &m.parent) {
             (MemoryKind::Full, _) => break,
             (MemoryKind::Incremental, Some(p)) => {
-                cur = if p.is_absolute() {
-                    p.clone()
-                } else {
+                // `join` keeps an absolute `p` as it is.
+                cur =
                     cur.join(p)
-                }
+                        .canonicalize()
+                        .map_err(|source| SnapshotError::MissingParent {
+                            snapshot: cur.display().to_string(),
+                            parent: p.display().to_string(),
+                            source,
+                        })?;
             }
             (MemoryKind::Incremental, None) => {
                 return Err(SnapshotError::Inconsistent(format!(
@@ -644,8 +681,21 @@ mod tests {
         // The base file is untouched by a private restore.
         let base = std::fs::read(a.join(FULL_MEMORY_FILE)).expect("readable");
         assert_eq!(base[3 * 4096], 0);
+        // The pair moved elsewhere restores: the parent is relative.
+        let moved = root.path().join("moved");
+        std::fs::create_dir_all(&moved).expect("mkdir");
+        std::fs::rename(&a, moved.join("a")).expect("mv a");
+        std::fs::rename(&b, moved.join("b")).expect("mv b");
+        let m = restore_memory(&moved.join("b"), RestoreMemory::SharedCopy).expect("restores");
+        // SAFETY: no guest uses this memory.
+        assert_eq!(unsafe { m.as_slice() }, &img[..]);
         // A missing parent is a clear error.
-        std::fs::remove_dir_all(&a).expect("rm");
-        assert!(restore_memory(&b, RestoreMemory::PrivateLazy).is_err());
+        std::fs::remove_dir_all(moved.join("a")).expect("rm");
+        let e = restore_memory(&moved.join("b"), RestoreMemory::PrivateLazy)
+            .expect_err("the parent is gone");
+        assert!(
+            matches!(e, SnapshotError::MissingParent { ref parent, .. } if parent == "../a"),
+            "{e}"
+        );
     }
 }
