@@ -13,14 +13,39 @@ pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SchemaRequest {
-    /// The schema text.
+    /// The schema: `.proto` text, or a base64 `FileDescriptorProto`.
     pub schema: String,
     /// `PROTOBUF` (absent means AVRO, which this registry rejects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_type: Option<String>,
-    /// Other registered schemas this one imports.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Other registered schemas this one imports (`null` reads as none).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_empty"
+    )]
     pub references: Vec<SchemaReference>,
+    /// The id to register under (IMPORT mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i32>,
+    /// The version to register as (IMPORT mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    /// Confluent's schema metadata; not supported here, so a request that
+    /// sets it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    /// Confluent's data-contract rules; not supported here, refused when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_set: Option<serde_json::Value>,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl SchemaRequest {
@@ -30,7 +55,17 @@ impl SchemaRequest {
             schema: schema.into(),
             schema_type: Some("PROTOBUF".into()),
             references: Vec::new(),
+            id: None,
+            version: None,
+            metadata: None,
+            rule_set: None,
         }
+    }
+
+    /// The same request with `references`.
+    pub fn with_references(mut self, references: Vec<SchemaReference>) -> Self {
+        self.references = references;
+        self
     }
 }
 
@@ -89,6 +124,22 @@ pub struct ConfigResponse {
 pub struct ConfigUpdate {
     /// The compatibility level.
     pub compatibility: String,
+}
+
+/// Body and response of `PUT /mode[/{s}]`, response of `GET /mode[/{s}]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeBody {
+    /// `READWRITE`, `READONLY` or `IMPORT`.
+    pub mode: String,
+}
+
+/// One entry of `GET /schemas/ids/{id}/versions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectVersionRef {
+    /// The subject.
+    pub subject: String,
+    /// The version.
+    pub version: i32,
 }
 
 /// Response of the compatibility endpoints.

@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{
-    CompatibilityResponse, ConfigResponse, ConfigUpdate, ErrorBody, RegisterResponse, SchemaById,
-    SchemaRequest, SubjectVersion, CONTENT_TYPE,
+    CompatibilityResponse, ConfigResponse, ConfigUpdate, ErrorBody, ModeBody, RegisterResponse,
+    SchemaById, SchemaRequest, SubjectVersion, CONTENT_TYPE,
 };
 
 /// Errors talking to a registry.
@@ -225,6 +225,70 @@ impl RegistryClient {
     ) -> Result<Vec<i32>, ClientError> {
         let path = format!("/subjects/{}?permanent={permanent}", encode(subject));
         self.call::<(), _>(Method::DELETE, &path, None).await
+    }
+
+    /// Deletes one version (`"latest"` or a number) of `subject`: soft, or
+    /// `permanent` after a soft delete; returns the version deleted.
+    pub async fn delete_version(
+        &self,
+        subject: &str,
+        version: &str,
+        permanent: bool,
+    ) -> Result<i32, ClientError> {
+        let path = format!(
+            "/subjects/{}/versions/{}?permanent={permanent}",
+            encode(subject),
+            encode(version)
+        );
+        self.call::<(), _>(Method::DELETE, &path, None).await
+    }
+
+    /// Ids of the schemas that reference `subject`'s `version`.
+    pub async fn referenced_by(
+        &self,
+        subject: &str,
+        version: &str,
+    ) -> Result<Vec<i32>, ClientError> {
+        let path = format!(
+            "/subjects/{}/versions/{}/referencedby",
+            encode(subject),
+            encode(version)
+        );
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    /// The mode (global when `subject` is `None`).
+    pub async fn mode(&self, subject: Option<&str>) -> Result<String, ClientError> {
+        let path = match subject {
+            Some(s) => format!("/mode/{}", encode(s)),
+            None => "/mode".to_string(),
+        };
+        let r: ModeBody = self.call::<(), _>(Method::GET, &path, None).await?;
+        Ok(r.mode)
+    }
+
+    /// Sets the mode (global when `subject` is `None`).
+    pub async fn set_mode(
+        &self,
+        subject: Option<&str>,
+        mode: &str,
+        force: bool,
+    ) -> Result<String, ClientError> {
+        let path = match subject {
+            Some(s) => format!("/mode/{}?force={force}", encode(s)),
+            None => format!("/mode?force={force}"),
+        };
+        let body = ModeBody {
+            mode: mode.to_string(),
+        };
+        let r: ModeBody = self.call(Method::PUT, &path, Some(&body)).await?;
+        Ok(r.mode)
+    }
+
+    /// `GET path` (with its query), as JSON; for endpoints without a typed
+    /// method.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.call::<(), _>(Method::GET, path, None).await
     }
 
     /// Registers the value schema of every vmreplay topic under

@@ -16,6 +16,7 @@ pub mod compat;
 pub mod config;
 pub mod log;
 pub mod registry;
+pub mod render;
 pub mod schema;
 pub mod server;
 pub mod state;

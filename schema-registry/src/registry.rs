@@ -1,5 +1,11 @@
 //! The registry's operations over the log: registration with id allocation
-//! and compatibility checks, lookups, configs and deletion.
+//! and compatibility checks, lookups, configs, modes and deletion.
+//!
+//! Two registrations are the same schema when they have the same type and
+//! references and compile to the same descriptor ([`ParsedSchema::canonical_key`]),
+//! whatever form (text or serialized) and layout they came in. A schema that
+//! matches an existing one is written with that one's stored text, so the
+//! log's records for an id always agree.
 //!
 //! Id allocation: a write first reads the log up to its current end, then
 //! proposes `max id seen + 1` (or the existing id of identical content) and
@@ -16,10 +22,10 @@ use tracing::{info, warn};
 use crate::api::{SchemaById, SchemaRequest, SubjectVersion};
 use crate::compat::{self, CompatibilityLevel};
 use crate::log::{LogError, SchemaLog};
-use crate::schema::{ParsedSchema, SchemaReference, SchemaType, MAX_REFERENCE_DEPTH};
+use crate::schema::{self, ParsedSchema, SchemaReference, SchemaType, MAX_REFERENCE_DEPTH};
 use crate::state::{
-    schema_record, Applied, ConfigValue, DeleteSubjectValue, RecordKey, SchemaContent, SchemaValue,
-    State,
+    schema_record, Applied, ConfigValue, DeleteSubjectValue, Mode, ModeValue, RecordKey,
+    SchemaContent, SchemaValue, State, VersionEntry,
 };
 
 /// How many times a write is retried after losing a race to another instance.
@@ -36,8 +42,24 @@ pub enum RegistryError {
     SchemaNotFound(String),
     #[error("Subject '{0}' was not deleted first before being permanently deleted")]
     SubjectNotSoftDeleted(String),
+    #[error("Subject '{subject}' Version {version} was soft deleted. Set permanent=true to delete permanently")]
+    VersionSoftDeleted { subject: String, version: i32 },
+    #[error("Subject '{subject}' Version {version} was not deleted first before being permanently deleted")]
+    VersionNotSoftDeleted { subject: String, version: i32 },
     #[error("Subject '{0}' does not have subject-level compatibility configured")]
     SubjectLevelNotConfigured(String),
+    #[error("Subject '{0}' does not have subject-level mode configured")]
+    SubjectModeNotConfigured(String),
+    #[error("Invalid mode {0:?}. Valid values are READWRITE, READONLY and IMPORT")]
+    InvalidMode(String),
+    #[error("{0}")]
+    OperationNotPermitted(String),
+    #[error("One or more references exist to the schema {{subject={subject},version={version}}}: ids {ids:?}")]
+    ReferenceExists {
+        subject: String,
+        version: i32,
+        ids: Vec<i32>,
+    },
     #[error("Invalid schema: {0}")]
     InvalidSchema(String),
     #[error("The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\"")]
@@ -63,22 +85,30 @@ impl RegistryError {
             Self::VersionNotFound(_) => 40402,
             Self::SchemaNotFound(_) => 40403,
             Self::SubjectNotSoftDeleted(_) => 40405,
+            Self::VersionSoftDeleted { .. } => 40406,
+            Self::VersionNotSoftDeleted { .. } => 40407,
             Self::SubjectLevelNotConfigured(_) => 40408,
+            Self::SubjectModeNotConfigured(_) => 40409,
             Self::InvalidSchema(_) => 42201,
             Self::InvalidVersion(_) => 42202,
             Self::InvalidLevel(_) => 42203,
+            Self::InvalidMode(_) => 42204,
+            Self::OperationNotPermitted(_) => 42205,
+            Self::ReferenceExists { .. } => 42206,
             Self::Incompatible { .. } => 409,
             Self::Store(LogError::Timeout(..)) => 50002,
             Self::Store(_) | Self::Conflict(_) => 50001,
         }
     }
 
-    /// The HTTP status that goes with [`RegistryError::code`].
+    /// The HTTP status that goes with [`RegistryError::code`]. Failures of
+    /// the backing topic (broker unreachable, timeouts, writes that kept
+    /// losing races) are 503: the request may succeed when retried.
     pub fn http_status(&self) -> u16 {
         match self.code() {
             409 => 409,
             c if (40000..50000).contains(&c) => (c / 100) as u16,
-            _ => 500,
+            _ => 503,
         }
     }
 }
@@ -211,24 +241,71 @@ impl Registry {
         Ok(parsed)
     }
 
-    /// Validates a request: type, text, references; returns the content and
-    /// its compiled form.
+    /// Validates a request: type, schema (text or serialized), references;
+    /// returns the content to store and its compiled form.
     fn prepare(
         state: &State,
         req: &SchemaRequest,
+        normalize: bool,
     ) -> Result<(SchemaContent, ParsedSchema), RegistryError> {
         let schema_type = SchemaType::from_request(req.schema_type.as_deref())
             .map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
         if req.schema.trim().is_empty() {
             return Err(RegistryError::InvalidSchema("the schema is empty".into()));
         }
+        if req.metadata.as_ref().is_some_and(|m| !m.is_null())
+            || req.rule_set.as_ref().is_some_and(|r| !r.is_null())
+        {
+            return Err(RegistryError::InvalidSchema(
+                "schema metadata and rule sets are not supported by this registry".into(),
+            ));
+        }
+        let mut imports = BTreeMap::new();
+        Self::resolve_imports(state, &req.references, &mut imports, 0)?;
+        let accepted = schema::accept(&req.schema, &imports, normalize)
+            .map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
         let content = SchemaContent {
             schema_type,
-            schema: req.schema.trim().to_string(),
+            schema: accepted.text,
             references: req.references.clone(),
         };
-        let parsed = Self::parse_content(state, &content)?;
-        Ok((content, parsed))
+        Ok((content, accepted.parsed))
+    }
+
+    /// Whether the schema stored under `id` is the same schema as
+    /// `content`/`parsed` (same type and references, same descriptor).
+    fn same_schema(
+        &self,
+        state: &State,
+        id: i32,
+        content: &SchemaContent,
+        parsed: &ParsedSchema,
+    ) -> bool {
+        let Some(stored) = state.schema(id) else {
+            return false;
+        };
+        if stored == content {
+            return true;
+        }
+        if stored.schema_type != content.schema_type || stored.references != content.references {
+            return false;
+        }
+        self.parsed_by_id(state, id)
+            .is_ok_and(|p| p.canonical_key() == parsed.canonical_key())
+    }
+
+    /// The id of the same schema anywhere in the registry, if any.
+    fn find_id(
+        &self,
+        state: &State,
+        content: &SchemaContent,
+        parsed: &ParsedSchema,
+    ) -> Option<i32> {
+        state.id_of(content).or_else(|| {
+            state
+                .schema_ids()
+                .find(|&id| self.same_schema(state, id, content, parsed))
+        })
     }
 
     fn incompatibilities(
@@ -252,40 +329,20 @@ impl Registry {
         Ok(compat::check(level, parsed, &refs))
     }
 
-    /// Registers `req` under `subject`; returns the schema's id.
-    pub async fn register(&self, subject: &str, req: &SchemaRequest) -> Result<i32, RegistryError> {
+    /// Registers `req` under `subject`; returns the schema's id. With
+    /// `normalize`, a new schema is stored as its canonical rendering.
+    pub async fn register(
+        &self,
+        subject: &str,
+        req: &SchemaRequest,
+        normalize: bool,
+    ) -> Result<i32, RegistryError> {
         let _guard = self.write_lock.lock().await;
         for attempt in 1..=MAX_ATTEMPTS {
             self.sync().await?;
-            let proposal =
-                self.log
-                    .read(|state| -> Result<Result<i32, SchemaValue>, RegistryError> {
-                        let (content, parsed) = Self::prepare(state, req)?;
-                        for (_, e) in state.versions(subject, false) {
-                            if state.schema(e.id) == Some(&content) {
-                                return Ok(Ok(e.id));
-                            }
-                        }
-                        let level = state.effective_level(subject);
-                        let details =
-                            self.incompatibilities(state, subject, &parsed, level, None)?;
-                        if !details.is_empty() {
-                            return Err(RegistryError::Incompatible {
-                                subject: subject.to_string(),
-                                details,
-                            });
-                        }
-                        let id = state.id_of(&content).unwrap_or(state.max_id() + 1);
-                        Ok(Err(SchemaValue {
-                            subject: subject.to_string(),
-                            version: state.max_version(subject) + 1,
-                            id,
-                            schema_type: Some(content.schema_type.as_str().to_string()),
-                            references: content.references,
-                            schema: content.schema,
-                            deleted: false,
-                        }))
-                    })?;
+            let proposal = self
+                .log
+                .read(|state| self.propose(state, subject, req, normalize))?;
             let value = match proposal {
                 Ok(existing) => return Ok(existing),
                 Err(value) => value,
@@ -316,26 +373,129 @@ impl Registry {
         )))
     }
 
-    /// Finds the version of `subject` holding exactly `req`'s schema.
+    /// Decides a registration against the current state: `Ok(id)` when the
+    /// subject already has the schema, else the record to write.
+    fn propose(
+        &self,
+        state: &State,
+        subject: &str,
+        req: &SchemaRequest,
+        normalize: bool,
+    ) -> Result<Result<i32, SchemaValue>, RegistryError> {
+        let mode = state.effective_mode(subject);
+        match (mode, req.id) {
+            (Mode::Readonly, _) => {
+                return Err(RegistryError::OperationNotPermitted(format!(
+                    "Subject {subject} is in read-only mode"
+                )))
+            }
+            (Mode::Readwrite, Some(_)) => {
+                return Err(RegistryError::OperationNotPermitted(format!(
+                    "Subject {subject} is not in import mode; set mode IMPORT to register with an explicit id"
+                )))
+            }
+            (Mode::Import, None) => {
+                return Err(RegistryError::OperationNotPermitted(format!(
+                    "Subject {subject} is in import mode; registrations must carry an id"
+                )))
+            }
+            (Mode::Import, Some(id)) if id <= 0 => {
+                return Err(RegistryError::InvalidSchema(format!(
+                    "id {id} is not valid; ids start at 1"
+                )))
+            }
+            _ => {}
+        }
+        if req.version.is_some() && mode != Mode::Import {
+            return Err(RegistryError::OperationNotPermitted(format!(
+                "Subject {subject} is not in import mode; an explicit version needs IMPORT"
+            )));
+        }
+        let (mut content, parsed) = Self::prepare(state, req, normalize)?;
+        for (_, e) in state.versions(subject, false) {
+            if self.same_schema(state, e.id, &content, &parsed)
+                && req.id.is_none_or(|id| id == e.id)
+            {
+                return Ok(Ok(e.id));
+            }
+        }
+        let id = match req.id {
+            Some(id) => {
+                if state.schema(id).is_some() {
+                    if !self.same_schema(state, id, &content, &parsed) {
+                        return Err(RegistryError::OperationNotPermitted(format!(
+                            "Overwrite new schema with id {id} is not permitted: the id holds another schema"
+                        )));
+                    }
+                } else if let Some(other) = self.find_id(state, &content, &parsed) {
+                    return Err(RegistryError::OperationNotPermitted(format!(
+                        "this schema is already registered with id {other}"
+                    )));
+                }
+                id
+            }
+            None => {
+                let level = state.effective_level(subject);
+                let details = self.incompatibilities(state, subject, &parsed, level, None)?;
+                if !details.is_empty() {
+                    return Err(RegistryError::Incompatible {
+                        subject: subject.to_string(),
+                        details,
+                    });
+                }
+                self.find_id(state, &content, &parsed)
+                    .unwrap_or(state.max_id() + 1)
+            }
+        };
+        if let Some(stored) = state.schema(id) {
+            content = stored.clone();
+        }
+        let version = match req.version {
+            Some(v) if v <= 0 => return Err(RegistryError::InvalidVersion(v.to_string())),
+            Some(v) => {
+                if state.versions(subject, true).iter().any(|(n, _)| *n == v) {
+                    return Err(RegistryError::OperationNotPermitted(format!(
+                        "version {v} of {subject} already exists"
+                    )));
+                }
+                v
+            }
+            None => state.max_version(subject) + 1,
+        };
+        Ok(Err(SchemaValue {
+            subject: subject.to_string(),
+            version,
+            id,
+            schema_type: Some(content.schema_type.as_str().to_string()),
+            references: content.references,
+            schema: content.schema,
+            deleted: false,
+        }))
+    }
+
+    /// Finds the newest version of `subject` holding `req`'s schema (in
+    /// either form); `deleted` includes soft-deleted versions.
     pub async fn lookup(
         &self,
         subject: &str,
         req: &SchemaRequest,
+        normalize: bool,
+        deleted: bool,
     ) -> Result<SubjectVersion, RegistryError> {
         let found = self
             .read_or_sync(|state| {
-                let versions = state.versions(subject, false);
+                let versions = state.versions(subject, deleted);
                 if versions.is_empty() {
                     return Some(Err(RegistryError::SubjectNotFound(subject.to_string())));
                 }
-                let (content, _) = match Self::prepare(state, req) {
+                let (content, parsed) = match Self::prepare(state, req, normalize) {
                     Ok(c) => c,
                     Err(e) => return Some(Err(e)),
                 };
                 versions
                     .into_iter()
                     .rev()
-                    .find(|(_, e)| state.schema(e.id) == Some(&content))
+                    .find(|(_, e)| self.same_schema(state, e.id, &content, &parsed))
                     .map(|(version, e)| Ok(subject_version(state, subject, version, e.id)))
             })
             .await?;
@@ -366,42 +526,79 @@ impl Registry {
         })
     }
 
-    /// `(subject, version)` pairs that use `id`.
-    pub async fn id_usages(&self, id: i32) -> Result<Vec<(String, i32)>, RegistryError> {
-        self.read_or_sync(|state| state.schema(id).map(|_| state.usages(id)))
+    /// `(subject, version)` pairs that use `id` (`deleted` includes
+    /// soft-deleted versions).
+    pub async fn id_usages(
+        &self,
+        id: i32,
+        deleted: bool,
+    ) -> Result<Vec<(String, i32)>, RegistryError> {
+        self.read_or_sync(|state| state.schema(id).map(|_| state.usages(id, deleted)))
             .await?
             .ok_or_else(|| RegistryError::SchemaNotFound(id.to_string()))
     }
 
-    /// Subject names.
+    /// Subject names: live ones, with `deleted` also soft-deleted ones, with
+    /// `deleted_only` only soft-deleted ones.
     pub fn subjects(&self, deleted: bool) -> Vec<String> {
         self.log.read(|s| s.subjects(deleted))
     }
 
-    /// Version numbers of `subject`.
-    pub async fn versions(&self, subject: &str, deleted: bool) -> Result<Vec<i32>, RegistryError> {
+    /// Subjects whose versions are all soft-deleted.
+    pub fn deleted_subjects(&self) -> Vec<String> {
+        self.log.read(|s| s.deleted_subjects())
+    }
+
+    /// Version numbers of `subject`: live ones, with `deleted` also
+    /// soft-deleted ones, with `deleted_only` only soft-deleted ones.
+    pub async fn versions(
+        &self,
+        subject: &str,
+        deleted: bool,
+        deleted_only: bool,
+    ) -> Result<Vec<i32>, RegistryError> {
         self.read_or_sync(|s| {
-            let v: Vec<i32> = s
-                .versions(subject, deleted)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            (!v.is_empty()).then_some(v)
+            let all = s.versions(subject, true);
+            if all.is_empty() || (!deleted && !deleted_only && all.iter().all(|(_, e)| e.deleted)) {
+                return None;
+            }
+            Some(
+                all.into_iter()
+                    .filter(|(_, e)| match (deleted_only, deleted) {
+                        (true, _) => e.deleted,
+                        (false, true) => true,
+                        (false, false) => !e.deleted,
+                    })
+                    .map(|(n, _)| n)
+                    .collect(),
+            )
         })
         .await?
         .ok_or_else(|| RegistryError::SubjectNotFound(subject.to_string()))
     }
 
-    /// One version of `subject`; `serialized` returns the base64 descriptor.
+    /// Ids of the schemas whose references point at `subject` `spec`.
+    pub async fn referenced_by(
+        &self,
+        subject: &str,
+        spec: VersionSpec,
+    ) -> Result<Vec<i32>, RegistryError> {
+        let v = self.version(subject, spec, false, false).await?;
+        Ok(self.log.read(|s| s.referencing(subject, v.version)))
+    }
+
+    /// One version of `subject`; `serialized` returns the base64
+    /// descriptor; `deleted` finds soft-deleted versions too.
     pub async fn version(
         &self,
         subject: &str,
         spec: VersionSpec,
         serialized: bool,
+        deleted: bool,
     ) -> Result<SubjectVersion, RegistryError> {
         let found = self
             .read_or_sync(|state| {
-                let versions = state.versions(subject, false);
+                let versions = state.versions(subject, deleted);
                 if versions.is_empty() {
                     return None;
                 }
@@ -438,7 +635,7 @@ impl Registry {
     ) -> Result<Vec<String>, RegistryError> {
         self.sync().await?;
         self.log.read(|state| {
-            let (_, parsed) = Self::prepare(state, req)?;
+            let (_, parsed) = Self::prepare(state, req, false)?;
             let versions = state.versions(subject, false);
             let level = state.effective_level(subject);
             let only = match spec {
@@ -529,6 +726,13 @@ impl Registry {
         if all.is_empty() {
             return Err(RegistryError::SubjectNotFound(subject.to_string()));
         }
+        self.log.read(|s| {
+            Self::writable(s, subject)?;
+            for (v, _) in &all {
+                Self::unreferenced(s, subject, *v)?;
+            }
+            Ok::<_, RegistryError>(())
+        })?;
         if permanent {
             if !live.is_empty() {
                 return Err(RegistryError::SubjectNotSoftDeleted(subject.to_string()));
@@ -544,21 +748,7 @@ impl Registry {
             return Err(RegistryError::SubjectNotFound(subject.to_string()));
         }
         for (v, e) in &live {
-            let content = self
-                .log
-                .read(|s| s.schema(e.id).cloned())
-                .ok_or_else(|| RegistryError::SchemaNotFound(e.id.to_string()))?;
-            let value = SchemaValue {
-                subject: subject.to_string(),
-                version: *v,
-                id: e.id,
-                schema_type: Some(content.schema_type.as_str().to_string()),
-                references: content.references,
-                schema: content.schema,
-                deleted: true,
-            };
-            let (k, val) = schema_record(&value);
-            self.log.append(&k, Some(&val)).await?;
+            self.write_soft_delete(subject, *v, e).await?;
         }
         let latest = live.last().map_or(0, |(v, _)| *v);
         let key = RecordKey::DeleteSubject {
@@ -573,6 +763,164 @@ impl Registry {
         self.log.append(&key.to_bytes(), Some(&value)).await?;
         info!(subject, "subject deleted");
         Ok(live.into_iter().map(|(v, _)| v).collect())
+    }
+}
+
+impl Registry {
+    /// Refuses writes to a subject in READONLY mode.
+    fn writable(state: &State, subject: &str) -> Result<(), RegistryError> {
+        if state.effective_mode(subject) == Mode::Readonly {
+            return Err(RegistryError::OperationNotPermitted(format!(
+                "Subject {subject} is in read-only mode"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses deleting a version that live schemas still reference.
+    fn unreferenced(state: &State, subject: &str, version: i32) -> Result<(), RegistryError> {
+        let ids = state.referencing(subject, version);
+        if ids.is_empty() {
+            Ok(())
+        } else {
+            Err(RegistryError::ReferenceExists {
+                subject: subject.to_string(),
+                version,
+                ids,
+            })
+        }
+    }
+
+    async fn write_soft_delete(
+        &self,
+        subject: &str,
+        version: i32,
+        entry: &VersionEntry,
+    ) -> Result<(), RegistryError> {
+        let content = self
+            .log
+            .read(|s| s.schema(entry.id).cloned())
+            .ok_or_else(|| RegistryError::SchemaNotFound(entry.id.to_string()))?;
+        let value = SchemaValue {
+            subject: subject.to_string(),
+            version,
+            id: entry.id,
+            schema_type: Some(content.schema_type.as_str().to_string()),
+            references: content.references,
+            schema: content.schema,
+            deleted: true,
+        };
+        let (k, val) = schema_record(&value);
+        self.log.append(&k, Some(&val)).await?;
+        Ok(())
+    }
+
+    /// Deletes one version of `subject`: soft (hidden, its id stays
+    /// resolvable) or, after a soft delete, `permanent` (a tombstone).
+    /// `latest` means the newest live version. Returns the version deleted.
+    pub async fn delete_version(
+        &self,
+        subject: &str,
+        spec: VersionSpec,
+        permanent: bool,
+    ) -> Result<i32, RegistryError> {
+        let _guard = self.write_lock.lock().await;
+        self.sync().await?;
+        let (version, entry) = self.log.read(|s| {
+            let all = s.versions(subject, true);
+            if all.is_empty() {
+                return Err(RegistryError::SubjectNotFound(subject.to_string()));
+            }
+            let hit = match spec {
+                VersionSpec::Latest => all.iter().rev().find(|(_, e)| !e.deleted).copied(),
+                VersionSpec::Number(n) => all.iter().find(|(v, _)| *v == n).copied(),
+            };
+            let (version, entry) = hit.ok_or_else(|| {
+                RegistryError::VersionNotFound(match spec {
+                    VersionSpec::Latest => "latest".into(),
+                    VersionSpec::Number(n) => n.to_string(),
+                })
+            })?;
+            Self::writable(s, subject)?;
+            Self::unreferenced(s, subject, version)?;
+            Ok((version, entry))
+        })?;
+        if permanent {
+            if !entry.deleted {
+                return Err(RegistryError::VersionNotSoftDeleted {
+                    subject: subject.to_string(),
+                    version,
+                });
+            }
+            self.log
+                .append(&RecordKey::schema(subject, version).to_bytes(), None)
+                .await?;
+            info!(subject, version, "version permanently deleted");
+            return Ok(version);
+        }
+        if entry.deleted {
+            return Err(RegistryError::VersionSoftDeleted {
+                subject: subject.to_string(),
+                version,
+            });
+        }
+        self.write_soft_delete(subject, version, &entry).await?;
+        info!(subject, version, "version deleted");
+        Ok(version)
+    }
+
+    /// The global mode, or `subject`'s (`fallback` to the global one when the
+    /// subject has none).
+    pub fn mode(&self, subject: Option<&str>, fallback: bool) -> Result<Mode, RegistryError> {
+        self.log.read(|s| match subject {
+            None => Ok(s.global_mode()),
+            Some(sub) => match s.subject_mode(sub) {
+                Some(m) => Ok(m),
+                None if fallback => Ok(s.global_mode()),
+                None => Err(RegistryError::SubjectModeNotConfigured(sub.to_string())),
+            },
+        })
+    }
+
+    /// Sets the global mode or `subject`'s. IMPORT needs the registry (or the
+    /// subject) to be empty unless `force`.
+    pub async fn set_mode(
+        &self,
+        subject: Option<&str>,
+        mode: &str,
+        force: bool,
+    ) -> Result<Mode, RegistryError> {
+        let mode = Mode::parse(mode).ok_or_else(|| RegistryError::InvalidMode(mode.to_string()))?;
+        let _guard = self.write_lock.lock().await;
+        self.sync().await?;
+        if mode == Mode::Import && !force {
+            let occupied = self.log.read(|s| match subject {
+                None => !s.subjects(true).is_empty(),
+                Some(sub) => !s.versions(sub, true).is_empty(),
+            });
+            if occupied {
+                return Err(RegistryError::OperationNotPermitted(format!(
+                    "Cannot import since found existing subjects{}; use force=true to switch anyway",
+                    subject.map(|s| format!(" ({s})")).unwrap_or_default()
+                )));
+            }
+        }
+        let value = serde_json::to_vec(&ModeValue { mode }).expect("mode values always serialize");
+        self.log
+            .append(&RecordKey::mode(subject).to_bytes(), Some(&value))
+            .await?;
+        info!(subject, mode = mode.as_str(), "mode set");
+        Ok(mode)
+    }
+
+    /// Removes `subject`'s mode; returns the mode it had.
+    pub async fn delete_mode(&self, subject: &str) -> Result<Mode, RegistryError> {
+        let old = self.mode(Some(subject), false)?;
+        let _guard = self.write_lock.lock().await;
+        self.log
+            .append(&RecordKey::mode(Some(subject)).to_bytes(), None)
+            .await?;
+        Ok(old)
     }
 }
 

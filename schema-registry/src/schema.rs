@@ -1,5 +1,6 @@
 //! Schema types, references, and the protobuf parser (protox) that turns a
-//! schema's text plus its resolved references into descriptors.
+//! schema (its `.proto` text, or its serialized `FileDescriptorProto` in
+//! base64) plus its resolved references into descriptors.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,163 @@ pub enum SchemaError {
     /// The protobuf text does not compile.
     #[error("invalid protobuf schema: {0}")]
     Invalid(String),
+    /// A serialized descriptor has no faithful `.proto` text form.
+    #[error("invalid protobuf schema: {0}")]
+    Render(#[from] crate::render::RenderError),
+}
+
+/// The form a schema was given in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaForm {
+    /// `.proto` text.
+    Text,
+    /// A base64 `FileDescriptorProto` (what confluent-kafka's serializers send).
+    Serialized,
+}
+
+/// A schema as accepted from a request: the text to store and its compiled
+/// form.
+#[derive(Debug, Clone)]
+pub struct AcceptedSchema {
+    /// The text to store: the request's text (trimmed), or the rendering of
+    /// a serialized descriptor, or the rendering of either with `normalize`.
+    pub text: String,
+    /// The text, compiled.
+    pub parsed: ParsedSchema,
+    /// How the schema arrived.
+    pub form: SchemaForm,
+}
+
+/// Reads a schema in either form. A string that is valid base64 of a
+/// `FileDescriptorProto` is taken as serialized; anything else as text.
+/// Serialized descriptors are rendered as text, and the rendering is compiled
+/// again and must give the same descriptor. With `normalize`, text schemas are
+/// stored as their rendering as well.
+pub fn accept(
+    schema: &str,
+    imports: &BTreeMap<String, String>,
+    normalize: bool,
+) -> Result<AcceptedSchema, SchemaError> {
+    let trimmed = schema.trim();
+    if let Some(bytes) = base64_decode(trimmed) {
+        match ParsedSchema::from_descriptor(&bytes, imports) {
+            Ok(input) => {
+                let text = crate::render::render(input.file())?;
+                let parsed = ParsedSchema::parse(&text, imports)?;
+                if normalised(input.file()) != normalised(parsed.file())
+                    || crate::render::render(parsed.file())? != text
+                {
+                    return Err(SchemaError::Invalid(
+                        "the serialized descriptor does not survive conversion to .proto text"
+                            .into(),
+                    ));
+                }
+                return Ok(AcceptedSchema {
+                    text,
+                    parsed,
+                    form: SchemaForm::Serialized,
+                });
+            }
+            Err(descriptor_error) => {
+                // Base64-looking text is still tried as text; if that fails
+                // too, the descriptor's error is the useful one.
+                return match ParsedSchema::parse(trimmed, imports) {
+                    Ok(parsed) => text_schema(trimmed, parsed, imports, normalize),
+                    Err(_) => Err(descriptor_error),
+                };
+            }
+        }
+    }
+    let parsed = ParsedSchema::parse(trimmed, imports)?;
+    text_schema(trimmed, parsed, imports, normalize)
+}
+
+fn text_schema(
+    trimmed: &str,
+    parsed: ParsedSchema,
+    imports: &BTreeMap<String, String>,
+    normalize: bool,
+) -> Result<AcceptedSchema, SchemaError> {
+    if !normalize {
+        return Ok(AcceptedSchema {
+            text: trimmed.to_string(),
+            parsed,
+            form: SchemaForm::Text,
+        });
+    }
+    let text = crate::render::render(parsed.file())?;
+    let again = ParsedSchema::parse(&text, imports)?;
+    if again.canonical_key() != parsed.canonical_key() {
+        return Err(SchemaError::Invalid(
+            "the schema does not survive normalization".into(),
+        ));
+    }
+    Ok(AcceptedSchema {
+        text,
+        parsed: again,
+        form: SchemaForm::Text,
+    })
+}
+
+/// The raw descriptor with what differs between equivalent producers
+/// cleared: file name, source info, default JSON names, explicit proto2
+/// syntax, empty option messages.
+fn normalised(file: &FileDescriptor) -> prost_types::FileDescriptorProto {
+    use prost_types::{DescriptorProto, FieldDescriptorProto};
+    fn opt<T: Default + PartialEq>(o: &mut Option<T>) {
+        if o.as_ref().is_some_and(|v| *v == T::default()) {
+            *o = None;
+        }
+    }
+    fn field(f: &mut FieldDescriptorProto) {
+        if f.label.is_none() {
+            f.label = Some(prost_types::field_descriptor_proto::Label::Optional as i32);
+        }
+        if f.json_name.as_deref() == Some(crate::render::default_json_name(f.name()).as_str()) {
+            f.json_name = None;
+        }
+        opt(&mut f.options);
+        if f.proto3_optional == Some(false) {
+            f.proto3_optional = None;
+        }
+    }
+    fn message(m: &mut DescriptorProto) {
+        opt(&mut m.options);
+        m.field.iter_mut().for_each(field);
+        m.extension.iter_mut().for_each(field);
+        m.nested_type.iter_mut().for_each(message);
+        m.oneof_decl.iter_mut().for_each(|o| opt(&mut o.options));
+        m.enum_type.iter_mut().for_each(|e| {
+            opt(&mut e.options);
+            e.value.iter_mut().for_each(|v| opt(&mut v.options));
+        });
+    }
+    let mut p = file.file_descriptor_proto().clone();
+    p.name = None;
+    p.source_code_info = None;
+    if p.syntax.as_deref() == Some("proto2") {
+        p.syntax = None;
+    }
+    opt(&mut p.options);
+    p.message_type.iter_mut().for_each(message);
+    p.extension.iter_mut().for_each(field);
+    p.enum_type.iter_mut().for_each(|e| {
+        opt(&mut e.options);
+        e.value.iter_mut().for_each(|v| opt(&mut v.options));
+    });
+    p.service.iter_mut().for_each(|s| {
+        opt(&mut s.options);
+        s.method.iter_mut().for_each(|m| {
+            opt(&mut m.options);
+            if m.client_streaming == Some(false) {
+                m.client_streaming = None;
+            }
+            if m.server_streaming == Some(false) {
+                m.server_streaming = None;
+            }
+        });
+    });
+    p
 }
 
 /// The kind of a schema. Only protobuf is accepted; the others are named so
@@ -84,6 +242,16 @@ pub struct ParsedSchema {
     file: FileDescriptor,
 }
 
+fn resolver(root: &str, imports: &BTreeMap<String, String>) -> ChainFileResolver {
+    let mut chain = ChainFileResolver::new();
+    chain.add(SourceResolver {
+        root: root.to_string(),
+        imports: imports.clone(),
+    });
+    chain.add(GoogleFileResolver::new());
+    chain
+}
+
 struct SourceResolver {
     root: String,
     imports: BTreeMap<String, String>,
@@ -121,13 +289,8 @@ impl ParsedSchema {
                 )));
             }
         }
-        let mut chain = ChainFileResolver::new();
-        chain.add(SourceResolver {
-            root: source.to_string(),
-            imports: imports.clone(),
-        });
-        chain.add(GoogleFileResolver::new());
-        let mut compiler = protox::Compiler::with_file_resolver(chain);
+        let mut compiler = protox::Compiler::with_file_resolver(resolver(source, imports));
+        compiler.include_source_info(false);
         compiler.include_imports(true);
         compiler
             .open_file(ROOT_FILE_NAME)
@@ -137,6 +300,56 @@ impl ParsedSchema {
             .get_file_by_name(ROOT_FILE_NAME)
             .ok_or_else(|| SchemaError::Invalid("compiled schema has no root file".into()))?;
         Ok(Self { pool, file })
+    }
+
+    /// Reads a serialized `FileDescriptorProto`; its imports are compiled
+    /// from `imports` (and the well-known files). The file is renamed to
+    /// [`ROOT_FILE_NAME`].
+    pub fn from_descriptor(
+        bytes: &[u8],
+        imports: &BTreeMap<String, String>,
+    ) -> Result<Self, SchemaError> {
+        let raw = <prost_types::FileDescriptorProto as prost::Message>::decode(bytes)
+            .map_err(|e| SchemaError::Invalid(format!("not a FileDescriptorProto: {e}")))?;
+        for (name, text) in imports {
+            let depth = nesting_depth(text);
+            if depth > MAX_NESTING {
+                return Err(SchemaError::Invalid(format!(
+                    "{name} nests {depth} levels deep; at most {MAX_NESTING} are accepted"
+                )));
+            }
+        }
+        let mut pool = if raw.dependency.is_empty() {
+            DescriptorPool::new()
+        } else {
+            let mut compiler = protox::Compiler::with_file_resolver(resolver("", imports));
+            compiler.include_imports(true);
+            compiler.include_source_info(false);
+            compiler
+                .open_files(raw.dependency.iter())
+                .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+            compiler.descriptor_pool()
+        };
+        // A later occurrence of a singular field wins, so appending field 1
+        // renames the file without re-encoding (and so without losing the
+        // extension options the original bytes carry).
+        let mut renamed = bytes.to_vec();
+        renamed.push(0x0a);
+        prost::encoding::encode_varint(ROOT_FILE_NAME.len() as u64, &mut renamed);
+        renamed.extend_from_slice(ROOT_FILE_NAME.as_bytes());
+        pool.decode_file_descriptor_proto(renamed.as_slice())
+            .map_err(|e| SchemaError::Invalid(e.to_string()))?;
+        let file = pool
+            .get_file_by_name(ROOT_FILE_NAME)
+            .ok_or_else(|| SchemaError::Invalid("descriptor has no file".into()))?;
+        Ok(Self { pool, file })
+    }
+
+    /// What decides whether two schemas are the same: the compiled
+    /// descriptor's encoding. Text that differs only in layout or comments,
+    /// and a serialized descriptor of the same file, give the same key.
+    pub fn canonical_key(&self) -> Vec<u8> {
+        without_source_info(&self.file.encode_to_vec())
     }
 
     /// The compiled file of the registered schema.
@@ -168,6 +381,39 @@ impl ParsedSchema {
         }
         Some(msg.full_name().to_string())
     }
+}
+
+/// An encoded `FileDescriptorProto` without its `source_code_info` (field
+/// 9), which records positions in the text and so differs between layouts.
+fn without_source_info(bytes: &[u8]) -> Vec<u8> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut buf = bytes;
+    while !buf.is_empty() {
+        let start = bytes.len() - buf.len();
+        let Ok((tag, wire)) = decode_key(&mut buf) else {
+            return bytes.to_vec();
+        };
+        let skip = match wire {
+            WireType::Varint => decode_varint(&mut buf).map(|_| 0),
+            WireType::SixtyFourBit => Ok(8),
+            WireType::ThirtyTwoBit => Ok(4),
+            WireType::LengthDelimited => decode_varint(&mut buf).map(|l| l as usize),
+            _ => return bytes.to_vec(),
+        };
+        let Ok(skip) = skip else {
+            return bytes.to_vec();
+        };
+        if skip > buf.len() {
+            return bytes.to_vec();
+        }
+        buf = &buf[skip..];
+        let end = bytes.len() - buf.len();
+        if tag != 9 {
+            out.extend_from_slice(&bytes[start..end]);
+        }
+    }
+    out
 }
 
 /// Deepest nesting of `{[(<` in protobuf text, ignoring comments and
@@ -208,6 +454,40 @@ pub fn nesting_depth(text: &str) -> usize {
         i += 1;
     }
     max
+}
+
+/// Decodes standard padded base64; `None` unless `text` is entirely that.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let b = text.as_bytes();
+    if b.is_empty() || !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for (i, chunk) in b.chunks(4).enumerate() {
+        let last = i == b.len() / 4 - 1;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// Standard padded base64.
@@ -314,6 +594,23 @@ mod tests {
             SchemaType::from_request(Some("PROTOBUF")).unwrap(),
             SchemaType::Protobuf
         );
+    }
+
+    #[test]
+    fn base64_decoding_is_strict() {
+        for (o, i) in [("Zg==", "f"), ("Zm8=", "fo"), ("Zm9vYmFy", "foobar")] {
+            assert_eq!(base64_decode(o).unwrap(), i.as_bytes());
+        }
+        for bad in [
+            "",
+            "Zg=",
+            "Z===",
+            "Zg==Zg==",
+            "syntax = \"proto3\";",
+            "ab$d",
+        ] {
+            assert!(base64_decode(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{
-    CompatibilityResponse, ConfigResponse, ConfigUpdate, ErrorBody, RegisterResponse,
-    SchemaRequest, CONTENT_TYPE,
+    CompatibilityResponse, ConfigResponse, ConfigUpdate, ErrorBody, ModeBody, RegisterResponse,
+    SchemaRequest, SubjectVersionRef, CONTENT_TYPE,
 };
 use crate::registry::{Registry, RegistryError, VersionSpec};
 
@@ -92,14 +92,30 @@ pub fn router(registry: Arc<Registry>, max_body: usize) -> Router {
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/schema", get(schema_text_by_id))
         .route("/schemas/ids/{id}/versions", get(id_versions))
+        .route("/schemas/ids/{id}/subjects", get(id_subjects))
         .route("/subjects", get(subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
         .route("/subjects/{subject}/versions", get(versions).post(register))
-        .route("/subjects/{subject}/versions/{version}", get(version))
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(version).delete(delete_version),
+        )
         .route(
             "/subjects/{subject}/versions/{version}/schema",
             get(version_text),
         )
+        .route(
+            "/subjects/{subject}/versions/{version}/referencedby",
+            get(referenced_by),
+        )
+        .route("/mode", get(global_mode).put(put_global_mode))
+        .route(
+            "/mode/{subject}",
+            get(subject_mode)
+                .put(put_subject_mode)
+                .delete(delete_subject_mode),
+        )
+        .route("/contexts", get(|| async { ok(&["."]) }))
         .route(
             "/compatibility/subjects/{subject}/versions/{version}",
             post(compatibility_one),
@@ -199,8 +215,39 @@ async fn read_json<T: DeserializeOwned>(
     })
 }
 
+/// A boolean query parameter; `true` in any case (Python clients send
+/// `True`).
 fn flag(q: &HashMap<String, String>, name: &str) -> bool {
-    q.get(name).is_some_and(|v| v == "true")
+    q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// `deletedOnly` (Confluent's name) or `deleted_only` (what confluent-kafka's
+/// Python client sends).
+fn deleted_only(q: &HashMap<String, String>) -> bool {
+    flag(q, "deletedOnly") || flag(q, "deleted_only")
+}
+
+/// Applies `offset` and `limit` (negative or absent: no limit).
+fn page<T>(items: Vec<T>, q: &HashMap<String, String>) -> Result<Vec<T>, ApiError> {
+    let number = |name: &str| -> Result<Option<i64>, ApiError> {
+        match q.get(name) {
+            None => Ok(None),
+            Some(v) => v.parse::<i64>().map(Some).map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    400,
+                    format!("query parameter {name}={v:?} is not a number"),
+                )
+            }),
+        }
+    };
+    let offset = number("offset")?.unwrap_or(0).max(0) as usize;
+    let limit = number("limit")?.filter(|l| *l >= 0).map(|l| l as usize);
+    Ok(items
+        .into_iter()
+        .skip(offset)
+        .take(limit.unwrap_or(usize::MAX))
+        .collect())
 }
 
 fn serialized(q: &HashMap<String, String>) -> bool {
@@ -230,26 +277,59 @@ async fn schema_text_by_id(
     Ok((StatusCode::OK, s.schema).into_response())
 }
 
+async fn id_usages(
+    app: &AppState,
+    id: &str,
+    q: &HashMap<String, String>,
+) -> Result<Vec<(String, i32)>, ApiError> {
+    let id = parse_id(id)?;
+    let mut usages = app.registry.id_usages(id, flag(q, "deleted")).await?;
+    if let Some(only) = q.get("subject") {
+        usages.retain(|(s, _)| s == only);
+    }
+    Ok(usages)
+}
+
 async fn id_versions(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let usages: Vec<_> = app
-        .registry
-        .id_usages(id)
+    let usages: Vec<_> = id_usages(&app, &id, &q)
         .await?
         .into_iter()
-        .map(|(subject, version)| serde_json::json!({"subject": subject, "version": version}))
+        .map(|(subject, version)| SubjectVersionRef { subject, version })
         .collect();
-    Ok(ok(&usages))
+    Ok(ok(&page(usages, &q)?))
+}
+
+async fn id_subjects(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let mut subjects: Vec<String> = id_usages(&app, &id, &q)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    subjects.dedup();
+    Ok(ok(&page(subjects, &q)?))
 }
 
 async fn subjects(
     State(app): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    ok(&app.registry.subjects(flag(&q, "deleted")))
+) -> Result<Response, ApiError> {
+    let mut list = if deleted_only(&q) {
+        app.registry.deleted_subjects()
+    } else {
+        app.registry.subjects(flag(&q, "deleted"))
+    };
+    if let Some(prefix) = q.get("subjectPrefix").or_else(|| q.get("subject")) {
+        list.retain(|s| s.starts_with(prefix.as_str()));
+    }
+    Ok(ok(&page(list, &q)?))
 }
 
 async fn versions(
@@ -257,10 +337,11 @@ async fn versions(
     Path(subject): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    Ok(ok(&app
+    let list = app
         .registry
-        .versions(&subject, flag(&q, "deleted"))
-        .await?))
+        .versions(&subject, flag(&q, "deleted"), deleted_only(&q))
+        .await?;
+    Ok(ok(&page(list, &q)?))
 }
 
 async fn version(
@@ -271,38 +352,76 @@ async fn version(
     let spec = VersionSpec::parse(&version)?;
     Ok(ok(&app
         .registry
-        .version(&subject, spec, serialized(&q))
+        .version(&subject, spec, serialized(&q), flag(&q, "deleted"))
         .await?))
 }
 
 async fn version_text(
     State(app): State<AppState>,
     Path((subject, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let spec = VersionSpec::parse(&version)?;
-    let v = app.registry.version(&subject, spec, false).await?;
+    let v = app
+        .registry
+        .version(&subject, spec, false, flag(&q, "deleted"))
+        .await?;
     Ok((StatusCode::OK, v.schema).into_response())
+}
+
+async fn referenced_by(
+    State(app): State<AppState>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let spec = VersionSpec::parse(&version)?;
+    let ids = app.registry.referenced_by(&subject, spec).await?;
+    Ok(ok(&page(ids, &q)?))
+}
+
+async fn delete_version(
+    State(app): State<AppState>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let spec = VersionSpec::parse(&version)?;
+    Ok(ok(&app
+        .registry
+        .delete_version(&subject, spec, flag(&q, "permanent"))
+        .await?))
 }
 
 async fn register(
     State(app): State<AppState>,
     Path(subject): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: SchemaRequest = read_json(&app, &headers, body).await?;
-    let id = app.registry.register(&subject, &req).await?;
+    let id = app
+        .registry
+        .register(&subject, &req, flag(&q, "normalize"))
+        .await?;
     Ok(ok(&RegisterResponse { id }))
 }
 
 async fn lookup(
     State(app): State<AppState>,
     Path(subject): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: SchemaRequest = read_json(&app, &headers, body).await?;
-    Ok(ok(&app.registry.lookup(&subject, &req).await?))
+    let mut found = app
+        .registry
+        .lookup(&subject, &req, flag(&q, "normalize"), flag(&q, "deleted"))
+        .await?;
+    if serialized(&q) {
+        found.schema = app.registry.schema_by_id(found.id, true).await?.schema;
+    }
+    Ok(ok(&found))
 }
 
 async fn delete_subject(
@@ -411,6 +530,72 @@ async fn put_subject_config(
     body: Body,
 ) -> Result<Response, ApiError> {
     put_config(app, Some(subject), headers, body).await
+}
+
+async fn global_mode(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let mode = app.registry.mode(None, true)?;
+    Ok(ok(&ModeBody {
+        mode: mode.as_str().to_string(),
+    }))
+}
+
+async fn subject_mode(
+    State(app): State<AppState>,
+    Path(subject): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let mode = app
+        .registry
+        .mode(Some(&subject), flag(&q, "defaultToGlobal"))?;
+    Ok(ok(&ModeBody {
+        mode: mode.as_str().to_string(),
+    }))
+}
+
+async fn put_mode(
+    app: AppState,
+    subject: Option<String>,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let update: ModeBody = read_json(&app, &headers, body).await?;
+    let mode = app
+        .registry
+        .set_mode(subject.as_deref(), &update.mode, flag(&q, "force"))
+        .await?;
+    Ok(ok(&ModeBody {
+        mode: mode.as_str().to_string(),
+    }))
+}
+
+async fn put_global_mode(
+    State(app): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_mode(app, None, q, headers, body).await
+}
+
+async fn put_subject_mode(
+    State(app): State<AppState>,
+    Path(subject): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_mode(app, Some(subject), q, headers, body).await
+}
+
+async fn delete_subject_mode(
+    State(app): State<AppState>,
+    Path(subject): Path<String>,
+) -> Result<Response, ApiError> {
+    let old = app.registry.delete_mode(&subject).await?;
+    Ok(ok(&ModeBody {
+        mode: old.as_str().to_string(),
+    }))
 }
 
 async fn delete_subject_config(

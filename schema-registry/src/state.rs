@@ -13,6 +13,7 @@
 //! | `{"keytype":"SCHEMA","subject":S,"version":V,"magic":1}` | `{"subject":S,"version":V,"id":I,"schemaType":"PROTOBUF","references":[..],"schema":TEXT,"deleted":B}`; null = version permanently deleted |
 //! | `{"keytype":"CONFIG","subject":S?,"magic":0}` | `{"compatibilityLevel":L}`; null = config removed |
 //! | `{"keytype":"DELETE_SUBJECT","subject":S,"magic":0}` | `{"subject":S,"version":LATEST}` |
+//! | `{"keytype":"MODE","subject":S?,"magic":0}` | `{"mode":M}`; null = mode removed |
 //! | `{"keytype":"NOOP","magic":0}` | ignored |
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +53,12 @@ pub enum RecordKey {
     },
     /// A subject's soft deletion.
     DeleteSubject { subject: String, magic: i32 },
+    /// A mode (global when `subject` is absent).
+    Mode {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        magic: i32,
+    },
     /// A marker with no effect.
     Noop { magic: i32 },
 }
@@ -69,6 +76,14 @@ impl RecordKey {
     /// Key of a compatibility config.
     pub fn config(subject: Option<&str>) -> Self {
         Self::Config {
+            subject: subject.map(str::to_string),
+            magic: 0,
+        }
+    }
+
+    /// Key of a mode.
+    pub fn mode(subject: Option<&str>) -> Self {
+        Self::Mode {
             subject: subject.map(str::to_string),
             magic: 0,
         }
@@ -101,6 +116,41 @@ pub struct SchemaValue {
 #[serde(rename_all = "camelCase")]
 pub struct ConfigValue {
     pub compatibility_level: CompatibilityLevel,
+}
+
+/// What a subject (or the registry) accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Mode {
+    /// Reads and writes (the default).
+    Readwrite,
+    /// Reads only; writes are refused.
+    Readonly,
+    /// Registrations carry their own ids (and optionally versions), without
+    /// compatibility checks; for copying schemas from another registry.
+    Import,
+}
+
+impl Mode {
+    /// Parses a mode name (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_uppercase())).ok()
+    }
+
+    /// The mode's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Readwrite => "READWRITE",
+            Self::Readonly => "READONLY",
+            Self::Import => "IMPORT",
+        }
+    }
+}
+
+/// Value of a `MODE` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeValue {
+    pub mode: Mode,
 }
 
 /// Value of a `DELETE_SUBJECT` record.
@@ -146,6 +196,8 @@ pub struct State {
     subjects: BTreeMap<String, BTreeMap<i32, VersionEntry>>,
     global_level: Option<CompatibilityLevel>,
     subject_levels: BTreeMap<String, CompatibilityLevel>,
+    global_mode: Option<Mode>,
+    subject_modes: BTreeMap<String, Mode>,
     max_id: i32,
 }
 
@@ -208,6 +260,25 @@ impl State {
                 }
                 Applied::Accepted
             }
+            RecordKey::Mode { subject, .. } => {
+                let mode = match value {
+                    None => None,
+                    Some(v) => match serde_json::from_slice::<ModeValue>(v) {
+                        Ok(m) => Some(m.mode),
+                        Err(_) => return Applied::Ignored,
+                    },
+                };
+                match (subject, mode) {
+                    (None, m) => self.global_mode = m,
+                    (Some(s), Some(m)) => {
+                        self.subject_modes.insert(s, m);
+                    }
+                    (Some(s), None) => {
+                        self.subject_modes.remove(&s);
+                    }
+                }
+                Applied::Accepted
+            }
             RecordKey::Noop { .. } => Applied::Ignored,
         }
     }
@@ -265,6 +336,11 @@ impl State {
         self.schemas.get(&id)
     }
 
+    /// Every id with a schema, ascending.
+    pub fn schema_ids(&self) -> impl Iterator<Item = i32> + '_ {
+        self.schemas.keys().copied()
+    }
+
     /// The id of an identical schema, if any.
     pub fn id_of(&self, content: &SchemaContent) -> Option<i32> {
         self.by_content.get(content).copied()
@@ -281,6 +357,15 @@ impl State {
         self.subjects
             .iter()
             .filter(|(_, v)| deleted || v.values().any(|e| !e.deleted))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// Subjects with versions, all of them soft-deleted, sorted.
+    pub fn deleted_subjects(&self) -> Vec<String> {
+        self.subjects
+            .iter()
+            .filter(|(_, v)| !v.is_empty() && v.values().all(|e| e.deleted))
             .map(|(s, _)| s.clone())
             .collect()
     }
@@ -306,17 +391,55 @@ impl State {
             .unwrap_or(0)
     }
 
-    /// `(subject, version)` pairs using `id`.
-    pub fn usages(&self, id: i32) -> Vec<(String, i32)> {
+    /// `(subject, version)` pairs using `id` (live ones unless `deleted`).
+    pub fn usages(&self, id: i32, deleted: bool) -> Vec<(String, i32)> {
         let mut out = Vec::new();
         for (s, versions) in &self.subjects {
             for (&n, e) in versions {
-                if e.id == id && !e.deleted {
+                if e.id == id && (deleted || !e.deleted) {
                     out.push((s.clone(), n));
                 }
             }
         }
         out
+    }
+
+    /// Ids of live versions whose schema references `subject` `version`,
+    /// ascending and without repeats.
+    pub fn referencing(&self, subject: &str, version: i32) -> Vec<i32> {
+        let mut ids: Vec<i32> = self
+            .subjects
+            .values()
+            .flat_map(|v| v.values())
+            .filter(|e| !e.deleted)
+            .map(|e| e.id)
+            .filter(|id| {
+                self.schemas.get(id).is_some_and(|c| {
+                    c.references
+                        .iter()
+                        .any(|r| r.subject == subject && r.version == version)
+                })
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The mode set for `subject`, if any.
+    pub fn subject_mode(&self, subject: &str) -> Option<Mode> {
+        self.subject_modes.get(subject).copied()
+    }
+
+    /// The global mode (READWRITE when never set).
+    pub fn global_mode(&self) -> Mode {
+        self.global_mode.unwrap_or(Mode::Readwrite)
+    }
+
+    /// The mode in force for `subject`.
+    pub fn effective_mode(&self, subject: &str) -> Mode {
+        self.subject_mode(subject)
+            .unwrap_or_else(|| self.global_mode())
     }
 
     /// The level set for `subject`, if any.
@@ -413,7 +536,10 @@ mod tests {
         assert_eq!(apply(&mut s, &value("b", 1, 2, "B")), Applied::Accepted);
         assert_eq!(s.max_id(), 2);
         assert_eq!(s.subjects(false), ["a", "b", "c"]);
-        assert_eq!(s.usages(1), [("a".to_string(), 1), ("c".to_string(), 1)]);
+        assert_eq!(
+            s.usages(1, false),
+            [("a".to_string(), 1), ("c".to_string(), 1)]
+        );
     }
 
     #[test]
@@ -449,6 +575,47 @@ mod tests {
     }
 
     #[test]
+    fn modes_and_references() {
+        let mut s = State::default();
+        assert_eq!(s.effective_mode("a"), Mode::Readwrite);
+        let k = RecordKey::mode(None).to_bytes();
+        assert_eq!(
+            String::from_utf8(k.clone()).unwrap(),
+            r#"{"keytype":"MODE","magic":0}"#
+        );
+        assert_eq!(
+            s.apply(Some(&k), Some(br#"{"mode":"READONLY"}"#)),
+            Applied::Accepted
+        );
+        let ks = RecordKey::mode(Some("a")).to_bytes();
+        s.apply(Some(&ks), Some(br#"{"mode":"IMPORT"}"#));
+        assert_eq!(s.effective_mode("a"), Mode::Import);
+        assert_eq!(s.effective_mode("b"), Mode::Readonly);
+        s.apply(Some(&ks), None);
+        s.apply(Some(&k), None);
+        assert_eq!(s.effective_mode("a"), Mode::Readwrite);
+        assert_eq!(Mode::parse("readonly"), Some(Mode::Readonly));
+        assert_eq!(Mode::parse("sideways"), None);
+
+        apply(&mut s, &value("dep", 1, 1, "D"));
+        let mut user = value("user", 1, 2, "U");
+        user.references = vec![SchemaReference {
+            name: "dep.proto".into(),
+            subject: "dep".into(),
+            version: 1,
+        }];
+        apply(&mut s, &user);
+        assert_eq!(s.referencing("dep", 1), [2]);
+        assert!(s.referencing("dep", 2).is_empty());
+        user.deleted = true;
+        apply(&mut s, &user);
+        assert!(s.referencing("dep", 1).is_empty());
+        assert_eq!(s.deleted_subjects(), ["user"]);
+        assert_eq!(s.usages(2, true), [("user".to_string(), 1)]);
+        assert!(s.usages(2, false).is_empty());
+    }
+
+    #[test]
     fn junk_records_are_ignored() {
         let mut s = State::default();
         assert_eq!(s.apply(None, Some(b"x")), Applied::Ignored);
@@ -459,6 +626,13 @@ mod tests {
         );
         assert_eq!(
             s.apply(Some(br#"{"keytype":"MODE","magic":0}"#), Some(b"{}")),
+            Applied::Ignored
+        );
+        assert_eq!(
+            s.apply(
+                Some(br#"{"keytype":"MODE","magic":0}"#),
+                Some(br#"{"mode":"SIDEWAYS"}"#)
+            ),
             Applied::Ignored
         );
         let k = RecordKey::schema("a", 1).to_bytes();

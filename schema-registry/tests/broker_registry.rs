@@ -484,7 +484,7 @@ async fn conflicting_records_are_rejected_alike_by_every_instance() {
     // The loser's retry gets the next id.
     let service = Service::new(b);
     let id = service
-        .register("second-value", &SchemaRequest::protobuf(V2))
+        .register("second-value", &SchemaRequest::protobuf(V2), false)
         .await
         .unwrap();
     assert_eq!(id, 2);
