@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Builds the Linux guest image: Debian's cloud kernel plus a busybox initramfs
-# whose /init runs the demo workloads (guest/linux/init). The result is cached:
+# whose /init runs the demo workloads (guest/linux/init) and the key-value
+# service (guest/linux/kv-handler). The result is cached:
 #
-#   $VMR_CACHE/guest-linux-<kernel-abi>-<pkg-version>-<hash>/{vmlinuz,initramfs.cpio.gz,manifest}
+#   $VMR_CACHE/guest-linux-<kernel-abi>-<pkg-version>-<hash>/
+#       vmlinuz, initramfs.cpio.gz,
+#       image.toml   machine-image manifest of the demo-linux image (format 1)
+#       manifest     build facts (kernel package, source hash, modules)
 #   $VMR_CACHE/guest-linux            -> symlink to the newest build
+#   $VMR_CACHE/demo-linux             -> the same directory
 #
 # where VMR_CACHE defaults to ~/.cache/vmreplay and <hash> covers this script and
 # the files under guest/linux. The kernel .deb is downloaded once with
@@ -56,17 +61,22 @@ kabi="${debname#linux-image-}"; kabi="${kabi%%_*}" # 6.1.0-56-cloud-amd64
 pkgver="${debname#*_}"; pkgver="${pkgver%_amd64}"  # 6.1.192-2
 
 # 2. Cache key: kernel package + hash of everything that shapes the image.
-srchash="$( (cat "$HERE/build.sh" "$HERE/init"; sha256sum "$BUSYBOX" | cut -d' ' -f1) | sha256sum | cut -c1-12)"
+srchash="$( (cat "$HERE/build.sh" "$HERE/init" "$HERE/kv-handler"; sha256sum "$BUSYBOX" | cut -d' ' -f1) | sha256sum | cut -c1-12)"
 OUT="$CACHE/guest-linux-${kabi%-cloud-amd64}-${pkgver}-${srchash}"
-if [ "$FORCE" = 0 ] && [ -f "$OUT/manifest" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
+if [ "$FORCE" = 0 ] && [ -f "$OUT/manifest" ] && [ -f "$OUT/image.toml" ] &&
+    [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
     log "cached: $OUT"
     ln -sfn "$(basename "$OUT")" "$CACHE/guest-linux"
+    ln -sfn "$(basename "$OUT")" "$CACHE/demo-linux"
     echo "$OUT"
     exit 0
 fi
 
-# 3. Extract the kernel and the virtio modules (virtio, virtio_pci, virtio_blk
-#    and virtio_net are modules in Debian's cloud config).
+# 3. Extract the kernel and the modules /init loads: virtio, virtio_pci,
+#    virtio_blk and virtio_net, and pvpanic with both its front ends
+#    (pvpanic_mmio for QEMU's ISA `-device pvpanic`, found through ACPI as
+#    QEMU0001; pvpanic_pci for `-device pvpanic-pci`). All are modules in
+#    Debian's cloud config (CONFIG_PVPANIC_MMIO=m, CONFIG_PVPANIC_PCI=m).
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 log "extracting $(basename "$deb")"
@@ -99,7 +109,7 @@ want() {
     for d in ${deps//,/ }; do want "${d//-/_}"; done
     order+=("$m")
 }
-for m in virtio_pci virtio_blk virtio_net; do want "$m"; done
+for m in virtio_pci virtio_blk virtio_net pvpanic_mmio pvpanic_pci; do want "$m"; done
 log "modules: ${order[*]}"
 
 # 4. The initramfs.
@@ -112,6 +122,7 @@ done
 for m in "${order[@]}"; do cp "${modpath[$m]}" "$root/lib/modules/$m.ko"; done
 printf '%s\n' "${order[@]}" >"$root/lib/modules/load-order"
 install -m 0755 "$HERE/init" "$root/init"
+install -m 0755 "$HERE/kv-handler" "$root/bin/vmr-kv-handler"
 printf 'root:x:0:0:root:/:/bin/sh\n' >"$root/etc/passwd"
 if [ "$(id -u)" = 0 ]; then
     mknod -m 600 "$root/dev/console" c 5 1
@@ -133,7 +144,42 @@ source_hash=$srchash
 modules=${order[*]}
 busybox=$("$BUSYBOX" 2>&1 | head -n1)
 EOF
+# The machine-image manifest (docs/guest-images.md): the demo-linux image runs
+# the key-value service; its panic reaches QEMU through the pvpanic device.
+# panic=0: a panicked kernel waits (never reboots), so the hypervisor sees the
+# pvpanic report and the guest stays for inspection.
+cat >"$stage/image.toml" <<EOF
+format_version = 1
+name = "demo-linux"
+description = "Debian $kabi ($pkgver) with a busybox initramfs running the vmr-kv-1 key-value service; a PUT with a key over 200 bytes panics the kernel"
+drivers = ["qemu"]
+
+[boot]
+kernel = "vmlinuz"
+initrd = "initramfs.cpio.gz"
+cmdline = "console=ttyS0 panic=0 loglevel=4 vmr.workload=service vmr.ip=192.168.77.2/24 vmr.peer=192.168.77.1 vmr.service_port=7000"
+
+[machine]
+memory_mib = 256
+vcpus = 1
+qemu_devices = ["pvpanic"]
+
+[[disks]]
+name = "vda"
+size_mib = 64
+
+[[nics]]
+name = "net0"
+mac = "52:54:00:77:00:02"
+ip = "192.168.77.2/24"
+peer = "192.168.77.1"
+
+[service]
+port = 7000
+protocol = "vmr-kv-1"
+EOF
 rm -rf "$OUT"; mv "$stage" "$OUT"
 ln -sfn "$(basename "$OUT")" "$CACHE/guest-linux"
+ln -sfn "$(basename "$OUT")" "$CACHE/demo-linux"
 log "built $OUT"
 echo "$OUT"
