@@ -257,7 +257,10 @@ impl Vm {
         }
         // No state file until the memory file is complete: a crash midway
         // leaves an invalid snapshot, never a mismatched one.
+        // With fsync on, the removal is made durable first, so a crash
+        // cannot bring the old state file back next to a new memory file.
         match std::fs::remove_file(dir.join(snapshot::STATE_FILE)) {
+            Ok(()) if self.sync_snapshots.load(Ordering::Relaxed) => fsync(&dir)?,
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
             _ => {}
         }
