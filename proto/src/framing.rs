@@ -724,9 +724,7 @@ mod tests {
         // Refused: data already inside, or not a block event.
         assert!(encode_block_frame_head(&whole, &[1], &mut frame).is_err());
         assert!(encode_block_frame_head(&event(1), &[1], &mut frame).is_err());
-        assert!(
-            encode_block_frame_head(&head_only, &vec![0; MAX_FRAME_LEN], &mut frame).is_err()
-        );
+        assert!(encode_block_frame_head(&head_only, &vec![0; MAX_FRAME_LEN], &mut frame).is_err());
     }
 
     #[test]

@@ -8,13 +8,15 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::blk::{BlockBackend, BlockConfig, Disk};
-use crate::capture::{CaptureSink, FileSink, Policy, Tee, TeeConfig};
+use crate::capture::{
+    CaptureSink, FileSink, Policy, Recycle, SpoolConfig, SpoolSink, Tee, TeeConfig,
+};
 use crate::control::{ControlServer, ControlTargets};
 use crate::fault::{FaultHook, RuleFaults};
 use crate::filter::{parse_directions, parse_mac, BlockFilter, NetFilter};
 use crate::metrics::Metrics;
 use crate::net::{ChannelReplaySource, NetBackend, NetConfig, ReplaySource, Tap};
-use crate::seq::{AtomicSeq, FileSeq, SeqSource};
+use crate::seq::{FileSeq, SeqSource};
 use crate::server::{Serve, Server};
 use crate::Mode;
 
@@ -61,11 +63,13 @@ pub struct CommonArgs {
     /// Largest virtqueue size offered.
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
-    /// Capture file (length-prefixed vmr.v1.Event frames); tee off without it.
+    /// Capture file (a header, then checksummed vmr.v1.Event frames; see
+    /// docs/vhost-tap.md); tee off without it. An existing capture is
+    /// appended to, never truncated.
     #[arg(long)]
     pub capture: Option<PathBuf>,
-    /// block: the guest waits when the sink falls behind; drop: records are
-    /// dropped and a GAP event written.
+    /// block: the guest waits when the sink falls behind or the spool is
+    /// full; drop: records are dropped and a GAP event written.
     #[arg(long, default_value = "block")]
     pub capture_policy: Policy,
     /// Capacity (records) of the queue in front of the sink.
@@ -75,18 +79,29 @@ pub struct CommonArgs {
     /// sink; the queue is full when either limit is reached.
     #[arg(long, default_value_t = 64)]
     pub capture_queue_mib: usize,
-    /// Keep only the newest MiB of capture (a flight recorder): `--capture`
-    /// names a directory of segment files, and the oldest segments are
-    /// deleted once the others exceed this size. Without it the capture file
-    /// grows without bound.
+    /// Capture into a rolling spool of at most this many MiB: `--capture`
+    /// names a directory of segment files. Which segments make room is set
+    /// by `--capture-recycle`. Without it the capture file grows without
+    /// bound.
     #[arg(long)]
     pub capture_retain_mib: Option<u64>,
     /// Size of one segment file with `--capture-retain-mib`.
     #[arg(long, default_value_t = 64)]
     pub capture_segment_mib: u64,
-    /// Shared per-instance sequence counter file (8 bytes, mapped).
+    /// committed: a full spool deletes only segments the shipper committed
+    /// past (the `committed` file), else `--capture-policy` applies;
+    /// oldest: the oldest segments go regardless (a flight recorder with no
+    /// shipper).
+    #[arg(long, default_value = "committed")]
+    pub capture_recycle: Recycle,
+    /// Shared per-instance sequence counter file (leased, durable; created
+    /// atomically if missing). Default with `--capture`: `<capture>.seq`
+    /// next to a capture file, `<capture>/seq` inside a spool directory.
     #[arg(long)]
     pub seq_file: Option<PathBuf>,
+    /// Numbers one lease of the sequence file adds (one fsync per lease).
+    #[arg(long, default_value_t = crate::seq::DEFAULT_LEASE)]
+    pub seq_lease: u64,
     /// Control socket (line-delimited JSON: metrics, faults, inject).
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -163,27 +178,55 @@ struct Running {
     device: String,
 }
 
+/// Where the capture's companion files go: next to a capture file, inside a
+/// spool directory.
+fn companion(capture: &std::path::Path, spool: bool, name: &str) -> PathBuf {
+    if spool {
+        capture.join(name)
+    } else {
+        let mut p = capture.as_os_str().to_owned();
+        p.push(".");
+        p.push(name);
+        PathBuf::from(p)
+    }
+}
+
 fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppError> {
     vmr_proto::InstanceId::new(c.instance_id.clone()).map_err(|e| AppError::Arg(e.to_string()))?;
     let Some(path) = &c.capture else {
         return Ok(None);
     };
+    let spool = c.capture_retain_mib.is_some();
+    if spool {
+        std::fs::create_dir_all(path).map_err(|source| crate::capture::CaptureError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    let seq_path = c
+        .seq_file
+        .clone()
+        .unwrap_or_else(|| companion(path, spool, "seq"));
+    let seq = Arc::new(FileSeq::open_with_lease(&seq_path, c.seq_lease)?);
+    let epoch = seq.epoch();
+    tracing::info!(seq_file = %seq_path.display(), epoch, next = seq.peek(), "sequence counter open");
     let sink: Arc<dyn CaptureSink> = match c.capture_retain_mib {
-        Some(retain) => Arc::new(FileSink::rolling(
-            path,
-            c.capture_segment_mib.saturating_mul(1 << 20),
-            retain.saturating_mul(1 << 20),
-        )?),
-        None => Arc::new(FileSink::create(path)?),
-    };
-    let seq: Arc<dyn SeqSource> = match &c.seq_file {
-        Some(p) => Arc::new(FileSeq::open(p)?),
-        None => Arc::new(AtomicSeq::default()),
+        Some(retain) => Arc::new(SpoolSink::open(SpoolConfig {
+            dir: path.clone(),
+            segment_bytes: c.capture_segment_mib.saturating_mul(1 << 20),
+            capacity_bytes: retain.saturating_mul(1 << 20),
+            recycle: c.capture_recycle,
+            instance_id: c.instance_id.clone(),
+            epoch,
+        })?),
+        None => Arc::new(FileSink::open(path, &c.instance_id, epoch)?),
     };
     let mut cfg = TeeConfig::new(c.instance_id.clone());
     cfg.capacity = c.capture_queue;
     cfg.max_bytes = c.capture_queue_mib.saturating_mul(1 << 20);
     cfg.policy = c.capture_policy;
+    cfg.state = Some(companion(path, spool, "state"));
+    let seq: Arc<dyn SeqSource> = seq;
     Ok(Some(Tee::start(cfg, sink, seq, metrics.clone())?))
 }
 

@@ -5,9 +5,11 @@
 //!   overlay.
 //! - [`net`]: virtio-net over a TAP device (or, in replay mode, over frames
 //!   pushed by the replayer).
-//! - [`capture`]: the tee: records, the bounded queue, sinks, policies.
+//! - [`capture`]: the tee (records, the bounded queue, policies, GAP events,
+//!   the FLUSH barrier), the capture file and the rolling spool with the
+//!   shipper's reader and commit.
 //! - [`seq`]: per-instance sequence numbers shared by all backends of an
-//!   instance.
+//!   instance, from a durable lease.
 //! - [`server`]: the accept loop that serves one front-end after another on a
 //!   socket, in-process or from the binaries.
 //! - [`control`]: the control socket (metrics, faults, frame injection).

@@ -11,15 +11,20 @@ pub struct Metrics {
     pub bytes: AtomicU64,
     /// Records handed to the capture queue.
     pub recorded: AtomicU64,
-    /// Of those, records whose payload the sink wrote straight from guest
-    /// memory.
-    pub recorded_in_place: AtomicU64,
-    /// Records dropped because the sink fell behind (policy `drop`).
+    /// Records dropped because the capture queue was full (policy `drop`).
     pub dropped: AtomicU64,
-    /// GAP events emitted for dropped records.
+    /// GAP events written (for drops, sink errors and restarts).
     pub gaps: AtomicU64,
-    /// Batches the sink failed to accept.
+    /// Sink writes or syncs that failed.
     pub sink_errors: AtomicU64,
+    /// Times the spool was found full (shipping stalled).
+    pub spool_full: AtomicU64,
+    /// Records dropped because the spool was full (policy `drop`).
+    pub spool_dropped: AtomicU64,
+    /// Milliseconds the sink waited for a full spool (policy `block`).
+    pub spool_blocked_ms: AtomicU64,
+    /// Times the capture was made durable (FLUSH barriers and shutdown).
+    pub syncs: AtomicU64,
     /// Descriptor chains refused as malformed.
     pub malformed: AtomicU64,
     /// Requests completed with an I/O error (including injected ones).
@@ -36,10 +41,13 @@ pub struct MetricsSnapshot {
     pub requests: u64,
     pub bytes: u64,
     pub recorded: u64,
-    pub recorded_in_place: u64,
     pub dropped: u64,
     pub gaps: u64,
     pub sink_errors: u64,
+    pub spool_full: u64,
+    pub spool_dropped: u64,
+    pub spool_blocked_ms: u64,
+    pub syncs: u64,
     pub malformed: u64,
     pub io_errors: u64,
     pub faults: u64,
@@ -60,10 +68,13 @@ impl Metrics {
             requests: l(&self.requests),
             bytes: l(&self.bytes),
             recorded: l(&self.recorded),
-            recorded_in_place: l(&self.recorded_in_place),
             dropped: l(&self.dropped),
             gaps: l(&self.gaps),
             sink_errors: l(&self.sink_errors),
+            spool_full: l(&self.spool_full),
+            spool_dropped: l(&self.spool_dropped),
+            spool_blocked_ms: l(&self.spool_blocked_ms),
+            syncs: l(&self.syncs),
             malformed: l(&self.malformed),
             io_errors: l(&self.io_errors),
             faults: l(&self.faults),
@@ -80,10 +91,13 @@ impl MetricsSnapshot {
             requests = self.requests,
             bytes = self.bytes,
             recorded = self.recorded,
-            recorded_in_place = self.recorded_in_place,
             dropped = self.dropped,
             gaps = self.gaps,
             sink_errors = self.sink_errors,
+            spool_full = self.spool_full,
+            spool_dropped = self.spool_dropped,
+            spool_blocked_ms = self.spool_blocked_ms,
+            syncs = self.syncs,
             malformed = self.malformed,
             io_errors = self.io_errors,
             faults = self.faults,

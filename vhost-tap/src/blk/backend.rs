@@ -7,22 +7,22 @@
 //! receives the ring base every request up to it has completed and none after
 //! it has been touched.
 //!
-//! With the tee on, a large write (at least [`ZERO_COPY_CAPTURE_MIN`] bytes)
-//! goes from guest memory to the disk, and its record keeps pointing at the
-//! guest's buffers: the capture sink writes the payload from there and then
-//! hands the request back through the queue's completion eventfd, and the
-//! worker completes it. `stop_vring` also waits for those.
+//! With the tee on, a write's payload is copied once from guest memory into
+//! its capture record's buffer, and the disk is written from that buffer:
+//! the recorded payload is exactly what the disk got, even if the guest
+//! changes its buffers while the request is in flight. Writes that are not
+//! recorded go from guest memory to the disk without a copy.
+//!
+//! A FLUSH completes only after the tee made every record queued before it
+//! durable ([`crate::capture::Tee::sync`]) and the disk flushed: the disk is
+//! never ahead of the recording after a power loss.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use crossbeam_queue::ArrayQueue;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -32,48 +32,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmr_proto::pb;
 
 use super::disk::{Disk, DiskError};
 use super::request::{self, Limits, Request, RequestType, Segment};
-use crate::capture::{Completion, Tee};
+use crate::capture::Tee;
 use crate::fault::{BlockFault, FaultHook};
 use crate::filter::BlockFilter;
 use crate::metrics::Metrics;
 use crate::{GuestMem, GuestMemAtomic, Mode};
-
-/// Writes at least this large are recorded from guest memory without a copy
-/// when the disk writes in place; smaller ones are copied into their record.
-pub const ZERO_COPY_CAPTURE_MIN: u32 = 64 << 10;
-
-/// Requests of one queue whose records the capture sink still holds.
-struct Deferred {
-    /// Completed by the sink: `head << 32 | used length`.
-    done: ArrayQueue<u64>,
-    /// Wakes the queue's worker.
-    fd: EventFd,
-    /// Deferred and not yet put in the used ring.
-    pending: AtomicUsize,
-}
-
-impl Completion for Deferred {
-    fn complete(&self, token: u64) {
-        // At most a queue's size of requests is in flight, so this has room.
-        if self.done.push(token).is_err() {
-            tracing::error!("completion queue overflow; a request stays incomplete");
-        }
-        if let Err(error) = self.fd.write(1) {
-            tracing::error!(%error, "cannot wake the queue worker");
-        }
-    }
-}
-
-/// Epoll id of a worker's completion eventfd: after the queues and the
-/// daemon's exit event.
-fn completion_event(num_queues: usize) -> u16 {
-    num_queues as u16 + 1
-}
 
 /// Errors building a block backend.
 #[derive(Debug, thiserror::Error)]
@@ -130,12 +97,6 @@ struct Worker {
     segs: Vec<Segment>,
     /// Host addresses of a write's guest buffers (writes in place).
     iov: request::IoVecs,
-    /// The same addresses for the write's record (`iov` is consumed).
-    iov_rec: request::IoVecs,
-    /// The last write's record waits for the sink (set by `execute`).
-    defer: bool,
-    /// Completion path of this queue for the current front-end.
-    deferred: Option<(Arc<Deferred>, Arc<dyn Completion>)>,
     buf: Vec<u8>,
     scratch: Vec<u8>,
 }
@@ -181,9 +142,6 @@ impl BlockBackend {
                 Mutex::new(Worker {
                     segs: Vec::with_capacity(config.queue_size as usize),
                     iov: request::IoVecs::default(),
-                    iov_rec: request::IoVecs::default(),
-                    defer: false,
-                    deferred: None,
                     buf: Vec::new(),
                     scratch: Vec::new(),
                 })
@@ -278,13 +236,11 @@ impl BlockBackend {
             while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
                 popped += 1;
-                // None: the capture sink completes it later.
-                if let Some(used) = self.handle_chain(&mem, chain, head, q, &mut worker) {
-                    queue
-                        .add_used(&*mem, head, used)
-                        .map_err(io::Error::other)?;
-                    completed += 1;
-                }
+                let used = self.handle_chain(&mem, chain, q, &mut worker);
+                queue
+                    .add_used(&*mem, head, used)
+                    .map_err(io::Error::other)?;
+                completed += 1;
             }
             if !event_idx {
                 break;
@@ -302,58 +258,14 @@ impl BlockBackend {
         Ok(())
     }
 
-    /// The completion path of queue `q` for the current front-end. Taking
-    /// the worker's lock also waits for the batch it may be processing.
-    fn deferred(&self, q: usize) -> Option<Arc<Deferred>> {
-        self.inner
-            .workers
-            .get(q)?
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deferred
-            .as_ref()
-            .map(|(d, _)| d.clone())
-    }
-
-    /// Puts requests the capture sink is done with into the used ring.
-    fn complete_deferred(&self, vring: &VringRwLock<GuestMemAtomic>, q: u16) -> io::Result<()> {
-        let inner = &*self.inner;
-        let Some(d) = self.deferred(q as usize) else {
-            return Ok(());
-        };
-        // Non-blocking; an empty counter only means another wake-up got here first.
-        let _ = d.fd.read();
-        let Some(atomic) = inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut state = vring.get_mut();
-        let mut n = 0usize;
-        let mut result = Ok(());
-        while let Some(token) = d.done.pop() {
-            n += 1;
-            let (head, used) = ((token >> 32) as u16, token as u32);
-            if let Err(e) = state.get_queue_mut().add_used(&*mem, head, used) {
-                result = Err(io::Error::other(e));
-            }
-        }
-        d.pending.fetch_sub(n, Ordering::AcqRel);
-        if n > 0 {
-            signal_if_needed(&mut state, &mem)?;
-        }
-        result
-    }
-
-    /// Handles one chain; returns the used length, or `None` when the
-    /// capture sink completes the request.
+    /// Handles one chain; returns the used length.
     fn handle_chain<M>(
         &self,
         mem: &Arc<GuestMem>,
         chain: virtio_queue::DescriptorChain<M>,
-        head: u16,
         q: u16,
         w: &mut Worker,
-    ) -> Option<u32>
+    ) -> u32
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
@@ -370,53 +282,29 @@ impl BlockBackend {
                             u64::from(status.len) - 1,
                         );
                         if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() {
-                            return Some(1);
+                            return 1;
                         }
                     }
                 }
-                return Some(0);
+                return 0;
             }
         };
-        w.defer = false;
         let (status, written) = self.execute(mem, &req, q, w);
         if mem.write_obj(status as u8, req.status).is_err() {
-            return Some(0);
+            return 0;
         }
         Metrics::add(&inner.metrics.requests, 1);
         if status == VIRTIO_BLK_S_IOERR {
             Metrics::add(&inner.metrics.io_errors, 1);
         }
-        let used = written + 1;
-        if std::mem::take(&mut w.defer) {
-            if let (Some(tee), Some((d, done))) = (&inner.tee, &w.deferred) {
-                d.pending.fetch_add(1, Ordering::AcqRel);
-                let token = u64::from(head) << 32 | u64::from(used);
-                if tee.record_block_in_guest(
-                    &inner.config.device,
-                    q,
-                    req.sector,
-                    block_status(status),
-                    mem.clone(),
-                    &w.iov_rec.0,
-                    done,
-                    token,
-                ) {
-                    return None;
-                }
-                d.pending.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        Some(used)
+        written + 1
     }
 
-    /// Whether a write of `len` bytes is recorded from guest memory (or not
-    /// recorded at all), so it can go to the disk without a copy.
-    fn writes_from_guest(&self, w: &Worker, op: pb::BlockOp, len: u32) -> bool {
+    /// Whether a write is not recorded, so it can go from guest memory to
+    /// the disk without a copy.
+    fn writes_from_guest(&self, op: pb::BlockOp) -> bool {
         let inner = &*self.inner;
-        inner.disk.writes_in_place()
-            && (inner.tee.is_none()
-                || !inner.config.filter.matches(op)
-                || (len >= ZERO_COPY_CAPTURE_MIN && w.deferred.is_some()))
+        inner.disk.writes_in_place() && (inner.tee.is_none() || !inner.config.filter.matches(op))
     }
 
     /// Runs a request; returns the status and bytes written to the guest
@@ -465,32 +353,37 @@ impl BlockBackend {
                     }
                 }
             }
-            RequestType::Out if self.writes_from_guest(w, op, len) => {
-                // No copy: the guest's buffers go straight to pwritev (and,
-                // with the tee on, to the capture sink before completion).
+            RequestType::Out if self.writes_from_guest(op) => {
+                // Not recorded: the guest's buffers go straight to pwritev.
                 let r = match (
                     request::host_iov(mem, &w.segs, request::HEADER_LEN, len, &mut w.iov),
                     off,
                 ) {
-                    (Ok(()), Some(off)) => {
-                        if inner.tee.is_some() && inner.config.filter.matches(op) {
-                            w.iov_rec.0.clear();
-                            w.iov_rec.0.extend_from_slice(&w.iov.0);
-                            w.defer = true;
-                        }
-                        // SAFETY: `host_iov` resolved every entry inside a mapped
-                        // guest memory region; `mem` keeps the mapping alive
-                        // until this call returns.
-                        unsafe { inner.disk.write_iov(off, &mut w.iov.0) }
-                    }
+                    // SAFETY: `host_iov` resolved every entry inside a mapped
+                    // guest memory region; `mem` keeps the mapping alive
+                    // until this call returns.
+                    (Ok(()), Some(off)) => unsafe { inner.disk.write_iov(off, &mut w.iov.0) },
                     _ => Err(DiskError::OutOfRange),
                 };
-                let status = self.write_status(r, req.sector, len);
-                if !w.defer {
-                    // Guest buffers out of range: recorded without data.
-                    self.record(q, op, req.sector, len, None, None, status);
-                }
-                return (status, 0);
+                return (self.write_status(r, req.sector, len), 0);
+            }
+            RequestType::Out if inner.tee.is_some() && inner.config.filter.matches(op) => {
+                // Copied once into the record's buffer; the disk is written
+                // from that copy.
+                let tee = inner.tee.as_ref().expect("checked above");
+                let segs = &w.segs;
+                let scratch = &mut w.scratch;
+                let status =
+                    tee.record_block_with(&inner.config.device, q, op, req.sector, len, |data| {
+                        let gathered =
+                            request::gather(mem, segs, u64::from(request::HEADER_LEN), data);
+                        let r = match (gathered, off) {
+                            (Ok(()), Some(off)) => inner.disk.write(off, data, scratch),
+                            _ => Err(DiskError::OutOfRange),
+                        };
+                        block_status(self.write_status(r, req.sector, len))
+                    });
+                return (virtio_status(status), 0);
             }
             RequestType::Out => {
                 w.buf.resize(len as usize, 0);
@@ -508,14 +401,22 @@ impl BlockBackend {
                     }
                     _ => Err(DiskError::OutOfRange),
                 };
-                let status = self.write_status(r, req.sector, len);
-                self.record_buffer(q, op, req.sector, len, status, w);
-                return (status, 0);
+                return (self.write_status(r, req.sector, len), 0);
             }
-            RequestType::Flush => match inner.disk.flush() {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
-            },
+            RequestType::Flush => {
+                // Write ahead: the records before this FLUSH are durable
+                // before the disk's data is, and before the guest hears back.
+                let captured = match &inner.tee {
+                    Some(tee) => tee.sync().map_err(|error| {
+                        tracing::warn!(device = %inner.config.device, %error, "capture not durable; failing the flush");
+                    }),
+                    None => Ok(()),
+                };
+                match (captured, inner.disk.flush()) {
+                    (Ok(()), Ok(())) => (VIRTIO_BLK_S_OK, 0),
+                    _ => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
             RequestType::GetId => {
                 let mut id = [0u8; request::ID_LEN as usize];
                 let s = inner.config.serial.as_bytes();
@@ -647,6 +548,15 @@ fn signal_if_needed(
     Ok(())
 }
 
+/// The virtio-blk status for a record's status.
+fn virtio_status(status: pb::BlockStatus) -> u32 {
+    match status {
+        pb::BlockStatus::Ok => VIRTIO_BLK_S_OK,
+        pb::BlockStatus::Unsupported => VIRTIO_BLK_S_UNSUPP,
+        pb::BlockStatus::Ioerr => VIRTIO_BLK_S_IOERR,
+    }
+}
+
 /// The record's status for a virtio-blk status.
 fn block_status(status: u32) -> pb::BlockStatus {
     match status {
@@ -738,23 +648,9 @@ impl VhostUserBackend for BlockBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Wait for the worker to finish the batch it may be processing: all
-        // requests it popped are completed or deferred when this lock is
-        // granted. Then wait for the deferred ones: the sink hands them back
-        // and the worker completes them.
-        if let Some(d) = self.deferred(queue_index as usize) {
-            let mut waited = 0u64;
-            while d.pending.load(Ordering::Acquire) > 0 {
-                std::thread::sleep(Duration::from_micros(100));
-                waited += 1;
-                if waited % 50_000 == 0 {
-                    tracing::warn!(
-                        device = %self.inner.config.device,
-                        queue = queue_index,
-                        pending = d.pending.load(Ordering::Acquire),
-                        "still waiting for the capture sink to release requests"
-                    );
-                }
-            }
+        // requests it popped are completed when this lock is granted.
+        if let Some(w) = self.inner.workers.get(queue_index as usize) {
+            drop(w.lock().unwrap_or_else(|p| p.into_inner()));
         }
         Ok(())
     }
@@ -775,12 +671,6 @@ impl VhostUserBackend for BlockBackend {
         if q as usize >= self.inner.config.num_queues {
             return Ok(());
         }
-        if device_event == completion_event(self.inner.config.num_queues) {
-            return match vrings.first() {
-                Some(vring) => self.complete_deferred(vring, q),
-                None => Ok(()),
-            };
-        }
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
@@ -788,38 +678,7 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
-impl crate::server::Serve for BlockBackend {
-    fn on_connect(&self, handlers: &[Arc<VringEpollHandler<Self>>]) -> io::Result<()> {
-        let inner = &*self.inner;
-        if inner.tee.is_none() || !inner.disk.writes_in_place() {
-            return Ok(());
-        }
-        // Thread i serves queue i (see `queues_per_thread`).
-        for (h, worker) in handlers.iter().zip(&inner.workers) {
-            let d = Arc::new(Deferred {
-                done: ArrayQueue::new(usize::from(inner.config.queue_size)),
-                fd: EventFd::new(EFD_NONBLOCK)?,
-                pending: AtomicUsize::new(0),
-            });
-            h.register_listener(
-                d.fd.as_raw_fd(),
-                EventSet::IN,
-                u64::from(completion_event(inner.config.num_queues)),
-            )?;
-            let done: Arc<dyn Completion> = d.clone();
-            worker.lock().unwrap_or_else(|p| p.into_inner()).deferred = Some((d, done));
-        }
-        Ok(())
-    }
-
-    fn on_disconnect(&self) {
-        // Requests the sink still holds belonged to the old front-end; their
-        // completions go to the dropped queues.
-        for worker in &self.inner.workers {
-            worker.lock().unwrap_or_else(|p| p.into_inner()).deferred = None;
-        }
-    }
-}
+impl crate::server::Serve for BlockBackend {}
 
 /// Which mode a block backend runs in (re-exported for binaries).
 pub fn check_mode(mode: Mode, has_overlay: bool) -> Result<(), BlockError> {

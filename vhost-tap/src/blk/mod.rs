@@ -4,5 +4,5 @@ pub mod backend;
 pub mod disk;
 pub mod request;
 
-pub use backend::{BlockBackend, BlockConfig, BlockError, ZERO_COPY_CAPTURE_MIN};
+pub use backend::{BlockBackend, BlockConfig, BlockError};
 pub use disk::{Disk, DiskError};

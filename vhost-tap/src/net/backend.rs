@@ -214,6 +214,9 @@ impl NetBackend {
                 used = total as u32;
                 Metrics::add(&inner.metrics.requests, 1);
                 Metrics::add(&inner.metrics.bytes, frame.len() as u64);
+                // Numbered before the guest can see it: a snapshot cut taken
+                // after GET_VRING_BASE never holds a frame numbered later.
+                self.record(pb::Direction::Rx, frame);
             } else {
                 Metrics::add(&inner.metrics.malformed, 1);
             }
@@ -221,10 +224,6 @@ impl NetBackend {
         queue.add_used(mem, head, used).map_err(io::Error::other)?;
         if queue.needs_notification(mem).map_err(io::Error::other)? {
             vs.signal_used_queue()?;
-        }
-        if used > 0 {
-            drop(vs);
-            self.record(pb::Direction::Rx, frame);
         }
         Ok(true)
     }
