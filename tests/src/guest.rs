@@ -15,6 +15,12 @@ pub enum GuestError {
          or point $VMR_GUEST_LINUX at a built image directory"
     )]
     Missing { dir: PathBuf },
+    #[error(
+        "demo-linux image not found in {dir} (no image.toml naming demo-linux): run \
+         guest/linux/build.sh (scripts/setup.sh does) or point $VMR_DEMO_LINUX at a built \
+         image directory"
+    )]
+    MissingDemoLinux { dir: PathBuf },
     #[error("could not read {path}")]
     Read {
         path: PathBuf,
@@ -138,6 +144,91 @@ impl GuestImage {
     }
 }
 
+/// Name of the Linux machine image that runs the key-value service.
+pub const DEMO_LINUX: &str = "demo-linux";
+/// TCP port of the demo-linux key-value service (`vmr.service_port`).
+pub const SERVICE_PORT: u16 = 7000;
+/// Protocol name of the key-value service in `image.toml`.
+pub const SERVICE_PROTOCOL: &str = "vmr-kv-1";
+/// Bytes per stored record: record `n` is the block at byte `n * KV_BLOCK`.
+pub const KV_BLOCK: usize = 4096;
+/// Longest key the service stores; a longer one overflows its key buffer and
+/// panics the guest kernel.
+pub const KV_KEY_MAX: usize = 200;
+
+/// The demo-linux machine-image directory: `$VMR_DEMO_LINUX`, else
+/// `$VMR_GUEST_LINUX`, else `<cache>/demo-linux` (the symlink
+/// `guest/linux/build.sh` maintains). The directory must hold an
+/// `image.toml` whose name is `demo-linux`.
+pub fn demo_linux_dir() -> Result<PathBuf, GuestError> {
+    let dir = std::env::var_os("VMR_DEMO_LINUX")
+        .or_else(|| std::env::var_os("VMR_GUEST_LINUX"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::cache_dir().join(DEMO_LINUX));
+    let manifest = dir.join("image.toml");
+    let text = match std::fs::read_to_string(&manifest) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(GuestError::MissingDemoLinux { dir })
+        }
+        Err(source) => {
+            return Err(GuestError::Read {
+                path: manifest,
+                source,
+            })
+        }
+    };
+    let named = text
+        .lines()
+        .any(|l| l.trim() == format!("name = \"{DEMO_LINUX}\""));
+    if named {
+        Ok(dir)
+    } else {
+        Err(GuestError::MissingDemoLinux { dir })
+    }
+}
+
+/// The 4096-byte block the key-value service writes for record `n`: the line
+/// `<n> <key> <value>\n` padded with zero bytes, or `None` if it does not fit.
+pub fn kv_record(n: u64, key: &str, value: &str) -> Option<Vec<u8>> {
+    let mut block = format!("{n} {key} {value}\n").into_bytes();
+    if block.len() > KV_BLOCK {
+        return None;
+    }
+    block.resize(KV_BLOCK, 0);
+    Some(block)
+}
+
+/// A `VMR-STORED` marker: the service stored record `n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub n: u64,
+    pub keylen: usize,
+    /// SHA-256 of the 4096-byte block, lower-case hex.
+    pub sha256: String,
+}
+
+/// Parses `VMR-STORED n=<n> keylen=<len> sha256=<hex>`.
+pub fn parse_stored(line: &str) -> Option<Stored> {
+    let rest = line.trim().strip_prefix("VMR-STORED ")?;
+    let (mut n, mut keylen, mut sha256) = (None, None, None);
+    for kv in rest.split_whitespace() {
+        match kv.split_once('=') {
+            Some(("n", v)) => n = v.parse().ok(),
+            Some(("keylen", v)) => keylen = v.parse().ok(),
+            Some(("sha256", v)) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                sha256 = Some(v.to_ascii_lowercase())
+            }
+            _ => {}
+        }
+    }
+    Some(Stored {
+        n: n?,
+        keylen: keylen?,
+        sha256: sha256?,
+    })
+}
+
 /// The `VMR-DONE` summary: steps that succeeded and failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
@@ -188,6 +279,26 @@ mod tests {
         // Each block must lie below the disk size the workloads need.
         let last = disk_blocks("t1", 2).pop().expect("four blocks");
         assert!(last.offset + last.data.len() as u64 <= MIN_DISK_BYTES);
+    }
+
+    #[test]
+    fn kv_records_and_stored_markers() {
+        let r = kv_record(3, "k", "v w").expect("fits");
+        assert_eq!(r.len(), KV_BLOCK);
+        assert!(r.starts_with(b"3 k v w\n\0"));
+        assert!(r[8..].iter().all(|&b| b == 0));
+        assert!(kv_record(0, "k", &"v".repeat(KV_BLOCK)).is_none());
+        let line = format!("VMR-STORED n=2 keylen=200 sha256={}", "ab".repeat(32));
+        assert_eq!(
+            parse_stored(&line),
+            Some(Stored {
+                n: 2,
+                keylen: 200,
+                sha256: "ab".repeat(32)
+            })
+        );
+        assert_eq!(parse_stored("VMR-STORED n=2 keylen=1 sha256=zz"), None);
+        assert_eq!(parse_stored("VMR-READY n=2"), None);
     }
 
     #[test]
