@@ -346,10 +346,30 @@ async fn bad_input_gets_confluent_errors() {
     assert_eq!(client.delete_subject("x-value", true).await.unwrap(), [1]);
 }
 
+/// A raw GET: status and JSON body.
+async fn raw_get(url: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(url).await.expect("request completes");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body is text");
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, body)
+}
+
+fn assert_unavailable(what: &str, status: u16, body: &serde_json::Value) {
+    assert_eq!(status, 503, "{what}: {body}");
+    let code = body["error_code"].as_i64().unwrap_or_default();
+    assert!((50001..=50003).contains(&code), "{what}: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {body}"
+    );
+}
+
 #[tokio::test]
 // Heavy: needs the Tansu broker and the schema-registry binary.
-async fn broker_outage_gives_json_5xx_and_the_registry_recovers() {
+async fn broker_outage_gives_json_503_and_the_registry_recovers() {
     let (mut broker, registry, client) = start();
+    let base = client.base_url().to_string();
     let id = client
         .register("before-value", &SchemaRequest::protobuf(V1))
         .await
@@ -363,15 +383,46 @@ async fn broker_outage_gives_json_5xx_and_the_registry_recovers() {
         .expect_err("no broker, no write");
     match &err {
         ClientError::Api { status, code, .. } => {
-            assert_eq!(*status, 500, "{err}");
+            assert_eq!(*status, 503, "{err}");
             assert!((50001..=50003).contains(code), "{err}");
         }
-        other => panic!("expected a JSON 5xx, got {other:?}"),
+        other => panic!("expected a JSON 503, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(30));
-    // Reads of what is known keep working.
+    // Reads of what is known answer from memory.
     assert_eq!(client.subjects().await.unwrap(), ["before-value"]);
     assert_eq!(client.schema_by_id(id).await.unwrap().schema, V1.trim());
+    let (status, body) = raw_get(&format!("{base}/schemas/ids/{id}?format=serialized")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.version("before-value", "1").await.unwrap().id, id);
+    let found = client
+        .lookup("before-value", &SchemaRequest::protobuf(V1))
+        .await
+        .unwrap();
+    assert_eq!(found.id, id);
+    // Anything that needs the broker: 503 with Confluent's error body.
+    let (status, body) = raw_get(&format!("{base}/schemas/ids/{}", id + 100)).await;
+    assert_unavailable("unknown id", status, &body);
+    let (status, body) = raw(
+        "PUT",
+        &format!("{base}/mode/before-value"),
+        "application/json",
+        br#"{"mode":"READONLY"}"#.to_vec(),
+    )
+    .await;
+    assert_unavailable("mode change", status, &serde_json::to_value(&body).unwrap());
+    let (status, body) = raw(
+        "DELETE",
+        &format!("{base}/subjects/before-value/versions/1"),
+        "application/json",
+        Vec::new(),
+    )
+    .await;
+    assert_unavailable(
+        "version delete",
+        status,
+        &serde_json::to_value(&body).unwrap(),
+    );
 
     broker.restart().expect("broker comes back");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -397,6 +448,16 @@ async fn broker_outage_gives_json_5xx_and_the_registry_recovers() {
     assert!(
         subjects.contains(&"before-value".to_string()),
         "{subjects:?}"
+    );
+    // The unknown id is now a plain 404, and writes of every kind work.
+    let (status, body) = raw_get(&format!("{base}/schemas/ids/{}", id + 100)).await;
+    assert_eq!((status, body["error_code"].as_i64()), (404, Some(40403)));
+    assert_eq!(
+        client
+            .set_mode(Some("before-value"), "READONLY", false)
+            .await
+            .unwrap(),
+        "READONLY"
     );
 }
 
