@@ -142,9 +142,9 @@ impl DriverError {
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            DriverError::UnknownDriver(_) | DriverError::Image { .. } | DriverError::Spec { .. } => {
-                ErrorKind::InvalidArgument
-            }
+            DriverError::UnknownDriver(_)
+            | DriverError::Image { .. }
+            | DriverError::Spec { .. } => ErrorKind::InvalidArgument,
             DriverError::MissingProgram { .. }
             | DriverError::State { .. }
             | DriverError::Unsupported { .. } => ErrorKind::FailedPrecondition,

@@ -189,7 +189,11 @@ fn image_file(dir: &Path, field: &str, rel: &str) -> Result<PathBuf, DriverError
     }
     let full = dir.join(p);
     if !full.is_file() {
-        return Err(bad(dir, field, format!("{} does not exist", full.display())));
+        return Err(bad(
+            dir,
+            field,
+            format!("{} does not exist", full.display()),
+        ));
     }
     Ok(full)
 }
@@ -204,9 +208,13 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 impl MachineImage {
     /// Loads and validates `<dir>/image.toml`.
     pub fn load(dir: &Path) -> Result<Self, DriverError> {
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| bad(dir, "image", format!("cannot open the image directory: {e}")))?;
+        let dir = dir.canonicalize().map_err(|e| {
+            bad(
+                dir,
+                "image",
+                format!("cannot open the image directory: {e}"),
+            )
+        })?;
         let path = dir.join(IMAGE_FILE);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| bad(&dir, IMAGE_FILE, format!("cannot read it: {e}")))?;
@@ -241,7 +249,10 @@ impl MachineImage {
             return Err(bad(
                 dir,
                 "name",
-                format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", raw.name),
+                format!(
+                    "{:?} must be non-empty letters, digits, '-', '_' or '.'",
+                    raw.name
+                ),
             ));
         }
         if raw.drivers.is_empty() {
@@ -282,10 +293,16 @@ impl MachineImage {
         for (i, d) in raw.disks.iter().enumerate() {
             let field = format!("disks[{i}]");
             if d.name.is_empty() || !names.insert(d.name.clone()) {
-                return Err(bad(dir, format!("{field}.name"), format!("{:?} is empty or used twice", d.name)));
+                return Err(bad(
+                    dir,
+                    format!("{field}.name"),
+                    format!("{:?} is empty or used twice", d.name),
+                ));
             }
             let source = match (d.size_mib, &d.file) {
-                (Some(0), None) => return Err(bad(dir, format!("{field}.size_mib"), "must be positive")),
+                (Some(0), None) => {
+                    return Err(bad(dir, format!("{field}.size_mib"), "must be positive"))
+                }
                 (Some(s), None) => DiskSource::Blank(s << 20),
                 (None, Some(f)) => DiskSource::File(image_file(dir, &format!("{field}.file"), f)?),
                 _ => {
@@ -305,27 +322,38 @@ impl MachineImage {
         for (i, n) in raw.nics.iter().enumerate() {
             let field = format!("nics[{i}]");
             if n.name.is_empty() || !names.insert(n.name.clone()) {
-                return Err(bad(dir, format!("{field}.name"), format!("{:?} is empty or used twice", n.name)));
+                return Err(bad(
+                    dir,
+                    format!("{field}.name"),
+                    format!("{:?} is empty or used twice", n.name),
+                ));
             }
             let mac = n
                 .mac
                 .parse()
                 .map_err(|e: String| bad(dir, format!("{field}.mac"), e))?;
-            let ip = n
-                .ip
-                .as_deref()
-                .map(|s| {
-                    parse_cidr(s).ok_or_else(|| {
-                        bad(dir, format!("{field}.ip"), format!("{s:?} is not an IPv4 address/prefix"))
+            let ip =
+                n.ip.as_deref()
+                    .map(|s| {
+                        parse_cidr(s).ok_or_else(|| {
+                            bad(
+                                dir,
+                                format!("{field}.ip"),
+                                format!("{s:?} is not an IPv4 address/prefix"),
+                            )
+                        })
                     })
-                })
-                .transpose()?;
+                    .transpose()?;
             let peer = n
                 .peer
                 .as_deref()
                 .map(|s| {
                     s.parse().map_err(|_| {
-                        bad(dir, format!("{field}.peer"), format!("{s:?} is not an IPv4 address"))
+                        bad(
+                            dir,
+                            format!("{field}.peer"),
+                            format!("{s:?} is not an IPv4 address"),
+                        )
                     })
                 })
                 .transpose()?;
@@ -468,7 +496,9 @@ protocol = "vmr-kv-1"
         assert_eq!(img.nics[0].ip, Some((Ipv4Addr::new(192, 168, 77, 2), 24)));
         assert_eq!(img.service.as_ref().unwrap().port, 7000);
         let spec = img
-            .instance_spec("qemu", "i-1", d.path(), |n| d.path().join(format!("{n}.sock")))
+            .instance_spec("qemu", "i-1", d.path(), |n| {
+                d.path().join(format!("{n}.sock"))
+            })
             .unwrap();
         assert_eq!(spec.memory_mib, 512);
         assert_eq!(spec.nics[0].mac.to_string(), "52:54:00:12:34:56");
@@ -485,17 +515,29 @@ protocol = "vmr-kv-1"
         let d = dir();
         let p = d.path();
         assert!(err(p, "").contains("missing field"));
-        assert!(err(p, &GOOD.replace("format_version = 1", "format_version = 9")).contains("format_version"));
+        assert!(
+            err(p, &GOOD.replace("format_version = 1", "format_version = 9"))
+                .contains("format_version")
+        );
         assert!(err(p, &GOOD.replace("\"vmlinuz\"", "\"nope\"")).contains("boot.kernel"));
         assert!(err(p, &GOOD.replace("\"vmlinuz\"", "\"../vmlinuz\"")).contains("relative path"));
         assert!(err(p, &GOOD.replace("52:54:00:12:34:56", "52:54")).contains("nics[0].mac"));
         assert!(err(p, &GOOD.replace("/24", "/40")).contains("nics[0].ip"));
         assert!(err(p, &GOOD.replace("[\"qemu\"]", "[\"xen\"]")).contains("drivers[0]"));
-        assert!(err(p, &GOOD.replace("memory_mib = 512", "memory_mib = 1")).contains("machine.memory_mib"));
-        assert!(err(p, &GOOD.replace("size_mib = 64", "size_mib = 64\nfile = \"initrd\"")).contains("disks[0]"));
-        assert!(err(p, &GOOD.replace("vcpus = 1", "vcpus = 1\nbogus = 2")).contains("unknown field"));
+        assert!(err(p, &GOOD.replace("memory_mib = 512", "memory_mib = 1"))
+            .contains("machine.memory_mib"));
+        assert!(err(
+            p,
+            &GOOD.replace("size_mib = 64", "size_mib = 64\nfile = \"initrd\"")
+        )
+        .contains("disks[0]"));
+        assert!(
+            err(p, &GOOD.replace("vcpus = 1", "vcpus = 1\nbogus = 2")).contains("unknown field")
+        );
         assert!(err(p, &GOOD.replace("name = \"net0\"", "name = \"vda\"")).contains("nics[0].name"));
-        let e = MachineImage::load(&p.join("missing")).unwrap_err().to_string();
+        let e = MachineImage::load(&p.join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot open the image directory"), "{e}");
     }
 }

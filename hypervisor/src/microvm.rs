@@ -23,8 +23,8 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use vmr_proto::domain::LifecycleKind;
-use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::dirty_log::DirtyLog;
+use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::snapshot::RestoreMemory;
@@ -217,7 +217,10 @@ fn spawn_debugger(
     shared: &Arc<Shared>,
 ) -> Result<std::net::SocketAddr, DriverError> {
     let DebugListen::Tcp(addr) = listen else {
-        return Err(DriverError::spec("debug", "the microVM debugger listens on TCP"));
+        return Err(DriverError::spec(
+            "debug",
+            "the microVM debugger listens on TCP",
+        ));
     };
     let listener = TcpListener::bind(addr).map_err(DriverError::io(format!("debugger {addr}")))?;
     let bound = listener
@@ -324,7 +327,10 @@ impl Driver for MicrovmDriver {
         };
         for (i, d) in spec.disks.iter().enumerate() {
             let dev = attach(DeviceKind::Block, &d.socket, [0; 6]).map_err(|e| {
-                DriverError::spec(format!("disks[{i}]"), format!("{}: {e}", d.socket.display()))
+                DriverError::spec(
+                    format!("disks[{i}]"),
+                    format!("{}: {e}", d.socket.display()),
+                )
             })?;
             saved.push(SavedDevice {
                 id: vmr_vmm::vm::SnapshotDevice::id(dev.as_ref()),
@@ -361,24 +367,28 @@ impl Driver for MicrovmDriver {
         check_spec(spec)?;
         let arts = SnapshotArtifacts::load(snapshot_dir, NAME)?;
         let dev_art = arts.get("devices")?;
-        let devices: Vec<SavedDevice> = serde_json::from_slice(
-            &std::fs::read(snapshot_dir.join(&dev_art.file)).map_err(|e| {
-                DriverError::Artifact {
+        let devices: Vec<SavedDevice> =
+            serde_json::from_slice(&std::fs::read(snapshot_dir.join(&dev_art.file)).map_err(
+                |e| DriverError::Artifact {
                     artifact: "devices".into(),
                     reason: e.to_string(),
-                }
-            })?,
-        )
-        .map_err(|e| DriverError::Artifact {
-            artifact: "devices".into(),
-            reason: format!("malformed: {e}"),
-        })?;
+                },
+            )?)
+            .map_err(|e| DriverError::Artifact {
+                artifact: "devices".into(),
+                reason: format!("malformed: {e}"),
+            })?;
         let socket_of = |name: &str| -> Option<PathBuf> {
             spec.disks
                 .iter()
                 .find(|d| d.name == name)
                 .map(|d| d.socket.clone())
-                .or_else(|| spec.nics.iter().find(|n| n.name == name).map(|n| n.socket.clone()))
+                .or_else(|| {
+                    spec.nics
+                        .iter()
+                        .find(|n| n.name == name)
+                        .map(|n| n.socket.clone())
+                })
         };
         for d in &devices {
             if socket_of(&d.name).is_none() {
@@ -566,9 +576,10 @@ impl Instance for MicrovmInstance {
             drop(vm);
         }
         if self.shared.exit.lock().is_none() {
-            self.shared
-                .events
-                .publish(DriverEvent::now(LifecycleKind::Shutdown, "stopped by the driver"));
+            self.shared.events.publish(DriverEvent::now(
+                LifecycleKind::Shutdown,
+                "stopped by the driver",
+            ));
             self.shared.finish(ExitInfo {
                 code: None,
                 signal: None,
@@ -620,17 +631,21 @@ impl Instance for MicrovmInstance {
         self.shared.console.subscribe()
     }
 
-    fn snapshot(&self, dir: &Path, opts: SnapshotOptions) -> Result<SnapshotArtifacts, DriverError> {
+    fn snapshot(
+        &self,
+        dir: &Path,
+        opts: SnapshotOptions,
+    ) -> Result<SnapshotArtifacts, DriverError> {
         let vm = self.vm()?;
         let parent = match opts.memory {
             MemoryKind::Full => None,
-            MemoryKind::Incremental => Some(self.last_snapshot.lock().clone().ok_or_else(|| {
-                DriverError::State {
+            MemoryKind::Incremental => Some(self.last_snapshot.lock().clone().ok_or_else(
+                || DriverError::State {
                     operation: "an incremental snapshot".into(),
                     state: "without a previous snapshot".into(),
                     needs: "a full snapshot first".into(),
-                }
-            })?),
+                },
+            )?),
         };
         let was_running = vm.state() == VmRunState::Running;
         let started = Instant::now();
