@@ -21,6 +21,7 @@ mod error;
 pub mod events;
 pub mod image;
 pub mod microvm;
+pub mod qemu;
 pub mod spec;
 
 use std::path::{Path, PathBuf};
@@ -178,6 +179,7 @@ pub trait Instance: Send + Sync {
 /// The driver called `name`.
 pub fn driver(name: &str) -> Result<Box<dyn Driver>, DriverError> {
     match name {
+        qemu::NAME => Ok(Box::new(qemu::QemuDriver)),
         microvm::NAME => Ok(Box::new(microvm::MicrovmDriver)),
         _ => Err(DriverError::UnknownDriver(name.to_string())),
     }
