@@ -1,6 +1,7 @@
 //! VMM timings in one table: start to first guest instruction, pause,
-//! snapshot (full and incremental) and restore to the first guest
-//! instruction, for 128 MiB and 512 MiB guests.
+//! snapshot (full and incremental, each with and without the fsync that
+//! makes it durable) and restore to the first guest instruction, for
+//! 128 MiB and 512 MiB guests.
 //!
 //! `cargo bench -p vmr-vmm` (needs /dev/kvm and make + gcc for the test
 //! guest). Firecracker's published figures are shown for comparison.
@@ -101,6 +102,7 @@ fn main() {
         let mem = mem_mib << 20;
         let (mut pause, mut full, mut inc, mut restore_lazy, mut restore_copy) =
             (vec![], vec![], vec![], vec![], vec![]);
+        let (mut full_nosync, mut inc_nosync) = (vec![], vec![]);
         let mut full_pages = 0;
         let mut inc_pages = 0;
         for run in 0..RUNS {
@@ -115,22 +117,39 @@ fn main() {
                 .expect("full");
             full.push(ms(t.elapsed()));
             full_pages = f.pages;
-            vm.resume().expect("resume");
-            let mut cmd = vec![CMD_DIRTY];
-            cmd.extend(0..DIRTY_PAGES);
-            cmd.push(END_OF_LIST);
-            ports.push_commands(&cmd);
-            assert!(
-                ports.wait(WAIT, |s| !s.done.is_empty()),
-                "dirty workload did not finish"
-            );
-            vm.pause().expect("pause");
+            vm.set_sync_snapshots(false);
             let t = Instant::now();
-            let i = vm
-                .snapshot(&dir.join("inc"), MemoryKind::Incremental)
-                .expect("incremental");
-            inc.push(ms(t.elapsed()));
-            inc_pages = i.pages;
+            vm.snapshot(&dir.join("base-nosync"), MemoryKind::Full)
+                .expect("full");
+            full_nosync.push(ms(t.elapsed()));
+            vm.set_sync_snapshots(true);
+            vm.resume().expect("resume");
+            // Two rounds of the same dirty workload: the first increment is
+            // fsync'd, the second is not.
+            for round in 1..=2 {
+                let mut cmd = vec![CMD_DIRTY];
+                cmd.extend(0..DIRTY_PAGES);
+                cmd.push(END_OF_LIST);
+                ports.push_commands(&cmd);
+                assert!(
+                    ports.wait(WAIT, |s| s.done.len() >= round),
+                    "dirty workload did not finish"
+                );
+                vm.pause().expect("pause");
+                vm.set_sync_snapshots(round == 1);
+                let t = Instant::now();
+                let i = vm
+                    .snapshot(&dir.join(format!("inc{round}")), MemoryKind::Incremental)
+                    .expect("incremental");
+                if round == 1 {
+                    inc.push(ms(t.elapsed()));
+                    inc_pages = i.pages;
+                } else {
+                    inc_nosync.push(ms(t.elapsed()));
+                }
+                vm.resume().expect("resume");
+            }
+            vm.pause().expect("pause");
             drop(vm);
 
             for (mode, out) in [
@@ -139,7 +158,7 @@ fn main() {
             ] {
                 let t = Instant::now();
                 let (clone, _) = Vm::restore(
-                    &dir.join("inc"),
+                    &dir.join("inc1"),
                     RestoreOptions {
                         memory: mode,
                         ..Default::default()
@@ -164,13 +183,19 @@ fn main() {
             anchor: "-",
         });
         rows.push(Row {
-            what: format!("full snapshot ({mem_mib} MiB)"),
+            what: format!("full snapshot, fsync'd ({mem_mib} MiB)"),
             ours: median(full),
             note: format!("{full_pages} pages written"),
             anchor: "-",
         });
         rows.push(Row {
-            what: format!("incremental snapshot ({mem_mib} MiB)"),
+            what: format!("full snapshot, no fsync ({mem_mib} MiB)"),
+            ours: median(full_nosync),
+            note: format!("{full_pages} pages written"),
+            anchor: "-",
+        });
+        rows.push(Row {
+            what: format!("incremental snapshot, fsync'd ({mem_mib} MiB)"),
             ours: median(inc),
             note: format!("{inc_pages} dirty pages"),
             anchor: if mem_mib == 512 {
@@ -178,6 +203,12 @@ fn main() {
             } else {
                 "-"
             },
+        });
+        rows.push(Row {
+            what: format!("incremental snapshot, no fsync ({mem_mib} MiB)"),
+            ours: median(inc_nosync),
+            note: format!("{inc_pages} dirty pages"),
+            anchor: "-",
         });
         rows.push(Row {
             what: format!("restore to first instruction, private lazy ({mem_mib} MiB)"),

@@ -141,16 +141,22 @@ fn snapshot_on_signal_writes_a_full_then_incremental_snapshots() {
     // Give the process time to install its SIGUSR1 handler.
     std::thread::sleep(Duration::from_millis(500));
     for n in 0..2 {
+        // One signal per snapshot: a signal that arrives while a snapshot
+        // is being written asks for another one right after it, before the
+        // guest has run again.
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
         let state = snaps.join(format!("{n:04}")).join("vmstate.bin");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !state.exists() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
             assert!(std::time::Instant::now() < deadline, "no snapshot {n}");
             assert!(child.try_wait().is_none(), "vmm exited");
         }
+        // Let the guest run (and dirty its counter page) in between.
+        std::thread::sleep(Duration::from_millis(300));
     }
+    assert!(!snaps.join("0002").exists(), "one snapshot per signal");
     child.stop(Duration::from_secs(5));
     let full = SnapshotData::load(&snaps.join("0000")).expect("full");
     assert_eq!(full.meta.memory.kind, MemoryKind::Full);

@@ -7,15 +7,15 @@ mod common;
 use std::time::Duration;
 
 use common::require_kvm;
+use crossbeam_channel::Receiver;
 use vmr_proto::LifecycleKind;
 use vmr_vmm::boot::layout::HIMEM_START;
 use vmr_vmm::vcpu::{guest_debug, DebugEvent, VmEvent};
 use vmr_vmm::vm::{BootSource, Vm, VmConfig};
 
-fn next_debug(vm: &Vm) -> DebugEvent {
+fn next_debug(events: &Receiver<VmEvent>) -> DebugEvent {
     loop {
-        match vm
-            .events()
+        match events
             .recv_timeout(Duration::from_secs(30))
             .expect("an event")
         {
@@ -40,6 +40,7 @@ fn single_step_and_hw_breakpoint_stop_the_vcpu() {
     .expect("VM");
     vm.load(&BootSource::FlatBytes(code.to_vec()))
         .expect("loads");
+    let events = vm.subscribe();
     vm.start_paused().expect("starts paused");
     let v = &vm.vcpus()[0];
     assert_eq!(v.get_regs().expect("regs").rip, HIMEM_START);
@@ -47,21 +48,21 @@ fn single_step_and_hw_breakpoint_stop_the_vcpu() {
     v.set_guest_debug(guest_debug(true, &[], false))
         .expect("single step");
     vm.resume().expect("resume");
-    let d = next_debug(&vm);
+    let d = next_debug(&events);
     assert_eq!(
         (d.vcpu, d.exception, d.pc),
         (0, 1, HIMEM_START + 1),
         "{d:?}"
     );
     v.resume().expect("step again");
-    let d = next_debug(&vm);
+    let d = next_debug(&events);
     assert_eq!(d.pc, HIMEM_START + 2);
 
     // A hardware breakpoint on the last nop; no single-stepping.
     v.set_guest_debug(guest_debug(false, &[HIMEM_START + 4], false))
         .expect("breakpoint");
     v.resume().expect("run to the breakpoint");
-    let d = next_debug(&vm);
+    let d = next_debug(&events);
     assert_eq!(d.pc, HIMEM_START + 4, "{d:?}");
     let mut regs = v.get_regs().expect("regs");
     assert_eq!(regs.rax & 0xff, 5);

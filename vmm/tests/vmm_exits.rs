@@ -64,9 +64,19 @@ fn i8042_reset_and_debug_exit_are_shutdowns() {
         HIMEM_START + 4,
         "the out instruction completed"
     );
-    assert!(
-        events.is_empty(),
-        "Boot precedes the stop, nothing follows it: {events:?}"
+    assert_eq!(
+        events,
+        vec![
+            VmEvent::Lifecycle(Lifecycle {
+                kind: LifecycleKind::Boot,
+                detail: String::new(),
+                regs: Vec::new(),
+                gap: None,
+                snapshot_id: None,
+            }),
+            VmEvent::Lifecycle(stop.clone())
+        ],
+        "Boot precedes the stop, nothing follows it"
     );
     // mov al, 42; out 0xf4, al
     let (stop, _) = run_flat(&[0xb0, 42, 0xe6, 0xf4, 0xeb, 0xfe], false);

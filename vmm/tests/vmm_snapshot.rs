@@ -236,3 +236,150 @@ fn two_vcpus_pause_snapshot_and_restore() {
     clone.pause().expect("pause");
     assert_eq!(ports.with(|s| s.values[..100].to_vec()), original);
 }
+
+fn arena_word(img: &[u8], page: u32) -> u64 {
+    let o = (ARENA_GPA + u64::from(page) * PAGE_SIZE) as usize;
+    u64::from_le_bytes(img[o..o + 8].try_into().expect("8 bytes"))
+}
+
+#[test]
+// Heavy: needs /dev/kvm.
+fn a_failed_incremental_snapshot_keeps_its_dirty_pages_for_the_next_one() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = boot(64 << 20);
+    let dev = FaultDevice::new("fault");
+    g.vm.add_snapshot_device(dev.clone());
+    g.vm.pause().expect("pause");
+    let base = dir.path().join("base");
+    g.vm.snapshot(&base, MemoryKind::Full).expect("base");
+    g.vm.resume().expect("resume");
+
+    // Pages the guest writes (KVM's log) and one a "backend" writes
+    // behind KVM's back (the device's report).
+    let guest_pages = [3u32, 7, 900];
+    dirty(&g.ports, &guest_pages, 0);
+    g.vm.pause().expect("pause");
+    let backend_page = 500u32;
+    let backend_gpa = ARENA_GPA + u64::from(backend_page) * PAGE_SIZE;
+    dev.write_behind_kvm(&g.vm, backend_gpa, b"written by a backend");
+
+    // 1: the memory file cannot be created (a directory is in its way),
+    // after KVM's log and the device's pages were drained.
+    let blocked = dir.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("memory.diff")).expect("mkdir");
+    let e =
+        g.vm.snapshot(&blocked, MemoryKind::Incremental)
+            .expect_err("memory.diff is a directory");
+    assert!(e.to_string().contains("memory.diff"), "{e}");
+    assert!(!blocked.join("vmstate.bin").exists());
+    // 2: a device cannot save its state.
+    dev.fail_save.store(true, SeqCst);
+    let e =
+        g.vm.snapshot(&dir.path().join("refused"), MemoryKind::Incremental)
+            .expect_err("the device fails");
+    assert!(e.to_string().contains("injected save failure"), "{e}");
+    dev.fail_save.store(false, SeqCst);
+
+    // The next incremental snapshot still has every page since the base.
+    let good = dir.path().join("good");
+    let info =
+        g.vm.snapshot(&good, MemoryKind::Incremental)
+            .expect("incremental");
+    let mut want = gpa_pages(&guest_pages);
+    want.insert(backend_gpa / PAGE_SIZE);
+    assert_eq!(
+        info.dirty_pages.iter().copied().collect::<BTreeSet<_>>(),
+        want,
+        "the pages drained by the failed snapshots are in the next one"
+    );
+    // Its parent is the last snapshot that succeeded.
+    let meta = SnapshotData::load(&good).expect("state").meta;
+    assert_eq!(
+        meta.memory.parent.as_deref(),
+        Some(std::path::Path::new("../base"))
+    );
+    // SAFETY: paused; nothing writes guest memory.
+    let live = unsafe { g.vm.memory().as_slice() }.to_vec();
+    drop(g);
+
+    let chained = restore_memory(&good, RestoreMemory::SharedCopy).expect("chain");
+    // SAFETY: this memory belongs to no VM.
+    let chained = unsafe { chained.as_slice() }.to_vec();
+    assert!(
+        chained == live,
+        "base + increment differs from the VM's memory"
+    );
+    for p in guest_pages {
+        assert_eq!(arena_word(&chained, p), dirty_pattern(p, 1));
+    }
+    let o = backend_gpa as usize;
+    assert_eq!(&chained[o..o + 20], b"written by a backend");
+}
+
+#[test]
+// Heavy: needs /dev/kvm.
+fn a_chain_of_three_moved_elsewhere_restores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chain = dir.path().join("chain");
+    let g = boot(64 << 20);
+    g.vm.pause().expect("pause");
+    g.vm.snapshot(&chain.join("0000"), MemoryKind::Full)
+        .expect("0000");
+    g.vm.resume().expect("resume");
+    dirty(&g.ports, &[1, 2, 3], 0);
+    g.vm.pause().expect("pause");
+    g.vm.snapshot(&chain.join("0001"), MemoryKind::Incremental)
+        .expect("0001");
+    g.vm.resume().expect("resume");
+    dirty(&g.ports, &[2, 50], 1);
+    g.vm.pause().expect("pause");
+    g.vm.snapshot(&chain.join("0002"), MemoryKind::Incremental)
+        .expect("0002");
+    // SAFETY: paused; nothing writes guest memory.
+    let live = unsafe { g.vm.memory().as_slice() }.to_vec();
+    drop(g);
+    for (child, parent) in [("0001", "../0000"), ("0002", "../0001")] {
+        let meta = SnapshotData::load(&chain.join(child)).expect("state").meta;
+        assert_eq!(
+            meta.memory.parent.as_deref(),
+            Some(std::path::Path::new(parent)),
+            "{child} names its parent relative to itself"
+        );
+    }
+
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    let moved = elsewhere.join("moved");
+    std::fs::rename(&chain, &moved).expect("move the chain");
+    assert!(!chain.exists());
+
+    let img = restore_memory(&moved.join("0002"), RestoreMemory::SharedCopy).expect("chain");
+    // SAFETY: this memory belongs to no VM.
+    let img = unsafe { img.as_slice() }.to_vec();
+    assert!(img == live, "the moved chain differs from the VM's memory");
+    assert_eq!(arena_word(&img, 1), dirty_pattern(1, 1));
+    assert_eq!(arena_word(&img, 2), dirty_pattern(2, 2));
+    assert_eq!(arena_word(&img, 50), dirty_pattern(50, 2));
+
+    // A clone from the moved chain runs, and its own increment chains on.
+    let (clone, ports, _serial) = restore(&moved.join("0002"), RestoreMemory::PrivateLazy);
+    clone.resume().expect("resume");
+    dirty(&ports, &[5], 0);
+    clone.pause().expect("pause");
+    let i3 = clone
+        .snapshot(&moved.join("0003"), MemoryKind::Incremental)
+        .expect("0003");
+    assert_eq!(
+        i3.dirty_pages.iter().copied().collect::<BTreeSet<_>>(),
+        gpa_pages(&[5])
+    );
+    // SAFETY: paused.
+    let live = unsafe { clone.memory().as_slice() }.to_vec();
+    drop(clone);
+    let img = restore_memory(&moved.join("0003"), RestoreMemory::SharedCopy).expect("chain");
+    // SAFETY: this memory belongs to no VM.
+    let img = unsafe { img.as_slice() }.to_vec();
+    assert!(img == live);
+    assert_eq!(arena_word(&img, 5), dirty_pattern(5, 3));
+}

@@ -222,3 +222,88 @@ pub fn restore_clone(
         devices,
     }
 }
+
+/// A snapshot device for fault injection around a real VM: its pause or
+/// its save can be made to fail, it counts its calls, and it reports the
+/// pages a test wrote behind KVM's back (as a vhost-user backend's log
+/// would).
+pub struct FaultDevice {
+    id: String,
+    pub fail_pause: std::sync::atomic::AtomicBool,
+    pub fail_save: std::sync::atomic::AtomicBool,
+    pub pauses: std::sync::atomic::AtomicUsize,
+    pub resumes: std::sync::atomic::AtomicUsize,
+    paused: std::sync::atomic::AtomicBool,
+    dirty: std::sync::Mutex<Vec<u64>>,
+}
+
+impl FaultDevice {
+    pub fn new(id: &str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(FaultDevice {
+            id: id.into(),
+            fail_pause: Default::default(),
+            fail_save: Default::default(),
+            pauses: Default::default(),
+            resumes: Default::default(),
+            paused: Default::default(),
+            dirty: Default::default(),
+        })
+    }
+
+    /// Whether the device is paused (a successful pause not yet resumed).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes `bytes` at `gpa` in `vm`'s memory, as a backend would, and
+    /// reports the page at the next `take_dirty`. The VM must be paused.
+    pub fn write_behind_kvm(&self, vm: &Vm, gpa: u64, bytes: &[u8]) {
+        let mem = vm.memory();
+        // SAFETY: the VM is paused; nothing else touches this range.
+        let m = unsafe { mem.as_mut_slice() };
+        m[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(bytes);
+        self.dirty
+            .lock()
+            .expect("not poisoned")
+            .push(gpa / vmr_vmm::memory::PAGE_SIZE);
+    }
+}
+
+impl vmr_vmm::vm::SnapshotDevice for FaultDevice {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+    fn pause(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pauses.fetch_add(1, SeqCst);
+        if self.fail_pause.load(SeqCst) {
+            return Err("injected pause failure".into());
+        }
+        self.paused.store(true, SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.resumes.fetch_add(1, SeqCst);
+        self.paused.store(false, SeqCst);
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        if self.fail_save.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("injected save failure".into());
+        }
+        Ok(b"fault-device".to_vec())
+    }
+    fn take_dirty(&self) -> Option<Vec<u64>> {
+        let pages = std::mem::take(&mut *self.dirty.lock().expect("not poisoned"));
+        let mut words = Vec::new();
+        for p in pages {
+            let w = (p / 64) as usize;
+            if words.len() <= w {
+                words.resize(w + 1, 0u64);
+            }
+            words[w] |= 1 << (p % 64);
+        }
+        Some(words)
+    }
+}
