@@ -172,6 +172,9 @@ struct SpoolState {
     /// Finished segments, oldest first, with their sizes.
     closed: VecDeque<(String, u64)>,
     current: Option<(String, FrameWriter)>,
+    /// The current segment was started past the capacity (for a GAP event):
+    /// other records still need room.
+    over: bool,
 }
 
 /// The writing side of a rolling spool (see the module documentation).
@@ -202,6 +205,7 @@ impl SpoolSink {
                 cfg,
                 closed,
                 current: None,
+                over: false,
             }),
         })
     }
@@ -262,18 +266,16 @@ impl SpoolState {
     /// previous segment was finished (its frames are then all written).
     fn ensure_room(&mut self, seq: u64, force: bool) -> Result<bool, CaptureError> {
         if let Some((_, w)) = &self.current {
-            if force || w.len() < self.cfg.segment_bytes {
+            if force || (w.len() < self.cfg.segment_bytes && !self.over) {
                 return Ok(false);
             }
         }
         let seg = self.cfg.segment_bytes;
         // The current segment becomes a closed one of its present size.
         self.recycle(seg);
-        if self.total() + seg > self.cfg.capacity_bytes && !(force && self.current.is_none()) {
-            if !force {
-                return Err(CaptureError::Full);
-            }
-            return Ok(false);
+        let over = self.total() + seg > self.cfg.capacity_bytes;
+        if over && !(force && self.current.is_none()) {
+            return Err(CaptureError::Full);
         }
         let rolled = self.current.is_some();
         if let Some((name, mut w)) = self.current.take() {
@@ -308,6 +310,7 @@ impl SpoolState {
             return Err(e.into());
         }
         self.current = Some((name, w));
+        self.over = over;
         Ok(rolled)
     }
 }
