@@ -266,7 +266,7 @@ fn a_flush_completes_only_after_the_records_before_it_are_durable() {
     // The five writes are in the spool's file on disk.
     let mut r = SpoolReader::open(&spool_dir).unwrap();
     let mut writes = 0;
-    while let Some(item) = r.next().unwrap() {
+    while let Some(item) = r.next_item().unwrap() {
         if let SpoolItem::Event { event, .. } = item {
             if matches!(&event.payload, Some(pb::event::Payload::Block(b)) if b.op == pb::BlockOp::Write as i32)
             {
@@ -420,7 +420,7 @@ fn assert_no_silent_gap(events: &[pb::Event]) -> u64 {
 fn ship(dir: &Path, out: &mut Vec<pb::Event>) {
     let mut r = SpoolReader::open(dir).unwrap();
     let mut last = None;
-    while let Some(item) = r.next().unwrap() {
+    while let Some(item) = r.next_item().unwrap() {
         match item {
             SpoolItem::Event { event, position } => {
                 out.push(event);

@@ -509,7 +509,7 @@ impl SpoolReader {
 
     /// The next item; `Ok(None)` when the reader has caught up with the
     /// writer (call again later).
-    pub fn next(&mut self) -> Result<Option<SpoolItem>, SpoolError> {
+    pub fn next_item(&mut self) -> Result<Option<SpoolItem>, SpoolError> {
         let mut at_eof_checked = false;
         loop {
             if self.cur.is_none() {
@@ -612,7 +612,7 @@ mod tests {
         let mut seqs = Vec::new();
         let mut skipped = Vec::new();
         let mut last = None;
-        while let Some(item) = r.next().unwrap() {
+        while let Some(item) = r.next_item().unwrap() {
             match item {
                 SpoolItem::Event { event, position } => {
                     seqs.push(event.seq);
@@ -653,7 +653,7 @@ mod tests {
         let first = list_segments(dir.path()).unwrap()[0].clone();
         let mut r = SpoolReader::open(dir.path()).unwrap();
         let mut last_in_first = None;
-        while let Some(SpoolItem::Event { position, .. }) = r.next().unwrap() {
+        while let Some(SpoolItem::Event { position, .. }) = r.next_item().unwrap() {
             if position.segment != first {
                 break;
             }
@@ -776,7 +776,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(60);
         while got.len() < N as usize {
             assert!(Instant::now() < deadline, "reader stuck at {}", got.len());
-            match r.next().unwrap() {
+            match r.next_item().unwrap() {
                 Some(SpoolItem::Event { event, position }) => {
                     got.push(event.seq);
                     if event.seq % 50 == 0 {
