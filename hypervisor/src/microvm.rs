@@ -256,12 +256,12 @@ impl MicrovmDriver {
     fn build_instance(
         spec: &InstanceSpec,
         vm: Vm,
+        event_thread: std::thread::JoinHandle<()>,
         ports: TestPorts,
         shared: Arc<Shared>,
         devices: Vec<SavedDevice>,
         last_snapshot: Option<PathBuf>,
     ) -> Result<MicrovmInstance, DriverError> {
-        let event_thread = spawn_event_thread(&vm, shared.clone())?;
         let vm = Arc::new(vm);
         let debug = match &spec.debug {
             Some(l) => Some((l.clone(), spawn_debugger(&vm, l, &shared)?)),
@@ -353,9 +353,11 @@ impl Driver for MicrovmDriver {
             initrd: initrd.clone(),
             cmdline: cmdline.clone(),
         })?;
+        // Subscribe before the vCPUs start, so the boot event is seen.
+        let event_thread = spawn_event_thread(&vm, shared.clone())?;
         vm.start()?;
         info!(instance = %spec.id, memory_mib = spec.memory_mib, devices = saved.len(), "microVM launched");
-        let inst = Self::build_instance(spec, vm, ports, shared, saved, None)?;
+        let inst = Self::build_instance(spec, vm, event_thread, ports, shared, saved, None)?;
         Ok(Box::new(inst))
     }
 
@@ -439,9 +441,11 @@ impl Driver for MicrovmDriver {
         )
         .map_err(|e| DriverError::spec("devices", e.to_string()))?;
         info!(instance = %spec.id, snapshot = %snapshot_dir.display(), devices = restored.len(), "microVM restored (paused)");
+        let event_thread = spawn_event_thread(&vm, shared.clone())?;
         let inst = Self::build_instance(
             spec,
             vm,
+            event_thread,
             ports,
             shared,
             devices,
