@@ -111,21 +111,31 @@ fn main() {
             let t = Instant::now();
             vm.pause().expect("pause");
             pause.push(ms(t.elapsed()));
-            let t = Instant::now();
-            let f = vm
-                .snapshot(&dir.join("base"), MemoryKind::Full)
-                .expect("full");
-            full.push(ms(t.elapsed()));
-            full_pages = f.pages;
-            vm.set_sync_snapshots(false);
-            let t = Instant::now();
-            vm.snapshot(&dir.join("base-nosync"), MemoryKind::Full)
-                .expect("full");
-            full_nosync.push(ms(t.elapsed()));
-            vm.set_sync_snapshots(true);
+            // Both kinds of full snapshot, in alternating order: the second
+            // one runs while the first one's pages may still be written back.
+            let order = if run % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for sync in order {
+                vm.set_sync_snapshots(sync);
+                let name = if sync { "base" } else { "base-nosync" };
+                let t = Instant::now();
+                let f = vm
+                    .snapshot(&dir.join(name), MemoryKind::Full)
+                    .expect("full");
+                let took = ms(t.elapsed());
+                if sync {
+                    full.push(took);
+                } else {
+                    full_nosync.push(took);
+                }
+                full_pages = f.pages;
+            }
             vm.resume().expect("resume");
-            // Two rounds of the same dirty workload: the first increment is
-            // fsync'd, the second is not.
+            // Two rounds of the same dirty workload: one increment is
+            // fsync'd, the other is not (alternating which comes first).
             for round in 1..=2 {
                 let mut cmd = vec![CMD_DIRTY];
                 cmd.extend(0..DIRTY_PAGES);
@@ -136,17 +146,18 @@ fn main() {
                     "dirty workload did not finish"
                 );
                 vm.pause().expect("pause");
-                vm.set_sync_snapshots(round == 1);
+                let sync = (round == 1) == (run % 2 == 0);
+                vm.set_sync_snapshots(sync);
                 let t = Instant::now();
                 let i = vm
                     .snapshot(&dir.join(format!("inc{round}")), MemoryKind::Incremental)
                     .expect("incremental");
-                if round == 1 {
+                if sync {
                     inc.push(ms(t.elapsed()));
-                    inc_pages = i.pages;
                 } else {
                     inc_nosync.push(ms(t.elapsed()));
                 }
+                inc_pages = i.pages;
                 vm.resume().expect("resume");
             }
             vm.pause().expect("pause");
