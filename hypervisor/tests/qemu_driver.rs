@@ -286,6 +286,16 @@ fn service_addr(image: &MachineImage) -> SocketAddr {
 /// Sends one request line to the guest's service from inside `ns` and
 /// returns the reply line (empty if the connection closed without one).
 fn request(ns: &NetNs, addr: SocketAddr, line: &str) -> Result<String, BoxError> {
+    request_within(ns, addr, line, Duration::from_secs(60))
+}
+
+/// [`request`] waiting at most `read_timeout` for the reply.
+fn request_within(
+    ns: &NetNs,
+    addr: SocketAddr,
+    line: &str,
+    read_timeout: Duration,
+) -> Result<String, BoxError> {
     let path = ns.path();
     let line = line.to_string();
     let h = std::thread::spawn(move || -> Result<String, String> {
@@ -299,7 +309,7 @@ fn request(ns: &NetNs, addr: SocketAddr, line: &str) -> Result<String, BoxError>
             }
         };
         stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
+            .set_read_timeout(Some(read_timeout))
             .map_err(|e| e.to_string())?;
         (&stream)
             .write_all(format!("{line}\n").as_bytes())
@@ -441,7 +451,12 @@ fn packet_of_death_panics_the_guest_and_arrives_as_a_crash_event() -> TestResult
 
     // 201 bytes panics the kernel.
     let sent = vmr_hypervisor::events::now_ns();
-    let _ = request(&rig.ns, addr, &format!("PUT {} boom", "k".repeat(201)));
+    let _ = request_within(
+        &rig.ns,
+        addr,
+        &format!("PUT {} boom", "k".repeat(201)),
+        Duration::from_secs(5),
+    );
     let crash = next_event(&events, LifecycleKind::Crash, Duration::from_secs(60))?;
     assert!(
         crash.lifecycle.detail.contains("GUEST_PANICKED"),
@@ -661,6 +676,39 @@ fn qemu_killed_from_outside_is_an_internal_error() -> TestResult {
     assert_eq!(exit.signal, Some(libc::SIGKILL));
     assert!(matches!(inst.pause(), Err(DriverError::Gone(_))));
     assert!(!pid_alive(pid));
+    Ok(())
+}
+
+#[test]
+// Heavy: needs QEMU (TCG), the guest image.
+fn guest_poweroff_is_a_shutdown_event_and_a_clean_exit() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut spec = plain_spec("drv-off", tmp.path());
+    if let BootSpec::Kernel { cmdline, .. } = &mut spec.boot {
+        // No steps, then the guest powers itself off.
+        *cmdline = "console=ttyS0 panic=-1 loglevel=4 vmr.steps=none vmr.halt=1".into();
+    }
+    let inst = QemuDriver.launch(&spec)?;
+    let events = inst.subscribe();
+    let exit = inst.wait(BOOT_TIMEOUT)?;
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert!(exit.detail.contains("guest-shutdown"), "{exit:?}");
+    let ev = next_event(&events, LifecycleKind::Shutdown, Duration::from_secs(5))?;
+    assert!(
+        ev.lifecycle.detail.contains("the guest shut down"),
+        "{}",
+        ev.lifecycle.detail
+    );
+    assert!(
+        !inst
+            .subscribe()
+            .receiver()
+            .try_iter()
+            .any(|e| e.kind() == LifecycleKind::InternalError),
+        "a guest poweroff is no internal error"
+    );
+    assert_eq!(inst.query()?.state, RunState::Exited);
+    assert_eq!(inst.stop(Duration::from_secs(1))?, exit);
     Ok(())
 }
 

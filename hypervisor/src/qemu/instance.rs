@@ -264,7 +264,8 @@ impl Inner {
         };
         let clean = code == Some(0);
         let detail = match (&shutdown, &ending) {
-            (Some(r), _) if clean => format!("QEMU exited after shutdown ({r})"),
+            (Some(r), Some(why)) if clean => format!("{why}; QEMU exited after shutdown ({r})"),
+            (Some(r), None) if clean => format!("QEMU exited after shutdown ({r})"),
             (_, Some(why)) => format!("{why} ({shown})"),
             _ => format!(
                 "QEMU exited unexpectedly ({shown}); stderr: {}",
@@ -731,9 +732,11 @@ impl Instance for QemuInstance {
             });
         }
         self.inner.track.lock().pause_why = Some("paused by the driver".into());
-        self.inner
-            .execute("stop", json!({}), COMMAND_TIMEOUT)
-            .map(drop)
+        let r = self.inner.execute("stop", json!({}), COMMAND_TIMEOUT);
+        // QEMU sends the event before its reply; a guest already in that
+        // state sends none, so the detail must not stay for a later event.
+        self.inner.track.lock().pause_why = None;
+        r.map(drop)
     }
 
     fn resume(&self) -> Result<(), DriverError> {
@@ -751,9 +754,11 @@ impl Instance for QemuInstance {
             return self.start_guest();
         }
         self.inner.track.lock().resume_why = Some("resumed by the driver".into());
-        self.inner
-            .execute("cont", json!({}), COMMAND_TIMEOUT)
-            .map(drop)
+        let r = self.inner.execute("cont", json!({}), COMMAND_TIMEOUT);
+        // QEMU sends the event before its reply; a guest already in that
+        // state sends none, so the detail must not stay for a later event.
+        self.inner.track.lock().resume_why = None;
+        r.map(drop)
     }
 
     fn stop(&self, grace: Duration) -> Result<ExitInfo, DriverError> {
@@ -866,7 +871,8 @@ impl Instance for QemuInstance {
         } else {
             Ok(())
         };
-        let pause = was_running.then(|| t0.elapsed());
+        // Whole microseconds, as artifacts.json records it.
+        let pause = was_running.then(|| Duration::from_micros(t0.elapsed().as_micros() as u64));
         let renamed_after = migrated?;
         resumed?;
         if renamed_after {
