@@ -1,1 +1,49 @@
-//! Per-host agent that runs recorded instances, produces their events and snapshots them
+//! Per-host agent that runs recorded instances, produces their events and
+//! snapshots them.
+//!
+//! This crate holds the agent's capture path to Kafka and its host sensors:
+//!
+//! - [`shipper`]: ships one [`source::RecordSource`] (a device's vhost-tap
+//!   spool, or the agent's own event log) to the event topics, exactly once,
+//!   committing to the source only what the broker acknowledged.
+//! - [`source`]: the record-source trait and its implementation over a
+//!   vhost-tap rolling spool.
+//! - [`events`]: lifecycle and sensor events the agent generates, numbered
+//!   from the instance's sequence file and made durable in a spool of their
+//!   own before they are shipped.
+//! - [`sensors`]: hwmon, thermal, power-supply and pressure readings as
+//!   `EnvSample`s, periodic and threshold-triggered.
+//! - [`config`]: the TOML configuration.
+//! - [`metrics`]: the shipper's counters.
+//!
+//! One shipper runs per spool:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use capture_agent::config::AgentConfig;
+//! use capture_agent::metrics::ShipperMetrics;
+//! use capture_agent::shipper::{Shipper, ShipperHandle, ShipperOptions};
+//! use capture_agent::source::SpoolSource;
+//!
+//! let cfg = AgentConfig::default();
+//! let dir = std::path::Path::new("/var/lib/vmreplay/vm-1/vda.spool");
+//! let opts = ShipperOptions::for_spool(
+//!     dir,
+//!     "vm-1".parse().unwrap(),
+//!     cfg.endpoints.clone(),
+//!     cfg.shipper.clone(),
+//! );
+//! let source = SpoolSource::open(dir).unwrap();
+//! let shipper = Shipper::new(opts, source, Arc::new(ShipperMetrics::default())).unwrap();
+//! let handle = ShipperHandle::spawn(shipper).unwrap();
+//! // ... later:
+//! println!("{:?}", handle.metrics().snapshot());
+//! handle.stop();
+//! ```
+
+pub mod config;
+pub mod events;
+pub mod metrics;
+pub mod sensors;
+pub mod shipper;
+pub mod source;
