@@ -500,6 +500,7 @@ impl From<SnapshotManifest> for pb::SnapshotManifest {
                     key: o.key,
                     sha256: o.sha256,
                     size: o.size,
+                    ..Default::default()
                 })
                 .collect(),
             offsets: m
@@ -511,6 +512,9 @@ impl From<SnapshotManifest> for pb::SnapshotManifest {
                     next_offset: o.next_offset,
                 })
                 .collect(),
+            // The full manifest (host, digest, disk layers) is vmr-snapshot's
+            // `Manifest`; this summary leaves those fields empty.
+            ..Default::default()
         }
     }
 }
