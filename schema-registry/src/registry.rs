@@ -185,18 +185,15 @@ impl Registry {
             ));
         }
         for r in refs {
-            let entry = state
-                .versions(&r.subject, false)
-                .into_iter()
-                .find(|(v, _)| *v == r.version)
-                .map(|(_, e)| e)
-                .ok_or_else(|| {
-                    RegistryError::InvalidSchema(format!(
-                        "reference {} points at {} version {}, which does not exist",
-                        r.name, r.subject, r.version
-                    ))
-                })?;
-            let content = state.schema(entry.id).ok_or_else(|| {
+            // Soft-deleted and permanently deleted versions still resolve, so
+            // a schema that compiled once compiles on every instance.
+            let id = state.version_id(&r.subject, r.version).ok_or_else(|| {
+                RegistryError::InvalidSchema(format!(
+                    "reference {} points at {} version {}, which does not exist",
+                    r.name, r.subject, r.version
+                ))
+            })?;
+            let content = state.schema(id).ok_or_else(|| {
                 RegistryError::InvalidSchema(format!("reference {} has no schema", r.name))
             })?;
             out.insert(r.name.clone(), content.schema.clone());
@@ -259,6 +256,20 @@ impl Registry {
             return Err(RegistryError::InvalidSchema(
                 "schema metadata and rule sets are not supported by this registry".into(),
             ));
+        }
+        // A new schema may reference soft-deleted versions, not permanently
+        // deleted ones (those resolve only for schemas registered earlier).
+        for r in &req.references {
+            if !state
+                .versions(&r.subject, true)
+                .iter()
+                .any(|(v, _)| *v == r.version)
+            {
+                return Err(RegistryError::InvalidSchema(format!(
+                    "reference {} points at {} version {}, which does not exist",
+                    r.name, r.subject, r.version
+                )));
+            }
         }
         let mut imports = BTreeMap::new();
         Self::resolve_imports(state, &req.references, &mut imports, 0)?;

@@ -198,6 +198,10 @@ pub struct State {
     subject_levels: BTreeMap<String, CompatibilityLevel>,
     global_mode: Option<Mode>,
     subject_modes: BTreeMap<String, Mode>,
+    /// Every `(subject, version) -> id` ever accepted, kept after tombstones
+    /// so that schemas referencing a permanently deleted version still
+    /// compile, on every instance alike.
+    history: HashMap<(String, i32), i32>,
     max_id: i32,
 }
 
@@ -325,6 +329,7 @@ impl State {
                 deleted: v.deleted,
             },
         );
+        self.history.insert((subject.to_string(), version), v.id);
         self.schemas.insert(v.id, content.clone());
         self.by_content.insert(content, v.id);
         self.max_id = self.max_id.max(v.id);
@@ -334,6 +339,15 @@ impl State {
     /// The schema registered under `id`.
     pub fn schema(&self, id: i32) -> Option<&SchemaContent> {
         self.schemas.get(&id)
+    }
+
+    /// The id `subject` `version` has, or had before a permanent delete.
+    pub fn version_id(&self, subject: &str, version: i32) -> Option<i32> {
+        self.subjects
+            .get(subject)
+            .and_then(|v| v.get(&version))
+            .map(|e| e.id)
+            .or_else(|| self.history.get(&(subject.to_string(), version)).copied())
     }
 
     /// Every id with a schema, ascending.
@@ -564,6 +578,9 @@ mod tests {
         s.apply(Some(&k2), None);
         assert!(s.subjects(true).is_empty());
         assert!(s.schema(2).is_some());
+        // References to permanently deleted versions still resolve.
+        assert_eq!(s.version_id("a", 2), Some(2));
+        assert_eq!(s.version_id("a", 3), None);
 
         assert_eq!(s.global_level(), CompatibilityLevel::Backward);
         let cfg = br#"{"compatibilityLevel":"NONE"}"#;

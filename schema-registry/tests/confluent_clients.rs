@@ -28,8 +28,8 @@ fn require_python() {
     let out = Command::new("python3")
         .args([
             "-c",
-            "import confluent_kafka, confluent_kafka.schema_registry.protobuf, google.protobuf; \
-             print(confluent_kafka.version()[0])",
+            "import importlib.metadata, confluent_kafka.schema_registry.protobuf, \
+             google.protobuf; print(importlib.metadata.version('confluent-kafka'))",
         ])
         .output()
         .unwrap_or_else(|e| panic!("python3 is required ({e}); then run: {PIP}"));
