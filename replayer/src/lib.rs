@@ -14,6 +14,7 @@
 //! The gRPC service is built on these modules; they do not depend on it.
 
 pub mod filter;
+pub mod net;
 pub mod schedule;
 pub mod source;
 pub mod window;
