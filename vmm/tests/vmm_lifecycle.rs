@@ -1,5 +1,5 @@
-//! Lifecycle events reach every subscriber; a device that fails to pause
-//! leaves the VM running.
+//! Lifecycle events reach every subscriber (late ones through the kept
+//! history too); a device that fails to pause leaves the VM running.
 
 mod common;
 
@@ -40,6 +40,8 @@ fn two_subscribers_see_the_same_lifecycle_events() {
         "guest never polled its command port"
     );
     let late = vm.subscribe();
+    // `events()` after the start still sees Boot (the kept history).
+    let replay = vm.events();
     vm.pause().expect("pause");
     vm.snapshot(&dir.path().join("s"), MemoryKind::Full)
         .expect("snapshot");
@@ -59,6 +61,7 @@ fn two_subscribers_see_the_same_lifecycle_events() {
     let a: Vec<VmEvent> = a.try_iter().collect();
     let b: Vec<VmEvent> = b.try_iter().collect();
     let late: Vec<VmEvent> = late.try_iter().collect();
+    let replay: Vec<VmEvent> = replay.try_iter().collect();
     assert_eq!(
         kinds(&a),
         vec![
@@ -72,6 +75,7 @@ fn two_subscribers_see_the_same_lifecycle_events() {
     );
     assert_eq!(a, b, "both subscribers saw the same events");
     assert_eq!(late, a[1..].to_vec(), "a late subscriber sees what follows");
+    assert_eq!(replay, a, "a late events() receiver replays Boot first");
     match &a[2] {
         VmEvent::Lifecycle(l) => assert_eq!(l.snapshot_id.as_deref(), Some("s")),
         other => panic!("{other:?}"),

@@ -1,7 +1,11 @@
 //! Fan-out of the VM's events to every subscriber.
 //!
 //! Every [`EventHub::subscribe`] gets its own receiver, which sees every
-//! event emitted after it subscribed, in emission order. Emitting never
+//! event emitted after it subscribed, in emission order.
+//! [`EventHub::subscribe_with_history`] first replays the last
+//! [`HISTORY_LEN`] events (preceded by a gap event when earlier ones have
+//! left the history), so a subscriber that comes after `start` still sees
+//! `Boot`. Subscribers never take events from each other. Emitting never
 //! blocks (vCPU threads emit), so each subscriber has a bounded queue of
 //! [`SUBSCRIBER_CAPACITY`] events. Policy when a live subscriber's queue is
 //! full: the event is not queued for it, but it is counted, and before the
@@ -25,6 +29,9 @@ use crate::vcpu::VmEvent;
 
 /// Events queued for one subscriber before it counts as lagging.
 pub const SUBSCRIBER_CAPACITY: usize = 1024;
+/// Events kept for [`EventHub::subscribe_with_history`] (a quarter of the
+/// queue, so a replayed history leaves room for new events).
+pub const HISTORY_LEN: usize = SUBSCRIBER_CAPACITY / 4;
 
 struct Subscriber {
     tx: Sender<VmEvent>,
@@ -40,6 +47,8 @@ struct Inner {
     subscribers: Vec<Subscriber>,
     /// Number of the next event.
     next: u64,
+    /// The last events, oldest first.
+    history: std::collections::VecDeque<VmEvent>,
     /// The first event that stopped the VM.
     stop: Option<Lifecycle>,
 }
@@ -47,6 +56,7 @@ struct Inner {
 /// The VM's event fan-out (see the module documentation for the policy).
 pub struct EventHub {
     capacity: usize,
+    history_len: usize,
     inner: Mutex<Inner>,
 }
 
@@ -78,10 +88,17 @@ pub fn is_stop(kind: LifecycleKind) -> bool {
     )
 }
 
-fn gap_event(first: u64, count: u64, capacity: usize) -> VmEvent {
-    let reason = format!(
-        "this subscriber fell {capacity} events behind; {count} events were not delivered to it"
-    );
+fn lag_gap(first: u64, count: u64, capacity: usize) -> VmEvent {
+    gap_event(
+        first,
+        count,
+        format!(
+            "this subscriber fell {capacity} events behind; {count} events were not delivered to it"
+        ),
+    )
+}
+
+fn gap_event(first: u64, count: u64, reason: String) -> VmEvent {
     VmEvent::Lifecycle(Lifecycle {
         kind: LifecycleKind::Gap,
         detail: reason.clone(),
@@ -97,10 +114,13 @@ fn gap_event(first: u64, count: u64, capacity: usize) -> VmEvent {
 
 impl EventHub {
     /// A hub whose subscribers each queue up to `capacity` events (at
-    /// least 2: a gap event and the event after it).
+    /// least 4) and which keeps the last `capacity / 4` for late
+    /// subscribers.
     pub fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.max(4);
         EventHub {
-            capacity: capacity.max(2),
+            capacity,
+            history_len: capacity / 4,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -113,6 +133,36 @@ impl EventHub {
     pub fn subscribe(&self) -> Receiver<VmEvent> {
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         self.lock().subscribers.push(Subscriber {
+            tx,
+            first_missed: 0,
+            missed: 0,
+        });
+        rx
+    }
+
+    /// A new receiver that first gets the kept history (the last
+    /// `capacity / 4` events, [`HISTORY_LEN`] by default, after a gap event
+    /// counting the earlier ones if any have left it), then every event
+    /// emitted from now on.
+    pub fn subscribe_with_history(&self) -> Receiver<VmEvent> {
+        let (tx, rx) = crossbeam_channel::bounded(self.capacity);
+        let mut g = self.lock();
+        let first = g.next - g.history.len() as u64;
+        // The history is shorter than the queue, so these sends succeed.
+        if first > 0 {
+            let _ = tx.try_send(gap_event(
+                0,
+                first,
+                format!(
+                    "the history keeps the last {} events; the {first} before them are gone",
+                    self.history_len
+                ),
+            ));
+        }
+        for e in &g.history {
+            let _ = tx.try_send(e.clone());
+        }
+        g.subscribers.push(Subscriber {
             tx,
             first_missed: 0,
             missed: 0,
@@ -142,6 +192,10 @@ impl EventHub {
                 g.stop = Some(l.clone());
             }
         }
+        if g.history.len() == self.history_len {
+            g.history.pop_front();
+        }
+        g.history.push_back(ev.clone());
         let cap = self.capacity;
         g.subscribers.retain_mut(|s| {
             // Only this function sends, under the lock, so the queue can
@@ -156,7 +210,7 @@ impl EventHub {
                 return true;
             }
             if s.missed > 0 {
-                match s.tx.try_send(gap_event(s.first_missed, s.missed, cap)) {
+                match s.tx.try_send(lag_gap(s.first_missed, s.missed, cap)) {
                     Ok(()) => s.missed = 0,
                     Err(TrySendError::Disconnected(_)) => return false,
                     Err(TrySendError::Full(_)) => {
@@ -212,6 +266,34 @@ mod tests {
         let got: Vec<_> = late.try_iter().collect();
         assert_eq!(
             got,
+            vec![ev(LifecycleKind::Pause, ""), ev(LifecycleKind::Resume, "")]
+        );
+    }
+
+    #[test]
+    fn a_history_subscriber_sees_the_kept_events_first() {
+        let hub = EventHub::with_capacity(8); // keeps 2
+        hub.emit(ev(LifecycleKind::Boot, ""));
+        let h = hub.subscribe_with_history();
+        hub.emit(ev(LifecycleKind::Pause, ""));
+        assert_eq!(
+            h.try_iter().collect::<Vec<_>>(),
+            vec![ev(LifecycleKind::Boot, ""), ev(LifecycleKind::Pause, "")]
+        );
+        hub.emit(ev(LifecycleKind::Resume, ""));
+        let late = hub.subscribe_with_history();
+        let got: Vec<_> = late.try_iter().collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        match &got[0] {
+            VmEvent::Lifecycle(l) => {
+                assert_eq!(l.kind, LifecycleKind::Gap);
+                let gap = l.gap.as_ref().expect("gap details");
+                assert_eq!((gap.first_seq, gap.count), (0, 1), "Boot left the history");
+            }
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        assert_eq!(
+            got[1..].to_vec(),
             vec![ev(LifecycleKind::Pause, ""), ev(LifecycleKind::Resume, "")]
         );
     }

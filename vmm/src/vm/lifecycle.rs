@@ -434,9 +434,12 @@ impl Vm {
         self.events.subscribe()
     }
 
-    /// The same as [`Vm::subscribe`] (a new, independent receiver).
+    /// Like [`Vm::subscribe`], but the receiver first gets the last
+    /// [`super::events::HISTORY_LEN`] events already emitted (so a
+    /// subscriber that comes after [`Vm::start`] still sees `Boot`), after
+    /// a gap event if earlier ones have left the history.
     pub fn events(&self) -> Receiver<VmEvent> {
-        self.subscribe()
+        self.events.subscribe_with_history()
     }
 
     /// The event that stopped the VM (the first shutdown, triple fault,
