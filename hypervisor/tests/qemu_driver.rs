@@ -352,7 +352,8 @@ fn launch_with_recorded_devices_pause_resume_stop_and_events() -> TestResult {
     let rig = Rig::start(&tmp.path().join("rig"), &disk, "drv-life")?;
     let mut spec = service_spec(&image, "drv-life", &tmp.path().join("work"), &rig)?;
     spec.qemu.accel = Accel::Auto;
-    let driver = QemuDriver;
+    let driver = vmr_hypervisor::driver("qemu")?;
+    assert_eq!(driver.name(), "qemu");
     let inst = driver.launch(&spec)?;
     let events = inst.subscribe();
     let console = inst.console();
@@ -485,6 +486,13 @@ fn packet_of_death_panics_the_guest_and_arrives_as_a_crash_event() -> TestResult
         .qmp_execute("query-status", serde_json::json!({}))?;
     assert_eq!(status["status"], "guest-panicked");
     assert!(matches!(inst.resume(), Err(DriverError::State { .. })));
+    // The held guest can still be snapshotted for inspection, and stays held.
+    let snap = tmp.path().join("crashed");
+    std::fs::create_dir(&snap)?;
+    let arts = inst.snapshot(&snap, SnapshotOptions::default())?;
+    assert_eq!(arts.pause, None);
+    assert!(arts.total_bytes() > 0);
+    assert_eq!(inst.query()?.state, RunState::Crashed);
     inst.stop(Duration::from_secs(2))?;
     Ok(())
 }
