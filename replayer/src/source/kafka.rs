@@ -67,6 +67,9 @@ impl TopicReader {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap_servers)
             .set("client.id", format!("vmr-replayer-{}", config.instance))
+            // Needed by rdkafka for `assign`; the group is never joined and
+            // nothing is committed.
+            .set("group.id", format!("vmr-replayer-{}", config.instance))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // An offset outside the log is an error, never a silent jump.
