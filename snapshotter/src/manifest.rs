@@ -60,6 +60,25 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// The same error, naming the manifest `what` (a file) instead.
+    fn naming(self, what: &str) -> Self {
+        let what = what.to_string();
+        match self {
+            ManifestError::Malformed { reason, .. } => ManifestError::Malformed { what, reason },
+            ManifestError::Invalid { reason, .. } => ManifestError::Invalid { what, reason },
+            ManifestError::Digest {
+                recorded, actual, ..
+            } => ManifestError::Digest {
+                what,
+                recorded,
+                actual,
+            },
+            ManifestError::Version { version, .. } => ManifestError::Version { what, version },
+        }
+    }
+}
+
 /// What an object holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -423,7 +442,7 @@ impl Manifest {
             what: what.into(),
             reason: e.to_string(),
         })?;
-        m.check()?;
+        m.check().map_err(|e| e.naming(what))?;
         Ok(m)
     }
 

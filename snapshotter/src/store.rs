@@ -104,6 +104,11 @@ pub struct StoreConfig {
     /// `(concurrency + 1) * part_size`.
     #[serde(default = "concurrency")]
     pub concurrency: usize,
+    /// Upload bandwidth limit in bytes per second per upload (unset: as fast
+    /// as the store takes it), so snapshots do not starve the host's other
+    /// traffic.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
     /// S3 settings (`s3://` URLs only).
     #[serde(default)]
     pub s3: S3Config,
@@ -127,6 +132,7 @@ impl StoreConfig {
             fsync: true,
             part_size: DEFAULT_PART_SIZE,
             concurrency: DEFAULT_CONCURRENCY,
+            max_bytes_per_sec: None,
             s3: S3Config::default(),
         }
     }
@@ -146,6 +152,7 @@ pub struct SnapshotStore {
     pub(crate) local_root: Option<PathBuf>,
     pub(crate) part_size: usize,
     pub(crate) concurrency: usize,
+    pub(crate) max_bytes_per_sec: Option<u64>,
 }
 
 impl SnapshotStore {
@@ -234,6 +241,7 @@ impl SnapshotStore {
             local_root,
             part_size: cfg.part_size,
             concurrency: cfg.concurrency,
+            max_bytes_per_sec: cfg.max_bytes_per_sec.filter(|&r| r > 0),
         })
     }
 

@@ -140,7 +140,8 @@ pub struct UploadRequest {
 /// How far an upload is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
-    /// Bytes stored so far.
+    /// Bytes read and handed to the store so far (an object's last parts
+    /// are acknowledged by the time its `objects_done` is counted).
     pub bytes_done: u64,
     /// Bytes of every object of the snapshot.
     pub bytes_total: u64,
@@ -311,6 +312,7 @@ pub async fn upload(
         });
     }
 
+    let pace = Pace::new(store.max_bytes_per_sec);
     let mut p = Progress {
         bytes_done: 0,
         bytes_total: sources.iter().map(|s| s.expect_size).sum(),
@@ -323,8 +325,16 @@ pub async fn upload(
         p.object = format!("{instance}/{}", s.entry.key);
         progress(&p);
         let loc = store.location(&instance, &s.entry.key);
-        let (sha, size) =
-            put_file(store, &loc, &s.path, &p.object.clone(), &mut p, progress).await?;
+        let (sha, size) = put_file(
+            store,
+            &loc,
+            &s.path,
+            &p.object.clone(),
+            &mut p,
+            progress,
+            &pace,
+        )
+        .await?;
         if size != s.expect_size {
             return Err(UploadError::Changed {
                 object: p.object.clone(),
@@ -508,6 +518,7 @@ async fn put_file(
     object: &str,
     p: &mut Progress,
     progress: &(dyn Fn(&Progress) + Send + Sync),
+    pace: &Pace,
 ) -> Result<(String, u64), UploadError> {
     let read_err = |source| UploadError::Read {
         path: path.to_path_buf(),
@@ -525,6 +536,7 @@ async fn put_file(
         f.read_to_end(&mut body).await.map_err(read_err)?;
         hasher.update(&body);
         let size = body.len() as u64;
+        pace.wait(p.bytes_done + size).await;
         store
             .inner
             .put(loc, PutPayload::from(body))
@@ -550,6 +562,7 @@ async fn put_file(
             break;
         }
         hasher.update(&buf[..n]);
+        pace.wait(p.bytes_done + n as u64).await;
         if let Err(e) = w.wait_for_capacity(store.concurrency).await {
             let _ = w.abort().await;
             return Err(store_err(e));
@@ -561,6 +574,29 @@ async fn put_file(
     }
     w.finish().await.map_err(store_err)?;
     Ok((hex(&hasher.finalize()), size))
+}
+
+/// Holds an upload to a byte rate.
+struct Pace {
+    rate: Option<u64>,
+    start: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(rate: Option<u64>) -> Self {
+        Pace {
+            rate,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until sending up to `bytes` keeps within the rate.
+    async fn wait(&self, bytes: u64) {
+        if let Some(rate) = self.rate {
+            let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep_until(self.start + due).await;
+        }
+    }
 }
 
 fn now_ns() -> u64 {
