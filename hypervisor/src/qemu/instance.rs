@@ -312,12 +312,7 @@ impl Inner {
         let Some(mut child) = guard.take() else {
             return;
         };
-        {
-            let mut t = self.track.lock();
-            if t.ending.is_none() {
-                t.ending = Some(why.to_string());
-            }
-        }
+        self.track.lock().ending = Some(why.to_string());
         let status = kill_and_reap(&mut child);
         drop(guard);
         self.finish(status);
