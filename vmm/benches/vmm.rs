@@ -23,6 +23,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// "range MIN-MAX" of the runs, for the notes column.
+fn range(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("range {min:.1}-{max:.1}")
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -195,20 +202,20 @@ fn main() {
         });
         rows.push(Row {
             what: format!("full snapshot, fsync'd ({mem_mib} MiB)"),
+            note: format!("{full_pages} pages written; {}", range(&full)),
             ours: median(full),
-            note: format!("{full_pages} pages written"),
             anchor: "-",
         });
         rows.push(Row {
             what: format!("full snapshot, no fsync ({mem_mib} MiB)"),
+            note: format!("{full_pages} pages written; {}", range(&full_nosync)),
             ours: median(full_nosync),
-            note: format!("{full_pages} pages written"),
             anchor: "-",
         });
         rows.push(Row {
             what: format!("incremental snapshot, fsync'd ({mem_mib} MiB)"),
+            note: format!("{inc_pages} dirty pages; {}", range(&inc)),
             ours: median(inc),
-            note: format!("{inc_pages} dirty pages"),
             anchor: if mem_mib == 512 {
                 "~18 ms (diff, 512 MiB)"
             } else {
@@ -217,8 +224,8 @@ fn main() {
         });
         rows.push(Row {
             what: format!("incremental snapshot, no fsync ({mem_mib} MiB)"),
+            note: format!("{inc_pages} dirty pages; {}", range(&inc_nosync)),
             ours: median(inc_nosync),
-            note: format!("{inc_pages} dirty pages"),
             anchor: "-",
         });
         rows.push(Row {
