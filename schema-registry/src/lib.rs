@@ -5,6 +5,10 @@
 //!   storage is the compacted single-partition `_schemas` topic ([`log`],
 //!   record formats in [`state`]); every instance rebuilds its state by
 //!   reading the topic and keeps tailing it, so several instances agree.
+//! - [`schema`] and [`render`]: schemas in text or serialized
+//!   (`FileDescriptorProto`) form, compiled with protox; serialized schemas
+//!   are stored as `.proto` text rendered from the descriptor, and identity
+//!   is the compiled descriptor, whatever the form.
 //! - [`compat`]: compatibility levels and the protobuf rules.
 //! - [`client`]: a REST client used by producers.
 //! - [`codec`]: the Confluent wire format of record values.

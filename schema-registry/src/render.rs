@@ -665,6 +665,21 @@ message Holder {
     }
 
     #[test]
+    fn custom_options_survive_rendering() {
+        round_trip(
+            r#"syntax = "proto3";
+package c;
+import "google/protobuf/descriptor.proto";
+extend google.protobuf.FieldOptions { string tag = 50001; }
+extend google.protobuf.MessageOptions { int32 level = 50002; }
+message M {
+  option (c.level) = 3;
+  string s = 1 [(c.tag) = "x", deprecated = true];
+}"#,
+        );
+    }
+
+    #[test]
     fn map_entries_keep_their_place_among_nested_types() {
         let parsed = ParsedSchema::parse(RICH, &BTreeMap::new()).unwrap();
         let rendered = super::render(parsed.file()).unwrap();

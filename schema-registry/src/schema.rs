@@ -363,11 +363,10 @@ impl ParsedSchema {
     }
 
     /// The schema as Confluent's "serialized" format: a base64 (standard
-    /// alphabet, padded) `FileDescriptorProto` without source information.
+    /// alphabet, padded) `FileDescriptorProto` without source information,
+    /// custom options included.
     pub fn serialized_base64(&self) -> String {
-        let mut proto = self.file.file_descriptor_proto().clone();
-        proto.source_code_info = None;
-        base64_encode(&prost::Message::encode_to_vec(&proto))
+        base64_encode(&self.canonical_key())
     }
 
     /// Fully-qualified name of the message at `path` (Confluent message
