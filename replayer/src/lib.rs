@@ -10,11 +10,14 @@
 //!   step, run to a `seq` or a time).
 //! - [`window`]: which part of the recording to replay.
 //! - [`filter`]: which events to deliver.
+//! - [`replay`]: the loop that ties them together, up to a delivery
+//!   callback.
 //!
 //! The gRPC service is built on these modules; they do not depend on it.
 
 pub mod filter;
 pub mod net;
+pub mod replay;
 pub mod schedule;
 pub mod source;
 pub mod window;

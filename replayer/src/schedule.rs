@@ -429,6 +429,20 @@ impl ReplayClock {
         self
     }
 
+    /// Sets where guest time starts, like [`ReplayClock::start_at`], if
+    /// nothing was dispatched yet; returns whether it did.
+    pub fn set_origin(&mut self, offset: Duration) -> bool {
+        let mut set = false;
+        self.shared.update(|s, _| {
+            if s.dispatched == 0 {
+                s.position = offset;
+                s.anchor = None;
+                set = true;
+            }
+        });
+        set
+    }
+
     /// A handle for controlling this clock.
     pub fn control(&self) -> ClockControl {
         ClockControl {
