@@ -571,7 +571,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
         .cloned()
         .collect();
     let config = PeerConfig {
-        wait_timeout: Duration::from_secs(2),
+        wait_timeout: Duration::from_secs(5),
         ..PeerConfig::new(net.guest_mac())
     };
     let mut peer = TcpPeer::new(config, frames).expect("recording in seq order");

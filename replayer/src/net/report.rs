@@ -220,10 +220,27 @@ impl fmt::Display for Report {
                 fl.clone_guest_bytes,
                 fl.peer_bytes
             )?;
+            let st = &fl.stats;
+            writeln!(
+                f,
+                "  clone guest port {}, injected {}, skipped {}, ACKs made {}, retransmissions {}, waits timed out {}, window holds {}",
+                fl.clone_guest_port.map_or_else(|| "none".to_string(), |p| p.to_string()),
+                st.frames_injected,
+                st.frames_skipped,
+                st.acks_generated,
+                st.retransmissions,
+                st.waits_timed_out,
+                st.window_holds
+            )?;
             for d in &fl.divergences {
                 writeln!(f, "  {d}")?;
             }
         }
+        writeln!(
+            f,
+            "ARP replies {}, neighbour advertisements {}, unanswered look-ups {}",
+            self.arp_replies, self.neighbor_adverts, self.unanswered_lookups
+        )?;
         for u in &self.unexpected {
             writeln!(
                 f,
