@@ -115,6 +115,8 @@ enum SessionError {
     Fatal(String),
     #[error("reading the source failed")]
     Source(#[from] crate::source::SourceError),
+    #[error("cannot write the shipper state")]
+    State(#[source] std::io::Error),
 }
 
 /// What to ship, and where.
@@ -175,6 +177,10 @@ pub struct ShipperState {
     /// Per topic: every record of this source after `position` lies at or
     /// after this offset of the instance's partition.
     pub offsets: BTreeMap<String, i64>,
+    /// Topics this source ever sent to (written before the first record
+    /// to a new topic is sent); only these are scanned at a restart.
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 fn read_state(path: &Path) -> Option<ShipperState> {
@@ -288,6 +294,8 @@ struct Resume {
     base: Option<Position>,
     last: BTreeMap<&'static str, Position>,
     next_scan: BTreeMap<String, i64>,
+    /// Topics this source has sent to.
+    topics: Vec<String>,
 }
 
 /// Schema id and message indexes of one topic.
@@ -522,6 +530,11 @@ impl<S: RecordSource> Shipper<S> {
         let committed = self.source.committed()?;
         let mut resume = Resume {
             base: later(committed, state.as_ref().and_then(|s| s.position.clone())),
+            // Without a state file, every topic may hold records of ours.
+            topics: state.as_ref().map_or_else(
+                || topics::EVENT_TOPICS.iter().map(|t| t.to_string()).collect(),
+                |s| s.topics.clone(),
+            ),
             ..Resume::default()
         };
         let consumer: BaseConsumer = self
@@ -530,6 +543,7 @@ impl<S: RecordSource> Shipper<S> {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.message.max.bytes", (16 << 20).to_string())
+            .set("fetch.wait.max.ms", "100")
             .set("isolation.level", "read_uncommitted")
             .create()
             .map_err(SessionError::Client)?;
@@ -548,7 +562,7 @@ impl<S: RecordSource> Shipper<S> {
                 .unwrap_or(low)
                 .clamp(low, high);
             resume.next_scan.insert(topic.to_owned(), high);
-            if from >= high {
+            if from >= high || !resume.topics.iter().any(|t| t == topic) {
                 continue;
             }
             let mut tpl = TopicPartitionList::new();
@@ -563,7 +577,9 @@ impl<S: RecordSource> Shipper<S> {
                     what: format!("assigning {topic}/{partition}"),
                     source,
                 })?;
-            let deadline = Instant::now() + timeout;
+            // Bounded by progress: the scan gives up when no record came for
+            // a whole request timeout.
+            let mut deadline = Instant::now() + timeout;
             let mut seen = 0u64;
             loop {
                 if Instant::now() >= deadline {
@@ -588,6 +604,7 @@ impl<S: RecordSource> Shipper<S> {
                     }
                 };
                 seen += 1;
+                deadline = Instant::now() + timeout;
                 if msg.key() == Some(key) {
                     if let Some(pos) = own_position(&msg, &self.opts.source_name) {
                         resume.last.insert(topic, pos);
@@ -617,7 +634,23 @@ impl<S: RecordSource> Shipper<S> {
     fn session(&mut self, stop: &AtomicBool) -> Result<(), SessionError> {
         let schemas = self.schemas()?;
         let producer = self.producer()?;
-        let partitions = self.partitions(&producer)?;
+        let result = self.connected(stop, &producer, &schemas);
+        if result.is_err() {
+            // Nothing more of this session may reach the broker; the error
+            // callbacks queued so far are counted.
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            producer.poll(Duration::from_millis(100));
+        }
+        result
+    }
+
+    fn connected(
+        &mut self,
+        stop: &AtomicBool,
+        producer: &BaseProducer<ShipperContext>,
+        schemas: &BTreeMap<&'static str, Schema>,
+    ) -> Result<(), SessionError> {
+        let partitions = self.partitions(producer)?;
         let resume = self.resume(&partitions)?;
         tracing::info!(
             instance = %self.opts.instance,
@@ -628,13 +661,7 @@ impl<S: RecordSource> Shipper<S> {
         );
         self.source.seek(resume.base.as_ref())?;
         ShipperMetrics::set(&self.metrics.up, 1);
-        let result = self.ship(stop, &producer, &schemas, &partitions, resume);
-        if result.is_err() {
-            // Nothing more of this session may reach the broker.
-            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-            producer.poll(Duration::from_millis(100));
-        }
-        result
+        self.ship(stop, producer, schemas, &partitions, resume)
     }
 
     #[allow(clippy::too_many_lines)]
@@ -661,6 +688,8 @@ impl<S: RecordSource> Shipper<S> {
         let mut acked_pos: Option<Position> = None;
         let mut last_commit = Instant::now();
         let mut committed_pos = resume.base.clone();
+        // The last acknowledged position that `resume.next_scan` matches.
+        let mut popped_pos = resume.base.clone();
         let mut deliveries = Vec::new();
         loop {
             let stopping = stop.load(Ordering::Acquire);
@@ -731,6 +760,22 @@ impl<S: RecordSource> Shipper<S> {
                         ShipperMetrics::add(&m.records_already_shipped, 1);
                         settle(&mut pending);
                         continue;
+                    }
+                    if !resume.topics.iter().any(|t| t == topic) {
+                        // Noted durably before the first record goes there,
+                        // so a restart knows to scan this topic.
+                        resume.topics.push(topic.to_owned());
+                        let state = ShipperState {
+                            source: source_name.clone(),
+                            position: popped_pos.clone(),
+                            offsets: resume.next_scan.clone(),
+                            topics: resume.topics.clone(),
+                        };
+                        if let Err(e) = write_state(&self.opts.state_file, &state) {
+                            ShipperMetrics::add(&m.commit_errors, 1);
+                            resume.topics.pop();
+                            return Err(SessionError::State(e));
+                        }
                     }
                     let schema = &schemas[topic];
                     value.clear();
@@ -847,6 +892,7 @@ impl<S: RecordSource> Shipper<S> {
                 if let (Some(topic), Some(offset)) = (p.topic, p.offset) {
                     resume.next_scan.insert(topic.to_owned(), offset + 1);
                 }
+                popped_pos = Some(p.position.clone());
                 acked_pos = Some(p.position);
             }
             ShipperMetrics::set(&m.in_flight, pending.len() as u64);
@@ -855,7 +901,7 @@ impl<S: RecordSource> Shipper<S> {
             {
                 let pos = acked_pos.take().expect("checked above");
                 if committed_pos.as_ref() != Some(&pos) {
-                    self.commit(&pos, &resume.next_scan);
+                    self.commit(&pos, &resume);
                     committed_pos = Some(pos);
                 }
                 last_commit = Instant::now();
@@ -918,7 +964,7 @@ impl<S: RecordSource> Shipper<S> {
         }
         if let Some(pos) = acked_pos {
             if committed_pos.as_ref() != Some(&pos) {
-                self.commit(&pos, &resume.next_scan);
+                self.commit(&pos, &resume);
             }
         }
         if !pending.is_empty() {
@@ -936,11 +982,12 @@ impl<S: RecordSource> Shipper<S> {
     }
 
     /// Writes the state file, then commits to the source.
-    fn commit(&mut self, pos: &Position, next_scan: &BTreeMap<String, i64>) {
+    fn commit(&mut self, pos: &Position, resume: &Resume) {
         let state = ShipperState {
             source: self.opts.source_name.clone(),
             position: Some(pos.clone()),
-            offsets: next_scan.clone(),
+            offsets: resume.next_scan.clone(),
+            topics: resume.topics.clone(),
         };
         let r = write_state(&self.opts.state_file, &state)
             .map_err(|e| e.to_string())

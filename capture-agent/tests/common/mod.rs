@@ -62,12 +62,22 @@ impl Stack {
 
 pub fn write_config(dir: &Path, bootstrap: &str, registry: &str, extra: &str) -> PathBuf {
     let path = dir.join("agent.toml");
+    let mut shipper = String::new();
+    for (k, v) in [
+        ("retry-initial-ms", "200"),
+        ("retry-max-ms", "2000"),
+        ("request-timeout-secs", "10"),
+        ("commit-interval-ms", "100"),
+    ] {
+        if !extra.lines().any(|l| l.trim_start().starts_with(k)) {
+            shipper.push_str(&format!("{k} = {v}\n"));
+        }
+    }
     std::fs::write(
         &path,
         format!(
             "[endpoints]\nbootstrap-servers = \"{bootstrap}\"\nregistry-url = \"{registry}\"\n\
-             event-partitions = 4\n\n[shipper]\nretry-initial-ms = 200\nretry-max-ms = 2000\n\
-             request-timeout-secs = 10\ncommit-interval-ms = 100\n{extra}\n"
+             event-partitions = 4\n\n[shipper]\n{shipper}{extra}\n"
         ),
     )
     .unwrap();
@@ -337,6 +347,11 @@ pub struct Got {
 
 /// Every record of `topic`'s partitions (all of them), in offset order.
 pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Got> {
+    try_read_topic(bootstrap, topic, partitions).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`read_topic`]; broker errors come back as `Err`.
+pub fn try_read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<Vec<Got>, String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "capture-agent-tests")
@@ -349,7 +364,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Got> {
     for p in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
+            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
         if high <= low {
             continue;
         }
@@ -358,14 +373,16 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Got> {
         consumer.assign(&tpl).unwrap();
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            assert!(Instant::now() < end, "reading {topic}/{p} timed out");
+            if Instant::now() >= end {
+                return Err(format!("reading {topic}/{p} timed out"));
+            }
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
             let m = match m {
                 Ok(m) => m,
                 Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
-                Err(e) => panic!("reading {topic}/{p}: {e}"),
+                Err(e) => return Err(format!("reading {topic}/{p}: {e}")),
             };
             let framed = schema_registry::codec::decode(m.payload().expect("a value"))
                 .expect("a Confluent-framed value");
@@ -393,7 +410,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Got> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Checks that the records of `instance` across `got` carry every seq in
@@ -446,7 +463,15 @@ pub fn wait_for_records(bootstrap: &str, instance: &str, n: usize, timeout: Dura
     loop {
         let mut all = Vec::new();
         for t in vmr_proto::topics::EVENT_TOPICS {
-            all.extend(read_topic(bootstrap, t, 4));
+            match try_read_topic(bootstrap, t, 4) {
+                Ok(v) => all.extend(v),
+                Err(e) if Instant::now() < end => {
+                    eprintln!("retrying the read-back: {e}");
+                    all.clear();
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
         let mine = all.iter().filter(|g| g.key == instance).count();
         if mine >= n || Instant::now() >= end {
