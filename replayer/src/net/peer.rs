@@ -809,7 +809,32 @@ impl TcpPeer {
             }
             fl.clone_wscale = seg.wscale;
         }
+        if seg.has(RST) {
+            // Before the clone's SYN-ACK, only a reset answering the peer's
+            // SYN belongs to this connection.
+            let ours = fl.clone_base.is_some()
+                || fl.setup == Setup::OpenAtSnapshot
+                || (seg.has(ACK) && fl.peer_nxt == Some(seg.ack));
+            if ours && !fl.clone_rst {
+                fl.clone_rst = true;
+                if !fl.rec_rst {
+                    let d = Divergence::CloneReset {
+                        offset: fl.clone_stream.contiguous().len() as u64,
+                    };
+                    fl.divergences.push(d.clone());
+                    acts.push(Action::Diverged {
+                        flow: FlowId(fid),
+                        divergence: d,
+                    });
+                }
+            }
+            return acts;
+        }
         if fl.clone_base.is_none() {
+            if fl.setup != Setup::OpenAtSnapshot {
+                // A segment of an earlier connection between the same ends.
+                return acts;
+            }
             fl.clone_base = Some(seg.seq);
         }
         let base = fl.clone_base.unwrap_or(seg.seq);
@@ -827,22 +852,6 @@ impl TcpPeer {
             if fl.setup != Setup::OpenAtSnapshot {
                 fl.clone_window = Some(u64::from(seg.window) << shift);
             }
-        }
-        if seg.has(RST) {
-            if !fl.clone_rst {
-                fl.clone_rst = true;
-                if !fl.rec_rst {
-                    let d = Divergence::CloneReset {
-                        offset: fl.clone_stream.contiguous().len() as u64,
-                    };
-                    fl.divergences.push(d.clone());
-                    acts.push(Action::Diverged {
-                        flow: FlowId(fid),
-                        divergence: d,
-                    });
-                }
-            }
-            return acts;
         }
         let len = i64::from(seg.seq_len());
         if len == 0 {

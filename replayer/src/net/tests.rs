@@ -991,3 +991,96 @@ fn garbage_from_the_clone_never_panics() {
     }
     let _ = peer.report();
 }
+
+#[test]
+fn ipv6_connections_are_rewritten_too() {
+    let g6: IpAddr = "fd00::2".parse().expect("literal");
+    let p6: IpAddr = "fd00::1".parse().expect("literal");
+    let s6 = |dir: Direction, seq: u32, ack: u32, flags: u8, payload: &[u8]| {
+        let (eth_src, eth_dst, src, dst, sp, dp) = match dir {
+            IN => (PM, GM, p6, g6, 4000, 80),
+            OUT => (GM, PM, g6, p6, 80, 4000),
+        };
+        build_tcp(&TcpSpec {
+            eth_src,
+            eth_dst,
+            src,
+            dst,
+            src_port: sp,
+            dst_port: dp,
+            seq,
+            ack,
+            flags,
+            window: 1000,
+            options: Vec::new(),
+            payload,
+        })
+    };
+    let rec = frames(vec![
+        (IN, s6(IN, 5000, 0, SYN, b"")),
+        (OUT, s6(OUT, 1000, 5001, SYN | ACK, b"")),
+        (IN, s6(IN, 5001, 1001, PSH | ACK, b"hi")),
+    ]);
+    let mut peer = TcpPeer::new(cfg(), rec).expect("valid recording");
+    let now = Instant::now();
+    inject(&mut peer, now);
+    peer.on_clone_output(&s6(OUT, CISN, 5001, SYN | ACK, b""));
+    let f = inject(&mut peer, now);
+    let s = tcp(&f);
+    assert_eq!((s.src, s.ack), (p6, CISN + 1));
+    assert_eq!(s.payload(&f), b"hi");
+}
+
+#[test]
+fn a_second_connection_between_the_same_ends_is_its_own_flow() {
+    let mut list = Vec::new();
+    for (isn_p, isn_g, msg) in [(5000u32, 1000u32, b"one"), (9000, 3000, b"two")] {
+        list.extend([
+            (IN, seg(IN, 80, 4000, isn_p, 0, SYN, None, b"")),
+            (
+                OUT,
+                seg(OUT, 80, 4000, isn_g, isn_p + 1, SYN | ACK, None, b""),
+            ),
+            (
+                IN,
+                seg(IN, 80, 4000, isn_p + 1, isn_g + 1, PSH | ACK, None, msg),
+            ),
+            (
+                OUT,
+                seg(OUT, 80, 4000, isn_g + 1, isn_p + 4, ACK, None, b""),
+            ),
+            (
+                IN,
+                seg(IN, 80, 4000, isn_p + 4, isn_g + 1, RST | ACK, None, b""),
+            ),
+        ]);
+    }
+    let mut peer = TcpPeer::new(cfg(), frames(list)).expect("valid recording");
+    assert_eq!(peer.flow_count(), 2);
+    let now = Instant::now();
+    inject(&mut peer, now);
+    peer.on_clone_output(&seg(OUT, 80, 4000, CISN, 5001, SYN | ACK, None, b""));
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, CISN + 1);
+    // The guest's ACK of "one" takes no sequence space, so the peer's
+    // reset after it is not held.
+    let s = tcp(&inject(&mut peer, now));
+    assert!(s.has(RST));
+    // The second SYN; a late segment of the first connection must not be
+    // taken for the second one's ISN.
+    let syn2 = tcp(&inject(&mut peer, now));
+    assert_eq!(syn2.seq, 9000);
+    assert!(peer
+        .on_clone_output(&seg(OUT, 80, 4000, CISN + 1, 5004, ACK, None, b""))
+        .is_empty());
+    peer.on_clone_output(&seg(OUT, 80, 4000, 444_000, 9001, SYN | ACK, None, b""));
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, 444_001);
+    assert!(tcp(&inject(&mut peer, now)).has(RST));
+    assert_eq!(peer.next_inbound(now), Next::Done);
+    let report = peer.report();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.flows[1].clone_guest_port, Some(80));
+    assert!(
+        report.flows.iter().all(|f| f.stats.frames_injected == 3),
+        "{report}"
+    );
+}
