@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -127,8 +127,12 @@ def conn(i):
     s.bind(("10.9.0.1", 40000 + i))
     s.settimeout(20)
     s.connect(("10.9.0.2", 7000))
-    reqs = [b"CALLBACK 7001"] if i == 1 else []
-    reqs += [b"req %d.%d %s" % (i, j, b"abc" * (5 * j + i)) for j in range(4)]
+    if i == 4:
+        # Bulk: more than the receiver's initial window, in many segments.
+        reqs = [b"bulk " + bytes(ord("a") + k % 26 for k in range(60000))]
+    else:
+        reqs = [b"CALLBACK 7001"] if i == 1 else []
+        reqs += [b"req %d.%d %s" % (i, j, b"abc" * (5 * j + i)) for j in range(4)]
     for r in reqs:
         s.sendall(r + b"\n")
         readline(s)
@@ -137,7 +141,7 @@ def conn(i):
         pass
     s.close()
 
-threads = [threading.Thread(target=cb)] + [threading.Thread(target=conn, args=(i,)) for i in (1, 2, 3)]
+threads = [threading.Thread(target=cb)] + [threading.Thread(target=conn, args=(i,)) for i in (1, 2, 3, 4)]
 for t in threads:
     t.start()
 for t in threads:
@@ -243,6 +247,18 @@ impl Net {
             "10.9.0.1/24",
             "dev",
             &net.c_if,
+        ]);
+        // C sends MTU-sized frames (no segmentation offload) so each
+        // recorded frame can be injected again as it is.
+        run(&[
+            "ip",
+            "-n",
+            &net.c,
+            "link",
+            "set",
+            &net.c_if,
+            "gso_max_segs",
+            "1",
         ]);
         for (ns, dev) in [(&net.s, &net.s_if), (&net.c, &net.c_if)] {
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
@@ -477,17 +493,17 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// Waits until the server wrote the logs of all four connections.
+/// Waits until the server wrote the logs of all five connections.
 fn wait_for_logs(dir: &Path, timeout: Duration) -> Vec<(String, Vec<u8>)> {
     let deadline = Instant::now() + timeout;
     loop {
         let f = files(dir);
-        if f.len() == 8 {
+        if f.len() == 10 {
             return f;
         }
         assert!(
             Instant::now() < deadline,
-            "server logged {:?} within {timeout:?}, want 8 files",
+            "server logged {:?} within {timeout:?}, want 10 files",
             f.iter().map(|x| &x.0).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -615,7 +631,9 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
         }
     };
     let mut first_injected = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut injected, mut waits, mut waiting) = (0u64, 0u64, false);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(40);
     loop {
         assert!(Instant::now() < deadline, "replay did not finish in 40 s");
         while let Some((f, kind)) = sock.recv(Duration::ZERO) {
@@ -625,12 +643,18 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
         }
         match peer.next_inbound(Instant::now()) {
             Next::Inject { frame, .. } => {
+                injected += 1;
+                waiting = false;
                 sock.send(&frame);
                 if first_injected.is_empty() {
                     first_injected = frame;
                 }
             }
             Next::WaitForClone { until, .. } => {
+                if !waiting {
+                    waiting = true;
+                    waits += 1;
+                }
                 let left = until.saturating_duration_since(Instant::now());
                 if let Some((f, kind)) = sock.recv(left.min(Duration::from_millis(50))) {
                     if kind != PACKET_OUTGOING {
@@ -641,6 +665,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
             Next::Done => break,
         }
     }
+    let replay_time = started.elapsed();
     // Let the server finish: it logs each connection when it closes.
     let settle = Instant::now() + Duration::from_secs(10);
     let logs = loop {
@@ -650,11 +675,16 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
             }
         }
         let f = files(&out);
-        if f.len() == 8 || Instant::now() > settle {
+        if f.len() == 10 || Instant::now() > settle {
             break f;
         }
     };
     drop(server);
+    eprintln!(
+        "{name}: {injected} recorded frames injected, {waits} waits for the server, \
+         {} ms until the last recorded frame",
+        replay_time.as_millis()
+    );
     Replay {
         report: peer.report(),
         logs,
@@ -677,22 +707,25 @@ fn recorded_synacks(rec: &Recording) -> Vec<u32> {
         .collect()
 }
 
-fn workdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmr-tcp-peer-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    std::fs::write(dir.join("server.py"), SERVER_PY).expect("write server.py");
-    std::fs::write(dir.join("client.py"), CLIENT_PY).expect("write client.py");
+/// The scripts and the servers' logs; removed on drop.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("vmr-tcp-peer-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::write(dir.path().join("server.py"), SERVER_PY).expect("write server.py");
+    std::fs::write(dir.path().join("client.py"), CLIENT_PY).expect("write client.py");
     dir
 }
 
 #[test]
 fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
     check_prerequisites();
-    let dir = workdir();
+    let tmp = workdir();
+    let dir = tmp.path();
     let net = Net::create();
 
-    let rec = record(&net, &dir);
+    let rec = record(&net, dir);
     let names: Vec<&str> = rec.logs.iter().map(|l| l.0.as_str()).collect();
     assert_eq!(
         names,
@@ -702,9 +735,11 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
             "in-40001",
             "in-40002",
             "in-40003",
+            "in-40004",
             "out-40001",
             "out-40002",
-            "out-40003"
+            "out-40003",
+            "out-40004"
         ]
     );
     let to_guest = rec
@@ -722,7 +757,7 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
     run(&["ip", "-n", &net.c, "addr", "flush", "dev", &net.c_if]);
     let csum_before = net.s_tcp_csum_errors();
 
-    let same = replay(&net, &dir, "replay-same", &rec, None);
+    let same = replay(&net, dir, "replay-same", &rec, None);
     eprintln!("{}", same.report);
     assert_eq!(
         same.logs, rec.logs,
@@ -730,14 +765,14 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
     );
     assert_eq!(same.clone_resets, 0, "the server reset a connection");
     assert!(same.report.is_clean(), "divergences:\n{}", same.report);
-    assert_eq!(same.report.flows.len(), 4);
+    assert_eq!(same.report.flows.len(), 5);
     let setups: Vec<Setup> = same.report.flows.iter().map(|f| f.setup).collect();
     assert_eq!(
         setups
             .iter()
             .filter(|s| **s == Setup::PeerInitiated)
             .count(),
-        3
+        4
     );
     assert_eq!(
         setups
@@ -752,7 +787,7 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
     );
     // New initial sequence numbers: the rewriting was needed.
     let old = recorded_synacks(&rec);
-    assert_eq!(same.clone_synacks.len(), 3);
+    assert_eq!(same.clone_synacks.len(), 4);
     assert!(
         same.clone_synacks.iter().all(|s| !old.contains(s)),
         "{old:?} {:?}",
@@ -766,7 +801,7 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
 
     // A second fresh server answers the second request of port 40002
     // differently.
-    let diff = replay(&net, &dir, "replay-diverge", &rec, Some(40_002));
+    let diff = replay(&net, dir, "replay-diverge", &rec, Some(40_002));
     eprintln!("{}", diff.report);
     assert_eq!(diff.clone_resets, 0);
     let log = |l: &[(String, Vec<u8>)], n: &str| l.iter().find(|x| x.0 == n).map(|x| x.1.clone());
@@ -825,5 +860,4 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
     );
 
     drop(net);
-    let _ = std::fs::remove_dir_all(&dir);
 }
