@@ -495,9 +495,11 @@ impl Registry {
     ) -> Result<SubjectVersion, RegistryError> {
         let found = self
             .read_or_sync(|state| {
+                // No match yet (or no such subject): catch up with the log
+                // before answering 404, another instance may have written.
                 let versions = state.versions(subject, deleted);
                 if versions.is_empty() {
-                    return Some(Err(RegistryError::SubjectNotFound(subject.to_string())));
+                    return None;
                 }
                 let (content, parsed) = match Self::prepare(state, req, normalize) {
                     Ok(c) => c,
@@ -510,7 +512,13 @@ impl Registry {
                     .map(|(version, e)| Ok(subject_version(state, subject, version, e.id)))
             })
             .await?;
-        found.unwrap_or_else(|| Err(RegistryError::SchemaNotFound("not found".into())))
+        found.unwrap_or_else(|| {
+            if self.log.read(|s| s.versions(subject, deleted).is_empty()) {
+                Err(RegistryError::SubjectNotFound(subject.to_string()))
+            } else {
+                Err(RegistryError::SchemaNotFound("not found".into()))
+            }
+        })
     }
 
     /// The schema with `id`; `serialized` returns the base64 descriptor.
@@ -610,23 +618,25 @@ impl Registry {
         let found = self
             .read_or_sync(|state| {
                 let versions = state.versions(subject, deleted);
-                if versions.is_empty() {
-                    return None;
-                }
                 let hit = match spec {
                     VersionSpec::Latest => versions.last().copied(),
                     VersionSpec::Number(n) => versions.into_iter().find(|(v, _)| *v == n),
                 };
-                Some(hit.map(|(v, e)| subject_version(state, subject, v, e.id)))
+                hit.map(|(v, e)| subject_version(state, subject, v, e.id))
             })
-            .await?
-            .ok_or_else(|| RegistryError::SubjectNotFound(subject.to_string()))?;
-        let mut sv = found.ok_or_else(|| {
-            RegistryError::VersionNotFound(match spec {
-                VersionSpec::Latest => "latest".into(),
-                VersionSpec::Number(n) => n.to_string(),
-            })
-        })?;
+            .await?;
+        let mut sv = match found {
+            Some(sv) => sv,
+            None if self.log.read(|s| s.versions(subject, deleted).is_empty()) => {
+                return Err(RegistryError::SubjectNotFound(subject.to_string()))
+            }
+            None => {
+                return Err(RegistryError::VersionNotFound(match spec {
+                    VersionSpec::Latest => "latest".into(),
+                    VersionSpec::Number(n) => n.to_string(),
+                }))
+            }
+        };
         if serialized {
             sv.schema = self
                 .log

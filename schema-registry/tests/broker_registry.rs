@@ -403,6 +403,8 @@ async fn broker_outage_gives_json_503_and_the_registry_recovers() {
     // Anything that needs the broker: 503 with Confluent's error body.
     let (status, body) = raw_get(&format!("{base}/schemas/ids/{}", id + 100)).await;
     assert_unavailable("unknown id", status, &body);
+    let (status, body) = raw_get(&format!("{base}/subjects/before-value/versions/9")).await;
+    assert_unavailable("unknown version", status, &body);
     let (status, body) = raw(
         "PUT",
         &format!("{base}/mode/before-value"),
@@ -452,6 +454,8 @@ async fn broker_outage_gives_json_503_and_the_registry_recovers() {
     // The unknown id is now a plain 404, and writes of every kind work.
     let (status, body) = raw_get(&format!("{base}/schemas/ids/{}", id + 100)).await;
     assert_eq!((status, body["error_code"].as_i64()), (404, Some(40403)));
+    let (status, body) = raw_get(&format!("{base}/subjects/before-value/versions/9")).await;
+    assert_eq!((status, body["error_code"].as_i64()), (404, Some(40402)));
     assert_eq!(
         client
             .set_mode(Some("before-value"), "READONLY", false)
