@@ -186,7 +186,9 @@ impl ShipperConfig {
 }
 
 /// Kinds of host sensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SensorKind {
     /// `<sys>/class/hwmon/*`: temperatures, fans, voltages, currents, power.
@@ -286,7 +288,7 @@ impl SensorsConfig {
                     t.sensor
                 )));
             }
-            if t.change.is_some_and(|c| !(c > 0.0)) {
+            if t.change.is_some_and(|c| c.is_nan() || c <= 0.0) {
                 return Err(ConfigError::Invalid(format!(
                     "sensors: trigger for {:?} needs a positive change",
                     t.sensor

@@ -13,8 +13,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vhost_tap::capture::{CaptureError, CaptureSink, Recycle, SpoolConfig, SpoolSink};
 use vhost_tap::capture::Record;
+use vhost_tap::capture::{CaptureError, CaptureSink, Recycle, SpoolConfig, SpoolSink};
 use vhost_tap::seq::SeqSource;
 use vmr_proto::{pb, EnvSample, InstanceId, LifecycleKind};
 
@@ -148,10 +148,9 @@ impl EventLog {
             }
         };
         debug_assert_eq!(written, seqs.len());
-        self.sink.sync().map_err(|source| EventsError::Write {
-            seq: first,
-            source,
-        })?;
+        self.sink
+            .sync()
+            .map_err(|source| EventsError::Write { seq: first, source })?;
         Ok(seqs)
     }
 

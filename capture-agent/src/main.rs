@@ -99,7 +99,10 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<AgentConfig> {
 fn write_metrics(path: &std::path::Path, m: &ShipperMetrics) {
     let tmp = path.with_extension("tmp");
     let text = serde_json::to_string(&m.snapshot()).expect("metrics always serialise");
-    if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).is_err() {
+    if std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .is_err()
+    {
         tracing::warn!(path = %path.display(), "cannot write the metrics file");
     }
 }
@@ -115,8 +118,12 @@ fn ship(a: ShipArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     let instance = InstanceId::new(a.instance).context("--instance")?;
-    let mut opts =
-        ShipperOptions::for_spool(&a.spool, instance, cfg.endpoints.clone(), cfg.shipper.clone());
+    let mut opts = ShipperOptions::for_spool(
+        &a.spool,
+        instance,
+        cfg.endpoints.clone(),
+        cfg.shipper.clone(),
+    );
     if let Some(s) = a.source {
         opts.source_name = s;
     }
@@ -152,8 +159,7 @@ fn ship(a: ShipArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -76,7 +76,7 @@ fn entries(dir: &Path, prefix: &str) -> Vec<(String, PathBuf)> {
             name.starts_with(prefix).then(|| (name, e.path()))
         })
         .collect();
-    v.sort_by(|a, b| natural(&a.0).cmp(&natural(&b.0)));
+    v.sort_by_key(|a| natural(&a.0));
     v
 }
 
@@ -179,11 +179,19 @@ impl Sensors {
             sensors.sort();
             let none = sensors.is_empty().then(|| {
                 let why = if root.is_dir() {
-                    format!("{} exposes no readable {} sensor", root.display(), kind.name())
+                    format!(
+                        "{} exposes no readable {} sensor",
+                        root.display(),
+                        kind.name()
+                    )
                 } else {
                     format!("{} does not exist", root.display())
                 };
-                tracing::info!(kind = kind.name(), "this host has no {} sensors: {why}", kind.name());
+                tracing::info!(
+                    kind = kind.name(),
+                    "this host has no {} sensors: {why}",
+                    kind.name()
+                );
                 why
             });
             reports.push(KindReport {
@@ -372,11 +380,14 @@ impl Schedule {
             let prev = self.last.get(&r.sensor).copied();
             let fire = periodic
                 || prev.is_some_and(|p| {
-                    self.triggers.iter().filter(|t| matches(t, &r.sensor)).any(|t| {
-                        t.change.is_some_and(|c| (r.value - p).abs() >= c)
-                            || t.above.is_some_and(|a| r.value >= a && p < a)
-                            || t.below.is_some_and(|b| r.value <= b && p > b)
-                    })
+                    self.triggers
+                        .iter()
+                        .filter(|t| matches(t, &r.sensor))
+                        .any(|t| {
+                            t.change.is_some_and(|c| (r.value - p).abs() >= c)
+                                || t.above.is_some_and(|a| r.value >= a && p < a)
+                                || t.below.is_some_and(|b| r.value <= b && p > b)
+                        })
                 });
             if fire {
                 self.last.insert(r.sensor.clone(), r.value);
@@ -480,7 +491,12 @@ mod tests {
         });
         let mut s = Schedule::new(sensors, &cfg);
         let t0 = Instant::now();
-        let r = |v: f64| vec![sample("thermal.cpu".into(), v, "celsius"), sample("pressure.x".into(), v, "percent")];
+        let r = |v: f64| {
+            vec![
+                sample("thermal.cpu".into(), v, "celsius"),
+                sample("pressure.x".into(), v, "percent"),
+            ]
+        };
         assert_eq!(s.select(t0, r(50.0)).len(), 2, "the first tick is periodic");
         assert!(s.select(t0 + Duration::from_secs(1), r(51.0)).is_empty());
         let got = s.select(t0 + Duration::from_secs(2), r(52.5));

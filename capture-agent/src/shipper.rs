@@ -99,7 +99,9 @@ enum SessionError {
         #[source]
         source: KafkaError,
     },
-    #[error("topic {0} does not exist on the cluster (create it, for example with scripts/stack.sh)")]
+    #[error(
+        "topic {0} does not exist on the cluster (create it, for example with scripts/stack.sh)"
+    )]
     NoTopic(String),
     #[error("scanning {topic} for records already shipped did not finish within {secs} s")]
     ScanTimeout { topic: String, secs: u64 },
@@ -238,7 +240,9 @@ impl ClientContext for ShipperContext {
             RDKafkaLogLevel::Warning => {
                 tracing::warn!(instance = %self.instance, facility = fac, "librdkafka: {log_message}")
             }
-            _ => tracing::debug!(instance = %self.instance, facility = fac, "librdkafka: {log_message}"),
+            _ => {
+                tracing::debug!(instance = %self.instance, facility = fac, "librdkafka: {log_message}")
+            }
         }
     }
 
@@ -414,7 +418,11 @@ impl<S: RecordSource> Shipper<S> {
                             url: url.clone(),
                             detail: format!(
                                 "{} subject {subject}: {}{hint}",
-                                if register { "registering" } else { "looking up" },
+                                if register {
+                                    "registering"
+                                } else {
+                                    "looking up"
+                                },
                                 display_chain(&e)
                             ),
                         }
@@ -435,7 +443,10 @@ impl<S: RecordSource> Shipper<S> {
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.opts.endpoints.bootstrap_servers)
-            .set("client.id", format!("capture-agent/{}", self.opts.source_name))
+            .set(
+                "client.id",
+                format!("capture-agent/{}", self.opts.source_name),
+            )
             .set("reconnect.backoff.ms", "100")
             .set("reconnect.backoff.max.ms", "5000")
             .set(
@@ -470,7 +481,9 @@ impl<S: RecordSource> Shipper<S> {
             .set("message.max.bytes", max_msg.to_string())
             .set(
                 "queue.buffering.max.messages",
-                (cfg.max_in_flight_records + 1024).min(2_000_000).to_string(),
+                (cfg.max_in_flight_records + 1024)
+                    .min(2_000_000)
+                    .to_string(),
             )
             .set(
                 "queue.buffering.max.kbytes",
@@ -525,8 +538,7 @@ impl<S: RecordSource> Shipper<S> {
     /// Finds what the topics already hold of this source.
     fn resume(&self, partitions: &BTreeMap<&'static str, i32>) -> Result<Resume, SessionError> {
         let timeout = self.opts.config.request_timeout();
-        let state = read_state(&self.opts.state_file)
-            .filter(|s| s.source == self.opts.source_name);
+        let state = read_state(&self.opts.state_file).filter(|s| s.source == self.opts.source_name);
         let committed = self.source.committed()?;
         let mut resume = Resume {
             base: later(committed, state.as_ref().and_then(|s| s.position.clone())),
@@ -539,7 +551,10 @@ impl<S: RecordSource> Shipper<S> {
         };
         let consumer: BaseConsumer = self
             .client_config()
-            .set("group.id", format!("vmr-capture-agent-resume-{}", self.opts.source_name))
+            .set(
+                "group.id",
+                format!("vmr-capture-agent-resume-{}", self.opts.source_name),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.message.max.bytes", (16 << 20).to_string())
@@ -824,7 +839,10 @@ impl<S: RecordSource> Shipper<S> {
                     loop {
                         match producer.send(record) {
                             Ok(()) => break,
-                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            Err((
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                r,
+                            )) => {
                                 record = r;
                                 producer.poll(Duration::from_millis(10));
                                 if stop.load(Ordering::Acquire) {
@@ -897,8 +915,7 @@ impl<S: RecordSource> Shipper<S> {
             }
             ShipperMetrics::set(&m.in_flight, pending.len() as u64);
             let done = stopping && pending.is_empty();
-            if acked_pos.is_some() && (done || stopping || last_commit.elapsed() >= commit_every)
-            {
+            if acked_pos.is_some() && (done || stopping || last_commit.elapsed() >= commit_every) {
                 let pos = acked_pos.take().expect("checked above");
                 if committed_pos.as_ref() != Some(&pos) {
                     self.commit(&pos, &resume);
@@ -907,7 +924,14 @@ impl<S: RecordSource> Shipper<S> {
                 last_commit = Instant::now();
             }
             if stopping {
-                return self.drain(producer, pending, first_id, acked_pos, resume, committed_pos);
+                return self.drain(
+                    producer,
+                    pending,
+                    first_id,
+                    acked_pos,
+                    resume,
+                    committed_pos,
+                );
             }
         }
     }
@@ -922,8 +946,7 @@ impl<S: RecordSource> Shipper<S> {
         mut resume: Resume,
         committed_pos: Option<Position>,
     ) -> Result<(), SessionError> {
-        let deadline =
-            Instant::now() + Duration::from_secs(self.opts.config.shutdown_timeout_secs);
+        let deadline = Instant::now() + Duration::from_secs(self.opts.config.shutdown_timeout_secs);
         while !pending.is_empty() && Instant::now() < deadline {
             producer.poll(Duration::from_millis(50));
             let reports = std::mem::take(

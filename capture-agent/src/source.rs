@@ -26,7 +26,10 @@ pub enum SourceError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceItem {
     /// An event and the position just after it.
-    Event { event: pb::Event, position: Position },
+    Event {
+        event: pb::Event,
+        position: Position,
+    },
     /// Damaged bytes the framing layer skipped.
     Corrupt {
         segment: String,

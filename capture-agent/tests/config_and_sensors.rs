@@ -22,17 +22,32 @@ fn the_example_config_parses_and_check_config_accepts_it() {
     assert_eq!(cfg.sensors.triggers.len(), 2);
     assert_eq!(cfg.endpoints.bootstrap_servers, "127.0.0.1:19092");
     let bin = env!("CARGO_BIN_EXE_capture-agent");
-    let out = Command::new(bin).arg("--check-config").arg(example()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .arg("--check-config")
+        .arg(example())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[shipper]\nlinger = 5\n").unwrap();
-    let out = Command::new(bin).arg("--check-config").arg(&bad).output().unwrap();
+    let out = Command::new(bin)
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field") && err.contains("linger"), "{err}");
+    assert!(
+        err.contains("unknown field") && err.contains("linger"),
+        "{err}"
+    );
     let out = Command::new(bin).output().unwrap();
     assert!(!out.status.success(), "no command is an error");
 }
@@ -47,7 +62,11 @@ fn write(root: &Path, rel: &str, text: &str) {
 fn tree(root: &Path) {
     let s = root.join("sys");
     for (n, chip) in [(0, "coretemp"), (1, "coretemp"), (2, "nct6775")] {
-        write(&s, &format!("class/hwmon/hwmon{n}/name"), &format!("{chip}\n"));
+        write(
+            &s,
+            &format!("class/hwmon/hwmon{n}/name"),
+            &format!("{chip}\n"),
+        );
     }
     write(&s, "class/hwmon/hwmon0/temp1_input", "51000\n");
     write(&s, "class/hwmon/hwmon0/temp1_label", "Package id 0\n");
@@ -101,15 +120,29 @@ fn sensors_are_read_from_the_kernel_layout_with_units_and_labels() {
         ("power_supply.bat0.voltage_now", 12.345, "volts"),
     ];
     let (hw, rest): (Vec<_>, Vec<_>) = got.iter().partition(|g| !g.0.starts_with("pressure."));
-    let hw: Vec<(&str, f64, &str)> = hw.iter().map(|(a, b, c)| (a.as_str(), *b, c.as_str())).collect();
+    let hw: Vec<(&str, f64, &str)> = hw
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), *b, c.as_str()))
+        .collect();
     assert_eq!(hw, want);
     // Pressure: cpu and memory (no io file here), some and full, 4 values each.
     assert_eq!(rest.len(), 16, "{rest:?}");
-    assert!(rest.contains(&&("pressure.cpu.some.avg10".to_string(), 2.5, "percent".to_string())));
-    assert!(rest.contains(&&("pressure.memory.full.total".to_string(), 3.0, "microseconds".to_string())));
+    assert!(rest.contains(&&(
+        "pressure.cpu.some.avg10".to_string(),
+        2.5,
+        "percent".to_string()
+    )));
+    assert!(rest.contains(&&(
+        "pressure.memory.full.total".to_string(),
+        3.0,
+        "microseconds".to_string()
+    )));
     let inv = sensors.describe();
     assert_eq!(inv.kinds.len(), 4);
-    assert!(inv.kinds.iter().all(|k| k.none.is_none() && !k.sensors.is_empty()));
+    assert!(inv
+        .kinds
+        .iter()
+        .all(|k| k.none.is_none() && !k.sensors.is_empty()));
 }
 
 #[test]
@@ -125,7 +158,10 @@ fn kinds_the_host_lacks_are_reported_not_invented() {
     assert!(sensors.read().is_empty());
     for k in &sensors.describe().kinds {
         assert!(k.sensors.is_empty());
-        let why = k.none.as_deref().expect("a reason for each kind without sensors");
+        let why = k
+            .none
+            .as_deref()
+            .expect("a reason for each kind without sensors");
         match k.kind {
             SensorKind::Hwmon => assert!(why.contains("exposes no readable hwmon sensor"), "{why}"),
             _ => assert!(why.contains("does not exist"), "{why}"),
@@ -147,14 +183,26 @@ fn the_real_host_is_read_once() {
         // Readings of one moment may differ from the probe's only by
         // sensors that appeared in between.
         let kind = r.sensor.split('.').next().unwrap();
-        assert!(["hwmon", "thermal", "power_supply", "pressure"].contains(&kind), "{r:?}");
+        assert!(
+            ["hwmon", "thermal", "power_supply", "pressure"].contains(&kind),
+            "{r:?}"
+        );
     }
     if Path::new("/proc/pressure/cpu").exists() {
-        assert!(readings.iter().any(|r| r.sensor == "pressure.cpu.some.avg10"));
+        assert!(readings
+            .iter()
+            .any(|r| r.sensor == "pressure.cpu.some.avg10"));
     }
     // The binary prints the same inventory as JSON.
-    let out = Command::new(env!("CARGO_BIN_EXE_capture-agent")).arg("sensors").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_capture-agent"))
+        .arg("sensors")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["inventory"]["kinds"].as_array().unwrap().len(), 4);
 }

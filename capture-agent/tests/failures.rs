@@ -38,11 +38,19 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
     let config = stack.config_file(w, "");
     let mut vda = ShipProcess::start(&config, &w.join("vda"), inst, w, "vda");
     let mut net0 = ShipProcess::start(&config, &w.join("net0"), inst, w, "net0");
-    vda.wait_metrics("first records shipped", Duration::from_secs(60), |m| m.records_acked >= 100);
-    net0.wait_metrics("first records shipped", Duration::from_secs(60), |m| m.records_acked >= 100);
+    vda.wait_metrics("first records shipped", Duration::from_secs(60), |m| {
+        m.records_acked >= 100
+    });
+    net0.wait_metrics("first records shipped", Duration::from_secs(60), |m| {
+        m.records_acked >= 100
+    });
 
     stack.broker.stop();
-    let before = (writer.count(), vda.metrics().unwrap(), net0.metrics().unwrap());
+    let before = (
+        writer.count(),
+        vda.metrics().unwrap(),
+        net0.metrics().unwrap(),
+    );
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(35));
     let during = (writer.count(), vda.metrics().unwrap());
@@ -53,7 +61,12 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
         during.0
     );
     // Acknowledgements stop once the broker is gone; the spool buffers.
-    assert!(during.1.records_acked <= before.1.records_acked + before.1.in_flight + 200, "{:?} vs {:?}", before.1, during.1);
+    assert!(
+        during.1.records_acked <= before.1.records_acked + before.1.in_flight + 200,
+        "{:?} vs {:?}",
+        before.1,
+        during.1
+    );
     assert!(
         during.1.broker_errors + during.1.metadata_errors >= 1 && during.1.up == 0,
         "the outage is counted: {:?}",
@@ -65,17 +78,30 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
     std::thread::sleep(Duration::from_secs(5));
     let n = writer.stop();
 
-    let got = wait_for_records(&stack.broker.bootstrap(), inst, n as usize, Duration::from_secs(180));
+    let got = wait_for_records(
+        &stack.broker.bootstrap(),
+        inst,
+        n as usize,
+        Duration::from_secs(180),
+    );
     let per_topic = check_exactly_once(&got, inst, n);
     assert_eq!(per_topic[BLOCK] + per_topic[NET], n as usize);
-    let m = vda.wait_metrics("all acked", Duration::from_secs(60), |m| m.in_flight == 0 && m.records_acked + m.records_already_shipped >= per_topic[BLOCK] as u64);
+    let m = vda.wait_metrics("all acked", Duration::from_secs(60), |m| {
+        m.in_flight == 0 && m.records_acked + m.records_already_shipped >= per_topic[BLOCK] as u64
+    });
     // A delivery the outage failed ended a session (counted in
     // delivery_errors); the next one found in the partition tail what had
     // landed, and the exactly-once check above holds.
     let _ = net0.wait_metrics("all acked", Duration::from_secs(60), |m| m.in_flight == 0);
     let log = vda.log_text();
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("shipping stopped")).collect();
-    eprintln!("outage {outage_secs} s, {n} records, vda metrics {m:?}\nsession ends:\n{}", errors.join("\n"));
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("shipping stopped"))
+        .collect();
+    eprintln!(
+        "outage {outage_secs} s, {n} records, vda metrics {m:?}\nsession ends:\n{}",
+        errors.join("\n")
+    );
     vda.stop();
     net0.stop();
 }
@@ -100,18 +126,29 @@ fn kill_9_mid_stream_then_restart_ships_every_seq_once() {
     let mut vda = ShipProcess::start(&config, &w.join("vda"), inst, w, "vda-1");
     let mut already = 0;
     for round in 2..=3 {
-        vda.wait_metrics("shipping", Duration::from_secs(60), |m| m.records_acked >= 500 && m.commits >= 1);
+        vda.wait_metrics("shipping", Duration::from_secs(60), |m| {
+            m.records_acked >= 500 && m.commits >= 1
+        });
         std::thread::sleep(Duration::from_millis(1500));
         vda.kill9();
-        net0.wait_metrics("net keeps shipping", Duration::from_secs(30), |m| m.records_acked > 0);
+        net0.wait_metrics("net keeps shipping", Duration::from_secs(30), |m| {
+            m.records_acked > 0
+        });
         std::thread::sleep(Duration::from_secs(1));
         vda = ShipProcess::start(&config, &w.join("vda"), inst, w, &format!("vda-{round}"));
-        let m = vda.wait_metrics("resumed", Duration::from_secs(60), |m| m.records_read > 0 && m.up == 1);
+        let m = vda.wait_metrics("resumed", Duration::from_secs(60), |m| {
+            m.records_read > 0 && m.up == 1
+        });
         already += m.records_already_shipped;
     }
     std::thread::sleep(Duration::from_secs(3));
     let n = writer.stop();
-    let got = wait_for_records(&stack.broker.bootstrap(), inst, n as usize, Duration::from_secs(180));
+    let got = wait_for_records(
+        &stack.broker.bootstrap(),
+        inst,
+        n as usize,
+        Duration::from_secs(180),
+    );
     let per_topic = check_exactly_once(&got, inst, n);
     let m = vda.wait_metrics("all acked", Duration::from_secs(60), |m| m.in_flight == 0);
     already = already.max(m.records_already_shipped);
@@ -120,7 +157,10 @@ fn kill_9_mid_stream_then_restart_ships_every_seq_once() {
         "a kill between acknowledgement and commit leaves records in Kafka that the restart recognises"
     );
     let written = per_topic[BLOCK] as u64 * 4096;
-    assert!(written > 3 * cap, "{written} bytes of writes went through a {cap}-byte spool");
+    assert!(
+        written > 3 * cap,
+        "{written} bytes of writes went through a {cap}-byte spool"
+    );
     assert!(spool_bytes(&w.join("vda")) <= cap + (256 << 10) + (64 << 10));
     eprintln!("{n} records, {already} recognised as shipped after kill -9");
     vda.stop();
@@ -147,52 +187,87 @@ fn bad_input_is_reported_counted_and_retried() {
     let dead = vmr_testkit::free_port();
     let dir = w.join("a");
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = write_config(&dir, &format!("127.0.0.1:{dead}"), &stack.registry.url(), "request-timeout-secs = 2");
+    let cfg = write_config(
+        &dir,
+        &format!("127.0.0.1:{dead}"),
+        &stack.registry.url(),
+        "request-timeout-secs = 2",
+    );
     let mut p = ShipProcess::start(&cfg, &w.join("net0"), inst, &dir, "a");
-    let m = p.wait_metrics("retries", Duration::from_secs(60), |m| m.sessions >= 3 && m.metadata_errors >= 2);
+    let m = p.wait_metrics("retries", Duration::from_secs(60), |m| {
+        m.sessions >= 3 && m.metadata_errors >= 2
+    });
     assert_eq!((m.up, m.records_acked), (0, 0), "{m:?}");
     assert!(m.broker_errors >= 1, "{m:?}");
     let log = p.log_text();
-    assert!(log.contains(&format!("metadata of vmr.block.v1 from 127.0.0.1:{dead}")), "{log}");
+    assert!(
+        log.contains(&format!("metadata of vmr.block.v1 from 127.0.0.1:{dead}")),
+        "{log}"
+    );
     assert!(log.contains("retrying"), "{log}");
     p.stop();
-    assert_eq!(committed("net0"), None, "nothing is committed that was not shipped");
+    assert_eq!(
+        committed("net0"),
+        None,
+        "nothing is committed that was not shipped"
+    );
 
     // (b) An unreachable registry.
     let dir = w.join("b");
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = write_config(&dir, &stack.broker.bootstrap(), &format!("http://127.0.0.1:{dead}"), "request-timeout-secs = 2");
+    let cfg = write_config(
+        &dir,
+        &stack.broker.bootstrap(),
+        &format!("http://127.0.0.1:{dead}"),
+        "request-timeout-secs = 2",
+    );
     let mut p = ShipProcess::start(&cfg, &w.join("net0"), inst, &dir, "b");
-    let m = p.wait_metrics("retries", Duration::from_secs(60), |m| m.sessions >= 3 && m.registry_errors >= 2);
+    let m = p.wait_metrics("retries", Duration::from_secs(60), |m| {
+        m.sessions >= 3 && m.registry_errors >= 2
+    });
     assert_eq!(m.records_sent, 0, "{m:?}");
     let log = p.log_text();
-    assert!(log.contains(&format!("schema registry at http://127.0.0.1:{dead}")), "{log}");
+    assert!(
+        log.contains(&format!("schema registry at http://127.0.0.1:{dead}")),
+        "{log}"
+    );
     p.stop();
 
     // (c) A registry that refuses: a subject in read-only mode refuses the
     // registration; a deleted subject has no id to look up.
     let client = RegistryClient::new(&stack.registry.url()).unwrap();
     let rt = runtime();
-    rt.block_on(client.set_mode(Some("vmr.block.v1-value"), "READONLY", false)).unwrap();
+    rt.block_on(client.set_mode(Some("vmr.block.v1-value"), "READONLY", false))
+        .unwrap();
     let dir = w.join("c");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = stack.config_file(&dir, "register-schemas = true");
     let mut p = ShipProcess::start(&cfg, &w.join("net0"), inst, &dir, "c");
-    let m = p.wait_metrics("refused", Duration::from_secs(60), |m| m.registry_errors >= 2);
+    let m = p.wait_metrics("refused", Duration::from_secs(60), |m| {
+        m.registry_errors >= 2
+    });
     assert_eq!(m.records_sent, 0);
     let log = p.log_text();
-    assert!(log.contains("registering subject vmr.block.v1-value") && log.contains("read-only"), "{log}");
+    assert!(
+        log.contains("registering subject vmr.block.v1-value") && log.contains("read-only"),
+        "{log}"
+    );
     p.stop();
-    rt.block_on(client.set_mode(Some("vmr.block.v1-value"), "READWRITE", false)).unwrap();
-    rt.block_on(client.delete_subject("vmr.env.v1-value", false)).unwrap();
+    rt.block_on(client.set_mode(Some("vmr.block.v1-value"), "READWRITE", false))
+        .unwrap();
+    rt.block_on(client.delete_subject("vmr.env.v1-value", false))
+        .unwrap();
     let dir = w.join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = stack.config_file(&dir, "");
     let mut p = ShipProcess::start(&cfg, &w.join("net0"), inst, &dir, "d");
-    p.wait_metrics("refused", Duration::from_secs(60), |m| m.registry_errors >= 2);
+    p.wait_metrics("refused", Duration::from_secs(60), |m| {
+        m.registry_errors >= 2
+    });
     let log = p.log_text();
     assert!(
-        log.contains("looking up subject vmr.env.v1-value") && log.contains("register the schemas first"),
+        log.contains("looking up subject vmr.env.v1-value")
+            && log.contains("register the schemas first"),
         "{log}"
     );
     p.stop();
@@ -205,7 +280,9 @@ fn bad_input_is_reported_counted_and_retried() {
     let mut r = SpoolReader::from_position(&w.join("net0"), None);
     let mut ends = Vec::new();
     while let Some(item) = r.next_item().unwrap() {
-        let SpoolItem::Event { event, position } = item else { panic!("a clean spool") };
+        let SpoolItem::Event { event, position } = item else {
+            panic!("a clean spool")
+        };
         ends.push((event.seq, position));
     }
     assert_eq!(ends.len(), 200);
@@ -219,15 +296,24 @@ fn bad_input_is_reported_counted_and_retried() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = stack.config_file(&dir, "");
     let mut p = ShipProcess::start(&cfg, &w.join("net0"), inst, &dir, "e");
-    let m = p.wait_metrics("shipped", Duration::from_secs(60), |m| m.records_acked == 199 && m.in_flight == 0);
+    let m = p.wait_metrics("shipped", Duration::from_secs(60), |m| {
+        m.records_acked == 199 && m.in_flight == 0
+    });
     assert_eq!(m.corrupt_frames, 1, "{m:?}");
     assert!(m.corrupt_bytes > 0);
     assert!(p.log_text().contains("damaged spool frame skipped"));
     p.stop();
     let got = read_topic(&stack.broker.bootstrap(), NET, 4);
-    let mut seqs: Vec<u64> = got.iter().filter(|g| g.key == inst).map(|g| g.event.seq).collect();
+    let mut seqs: Vec<u64> = got
+        .iter()
+        .filter(|g| g.key == inst)
+        .map(|g| g.event.seq)
+        .collect();
     seqs.sort_unstable();
     let want: Vec<u64> = (1..=200).filter(|s| *s != lost_seq).collect();
-    assert_eq!(seqs, want, "only the damaged frame is missing, nothing twice");
+    assert_eq!(
+        seqs, want,
+        "only the damaged frame is missing, nothing twice"
+    );
     assert_eq!(committed("net0").unwrap().seq, 200);
 }

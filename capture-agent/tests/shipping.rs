@@ -60,7 +60,8 @@ fn device_and_agent_spools_land_gap_free_in_their_topics_and_partition() {
     let samples = sensors.read();
     assert_eq!(samples.len(), 1, "{samples:?}");
     log.env(&samples).unwrap();
-    log.lifecycle(LifecycleKind::Shutdown, "test shutdown").unwrap();
+    log.lifecycle(LifecycleKind::Shutdown, "test shutdown")
+        .unwrap();
     blk.sync();
     net.sync();
     blk.shutdown();
@@ -73,7 +74,12 @@ fn device_and_agent_spools_land_gap_free_in_their_topics_and_partition() {
         .iter()
         .map(|d| ShipProcess::start(&config, &w.join(d), inst, w, d))
         .collect();
-    let got = wait_for_records(&stack.broker.bootstrap(), inst, total as usize, Duration::from_secs(120));
+    let got = wait_for_records(
+        &stack.broker.bootstrap(),
+        inst,
+        total as usize,
+        Duration::from_secs(120),
+    );
     let per_topic = check_exactly_once(&got, inst, total);
     assert_eq!(per_topic[BLOCK], N as usize);
     assert_eq!(per_topic[NET], N as usize);
@@ -83,15 +89,27 @@ fn device_and_agent_spools_land_gap_free_in_their_topics_and_partition() {
     let Some(vmr_proto::pb::event::Payload::Env(s)) = &env.event.payload else {
         panic!("an env sample on {ENV}")
     };
-    assert_eq!((s.sensor.as_str(), s.value, s.unit.as_str()), ("thermal.x86_pkg_temp", 47.0, "celsius"));
+    assert_eq!(
+        (s.sensor.as_str(), s.value, s.unit.as_str()),
+        ("thermal.x86_pkg_temp", 47.0, "celsius")
+    );
     // Every process commits its last position, then stops cleanly.
-    for (p, (dir, n)) in procs.iter_mut().zip([("vda", N), ("net0", N), ("agent", 3)]) {
+    for (p, (dir, n)) in procs
+        .iter_mut()
+        .zip([("vda", N), ("net0", N), ("agent", 3)])
+    {
         let m = p.wait_metrics("commit of the last record", Duration::from_secs(30), |m| {
             m.records_acked == n && m.in_flight == 0 && m.commits > 0
         });
         assert_eq!(m.records_sent, n, "{dir}: {m:?}");
-        assert_eq!(m.delivery_errors + m.corrupt_frames + m.invalid_records, 0, "{dir}: {m:?}");
-        let committed = vhost_tap::capture::spool::read_committed(&w.join(dir)).unwrap().unwrap();
+        assert_eq!(
+            m.delivery_errors + m.corrupt_frames + m.invalid_records,
+            0,
+            "{dir}: {m:?}"
+        );
+        let committed = vhost_tap::capture::spool::read_committed(&w.join(dir))
+            .unwrap()
+            .unwrap();
         assert_eq!(committed.seq, m.committed_seq);
         assert_eq!(m.committed_seq, m.acked_seq);
     }
@@ -113,13 +131,22 @@ fn device_and_agent_spools_land_gap_free_in_their_topics_and_partition() {
             assert_eq!(l["event"]["instance_id"], inst);
             seqs.push(l["event"]["seq"].as_str().unwrap().parse().unwrap());
         }
-        let mut want: Vec<u64> = got.iter().filter(|g| g.topic == topic).map(|g| g.event.seq).collect();
+        let mut want: Vec<u64> = got
+            .iter()
+            .filter(|g| g.topic == topic)
+            .map(|g| g.event.seq)
+            .collect();
         want.sort_unstable();
         seqs.sort_unstable();
         assert_eq!(seqs, want, "{topic}");
     }
     let lines = analytics_consumer(&stack, LIFECYCLE, 2, pb2.path());
-    assert!(lines.iter().any(|l| l["event"]["lifecycle"]["kind"] == "LIFECYCLE_KIND_BOOT"), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"]["lifecycle"]["kind"] == "LIFECYCLE_KIND_BOOT"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -148,17 +175,29 @@ fn two_instances_land_in_their_own_partitions_and_never_mix() {
         let cfg_dir = dir.join("cfg");
         std::fs::create_dir_all(&cfg_dir).unwrap();
         let config = stack.config_file(&cfg_dir, "");
-        procs.push(ShipProcess::start(&config, &dir.join("net0"), inst, w, inst));
+        procs.push(ShipProcess::start(
+            &config,
+            &dir.join("net0"),
+            inst,
+            w,
+            inst,
+        ));
     }
     for p in &mut procs {
-        p.wait_metrics("all acked", Duration::from_secs(60), |m| m.records_acked == N);
+        p.wait_metrics("all acked", Duration::from_secs(60), |m| {
+            m.records_acked == N
+        });
     }
     let got = read_topic(&stack.broker.bootstrap(), NET, 4);
     for inst in [a, b.as_str()] {
         check_exactly_once(&got, inst, N);
         let p = partition_for(inst, 4);
         let in_p: Vec<_> = got.iter().filter(|g| g.partition == p).collect();
-        assert!(in_p.iter().all(|g| g.key == inst && g.event.instance_id == inst), "{inst}'s partition {p} holds another instance's records");
+        assert!(
+            in_p.iter()
+                .all(|g| g.key == inst && g.event.instance_id == inst),
+            "{inst}'s partition {p} holds another instance's records"
+        );
         assert_eq!(in_p.len(), N as usize);
     }
     for p in procs {

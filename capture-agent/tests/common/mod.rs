@@ -123,8 +123,13 @@ impl Device {
         let mut cfg = TeeConfig::new(instance);
         cfg.policy = Policy::Block;
         cfg.state = Some(spool.join("device.state"));
-        let tee = Tee::start(cfg, sink, seq, Arc::new(vhost_tap::metrics::Metrics::default()))
-            .expect("start the tee");
+        let tee = Tee::start(
+            cfg,
+            sink,
+            seq,
+            Arc::new(vhost_tap::metrics::Metrics::default()),
+        )
+        .expect("start the tee");
         Self {
             tee,
             name: name.to_owned(),
@@ -283,17 +288,26 @@ impl ShipProcess {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait() {
-                panic!("capture-agent exited with {status}; log:\n{}", self.log_text());
+                panic!(
+                    "capture-agent exited with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
             if let Some(m) = self.metrics() {
                 if pred(&m) {
                     return m;
                 }
                 if Instant::now() >= end {
-                    panic!("{what}: not reached within {timeout:?}; metrics {m:?}; log:\n{}", self.log_tail());
+                    panic!(
+                        "{what}: not reached within {timeout:?}; metrics {m:?}; log:\n{}",
+                        self.log_tail()
+                    );
                 }
             } else if Instant::now() >= end {
-                panic!("{what}: no metrics within {timeout:?}; log:\n{}", self.log_tail());
+                panic!(
+                    "{what}: no metrics within {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -369,7 +383,8 @@ pub fn try_read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<V
             continue;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))
+            .unwrap();
         consumer.assign(&tpl).unwrap();
         let end = Instant::now() + Duration::from_secs(60);
         loop {
@@ -422,11 +437,22 @@ pub fn check_exactly_once(got: &[Got], instance: &str, n: u64) -> BTreeMap<Strin
     let mine: Vec<&Got> = got.iter().filter(|g| g.key == instance).collect();
     let mut seqs: Vec<u64> = mine.iter().map(|g| g.event.seq).collect();
     seqs.sort_unstable();
-    let dups: Vec<u64> = seqs.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]).collect();
-    assert!(dups.is_empty(), "{instance}: seqs delivered twice: {:?}", &dups[..dups.len().min(20)]);
+    let dups: Vec<u64> = seqs
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "{instance}: seqs delivered twice: {:?}",
+        &dups[..dups.len().min(20)]
+    );
     let expected: Vec<u64> = (1..=n).collect();
     if seqs != expected {
-        let missing: Vec<u64> = (1..=n).filter(|s| seqs.binary_search(s).is_err()).take(20).collect();
+        let missing: Vec<u64> = (1..=n)
+            .filter(|s| seqs.binary_search(s).is_err())
+            .take(20)
+            .collect();
         panic!(
             "{instance}: {} records, expected seqs 1..={n}; first missing {missing:?}; max {:?}",
             seqs.len(),
@@ -435,7 +461,11 @@ pub fn check_exactly_once(got: &[Got], instance: &str, n: u64) -> BTreeMap<Strin
     }
     let mut per_topic = BTreeMap::new();
     for g in &mine {
-        assert_eq!(g.partition, partition, "{instance} seq {} in the wrong partition", g.event.seq);
+        assert_eq!(
+            g.partition, partition,
+            "{instance} seq {} in the wrong partition",
+            g.event.seq
+        );
         assert_eq!(g.event.instance_id, instance);
         assert_eq!(g.headers["vmr.seq"], g.event.seq.to_string());
         assert_eq!(g.headers["vmr.epoch"], g.event.epoch.to_string());
@@ -491,16 +521,38 @@ pub fn generate_pb2(dir: &Path) {
         .arg("vmr/v1/event.proto")
         .output()
         .unwrap_or_else(|e| panic!("protoc is required (apt-get install protobuf-compiler): {e}"));
-    assert!(out.status.success(), "protoc failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "protoc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs examples/analytics_consumer.py on `topic`; returns the JSON lines.
-pub fn analytics_consumer(stack: &Stack, topic: &str, n: usize, pb2: &Path) -> Vec<serde_json::Value> {
-    let script = vmr_testkit::workspace_root().join("examples").join("analytics_consumer.py");
+pub fn analytics_consumer(
+    stack: &Stack,
+    topic: &str,
+    n: usize,
+    pb2: &Path,
+) -> Vec<serde_json::Value> {
+    let script = vmr_testkit::workspace_root()
+        .join("examples")
+        .join("analytics_consumer.py");
     let out = Command::new("python3")
         .arg(&script)
-        .args(["--bootstrap", &stack.broker.bootstrap(), "--registry", &stack.registry.url()])
-        .args(["--topic", topic, "--from-beginning", "--max-messages", &n.to_string()])
+        .args([
+            "--bootstrap",
+            &stack.broker.bootstrap(),
+            "--registry",
+            &stack.registry.url(),
+        ])
+        .args([
+            "--topic",
+            topic,
+            "--from-beginning",
+            "--max-messages",
+            &n.to_string(),
+        ])
         .args(["--timeout", "90", "--pb2-dir"])
         .arg(pb2)
         .output()
