@@ -629,6 +629,17 @@ impl<S: RecordSource> Shipper<S> {
                     break;
                 }
             }
+            // Records of ours found after the base position keep the next
+            // scan at `from` until a newer record of ours is acknowledged
+            // there: the state's offsets never skip a record its position
+            // does not cover.
+            let beyond = resume
+                .last
+                .get(topic)
+                .is_some_and(|p| resume.base.as_ref().is_none_or(|b| !at_or_before(p, b)));
+            if beyond {
+                resume.next_scan.insert(topic.to_owned(), from);
+            }
             tracing::info!(
                 instance = %self.opts.instance,
                 source = %self.opts.source_name,

@@ -206,3 +206,96 @@ fn the_real_host_is_read_once() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["inventory"]["kinds"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn the_sensor_loop_records_samples_in_the_agent_event_log() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use capture_agent::events::{EventLog, EventLogConfig};
+    use capture_agent::sensors::{Schedule, SensorLoop};
+    use vhost_tap::capture::{SpoolItem, SpoolReader};
+    use vhost_tap::seq::{FileSeq, SeqSource};
+
+    let dir = tempfile::tempdir().unwrap();
+    tree(dir.path());
+    let cfg = SensorsConfig {
+        sys_root: dir.path().join("sys"),
+        proc_root: dir.path().join("proc"),
+        kinds: vec![SensorKind::Thermal],
+        interval_secs: 3600,
+        poll_ms: 50,
+        triggers: vec![capture_agent::config::TriggerConfig {
+            sensor: "thermal.acpitz".into(),
+            change: None,
+            above: Some(60.0),
+            below: None,
+        }],
+        ..SensorsConfig::default()
+    };
+    let seq: Arc<dyn SeqSource> = Arc::new(FileSeq::open(&dir.path().join("vm.seq")).unwrap());
+    let spool = dir.path().join("agent");
+    let log = Arc::new(
+        EventLog::open(
+            "vm-s-1".parse().unwrap(),
+            seq.clone(),
+            EventLogConfig::new(&spool),
+        )
+        .unwrap(),
+    );
+    let boot = log
+        .lifecycle(vmr_proto::LifecycleKind::Boot, "booted")
+        .unwrap();
+    assert_eq!(boot, 1);
+    let sensors = Sensors::probe(&cfg);
+    let lp = SensorLoop::spawn(
+        Schedule::new(sensors, &cfg),
+        log.clone(),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    // The periodic round (2 zones), then the zone crossing 60 °C.
+    let read_all = || {
+        let mut r = SpoolReader::from_position(&spool, None);
+        let mut out = Vec::new();
+        while let Some(SpoolItem::Event { event, .. }) = r.next_item().unwrap() {
+            out.push(event);
+        }
+        out
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while read_all().len() < 3 {
+        assert!(
+            Instant::now() < end,
+            "the periodic samples were not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    write(
+        dir.path(),
+        "sys/class/thermal/thermal_zone0/temp",
+        "61500\n",
+    );
+    while read_all().len() < 4 {
+        assert!(
+            Instant::now() < end,
+            "the threshold did not trigger a sample"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lp.stop();
+    let events = read_all();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4],
+        "one gap-free order from the instance's counter"
+    );
+    let Some(vmr_proto::pb::event::Payload::Env(s)) = &events[3].payload else {
+        panic!("an env sample: {:?}", events[3])
+    };
+    assert_eq!((s.sensor.as_str(), s.value), ("thermal.acpitz", 61.5));
+    assert!(events
+        .iter()
+        .all(|e| e.epoch == seq.epoch() && e.instance_id == "vm-s-1"));
+}
