@@ -30,7 +30,10 @@ use replayer::net::{
 const SERVER_PY: &str = r#"
 import os, socket, sys, threading
 out = sys.argv[1]
-diverge = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+# "PORT": answer the second request of that client port with BAD instead of
+# ANS; "PORT+": with BAD! (one byte longer).
+arg = sys.argv[2] if len(sys.argv) > 2 else "0"
+diverge, longer = int(arg.rstrip("+")), arg.endswith("+")
 os.makedirs(out, exist_ok=True)
 
 def save(name, data):
@@ -77,7 +80,7 @@ def serve(c, addr):
             else:
                 ans = b"ANS " + line.upper() + b" " + str(len(line)).encode() + b"\n"
                 if port == diverge and n == 2:
-                    ans = b"BAD" + ans[3:]
+                    ans = (b"BAD!" if longer else b"BAD") + ans[3:]
             c.sendall(ans)
             sent += ans
     c.close()
@@ -574,9 +577,10 @@ struct Replay {
     first_injected: Vec<u8>,
 }
 
-/// Replays `rec` against a fresh server; `diverge` makes it answer the
+/// Replays `rec` against a fresh server; `diverge` (`PORT` or `PORT+`, see
+/// the server) makes it answer the
 /// second request of that client port differently.
-fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u16>) -> Replay {
+fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<&str>) -> Replay {
     // The fresh server learns nothing from recorded ARP: its neighbour table
     // is empty, so it asks and the peer answers.
     run(&["ip", "-n", &net.s, "neigh", "flush", "all"]);
@@ -650,6 +654,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<u1
                     first_injected = frame;
                 }
             }
+            Next::Ack { frame, .. } => sock.send(&frame),
             Next::WaitForClone { until, .. } => {
                 if !waiting {
                     waiting = true;
@@ -705,6 +710,53 @@ fn recorded_synacks(rec: &Recording) -> Vec<u32> {
             u32::from_be_bytes(f.data[at..at + 4].try_into().expect("4 bytes"))
         })
         .collect()
+}
+
+/// The replay against a server that answered port 40002's second request
+/// differently: the conversation still completed without resets, and the
+/// report names the first divergence on that connection only.
+fn check_divergence(rec: &Recording, diff: &Replay, clone_prefix: &[u8]) {
+    assert_eq!(diff.clone_resets, 0, "the server reset a connection");
+    let log = |l: &[(String, Vec<u8>)], n: &str| l.iter().find(|x| x.0 == n).map(|x| x.1.clone());
+    assert_eq!(
+        diff.logs.len(),
+        rec.logs.len(),
+        "every connection completed"
+    );
+    for (n, bytes) in &rec.logs {
+        if n != "out-40002" {
+            assert_eq!(log(&diff.logs, n).as_ref(), Some(bytes), "{n}");
+        }
+    }
+    assert_ne!(log(&diff.logs, "out-40002"), log(&rec.logs, "out-40002"));
+    let all = diff.report.divergences();
+    assert!(!all.is_empty(), "no divergence reported");
+    for (fl, _) in &all {
+        assert_eq!(
+            fl.peer.port(),
+            40_002,
+            "only port 40002 diverged: {}",
+            diff.report
+        );
+    }
+    let recorded_out = log(&rec.logs, "out-40002").expect("recorded answers");
+    let first_answer = recorded_out
+        .iter()
+        .position(|b| *b == b'\n')
+        .expect("a line")
+        + 1;
+    match all[0].1 {
+        Divergence::PayloadDiffers {
+            offset,
+            recorded,
+            clone,
+        } => {
+            assert_eq!(*offset, first_answer as u64);
+            assert!(recorded.starts_with(b"ANS "), "{recorded:?}");
+            assert!(clone.starts_with(clone_prefix), "{clone:?}");
+        }
+        other => panic!("first divergence is {other}"),
+    }
 }
 
 /// The scripts and the servers' logs; removed on drop.
@@ -799,45 +851,17 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
         "the server's kernel rejected a checksum"
     );
 
-    // A second fresh server answers the second request of port 40002
-    // differently.
-    let diff = replay(&net, dir, "replay-diverge", &rec, Some(40_002));
-    eprintln!("{}", diff.report);
-    assert_eq!(diff.clone_resets, 0);
-    let log = |l: &[(String, Vec<u8>)], n: &str| l.iter().find(|x| x.0 == n).map(|x| x.1.clone());
-    assert_eq!(
-        log(&diff.logs, "in-40002"),
-        log(&rec.logs, "in-40002"),
-        "same requests"
-    );
-    assert_ne!(log(&diff.logs, "out-40002"), log(&rec.logs, "out-40002"));
-    let all = diff.report.divergences();
-    assert!(!all.is_empty(), "no divergence reported");
-    for (fl, _) in &all {
-        assert_eq!(
-            fl.peer.port(),
-            40_002,
-            "only port 40002 diverged: {}",
-            diff.report
-        );
-    }
-    let recorded_out = log(&rec.logs, "out-40002").expect("recorded answers");
-    let first_answer = recorded_out
-        .iter()
-        .position(|b| *b == b'\n')
-        .expect("a line")
-        + 1;
-    match all[0].1 {
-        Divergence::PayloadDiffers {
-            offset,
-            recorded,
-            clone,
-        } => {
-            assert_eq!(*offset, first_answer as u64);
-            assert!(recorded.starts_with(b"ANS"), "{recorded:?}");
-            assert!(clone.starts_with(b"BAD"), "{clone:?}");
-        }
-        other => panic!("first divergence is {other}"),
+    // A fresh server answers the second request of port 40002 differently,
+    // first with as many bytes as recorded, then with one byte more (the
+    // clone's stream is shifted from there on: the peer must stay consistent
+    // to the end).
+    for (name, how, clone_prefix) in [
+        ("replay-diverge", "40002", &b"BAD "[..]),
+        ("replay-longer", "40002+", &b"BAD! "[..]),
+    ] {
+        let diff = replay(&net, dir, name, &rec, Some(how));
+        eprintln!("{}", diff.report);
+        check_divergence(&rec, &diff, clone_prefix);
     }
 
     // The server's kernel checks the checksums of injected frames: the

@@ -43,6 +43,11 @@ pub struct PeerConfig {
     pub wait_timeout: Duration,
     /// Bytes of each side shown in a divergence.
     pub snippet_len: usize,
+    /// While a recorded frame waits for the clone, bytes the clone has sent
+    /// and the peer not yet acknowledged are acknowledged after this long,
+    /// as a receiver's delayed ACK would (a clone held back by Nagle or its
+    /// congestion window then goes on).
+    pub delayed_ack: Duration,
 }
 
 impl Default for PeerConfig {
@@ -52,6 +57,7 @@ impl Default for PeerConfig {
             guest_ips: Vec::new(),
             wait_timeout: Duration::from_secs(1),
             snippet_len: 64,
+            delayed_ack: Duration::from_millis(40),
         }
     }
 }
@@ -77,6 +83,10 @@ pub enum Next {
     /// `until`, whichever is first. Asking at or after `until` injects the
     /// frame anyway (counted in [`FlowStats::waits_timed_out`]).
     WaitForClone { flow: FlowId, until: Instant },
+    /// Send this ACK, made up by the peer, into the clone's NIC now: the
+    /// next recorded frame is waiting and the clone's bytes on `flow` have
+    /// gone unacknowledged for [`PeerConfig::delayed_ack`].
+    Ack { flow: FlowId, frame: Vec<u8> },
     /// Every recorded inbound frame has been handed out.
     Done,
 }
@@ -161,6 +171,10 @@ struct Flow {
     rec_peer_wscale: bool,
     /// Max ACK offset over inbound frames `i..` (index = frames handed out).
     ack_suffix: Vec<i64>,
+    /// Whether one of the inbound frames `i..` acknowledges everything the
+    /// recorded guest had sent before it (as for `ack_suffix`; during the
+    /// build: per frame).
+    full_ack_suffix: Vec<bool>,
     peer_bytes: u64,
 
     // The clone.
@@ -173,6 +187,8 @@ struct Flow {
     clone_ack: Option<u32>,
     clone_wscale: Option<u8>,
     clone_window: Option<u64>,
+    /// The clone's source and destination MAC addresses.
+    clone_macs: Option<(Mac, Mac)>,
     clone_stream: Stream,
     compared: usize,
     payload_diverged: bool,
@@ -188,6 +204,9 @@ struct Flow {
     peer_rst: bool,
     handed_out: usize,
     no_setup_reported: bool,
+    /// The clone's progress when a wait on this connection last timed out:
+    /// until the clone sends more, later frames do not wait again.
+    stalled_at: Option<i64>,
 
     divergences: Vec<Divergence>,
     stats: FlowStats,
@@ -210,6 +229,7 @@ impl Flow {
             rec_sent: None,
             rec_peer_wscale: false,
             ack_suffix: Vec::new(),
+            full_ack_suffix: Vec::new(),
             peer_bytes: 0,
             clone_port: None,
             clone_base: None,
@@ -220,6 +240,7 @@ impl Flow {
             clone_ack: None,
             clone_wscale: None,
             clone_window: None,
+            clone_macs: None,
             clone_stream: Stream::default(),
             compared: 0,
             payload_diverged: false,
@@ -233,6 +254,7 @@ impl Flow {
             peer_rst: false,
             handed_out: 0,
             no_setup_reported: false,
+            stalled_at: None,
             divergences: Vec::new(),
             stats: FlowStats::default(),
         }
@@ -259,6 +281,18 @@ impl Flow {
         n >= w
     }
 
+    /// Whether a recorded frame not yet handed out will acknowledge the
+    /// clone's sequence space up to offset `end` (see `map_ack` and the
+    /// rewrite after a divergence).
+    fn recording_will_ack(&self, end: i64) -> bool {
+        let i = self.handed_out;
+        let max = self.ack_suffix.get(i).copied().unwrap_or(i64::MIN);
+        let acks_fin = self.rec_fin.is_some_and(|f| max > f);
+        let differ = self.payload_diverged || self.extra_reported;
+        let full = self.full_ack_suffix.get(i).copied().unwrap_or(false);
+        max >= end || acks_fin || (differ && full)
+    }
+
     /// Maps a recorded ACK offset to the clone's sequence space.
     fn map_ack(&self, mut o: i64) -> i64 {
         if let (Some(rf), Some(cf)) = (self.rec_fin, self.clone_fin) {
@@ -273,6 +307,43 @@ impl Flow {
             o = o.max(l);
         }
         o
+    }
+
+    /// A pure ACK of the clone's bytes up to sequence offset `ack_off`,
+    /// counted as made up; `None` before the peer has a sequence number or
+    /// after it reset the connection.
+    fn make_ack(&mut self, ack_off: i64) -> Option<Vec<u8>> {
+        let (Some(pseq), Some(cbase), Some(port), Some((clone_mac, peer_mac))) = (
+            self.peer_nxt,
+            self.clone_base,
+            self.clone_port,
+            self.clone_macs,
+        ) else {
+            return None;
+        };
+        if self.peer_rst {
+            return None;
+        }
+        self.last_ack_sent = Some(ack_off);
+        self.stats.acks_generated += 1;
+        let options = match (self.peer_tsval, self.clone_tsval) {
+            (Some(tv), Some(ecr)) => packet::ts_option(tv, ecr),
+            _ => Vec::new(),
+        };
+        Some(packet::build_tcp(&TcpSpec {
+            eth_src: peer_mac,
+            eth_dst: clone_mac,
+            src: self.peer_ip,
+            dst: self.guest_ip,
+            src_port: self.peer_port,
+            dst_port: port,
+            seq: pseq,
+            ack: at(cbase, ack_off),
+            flags: ACK,
+            window: self.peer_window,
+            options,
+            payload: &[],
+        }))
     }
 
     fn ends(&self) -> (SocketAddr, SocketAddr) {
@@ -333,6 +404,7 @@ pub struct TcpPeer {
     inbound: Vec<Inbound>,
     cursor: usize,
     deadline: Option<Instant>,
+    wait_started: Option<Instant>,
     hold_counted: bool,
     flows: Vec<Flow>,
     /// The clone's 4-tuples (guest ip, clone's guest port, peer ip, peer port).
@@ -357,6 +429,7 @@ impl TcpPeer {
             inbound: Vec::new(),
             cursor: 0,
             deadline: None,
+            wait_started: None,
             hold_counted: false,
             flows: Vec::new(),
             clone_map: HashMap::new(),
@@ -455,6 +528,8 @@ impl TcpPeer {
                     fl.peer_bytes += u64::from(seg.payload_len());
                     fl.ack_suffix.push(ack_off.unwrap_or(i64::MIN));
                     let wait = fl.rec_sent;
+                    fl.full_ack_suffix
+                        .push(matches!((ack_off, wait), (Some(a), Some(w)) if a >= w));
                     peer.inbound.push(Inbound {
                         seq: rf.seq,
                         frame: rf.data,
@@ -476,6 +551,13 @@ impl TcpPeer {
                 suffix[j] = m;
             }
             fl.ack_suffix = suffix;
+            let mut any = false;
+            let mut full = vec![false; fl.full_ack_suffix.len() + 1];
+            for j in (0..fl.full_ack_suffix.len()).rev() {
+                any |= fl.full_ack_suffix[j];
+                full[j] = any;
+            }
+            fl.full_ack_suffix = full;
             match fl.setup {
                 Setup::OpenAtSnapshot => {
                     fl.clone_port = Some(fl.guest_port);
@@ -545,18 +627,40 @@ impl TcpPeer {
             let ready = t.wait.is_none_or(|w| fl.clone_reached(w));
             let window_ok = self.fits_window(fid, &inb.frame);
             if !(ready && window_ok) {
+                let progress = fl.clone_nxt.unwrap_or(i64::MIN);
+                let unacked = fl
+                    .clone_nxt
+                    .is_some_and(|n| fl.last_ack_sent.is_none_or(|l| n > l));
+                let stalled = fl.stalled_at == Some(progress);
                 let deadline = *self.deadline.get_or_insert(now + self.config.wait_timeout);
-                if now < deadline {
+                let started = *self.wait_started.get_or_insert(now);
+                if now < deadline && !stalled {
                     if !window_ok && ready && !self.hold_counted {
                         self.hold_counted = true;
                         self.flows[fid].stats.window_holds += 1;
                     }
+                    let ack_at = started + self.config.delayed_ack;
+                    if unacked && now >= ack_at {
+                        if let Some(frame) = self.make_ack(fid) {
+                            return Next::Ack {
+                                flow: FlowId(fid),
+                                frame,
+                            };
+                        }
+                    }
+                    let until = if unacked {
+                        deadline.min(ack_at)
+                    } else {
+                        deadline
+                    };
                     return Next::WaitForClone {
                         flow: FlowId(fid),
-                        until: deadline,
+                        until,
                     };
                 }
-                self.flows[fid].stats.waits_timed_out += 1;
+                let fl = &mut self.flows[fid];
+                fl.stats.waits_timed_out += 1;
+                fl.stalled_at = Some(progress);
             }
             let seq = inb.seq;
             match self.rewrite(self.cursor) {
@@ -581,9 +685,17 @@ impl TcpPeer {
         }
     }
 
+    /// A delayed ACK of everything the clone has sent on `fid`.
+    fn make_ack(&mut self, fid: usize) -> Option<Vec<u8>> {
+        let fl = &mut self.flows[fid];
+        let n = fl.clone_nxt?;
+        fl.make_ack(n)
+    }
+
     fn advance(&mut self, flow: Option<usize>) {
         self.cursor += 1;
         self.deadline = None;
+        self.wait_started = None;
         self.hold_counted = false;
         if let Some(f) = flow {
             self.flows[f].handed_out += 1;
@@ -633,7 +745,14 @@ impl TcpPeer {
             let (Some(cbase), Some(rbase)) = (fl.clone_base, fl.rec_base) else {
                 return None;
             };
-            let o = fl.map_ack(o);
+            // Once the streams differ, offsets no longer line up: a recorded
+            // ACK of everything the recorded guest had sent acknowledges
+            // everything the clone has sent.
+            let all = (fl.payload_diverged || fl.extra_reported) && t.wait.is_some_and(|w| o >= w);
+            let o = match (all, fl.clone_nxt) {
+                (true, Some(n)) => fl.last_ack_sent.map_or(n, |l| l.max(n)),
+                _ => fl.map_ack(o),
+            };
             packet::put32(&mut f, seg.tcp_off + 8, at(cbase, o));
             fl.last_ack_sent = Some(o);
             for &b in &seg.sack_blocks {
@@ -799,6 +918,7 @@ impl TcpPeer {
         let snippet = self.config.snippet_len;
         let mut acts = Vec::new();
         let fl = &mut self.flows[fid];
+        fl.clone_macs = Some((seg.eth_src, seg.eth_dst));
         if seg.has(SYN) {
             if seg.has(ACK) && fl.clone_base.is_none() {
                 fl.clone_base = Some(seg.seq);
@@ -892,36 +1012,11 @@ impl TcpPeer {
             });
         }
         // ACK what the recording will never acknowledge, and repeats.
-        let remaining = fl
-            .ack_suffix
-            .get(fl.handed_out)
-            .copied()
-            .unwrap_or(i64::MIN);
-        if (retransmission || end > remaining) && !fl.peer_rst {
-            if let (Some(pseq), Some(cbase)) = (fl.peer_nxt, fl.clone_base) {
-                let ack_off = fl.last_ack_sent.map_or(end, |l| l.max(end));
-                fl.last_ack_sent = Some(ack_off);
-                fl.stats.acks_generated += 1;
-                let options = match (fl.peer_tsval, fl.clone_tsval) {
-                    (Some(tv), Some(ecr)) => packet::ts_option(tv, ecr),
-                    _ => Vec::new(),
-                };
-                let ack = packet::build_tcp(&TcpSpec {
-                    eth_src: seg.eth_dst,
-                    eth_dst: seg.eth_src,
-                    src: seg.dst,
-                    dst: seg.src,
-                    src_port: seg.dst_port,
-                    dst_port: seg.src_port,
-                    seq: pseq,
-                    ack: at(cbase, ack_off),
-                    flags: ACK,
-                    window: fl.peer_window,
-                    options,
-                    payload: &[],
-                });
+        if (retransmission || !fl.recording_will_ack(end)) && !fl.peer_rst {
+            let ack_off = fl.last_ack_sent.map_or(end, |l| l.max(end));
+            if let Some(frame) = fl.make_ack(ack_off) {
                 acts.push(Action::Inject {
-                    frame: ack,
+                    frame,
                     reason: InjectReason::Ack,
                 });
             }

@@ -19,6 +19,7 @@ fn cfg() -> PeerConfig {
         guest_ips: vec![IpAddr::V4(G)],
         wait_timeout: Duration::from_millis(500),
         snippet_len: 16,
+        delayed_ack: Duration::from_millis(100),
     }
 }
 
@@ -236,16 +237,52 @@ fn a_wait_that_times_out_never_acknowledges_unsent_bytes() {
     inject(&mut peer, t0);
     // The clone sends one byte of the three.
     peer.on_clone_output(&clone_seg(CISN + 1, 5004, ACK, 2, b"O"));
-    let until = expect_wait(&mut peer, t0);
+    let ack_at = expect_wait(&mut peer, t0);
+    assert_eq!(ack_at, t0 + Duration::from_millis(100));
+    // After the delayed-ACK time the peer acknowledges that byte itself.
+    match peer.next_inbound(ack_at) {
+        Next::Ack { flow, frame } => {
+            assert_eq!(flow, FlowId(0));
+            let s = tcp(&frame);
+            assert_eq!((s.seq, s.ack, s.flags), (5004, CISN + 2, ACK));
+            assert_eq!(s.ts.map(|t| (t.0, t.1)), Some((9002, 2)));
+        }
+        other => panic!("expected a delayed ACK, got {other:?}"),
+    }
+    let until = expect_wait(&mut peer, ack_at);
     assert_eq!(until, t0 + Duration::from_millis(500));
     assert_eq!(
-        expect_wait(&mut peer, t0 + Duration::from_millis(100)),
+        expect_wait(&mut peer, t0 + Duration::from_millis(200)),
         until
     );
     let s = tcp(&inject(&mut peer, until));
     assert_eq!(s.ack, CISN + 2, "clamped to what the clone sent");
+    // The clone sent nothing more: the FIN and the last ACK, which wait for
+    // its bytes and FIN, do not wait a second time.
+    assert!(tcp(&inject(&mut peer, until)).has(FIN));
+    assert_eq!(tcp(&inject(&mut peer, until)).ack, CISN + 2);
+    assert_eq!(peer.next_inbound(until), Next::Done);
     let report = peer.report();
-    assert_eq!(report.flows[0].stats.waits_timed_out, 1);
+    assert_eq!(report.flows[0].stats.waits_timed_out, 3);
+    assert_eq!(report.flows[0].stats.acks_generated, 1);
+    assert!(
+        matches!(
+            report.flows[0].divergences.as_slice(),
+            [
+                Divergence::MissingBytes { offset: 1, .. },
+                Divergence::FinDiffers {
+                    recorded: Some(3),
+                    clone: None
+                },
+                // The clone never acknowledged the peer's FIN.
+                Divergence::PeerBytesUnacknowledged {
+                    sent: 5,
+                    acknowledged: 4
+                }
+            ]
+        ),
+        "{report}"
+    );
 }
 
 #[test]
@@ -278,7 +315,11 @@ fn sack_blocks_move_with_the_isn_delta_and_stay_within_what_was_sent() {
         (IN, sack_ack),
         (IN, seg(IN, 80, 4000, 5001, 1501, ACK, None, b"")),
     ]);
-    let mut peer = TcpPeer::new(cfg(), rec).expect("valid recording");
+    let config = PeerConfig {
+        delayed_ack: Duration::from_secs(10),
+        ..cfg()
+    };
+    let mut peer = TcpPeer::new(config, rec).expect("valid recording");
     let now = Instant::now();
     inject(&mut peer, now);
     peer.on_clone_output(&seg(OUT, 80, 4000, CISN, 5001, SYN | ACK, None, b""));
@@ -747,7 +788,7 @@ fn many_concurrent_flows_in_both_directions() {
                     assert_eq!(s.dst_port, *clone.port.get(&rk).unwrap_or(&rk.0));
                 }
             }
-            Next::WaitForClone { flow, .. } => {
+            Next::WaitForClone { flow, .. } | Next::Ack { flow, .. } => {
                 panic!("stalled on {flow} although the clone did everything due");
             }
             Next::Done => break,
@@ -851,24 +892,20 @@ fn extra_bytes_and_retransmissions_are_acknowledged() {
     assert_eq!(s.ts.map(|t| (t.0, t.1)), Some((9003, 3)));
     assert!((s.src, s.dst) == (IpAddr::V4(P), IpAddr::V4(G)));
 
-    // Bytes the recording never acknowledges.
+    // Extra bytes: a later recorded ACK (of everything the recorded guest
+    // had sent) covers them, so they wait for it.
     let acts = peer.on_clone_output(&clone_seg(CISN + 4, 5004, PSH | ACK, 4, b"MORE"));
-    assert_eq!(acts.len(), 2, "{acts:?}");
-    assert!(matches!(
-        &acts[0],
-        Action::Diverged { divergence: Divergence::ExtraBytes { offset: 3, clone }, .. } if clone == b"MORE"
-    ));
-    let Action::Inject {
-        frame,
-        reason: InjectReason::Ack,
-    } = &acts[1]
-    else {
-        panic!("no ACK: {acts:?}");
-    };
-    assert_eq!(tcp(frame).ack, CISN + 8);
+    assert!(
+        matches!(
+            acts.as_slice(),
+            [Action::Diverged { divergence: Divergence::ExtraBytes { offset: 3, clone }, .. }] if clone == b"MORE"
+        ),
+        "{acts:?}"
+    );
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, CISN + 8, "the peer's FIN");
     let report = peer.report();
     assert_eq!(report.flows[0].stats.retransmissions, 1);
-    assert_eq!(report.flows[0].stats.acks_generated, 2);
+    assert_eq!(report.flows[0].stats.acks_generated, 1);
 }
 
 #[test]
@@ -1083,4 +1120,67 @@ fn a_second_connection_between_the_same_ends_is_its_own_flow() {
         report.flows.iter().all(|f| f.stats.frames_injected == 3),
         "{report}"
     );
+}
+
+#[test]
+fn after_a_longer_answer_recorded_acks_cover_everything_the_clone_sent() {
+    let mut peer = TcpPeer::new(cfg(), conversation(b"OK!")).expect("valid recording");
+    let now = Instant::now();
+    inject(&mut peer, now);
+    peer.on_clone_output(&clone_seg(CISN, 5001, SYN | ACK, 1, b""));
+    inject(&mut peer, now);
+    inject(&mut peer, now);
+    let acts = peer.on_clone_output(&clone_seg(CISN + 1, 5004, PSH | ACK, 2, b"OK!!"));
+    assert!(matches!(
+        acts.as_slice(),
+        [Action::Diverged {
+            divergence: Divergence::ExtraBytes { offset: 3, .. },
+            ..
+        }]
+    ));
+    // The recorded ACK of the whole answer acknowledges the clone's whole
+    // answer, one byte longer.
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, CISN + 5);
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, CISN + 5);
+    peer.on_clone_output(&clone_seg(CISN + 5, 5005, FIN | ACK, 3, b""));
+    assert_eq!(tcp(&inject(&mut peer, now)).ack, CISN + 6);
+    let report = peer.report();
+    assert_eq!(
+        report.flows[0].divergences[1],
+        Divergence::FinDiffers {
+            recorded: Some(3),
+            clone: Some(4)
+        }
+    );
+    assert_eq!(report.flows[0].divergences.len(), 2, "{report}");
+}
+
+#[test]
+fn bytes_past_the_end_of_the_recording_are_acknowledged_at_once() {
+    // The recording ends before the guest answered.
+    let mut rec = conversation(b"OK!");
+    rec.truncate(4);
+    let mut peer = TcpPeer::new(cfg(), rec).expect("valid recording");
+    let now = Instant::now();
+    inject(&mut peer, now);
+    peer.on_clone_output(&clone_seg(CISN, 5001, SYN | ACK, 1, b""));
+    inject(&mut peer, now);
+    inject(&mut peer, now);
+    assert_eq!(peer.next_inbound(now), Next::Done);
+    let acts = peer.on_clone_output(&clone_seg(CISN + 1, 5004, PSH | ACK, 2, b"OK!"));
+    assert_eq!(acts.len(), 2, "{acts:?}");
+    assert!(matches!(
+        &acts[0],
+        Action::Diverged { divergence: Divergence::ExtraBytes { offset: 0, clone }, .. } if clone == b"OK!"
+    ));
+    let Action::Inject {
+        frame,
+        reason: InjectReason::Ack,
+    } = &acts[1]
+    else {
+        panic!("no ACK: {acts:?}");
+    };
+    let s = tcp(frame);
+    assert_eq!((s.seq, s.ack), (5004, CISN + 4));
+    assert_eq!(peer.report().flows[0].stats.acks_generated, 1);
 }
