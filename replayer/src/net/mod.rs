@@ -17,6 +17,8 @@
 //!   same connection is held until the clone has sent as far
 //!   ([`Next::WaitForClone`], bounded by [`PeerConfig::wait_timeout`]), and a
 //!   data frame is held while it does not fit the clone's receive window.
+//!   While a frame is held, the clone's unacknowledged bytes get a delayed
+//!   ACK ([`Next::Ack`], after [`PeerConfig::delayed_ack`]).
 //! - ARP requests and IPv6 neighbour solicitations of the clone for
 //!   addresses seen in the recording are answered with the recorded MAC.
 //! - Where the clone departs from the recording, the peer stays consistent:
