@@ -28,6 +28,25 @@ pub struct RecordedFrame {
     pub data: Vec<u8>,
 }
 
+impl RecordedFrame {
+    /// The frame of a recorded `NetFrame` event (`Rx`: to the guest, `Tx`:
+    /// from it); `None` for other events. A guest with several NICs needs
+    /// one [`TcpPeer`] per NIC: filter by the event's `device` first.
+    pub fn from_event(event: &vmr_proto::Event) -> Option<Self> {
+        let vmr_proto::Payload::Net(net) = &event.payload else {
+            return None;
+        };
+        Some(RecordedFrame {
+            seq: event.seq,
+            direction: match net.direction {
+                vmr_proto::Direction::Rx => Direction::ToGuest,
+                vmr_proto::Direction::Tx => Direction::FromGuest,
+            },
+            data: net.frame.clone(),
+        })
+    }
+}
+
 /// Settings of a [`TcpPeer`].
 #[derive(Debug, Clone)]
 pub struct PeerConfig {

@@ -1184,3 +1184,39 @@ fn bytes_past_the_end_of_the_recording_are_acknowledged_at_once() {
     assert_eq!((s.seq, s.ack), (5004, CISN + 4));
     assert_eq!(peer.report().flows[0].stats.acks_generated, 1);
 }
+
+#[test]
+fn recorded_frames_come_from_net_frame_events() {
+    let event = |seq, payload| vmr_proto::Event {
+        instance: vmr_proto::InstanceId::new("vm-1").expect("valid id"),
+        seq,
+        wall_time_ns: 0,
+        mono_time_ns: 0,
+        epoch: 1,
+        payload,
+    };
+    let net = |direction| {
+        vmr_proto::Payload::Net(vmr_proto::NetFrame {
+            device: "net0".into(),
+            queue: 0,
+            direction,
+            frame: vec![1, 2, 3],
+        })
+    };
+    assert_eq!(
+        RecordedFrame::from_event(&event(7, net(vmr_proto::Direction::Rx))),
+        Some(RecordedFrame {
+            seq: 7,
+            direction: Direction::ToGuest,
+            data: vec![1, 2, 3]
+        })
+    );
+    let tx = RecordedFrame::from_event(&event(8, net(vmr_proto::Direction::Tx)));
+    assert_eq!(tx.map(|f| f.direction), Some(Direction::FromGuest));
+    let env = vmr_proto::Payload::Env(vmr_proto::EnvSample {
+        sensor: "t".into(),
+        value: 1.0,
+        unit: "C".into(),
+    });
+    assert_eq!(RecordedFrame::from_event(&event(9, env)), None);
+}
