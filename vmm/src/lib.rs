@@ -26,7 +26,6 @@ pub mod bus;
 pub mod devices;
 pub mod gdb;
 pub mod guest_abi;
-pub mod hypervisor;
 pub mod memory;
 pub mod probe;
 pub mod serial;
