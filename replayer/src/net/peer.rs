@@ -67,6 +67,10 @@ pub struct PeerConfig {
     /// as a receiver's delayed ACK would (a clone held back by Nagle or its
     /// congestion window then goes on).
     pub delayed_ack: Duration,
+    /// Addresses to answer ARP and neighbour solicitations for besides those
+    /// learned from the recording (e.g. a gateway whose ARP exchange is not
+    /// in the recording), with their MAC; they take precedence.
+    pub neighbors: Vec<(IpAddr, Mac)>,
 }
 
 impl Default for PeerConfig {
@@ -77,6 +81,7 @@ impl Default for PeerConfig {
             wait_timeout: Duration::from_secs(1),
             snippet_len: 64,
             delayed_ack: Duration::from_millis(40),
+            neighbors: Vec::new(),
         }
     }
 }
@@ -118,6 +123,9 @@ pub enum InjectReason {
     /// An ACK for a retransmission or for bytes the recording never
     /// acknowledges.
     Ack,
+    /// A recorded frame sent again: the clone's duplicate ACKs show it
+    /// did not get it.
+    Retransmission,
 }
 
 /// What [`TcpPeer::on_clone_output`] asks of its caller.
@@ -221,6 +229,12 @@ struct Flow {
     peer_tsval: Option<u32>,
     peer_window: u16,
     peer_rst: bool,
+    /// Injected frames with payload or FIN: (first, end sequence number in
+    /// the peer's space, index of the recorded frame).
+    sent_frames: Vec<(u32, u32, usize)>,
+    /// The clone's last window and how many duplicate ACKs it sent in a row.
+    clone_last_window: Option<u16>,
+    dup_acks: u32,
     handed_out: usize,
     no_setup_reported: bool,
     /// The clone's progress when a wait on this connection last timed out:
@@ -271,6 +285,9 @@ impl Flow {
             peer_tsval: None,
             peer_window: 0,
             peer_rst: false,
+            sent_frames: Vec::new(),
+            clone_last_window: None,
+            dup_acks: 0,
             handed_out: 0,
             no_setup_reported: false,
             stalled_at: None,
@@ -588,6 +605,9 @@ impl TcpPeer {
                 Setup::GuestInitiated => {}
             }
         }
+        for &(ip, mac) in &peer.config.neighbors {
+            peer.peer_macs.insert(ip, mac);
+        }
         Ok(peer)
     }
 
@@ -809,6 +829,10 @@ impl TcpPeer {
         if seg.has(RST) {
             fl.peer_rst = true;
         }
+        let has_data = seg.payload_len() > 0 || seg.has(packet::FIN);
+        if has_data && fl.sent_frames.last().is_none_or(|&(_, _, i)| i < idx) {
+            fl.sent_frames.push((seg.seq, end, idx));
+        }
         packet::fix_tcp_checksums(&mut f, &seg);
         Some(f)
     }
@@ -980,7 +1004,27 @@ impl TcpPeer {
         if let Some((tsval, _, _)) = seg.ts {
             fl.clone_tsval = Some(tsval);
         }
+        // A pure ACK repeating the last ACK and window while the peer has
+        // unacknowledged bytes is a duplicate: the clone lacks the segment
+        // starting there. The second one in a row resends it.
+        let mut resend = None;
+        if seg.has(ACK) && seg.seq_len() == 0 && !seg.has(RST) {
+            let dup = fl.clone_ack == Some(seg.ack)
+                && fl.clone_last_window == Some(seg.window)
+                && fl.peer_nxt.is_some_and(|n| off(n, seg.ack) > 0);
+            fl.dup_acks = if dup { fl.dup_acks + 1 } else { 0 };
+            if fl.dup_acks == 2 {
+                fl.dup_acks = 0;
+                resend = fl
+                    .sent_frames
+                    .iter()
+                    .rev()
+                    .find(|&&(first, end, _)| off(seg.ack, first) >= 0 && off(end, seg.ack) > 0)
+                    .map(|&(_, _, i)| i);
+            }
+        }
         if seg.has(ACK) {
+            fl.clone_last_window = Some(seg.window);
             if fl.clone_ack.is_none_or(|a| off(seg.ack, a) > 0) {
                 fl.clone_ack = Some(seg.ack);
             }
@@ -994,6 +1038,15 @@ impl TcpPeer {
         }
         let len = i64::from(seg.seq_len());
         if len == 0 {
+            if let Some(idx) = resend {
+                if let Some(frame) = self.rewrite(idx) {
+                    self.flows[fid].stats.peer_retransmissions += 1;
+                    acts.push(Action::Inject {
+                        frame,
+                        reason: InjectReason::Retransmission,
+                    });
+                }
+            }
             return acts;
         }
         let o = off(seg.seq, base);

@@ -132,6 +132,8 @@ pub struct FlowStats {
     /// Times a recorded data frame was held because it did not fit the
     /// clone's advertised receive window.
     pub window_holds: u64,
+    /// Recorded frames sent again after the clone's duplicate ACKs.
+    pub peer_retransmissions: u64,
 }
 
 /// What happened on one recorded connection.
@@ -223,14 +225,15 @@ impl fmt::Display for Report {
             let st = &fl.stats;
             writeln!(
                 f,
-                "  clone guest port {}, injected {}, skipped {}, ACKs made {}, retransmissions {}, waits timed out {}, window holds {}",
+                "  clone guest port {}, injected {}, skipped {}, ACKs made {}, retransmissions {}, waits timed out {}, window holds {}, resent {}",
                 fl.clone_guest_port.map_or_else(|| "none".to_string(), |p| p.to_string()),
                 st.frames_injected,
                 st.frames_skipped,
                 st.acks_generated,
                 st.retransmissions,
                 st.waits_timed_out,
-                st.window_holds
+                st.window_holds,
+                st.peer_retransmissions
             )?;
             for d in &fl.divergences {
                 writeln!(f, "  {d}")?;

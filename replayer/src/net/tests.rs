@@ -20,6 +20,7 @@ fn cfg() -> PeerConfig {
         wait_timeout: Duration::from_millis(500),
         snippet_len: 16,
         delayed_ack: Duration::from_millis(100),
+        neighbors: Vec::new(),
     }
 }
 
@@ -515,6 +516,19 @@ fn arp_and_neighbor_solicitations_are_answered_as_the_peer() {
         ),
         (1, 1, 1)
     );
+
+    // A configured neighbour (say the gateway) is answered too.
+    let gw = Ipv4Addr::new(10, 0, 0, 254);
+    let config = PeerConfig {
+        neighbors: vec![(IpAddr::V4(gw), [2, 0, 0, 0, 0, 0xfe])],
+        ..cfg()
+    };
+    let mut peer = TcpPeer::new(config, Vec::new()).expect("valid recording");
+    let acts = peer.on_clone_output(&arp_request(G, gw));
+    let [Action::Inject { frame, .. }] = acts.as_slice() else {
+        panic!("no ARP reply: {acts:?}");
+    };
+    assert_eq!(&frame[22..28], &[2, 0, 0, 0, 0, 0xfe]);
 }
 
 /// A clone that behaves like the recorded guest with other ISNs, TSvals and
@@ -1219,4 +1233,40 @@ fn recorded_frames_come_from_net_frame_events() {
         unit: "C".into(),
     });
     assert_eq!(RecordedFrame::from_event(&event(9, env)), None);
+}
+
+#[test]
+fn a_frame_the_clone_did_not_get_is_sent_again_after_two_duplicate_acks() {
+    let mut peer = TcpPeer::new(cfg(), conversation(b"OK!")).expect("valid recording");
+    let now = Instant::now();
+    inject(&mut peer, now);
+    peer.on_clone_output(&clone_seg(CISN, 5001, SYN | ACK, 1, b""));
+    inject(&mut peer, now);
+    inject(&mut peer, now); // "GET", lost on the way
+    let dup = clone_seg(CISN + 1, 5001, ACK, 2, b"");
+    assert!(peer.on_clone_output(&dup).is_empty());
+    let acts = peer.on_clone_output(&dup);
+    let [Action::Inject {
+        frame,
+        reason: InjectReason::Retransmission,
+    }] = acts.as_slice()
+    else {
+        panic!("no retransmission: {acts:?}");
+    };
+    let s = tcp(frame);
+    assert_eq!((s.seq, s.ack), (5001, CISN + 1));
+    assert_eq!(s.payload(frame), b"GET");
+    assert_eq!(
+        s.ts.map(|t| t.1),
+        Some(2),
+        "echoes the clone's latest TSval"
+    );
+    assert_eq!(peer.report().flows[0].stats.peer_retransmissions, 1);
+    // An ACK that moves on is no duplicate.
+    assert!(peer
+        .on_clone_output(&clone_seg(CISN + 1, 5004, ACK, 3, b""))
+        .is_empty());
+    assert!(peer
+        .on_clone_output(&clone_seg(CISN + 1, 5004, ACK, 3, b""))
+        .is_empty());
 }
