@@ -575,6 +575,8 @@ struct Replay {
     clone_synacks: Vec<u32>,
     /// The first frame the peer injected (a correctly rewritten SYN).
     first_injected: Vec<u8>,
+    /// Resets among the frames sent to the server.
+    injected_resets: usize,
 }
 
 /// Replays `rec` against a fresh server; `diverge` (`PORT` or `PORT+`, see
@@ -607,6 +609,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<&s
     server.expect_line("ready", Duration::from_secs(10));
 
     let mut clone_resets = 0;
+    let mut injected_resets = 0;
     let mut clone_synacks = Vec::new();
     let mut handle = |peer: &mut TcpPeer, frame: &[u8]| {
         match tcp_flags(frame) {
@@ -648,6 +651,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<&s
         match peer.next_inbound(Instant::now()) {
             Next::Inject { frame, .. } => {
                 injected += 1;
+                injected_resets += usize::from(tcp_flags(&frame).is_some_and(|f| f & 0x04 != 0));
                 waiting = false;
                 sock.send(&frame);
                 if first_injected.is_empty() {
@@ -696,6 +700,7 @@ fn replay(net: &Net, dir: &Path, name: &str, rec: &Recording, diverge: Option<&s
         clone_resets,
         clone_synacks,
         first_injected,
+        injected_resets,
     }
 }
 
@@ -717,6 +722,7 @@ fn recorded_synacks(rec: &Recording) -> Vec<u32> {
 /// report names the first divergence on that connection only.
 fn check_divergence(rec: &Recording, diff: &Replay, clone_prefix: &[u8]) {
     assert_eq!(diff.clone_resets, 0, "the server reset a connection");
+    assert_eq!(diff.injected_resets, 0, "the server got a reset");
     let log = |l: &[(String, Vec<u8>)], n: &str| l.iter().find(|x| x.0 == n).map(|x| x.1.clone());
     assert_eq!(
         diff.logs.len(),
@@ -816,6 +822,7 @@ fn replays_a_recorded_conversation_against_a_fresh_linux_server() {
         "the fresh server got and answered the same bytes"
     );
     assert_eq!(same.clone_resets, 0, "the server reset a connection");
+    assert_eq!(same.injected_resets, 0, "the server got a reset");
     assert!(same.report.is_clean(), "divergences:\n{}", same.report);
     assert_eq!(same.report.flows.len(), 5);
     let setups: Vec<Setup> = same.report.flows.iter().map(|f| f.setup).collect();
