@@ -810,6 +810,12 @@ impl TcpPeer {
                     packet::put32(&mut f, ts_at + 4, tv);
                 }
             }
+            // The peer's clock never goes back, also for a frame sent again.
+            let tsval = match fl.peer_tsval {
+                Some(last) if off(last, tsval) > 0 => last,
+                _ => tsval,
+            };
+            packet::put32(&mut f, ts_at, tsval);
             fl.peer_tsval = Some(tsval);
         }
         // The peer's side of the connection.

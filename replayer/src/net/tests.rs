@@ -1243,7 +1243,10 @@ fn a_frame_the_clone_did_not_get_is_sent_again_after_two_duplicate_acks() {
     peer.on_clone_output(&clone_seg(CISN, 5001, SYN | ACK, 1, b""));
     inject(&mut peer, now);
     inject(&mut peer, now); // "GET", lost on the way
-    let dup = clone_seg(CISN + 1, 5001, ACK, 2, b"");
+                            // (Say the clone answers anyway; the peer's ACK of it has TSval 9003.)
+    peer.on_clone_output(&clone_seg(CISN + 1, 5001, PSH | ACK, 2, b"OK!"));
+    assert_eq!(tcp(&inject(&mut peer, now)).ts.map(|t| t.0), Some(9003));
+    let dup = clone_seg(CISN + 4, 5001, ACK, 2, b"");
     assert!(peer.on_clone_output(&dup).is_empty());
     let acts = peer.on_clone_output(&dup);
     let [Action::Inject {
@@ -1254,8 +1257,13 @@ fn a_frame_the_clone_did_not_get_is_sent_again_after_two_duplicate_acks() {
         panic!("no retransmission: {acts:?}");
     };
     let s = tcp(frame);
-    assert_eq!((s.seq, s.ack), (5001, CISN + 1));
+    assert_eq!((s.seq, s.ack), (5001, CISN + 4));
     assert_eq!(s.payload(frame), b"GET");
+    assert_eq!(
+        s.ts.map(|t| t.0),
+        Some(9003),
+        "the peer's clock does not go back"
+    );
     assert_eq!(
         s.ts.map(|t| t.1),
         Some(2),
@@ -1264,9 +1272,9 @@ fn a_frame_the_clone_did_not_get_is_sent_again_after_two_duplicate_acks() {
     assert_eq!(peer.report().flows[0].stats.peer_retransmissions, 1);
     // An ACK that moves on is no duplicate.
     assert!(peer
-        .on_clone_output(&clone_seg(CISN + 1, 5004, ACK, 3, b""))
+        .on_clone_output(&clone_seg(CISN + 4, 5004, ACK, 3, b""))
         .is_empty());
     assert!(peer
-        .on_clone_output(&clone_seg(CISN + 1, 5004, ACK, 3, b""))
+        .on_clone_output(&clone_seg(CISN + 4, 5004, ACK, 3, b""))
         .is_empty());
 }
