@@ -232,6 +232,8 @@ struct Flow {
     /// Injected frames with payload or FIN: (first, end sequence number in
     /// the peer's space, index of the recorded frame).
     sent_frames: Vec<(u32, u32, usize)>,
+    /// Index of the recorded SYN or SYN-ACK of the peer once injected.
+    peer_syn_idx: Option<usize>,
     /// The clone's last window and how many duplicate ACKs it sent in a row.
     clone_last_window: Option<u16>,
     dup_acks: u32,
@@ -286,6 +288,7 @@ impl Flow {
             peer_window: 0,
             peer_rst: false,
             sent_frames: Vec::new(),
+            peer_syn_idx: None,
             clone_last_window: None,
             dup_acks: 0,
             handed_out: 0,
@@ -821,6 +824,7 @@ impl TcpPeer {
         // The peer's side of the connection.
         if seg.has(SYN) {
             fl.peer_base = Some(seg.seq);
+            fl.peer_syn_idx = Some(idx);
             if fl.setup == Setup::PeerInitiated {
                 self.clone_map
                     .insert((fl.guest_ip, fl.guest_port, fl.peer_ip, fl.peer_port), fid);
@@ -1088,6 +1092,20 @@ impl TcpPeer {
                 flow: FlowId(fid),
                 divergence: d,
             });
+        }
+        // A repeated SYN of a guest-initiated connection after the peer's
+        // SYN-ACK went out: the SYN-ACK again.
+        if syn_only && retransmission {
+            if let Some(idx) = fl.peer_syn_idx {
+                if let Some(frame) = self.rewrite(idx) {
+                    self.flows[fid].stats.peer_retransmissions += 1;
+                    acts.push(Action::Inject {
+                        frame,
+                        reason: InjectReason::Retransmission,
+                    });
+                }
+            }
+            return acts;
         }
         // ACK what the recording will never acknowledge, and repeats.
         if (retransmission || !fl.recording_will_ack(end)) && !fl.peer_rst {

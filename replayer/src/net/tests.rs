@@ -408,6 +408,17 @@ fn guest_initiated_flow_gets_the_clones_port_isn_and_timestamp_echo() {
     let s = tcp(&inject(&mut peer, now));
     assert_eq!((s.dst_port, s.seq, s.ack), (41_000, 8000, 99_001));
     assert_eq!(s.ts.map(|t| (t.0, t.1)), Some((7000, 1234)));
+    // The clone did not get it and sends its SYN again: the SYN-ACK again.
+    let acts = peer.on_clone_output(&cs(99_000, 0, SYN, b""));
+    let [Action::Inject {
+        frame,
+        reason: InjectReason::Retransmission,
+    }] = acts.as_slice()
+    else {
+        panic!("no SYN-ACK again: {acts:?}");
+    };
+    let s = tcp(frame);
+    assert_eq!((s.flags, s.dst_port, s.ack), (SYN | ACK, 41_000, 99_001));
     expect_wait(&mut peer, now);
     peer.on_clone_output(&cs(99_001, 8001, ACK, b""));
     expect_wait(&mut peer, now);
