@@ -6,7 +6,11 @@
 //! in a network namespace of its own. Each figure is the median of
 //! `$VMR_BENCH_RUNS` runs (default 3), with the minimum and maximum.
 //!
-//! Heavy: needs qemu-system-x86_64, root (network namespaces, TAP), the
+//! microVM rows: the freestanding test guest's image with 512 MiB of guest
+//! memory on KVM, on the same backends. Restore to running includes copying
+//! the memory file into a shared memfd (the devices need shared memory).
+//!
+//! Heavy: needs /dev/kvm, qemu-system-x86_64, root (network namespaces, TAP), the
 //! guest image (guest/linux/build.sh) and the vhost-tap binaries
 //! (`cargo build --release -p vhost-tap --bins`: the benchmark runs from
 //! target/release and takes the backends from there). Run with
@@ -18,6 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmr_hypervisor::image::{DiskSource, MachineImage};
+use vmr_hypervisor::microvm::MicrovmDriver;
 use vmr_hypervisor::qemu::QemuDriver;
 use vmr_hypervisor::{Driver, Instance, InstanceSpec, RunState, SnapshotOptions};
 use vmr_testkit::qemu::NetNs;
@@ -85,10 +90,16 @@ impl Rig {
         })
     }
 
-    fn spec(&self, image: &MachineImage, id: &str, work: &Path) -> Result<InstanceSpec, BoxError> {
+    fn spec(
+        &self,
+        driver: &str,
+        image: &MachineImage,
+        id: &str,
+        work: &Path,
+    ) -> Result<InstanceSpec, BoxError> {
         std::fs::create_dir_all(work)?;
         let dir = self.dir.clone();
-        let mut spec = image.instance_spec("qemu", id, work, move |d| {
+        let mut spec = image.instance_spec(driver, id, work, move |d| {
             dir.join(if d == "vda" {
                 "vhost-tap-blk.sock"
             } else {
@@ -120,6 +131,7 @@ fn wait_console(inst: &dyn Instance, pred: impl Fn(&str) -> bool) -> Result<(), 
 
 #[derive(Default)]
 struct Samples {
+    driver: &'static str,
     launch_first_line: Vec<Duration>,
     launch_ready: Vec<Duration>,
     pause: Vec<Duration>,
@@ -136,7 +148,7 @@ fn one_run(image: &MachineImage, root: &Path, s: &mut Samples) -> Result<(), Box
         }
     }
     let rig = Rig::start(&root.join("orig"), &disk)?;
-    let spec = rig.spec(image, "bench-orig", &root.join("orig-work"))?;
+    let spec = rig.spec("qemu", image, "bench-orig", &root.join("orig-work"))?;
     let t0 = Instant::now();
     let inst = QemuDriver.launch(&spec)?;
     wait_console(inst.as_ref(), |t| t.contains('\n'))?;
@@ -158,13 +170,56 @@ fn one_run(image: &MachineImage, root: &Path, s: &mut Samples) -> Result<(), Box
     s.size.push(arts.total_bytes());
 
     let crig = Rig::start(&root.join("clone"), &copy)?;
-    let cspec = crig.spec(image, "bench-clone", &root.join("clone-work"))?;
+    let cspec = crig.spec("qemu", image, "bench-clone", &root.join("clone-work"))?;
     let t0 = Instant::now();
     let clone = QemuDriver.restore(&cspec, &snap)?;
     clone.resume()?;
     s.restore.push(t0.elapsed());
     clone.stop(Duration::from_secs(1))?;
     inst.stop(Duration::from_secs(1))?;
+    Ok(())
+}
+
+/// One microVM run: the test guest with a disk and a NIC.
+fn microvm_run(image: &MachineImage, root: &Path, s: &mut Samples) -> Result<(), BoxError> {
+    let disk = root.join("disk.raw");
+    std::fs::File::create(&disk)?.set_len(16 << 20)?;
+    let rig = Rig::start(&root.join("orig"), &disk)?;
+    let mut spec = rig.spec("microvm", image, "bench-mvm", &root.join("orig-work"))?;
+    spec.disks = vec![vmr_hypervisor::DiskSpec {
+        name: "vda".into(),
+        socket: rig.dir.join("vhost-tap-blk.sock"),
+    }];
+    spec.nics = vec![vmr_hypervisor::NicSpec {
+        name: "net0".into(),
+        socket: rig.dir.join("vhost-tap-net.sock"),
+        mac: vmr_hypervisor::MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+    }];
+    let t0 = Instant::now();
+    let inst = MicrovmDriver.launch(&spec)?;
+    wait_console(inst.as_ref(), |t| t.contains('\n'))?;
+    s.launch_first_line.push(t0.elapsed());
+    let live = root.join("snap-live");
+    std::fs::create_dir(&live)?;
+    let arts = inst.snapshot(&live, SnapshotOptions::default())?;
+    s.pause.push(arts.pause.ok_or("no pause reported")?);
+    s.size.push(arts.total_bytes());
+    inst.stop(Duration::from_secs(1))?;
+    drop(inst);
+    drop(rig);
+
+    let crig = Rig::start(&root.join("clone"), &disk)?;
+    let mut cspec = spec.clone();
+    cspec.id = "bench-mvm-clone".into();
+    cspec.work_dir = root.join("clone-work");
+    std::fs::create_dir_all(&cspec.work_dir)?;
+    cspec.disks[0].socket = crig.dir.join("vhost-tap-blk.sock");
+    cspec.nics[0].socket = crig.dir.join("vhost-tap-net.sock");
+    let t0 = Instant::now();
+    let clone = MicrovmDriver.restore(&cspec, &live)?;
+    clone.resume()?;
+    s.restore.push(t0.elapsed());
+    clone.stop(Duration::from_secs(1))?;
     Ok(())
 }
 
@@ -178,6 +233,29 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
+fn print_rows(s: &Samples) {
+    let d = s.driver;
+    let row = |what: &str, v: &[Duration]| {
+        if v.is_empty() {
+            return;
+        }
+        let (m, lo, hi) = stats(v);
+        println!("| {d} | {what} (ms) | {} | {} | {} |", ms(m), ms(lo), ms(hi));
+    };
+    row("launch to first console line", &s.launch_first_line);
+    row("launch to service ready", &s.launch_ready);
+    row("snapshot pause (running guest)", &s.pause);
+    let (m, lo, hi) = stats(&s.size);
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
+    println!(
+        "| {d} | snapshot size (MiB) | {} | {} | {} |",
+        mib(m),
+        mib(lo),
+        mib(hi)
+    );
+    row("restore to running", &s.restore);
+}
+
 fn main() -> Result<(), BoxError> {
     // `cargo bench` passes --bench; `cargo test --benches` does not run it.
     if !std::env::args().any(|a| a == "--bench") {
@@ -188,43 +266,37 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or_else(|| vmr_testkit::cache_dir().join("guest-linux"));
     let image = MachineImage::load(&dir)
         .map_err(|e| format!("{e} (build the image with guest/linux/build.sh)"))?;
+    let elf = vmr_vmm::guest_abi::build_test_guest(&std::env::temp_dir().join("vmr-bench-test-guest"))?;
+    let mut test_guest = MachineImage::load(elf.parent().ok_or("test guest has no directory")?)?;
+    test_guest.memory_mib = MEMORY_MIB;
     let runs: usize = std::env::var("VMR_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let mut s = Samples::default();
+    let mut q = Samples {
+        driver: "qemu",
+        ..Samples::default()
+    };
+    let mut m = Samples {
+        driver: "microvm",
+        ..Samples::default()
+    };
     for i in 0..runs {
         let tmp = tempfile::tempdir()?;
-        one_run(&image, tmp.path(), &mut s).map_err(|e| format!("run {}: {e}", i + 1))?;
+        one_run(&image, tmp.path(), &mut q).map_err(|e| format!("qemu run {}: {e}", i + 1))?;
+        let tmp = tempfile::tempdir()?;
+        microvm_run(&test_guest, tmp.path(), &mut m)
+            .map_err(|e| format!("microvm run {}: {e}", i + 1))?;
     }
     let accel = vmr_hypervisor::qemu::accel::choose(vmr_hypervisor::Accel::Auto);
     println!(
-        "driver benchmark: {} ({} MiB, {} vCPU), accel {} ({}), {runs} runs\n",
-        image.name, MEMORY_MIB, image.vcpus, accel.accel, accel.reason
+        "driver benchmark, {runs} runs: qemu runs {} ({} MiB, {} vCPU), accel {} ({}); microvm runs {} ({} MiB) on KVM\n",
+        image.name, MEMORY_MIB, image.vcpus, accel.accel, accel.reason, test_guest.name, MEMORY_MIB
     );
     println!("| driver | measure | median | min | max |");
     println!("| --- | --- | ---: | ---: | ---: |");
-    let row = |what: &str, v: &[Duration]| {
-        let (m, lo, hi) = stats(v);
-        println!(
-            "| qemu | {what} (ms) | {} | {} | {} |",
-            ms(m),
-            ms(lo),
-            ms(hi)
-        );
-    };
-    row("launch to first console line", &s.launch_first_line);
-    row("launch to service ready", &s.launch_ready);
-    row("snapshot pause (running guest)", &s.pause);
-    let (m, lo, hi) = stats(&s.size);
-    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
-    println!(
-        "| qemu | snapshot size (MiB) | {} | {} | {} |",
-        mib(m),
-        mib(lo),
-        mib(hi)
-    );
-    row("restore to running", &s.restore);
+    print_rows(&q);
+    print_rows(&m);
     Ok(())
 }
