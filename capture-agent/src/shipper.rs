@@ -652,6 +652,11 @@ impl<S: RecordSource> Shipper<S> {
                 "scanned the partition tail"
             );
         }
+        if state.is_none() {
+            // A whole-partition scan saw every record of ours: only topics
+            // that hold some need scanning next time.
+            resume.topics = resume.last.keys().map(|t| t.to_string()).collect();
+        }
         Ok(resume)
     }
 

@@ -121,7 +121,7 @@ fn kill_9_mid_stream_then_restart_ships_every_seq_once() {
     let net = Device::open_with_capacity(inst, "net0", &w.join("net0"), &seq, cap);
     let writer = Writer::start(vec![blk, net], 400);
     // Commits far apart: a kill lands between acknowledgement and commit.
-    let config = stack.config_file(w, "commit-interval-ms = 3000");
+    let config = stack.config_file(w, "commit-interval-ms = 3000\nrequest-timeout-secs = 30");
     let mut net0 = ShipProcess::start(&config, &w.join("net0"), inst, w, "net0");
     let mut vda = ShipProcess::start(&config, &w.join("vda"), inst, w, "vda-1");
     let mut already = 0;

@@ -121,7 +121,7 @@ fn device_and_agent_spools_land_gap_free_in_their_topics_and_partition() {
     // registry).
     let pb2 = tempfile::tempdir().unwrap();
     generate_pb2(pb2.path());
-    for (topic, n) in [(NET, N as usize), (LIFECYCLE, 2)] {
+    for (topic, n) in [(BLOCK, N as usize), (NET, N as usize), (LIFECYCLE, 2)] {
         let lines = analytics_consumer(&stack, topic, n, pb2.path());
         assert_eq!(lines.len(), n);
         let mut seqs: Vec<u64> = Vec::new();
