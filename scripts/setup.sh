@@ -31,6 +31,7 @@ if [ ! -x "$VMR_TANSU" ]; then
     cargo install tansu --version "$TANSU_VERSION" --features libsql --locked --root "$TANSU_DIR"
 fi
 log "broker: $("$VMR_TANSU" --version 2>/dev/null || echo "$VMR_TANSU")"
+"$VMR_ROOT/scripts/s3-server.sh" >&2  # s3s-fs, the S3-compatible server of the snapshot tests
 
 PIP_PACKAGES=("confluent-kafka[protobuf,schemaregistry]==2.16.1")
 if ! python3 -c 'import confluent_kafka.schema_registry.protobuf, google.protobuf' 2>/dev/null; then

@@ -39,7 +39,7 @@ pub enum PublishError {
         topic: String,
         /// The cause.
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// A record value is not a framed manifest.
     #[error("record value is not a framed manifest: {0}")]
@@ -130,7 +130,7 @@ pub async fn publish(
         .map_err(|(source, _)| PublishError::Send {
             key: key.clone(),
             topic: topic.into(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(Published {
         partition: d.partition,

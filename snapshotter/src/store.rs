@@ -269,3 +269,40 @@ impl SnapshotStore {
         self.prefix.clone().join(instance)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_opens() {
+        let text = include_str!("../examples/store.toml");
+        let cfg: StoreConfig = toml::from_str(text).expect("the example config parses");
+        assert_eq!(cfg.url, "s3://vmr-snapshots/fleet-a");
+        assert_eq!(cfg.s3.endpoint.as_deref(), Some("http://127.0.0.1:8014"));
+        assert_eq!(cfg.max_bytes_per_sec, Some(100 << 20));
+        let s = SnapshotStore::open(&cfg).expect("an S3 store opens without contacting it");
+        assert_eq!(
+            s.location("vm-1", "0001/memory.bin").as_ref(),
+            "fleet-a/vm-1/0001/memory.bin"
+        );
+        let e = toml::from_str::<StoreConfig>("url = \"file:///x\"\nfsnyc = false\n").unwrap_err();
+        assert!(e.to_string().contains("fsnyc"), "{e}");
+        let cfg: StoreConfig = toml::from_str("url = \"file:///x\"").unwrap();
+        assert!(cfg.fsync, "fsync is the default");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let e = |cfg: StoreConfig| SnapshotStore::open(&cfg).unwrap_err().to_string();
+        assert!(e(StoreConfig::new("file://relative/dir")).contains("absolute path"));
+        assert!(e(StoreConfig::new("s3:///prefix")).contains("needs a bucket"));
+        assert!(e(StoreConfig::new("gs://bucket")).contains("use file:///path or s3://"));
+        let mut c = StoreConfig::new("file:///tmp/x");
+        c.part_size = 1024;
+        assert!(e(c).contains("5 MiB"));
+        let mut c = StoreConfig::new("file:///tmp/x");
+        c.concurrency = 0;
+        assert!(e(c).contains("at least 1"));
+    }
+}

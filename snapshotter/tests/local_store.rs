@@ -405,7 +405,8 @@ fn damaged_objects_and_manifests_are_refused_by_name() {
             std::fs::write(&p, s.replacen(&from, &to, 1)).unwrap();
         }
     };
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Damage = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "seq",
             Box::new(edit(
