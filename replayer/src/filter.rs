@@ -181,7 +181,6 @@ pub struct Filter {
     pub net: NetMatch,
     /// Net frames never to deliver (empty: none excluded).
     pub exclude_net: NetMatch,
-    stats: FilterStats,
 }
 
 impl Default for Filter {
@@ -195,7 +194,6 @@ impl Default for Filter {
             exclude_block_ops: Vec::new(),
             net: NetMatch::default(),
             exclude_net: NetMatch::default(),
-            stats: FilterStats::default(),
         }
     }
 }
@@ -255,19 +253,14 @@ impl Filter {
         }
     }
 
-    /// [`Filter::matches`], counting the verdict in [`Filter::stats`].
-    pub fn admit(&mut self, event: &Event) -> bool {
+    /// [`Filter::matches`], counting the verdict in `stats`.
+    pub fn admit(&self, event: &Event, stats: &mut FilterStats) -> bool {
         let ok = self.matches(event);
-        self.stats.examined += 1;
+        stats.examined += 1;
         if !ok {
-            self.stats.removed[Kind::of(&event.payload) as usize] += 1;
+            stats.removed[Kind::of(&event.payload) as usize] += 1;
         }
         ok
-    }
-
-    /// What [`Filter::admit`] removed so far.
-    pub fn stats(&self) -> FilterStats {
-        self.stats
     }
 }
 
@@ -373,32 +366,34 @@ mod tests {
 
     #[test]
     fn default_delivers_everything() {
-        let mut f = Filter::default();
+        let f = Filter::default();
+        let mut stats = FilterStats::default();
         for e in [
             block("vda", BlockOp::Write),
             net("eth0", vec![]),
             env(),
             pause(),
         ] {
-            assert!(f.admit(&e));
+            assert!(f.admit(&e, &mut stats));
         }
-        assert!(!f.stats().is_filtered());
-        assert_eq!(f.stats().examined, 4);
+        assert!(!stats.is_filtered());
+        assert_eq!(stats.examined, 4);
         assert_eq!(f.kinds_to_read(), KindSet::all());
     }
 
     #[test]
     fn by_kind_include_and_exclude() {
-        let mut f = Filter {
+        let mut stats = FilterStats::default();
+        let f = Filter {
             kinds: KindSet::empty().with(Kind::Net).with(Kind::Block),
             exclude_kinds: KindSet::empty().with(Kind::Block),
             ..Filter::default()
         };
-        assert!(f.admit(&net("eth0", vec![])));
-        assert!(!f.admit(&block("vda", BlockOp::Read)));
-        assert!(!f.admit(&env()));
-        assert!(!f.admit(&pause()));
-        let s = f.stats();
+        assert!(f.admit(&net("eth0", vec![]), &mut stats));
+        assert!(!f.admit(&block("vda", BlockOp::Read), &mut stats));
+        assert!(!f.admit(&env(), &mut stats));
+        assert!(!f.admit(&pause(), &mut stats));
+        let s = stats;
         assert_eq!(s.removed_total(), 3);
         assert_eq!(s.removed_of(Kind::Block), 1);
         assert_eq!(s.removed_of(Kind::Lifecycle), 1);

@@ -74,7 +74,7 @@ pub fn run<I, E, F>(
     timeline: &mut Timeline,
     bounds: &Bounds,
     before: BeforeWindow,
-    filter: &mut Filter,
+    filter: &Filter,
     clock: &mut ReplayClock,
     mut deliver: F,
 ) -> Result<ReplayReport, ReplayError<E>>
@@ -104,7 +104,8 @@ where
                 break;
             }
             Position::Before => {
-                if before == BeforeWindow::FastForward && filter.admit(&e.event) {
+                if before == BeforeWindow::FastForward && filter.admit(&e.event, &mut report.filter)
+                {
                     deliver(&e, None).map_err(|source| ReplayError::Deliver {
                         seq: e.event.seq,
                         source,
@@ -117,7 +118,7 @@ where
             }
             Position::Inside => {}
         }
-        if !filter.admit(&e.event) {
+        if !filter.admit(&e.event, &mut report.filter) {
             continue;
         }
         if report.delivered == 0 {
@@ -139,7 +140,6 @@ where
         })?;
         report.delivered += 1;
     }
-    report.filter = filter.stats();
     report.timeline = timeline.stats;
     Ok(report)
 }

@@ -29,8 +29,11 @@ pub const MIN_SPEED: f64 = 0.1;
 /// Fastest speed factor (short of "as fast as possible").
 pub const MAX_SPEED: f64 = 100.0;
 
-/// Waits shorter than this are spun out rather than slept, for precision.
-const SPIN: Duration = Duration::from_micros(1500);
+/// Waits shorter than this are spun out rather than slept, for precision
+/// (a condition variable's timed wait wakes some 50-100 µs late).
+const SPIN: Duration = Duration::from_micros(300);
+/// The last stretch of a spin does not yield the CPU.
+const SPIN_HARD: Duration = Duration::from_micros(50);
 /// Longest sleep before re-checking the clock's state.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 
@@ -540,9 +543,16 @@ impl ReplayClock {
                     // that no control changed the plan meanwhile.
                     let generation = s.generation;
                     drop(s);
-                    while Instant::now() < due {
-                        std::hint::spin_loop();
-                        std::thread::yield_now();
+                    loop {
+                        let now = Instant::now();
+                        if now >= due {
+                            break;
+                        }
+                        if due - now > SPIN_HARD {
+                            std::thread::yield_now();
+                        } else {
+                            std::hint::spin_loop();
+                        }
                     }
                     s = self.shared.lock();
                     if s.generation == generation && !s.stopped {

@@ -97,7 +97,7 @@ fn ten_x_replays_two_seconds_of_recorded_guest_time_in_a_fifth_of_a_second() {
     let mut timeline = Timeline::new(T0, true);
     let mut clock = ReplayClock::new(Speed::factor(10.0).unwrap());
     let bounds = Window::All.resolve(None).unwrap();
-    let mut filter = Filter::default();
+    let filter = Filter::default();
     let mut dispatches = Vec::new();
     let start = Instant::now();
     let report = replay::run(
@@ -105,7 +105,7 @@ fn ten_x_replays_two_seconds_of_recorded_guest_time_in_a_fifth_of_a_second() {
         &mut timeline,
         &bounds,
         BeforeWindow::Skip,
-        &mut filter,
+        &filter,
         &mut clock,
         |_e, d| {
             dispatches.push(*d.expect("inside the window"));
