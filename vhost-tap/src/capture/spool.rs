@@ -11,10 +11,12 @@
 //!
 //! The writer ([`SpoolSink`]) starts a segment when the current one reaches
 //! the segment size, naming it after the `seq` of its first record, and
-//! makes the finished segment durable (`fsync`) *before* it creates the next
+//! writes the finished segment out completely *before* it creates the next
 //! one: a reader that sees a newer segment knows the older ones are
-//! complete. A restarted writer starts a new segment and never writes into
-//! an earlier one.
+//! complete. [`CaptureSink::sync`] (a guest FLUSH, shutdown) makes every
+//! segment written since the last sync durable, and the directory. A
+//! restarted writer starts a new segment and never writes into an earlier
+//! one.
 //!
 //! # Hand-off
 //!
@@ -175,6 +177,11 @@ struct SpoolState {
     /// The current segment was started past the capacity (for a GAP event):
     /// other records still need room.
     over: bool,
+    /// Finished segments not yet made durable (dropped when deleted, so
+    /// their pages go with them).
+    unsynced: Vec<(String, File)>,
+    /// Segments were created or deleted since the directory was synced.
+    dir_dirty: bool,
 }
 
 /// The writing side of a rolling spool (see the module documentation).
@@ -206,6 +213,8 @@ impl SpoolSink {
                 closed,
                 current: None,
                 over: false,
+                unsynced: Vec::new(),
+                dir_dirty: false,
             }),
         })
     }
@@ -258,7 +267,9 @@ impl SpoolState {
                     break;
                 }
             }
-            self.closed.pop_front();
+            let (name, _) = self.closed.pop_front().expect("checked above");
+            self.unsynced.retain(|(n, _)| *n != name);
+            self.dir_dirty = true;
         }
     }
 
@@ -279,11 +290,12 @@ impl SpoolState {
         }
         let rolled = self.current.is_some();
         if let Some((name, mut w)) = self.current.take() {
-            if let Err(e) = w.sync() {
+            if let Err(e) = w.write_out() {
                 self.current = Some((name, w));
                 return Err(e.into());
             }
             let size = w.len();
+            self.unsynced.push((name.clone(), w.file));
             self.closed.push_back((name, size));
         }
         let name = format!("{seq:020}.{SEGMENT_EXTENSION}");
@@ -298,13 +310,12 @@ impl SpoolState {
                 source,
             })?;
         let mut w = FrameWriter::new(file, 0);
-        let made = w
-            .write_header(&FileHeader {
-                epoch: self.cfg.epoch,
-                first_seq: seq,
-                instance_id: self.cfg.instance_id.clone(),
-            })
-            .and_then(|()| File::open(&self.cfg.dir)?.sync_all());
+        self.dir_dirty = true;
+        let made = w.write_header(&FileHeader {
+            epoch: self.cfg.epoch,
+            first_seq: seq,
+            instance_id: self.cfg.instance_id.clone(),
+        });
         if let Err(e) = made {
             let _ = std::fs::remove_file(&path);
             return Err(e.into());
@@ -364,8 +375,16 @@ impl CaptureSink for SpoolSink {
 
     fn sync(&self) -> Result<(), CaptureError> {
         let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((_, f)) = st.unsynced.last() {
+            f.sync_data()?;
+            st.unsynced.pop();
+        }
         if let Some((_, w)) = &mut st.current {
             w.sync()?;
+        }
+        if st.dir_dirty {
+            File::open(&st.cfg.dir)?.sync_all()?;
+            st.dir_dirty = false;
         }
         Ok(())
     }

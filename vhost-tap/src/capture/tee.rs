@@ -136,10 +136,12 @@ impl DeviceState {
     }
 }
 
-/// Pooled records keep payload buffers up to this capacity; larger ones are
-/// freed when the record returns to the pool, so the pool's memory stays
-/// bounded after a burst of large writes.
-const POOL_KEEP_BYTES: usize = 1 << 20;
+/// Pooled records keep payload buffers smaller than this; larger ones go to
+/// a separate pool of large buffers, so a record taken for a small request
+/// does not hold a large buffer, and a large write finds one ready.
+const LARGE_BUFFER: usize = 64 << 10;
+/// Largest buffer the large-buffer pool keeps (the largest request).
+const LARGE_KEEP_BYTES: usize = 4 << 20;
 /// Sink batch size.
 const BATCH: usize = 256;
 /// How long shutdown waits for a full spool before it drops what is left.
@@ -154,19 +156,43 @@ fn payload_bytes(ev: &pb::Event) -> usize {
     }
 }
 
-/// Returns `rec` to the pool, freeing an oversized payload buffer.
-fn recycle(pool: &ArrayQueue<Record>, mut rec: Record) {
-    rec.force = false;
-    let ev = &mut rec.event;
-    let big = match &ev.payload {
-        Some(pb::event::Payload::Block(b)) => b.data.capacity() > POOL_KEEP_BYTES,
-        Some(pb::event::Payload::Net(f)) => f.frame.capacity() > POOL_KEEP_BYTES,
-        _ => false,
-    };
-    if big || matches!(ev.payload, Some(pb::event::Payload::Lifecycle(_))) {
-        ev.payload = None;
+/// The pools of records and of large payload buffers.
+struct Pools {
+    records: ArrayQueue<Record>,
+    large: ArrayQueue<Vec<u8>>,
+}
+
+impl Pools {
+    /// Pools for a queue of `capacity` records and `max_bytes` of payload:
+    /// the large buffers held are bounded by the payload budget.
+    fn new(capacity: usize, max_bytes: usize) -> Self {
+        let large = (max_bytes / LARGE_BUFFER).clamp(1, capacity + BATCH);
+        Self {
+            records: ArrayQueue::new(capacity + BATCH),
+            large: ArrayQueue::new(large),
+        }
     }
-    let _ = pool.push(rec);
+
+    /// Returns `rec` to the pool; a large payload buffer goes to its own
+    /// pool (or is freed when that is full or the buffer is oversized).
+    fn recycle(&self, mut rec: Record) {
+        rec.force = false;
+        let ev = &mut rec.event;
+        match &mut ev.payload {
+            Some(pb::event::Payload::Block(b)) if b.data.capacity() >= LARGE_BUFFER => {
+                let buf = std::mem::take(&mut b.data);
+                if buf.capacity() <= LARGE_KEEP_BYTES {
+                    let _ = self.large.push(buf);
+                }
+            }
+            Some(pb::event::Payload::Net(f)) if f.frame.capacity() > LARGE_KEEP_BYTES => {
+                ev.payload = None;
+            }
+            Some(pb::event::Payload::Lifecycle(_)) => ev.payload = None,
+            _ => {}
+        }
+        let _ = self.records.push(rec);
+    }
 }
 
 /// Numbers without a record, waiting for their GAP event.
@@ -206,7 +232,7 @@ struct TeeShared {
     config: TeeConfig,
     queued_bytes: AtomicUsize,
     queue: ArrayQueue<Record>,
-    pool: ArrayQueue<Record>,
+    pool: Pools,
     seq: Arc<dyn SeqSource>,
     metrics: Arc<Metrics>,
     /// Numbering and queueing of one record.
@@ -253,7 +279,7 @@ impl Tee {
         };
         let shared = Arc::new(TeeShared {
             queue: ArrayQueue::new(config.capacity),
-            pool: ArrayQueue::new(config.capacity + BATCH),
+            pool: Pools::new(config.capacity, config.max_bytes),
             queued_bytes: AtomicUsize::new(0),
             config,
             seq,
@@ -417,10 +443,16 @@ impl Tee {
         let mut rec = self.take_record();
         // Keep the bytes a pooled buffer already holds: no zero fill unless
         // it grows.
+        let n = len as usize;
         let mut data = match &mut rec.event.payload {
             Some(pb::event::Payload::Block(b)) => std::mem::take(&mut b.data),
             _ => Vec::new(),
         };
+        if n >= LARGE_BUFFER && data.capacity() < n {
+            if let Some(big) = self.shared.pool.large.pop() {
+                data = big;
+            }
+        }
         let mut io = reuse_block(
             &mut rec.event,
             device,
@@ -430,7 +462,6 @@ impl Tee {
             len,
             pb::BlockStatus::Ok,
         );
-        let n = len as usize;
         if data.len() < n {
             data.resize(n, 0);
         } else {
@@ -481,6 +512,7 @@ impl Tee {
         let mut rec = self
             .shared
             .pool
+            .records
             .pop()
             .unwrap_or_else(|| Record::new(pb::Event::default()));
         let ev = &mut rec.event;
@@ -542,7 +574,7 @@ impl Tee {
                 Err(back) => {
                     Metrics::add(&s.metrics.dropped, 1);
                     let seq = back.event.seq;
-                    recycle(&s.pool, back);
+                    s.pool.recycle(back);
                     let mut gaps = s.gaps.lock().unwrap_or_else(|p| p.into_inner());
                     add_gap(&mut gaps, seq, 1, "capture queue full");
                     false
@@ -768,7 +800,7 @@ impl SinkLoop<'_> {
                 }
                 continue;
             }
-            recycle(&self.s.pool, rec);
+            self.s.pool.recycle(rec);
         }
         self.save_floor();
     }
