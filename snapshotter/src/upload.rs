@@ -248,6 +248,8 @@ pub async fn upload(
         }
     }
 
+    clear_leftovers(store, &instance, &req.snapshot_id).await?;
+
     // What to store: the driver's files, artifacts.json, new disk layers.
     let mut sources = Vec::new();
     let own_key = |name: &str| format!("{}/{name}", req.snapshot_id);
@@ -401,6 +403,69 @@ pub async fn upload(
         })?;
     info!(instance = %instance, snapshot = %req.snapshot_id, store = %store.url(), bytes = p.bytes_done, objects = p.objects_done, "snapshot uploaded");
     Ok(m)
+}
+
+/// Removes what an interrupted upload of this snapshot id left (it has no
+/// manifest, so nothing refers to it): its objects, and on a `file://`
+/// store the staging files of unfinished writes (`<name>#<n>`).
+async fn clear_leftovers(
+    store: &SnapshotStore,
+    instance: &str,
+    snapshot_id: &str,
+) -> Result<(), UploadError> {
+    use futures::TryStreamExt;
+    let prefix = store.location(instance, snapshot_id);
+    let what = format!("{instance}/{snapshot_id}/");
+    let old: Vec<_> = store
+        .inner
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| UploadError::Store {
+            object: what.clone(),
+            source,
+        })?;
+    for o in old {
+        match store.inner.delete(&o.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(UploadError::Store {
+                    object: o.location.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    if let Some(root) = store.local_root() {
+        remove_staged(&root.join(instance).join(snapshot_id))?;
+    }
+    Ok(())
+}
+
+fn remove_staged(dir: &FsPath) -> Result<(), UploadError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(UploadError::Read {
+                path: dir.into(),
+                source,
+            })
+        }
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            remove_staged(&path)?;
+        } else if name
+            .split_once('#')
+            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            std::fs::remove_file(&path).map_err(|source| UploadError::Read { path, source })?;
+        }
+    }
+    Ok(())
 }
 
 fn entry(name: &str, kind: ObjectKind, key: String, disk: Option<DiskLayer>) -> ObjectEntry {

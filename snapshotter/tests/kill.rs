@@ -56,6 +56,17 @@ fn files_named(root: &Path, name: &str, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+fn files_named_like(root: &Path, c: char, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_named_like(&p, c, out);
+        } else if e.file_name().to_string_lossy().contains(c) {
+            out.push(p);
+        }
+    }
+}
+
 fn run_to_end(mut cmd: Command) -> String {
     let out = cmd.output().expect("vmr-snapshot runs");
     assert!(
@@ -165,7 +176,15 @@ fn upload_killed_midway_leaves_no_manifest_and_the_next_upload_succeeds() {
         .unwrap_err();
     assert!(matches!(e, RestoreError::NotFound { .. }), "{e}");
 
-    // The same snapshot again, then the next one: both succeed.
+    let mut staged = Vec::new();
+    files_named_like(&root, '#', &mut staged);
+    assert!(
+        !staged.is_empty(),
+        "the killed upload left a staged part file"
+    );
+
+    // The same snapshot again, then the next one: both succeed, and the
+    // killed upload's leftovers are gone.
     let out = run_to_end(upload_cmd(&root, &d1));
     assert!(
         out.lines().any(|l| l.starts_with("uploaded vm-kill/0001 ")),
@@ -183,6 +202,9 @@ fn upload_killed_midway_leaves_no_manifest_and_the_next_upload_succeeds() {
         .map(|m| m.snapshot_id)
         .collect();
     assert_eq!(ids, ["0001", "0002"]);
+    let mut staged = Vec::new();
+    files_named_like(&root, '#', &mut staged);
+    assert!(staged.is_empty(), "leftovers remain: {staged:?}");
     let mat = rt
         .block_on(materialize(
             &store,
