@@ -86,6 +86,8 @@ fn two_instances_on_one_partition_merge_by_seq_and_net_only_skips_block() {
     let before: u64 = stats.topics.iter().map(|t| t.before_cut).sum();
     assert_eq!(other, 80, "every record of {b} skipped by key");
     assert_eq!(before, 30, "seqs 1..=30 skipped as before the cut");
+    let by_header: u64 = stats.topics.iter().map(|t| t.before_cut_by_header).sum();
+    assert_eq!(by_header, 30, "by their vmr.seq header, without decoding");
     assert_eq!(stats.merge.released, 50);
     assert_eq!(stats.merge.gaps, 0);
 

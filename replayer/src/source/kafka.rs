@@ -7,7 +7,7 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use vmr_proto::{pb, Event, TopicOffset};
 
@@ -279,6 +279,15 @@ impl TopicReader {
                 self.stats.other_instance += 1;
                 return Ok(ReadOutcome::Skipped { seq: None });
             }
+            if let Some(seq) = header_seq(&msg) {
+                if seq <= self.seq_at_cut {
+                    // Skipped without decoding the value (up to 8 MiB).
+                    self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+                    self.stats.before_cut += 1;
+                    self.stats.before_cut_by_header += 1;
+                    return Ok(ReadOutcome::Skipped { seq: Some(seq) });
+                }
+            }
             let pos = self.pos(offset);
             let event = match decode(value, self.kind, &self.instance) {
                 Ok(e) => e,
@@ -299,6 +308,15 @@ impl TopicReader {
             return Ok(ReadOutcome::Event(event, pos));
         }
     }
+}
+
+/// The `seq` a record's header gives (`vmr.seq`, or `seq`; ASCII decimal).
+fn header_seq(msg: &impl Message) -> Option<u64> {
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "vmr.seq" || h.key == "seq")
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
 }
 
 /// Decodes a Confluent-framed `vmr.v1.Event` of `instance` on a `kind` topic.

@@ -5,7 +5,8 @@
 //! the instance's partition at an explicit offset (the snapshot manifest's
 //! "earliest offset that can hold a seq after the cut"). Records of other
 //! instances (the partition is shared by hash) are skipped by key without
-//! decoding, events with `seq <= seq_at_cut` are skipped, and the rest are
+//! decoding, events with `seq <= seq_at_cut` are skipped (by their
+//! `vmr.seq` header when it is there, so without decoding), and the rest are
 //! merged by `seq` in a bounded window ([`MergeWindow`]).
 //!
 //! The stream is an iterator of [`SourceItem`]s: events in `seq` order, gaps
@@ -191,6 +192,9 @@ pub struct TopicStats {
     pub other_instance: u64,
     /// Events with `seq <= seq_at_cut`, skipped.
     pub before_cut: u64,
+    /// Of those, the ones skipped by their `vmr.seq` (or `seq`) header
+    /// without decoding the value.
+    pub before_cut_by_header: u64,
     /// Undecodable records, reported and skipped.
     pub poison: u64,
     /// Events handed to the merge.

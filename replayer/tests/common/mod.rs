@@ -1,7 +1,8 @@
 //! Shared by the replayer's broker tests: a real Tansu broker and Schema
 //! Registry (from vmr-testkit), and a producer that writes events the way the
 //! capture agent's shipper does (key = instance id, explicit partition by
-//! murmur2, Confluent-framed `vmr.v1.Event`, headers `seq` and `epoch`).
+//! murmur2, Confluent-framed `vmr.v1.Event`, ASCII headers `vmr.seq` and
+//! `vmr.epoch`).
 //!
 //! Heavy: needs the Tansu broker (`~/.cache/vmreplay/tansu-0.6.0/bin/tansu`)
 //! and the `schema-registry` binary (`cargo build -p schema-registry`).
@@ -100,11 +101,11 @@ impl Recording {
             let key = e.instance.as_str().to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
-                    key: "seq",
+                    key: "vmr.seq",
                     value: Some(e.seq.to_string().as_bytes()),
                 })
                 .insert(Header {
-                    key: "epoch",
+                    key: "vmr.epoch",
                     value: Some(e.epoch.to_string().as_bytes()),
                 });
             let mut record = FutureRecord::to(e.topic())
