@@ -63,7 +63,7 @@ metrics! {
     in_flight,
     /// Gauge: `seq` of the last committed event.
     committed_seq,
-    /// Gauge: `seq` of the last acknowledged event.
+    /// Gauge: highest `seq` acknowledged.
     acked_seq,
     /// Gauge: 1 while the shipper is connected and shipping, 0 while it
     /// waits to retry.
@@ -77,5 +77,9 @@ impl ShipperMetrics {
 
     pub(crate) fn set(c: &AtomicU64, v: u64) {
         c.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn max(c: &AtomicU64, v: u64) {
+        c.fetch_max(v, Ordering::Relaxed);
     }
 }

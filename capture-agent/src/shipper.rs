@@ -31,9 +31,12 @@
 //! # Restart
 //!
 //! A session starts by finding what is already in Kafka: for each event
-//! topic it reads the instance's partition from the offset noted in the
-//! shipper's state file (written just before each commit) to the end, and
-//! takes the last `vmr.position` of its own source. Events at or before that
+//! topic the source ever sent to, it reads the instance's partition from the
+//! offset noted in the shipper's state file (written just before each
+//! commit, and before the first record goes to a new topic) to the end, and
+//! takes the last `vmr.position` of its own source. Without a state file
+//! and without a commit nothing was sent and nothing is scanned; with a
+//! commit but no usable state file every event topic is scanned whole. Events at or before that
 //! position on that topic are not sent again. Since the producer delivers in
 //! order per partition and a session ends at its first failed delivery,
 //! what a topic holds of a source is a prefix of what was sent, so this
@@ -185,22 +188,17 @@ pub struct ShipperState {
     pub topics: Vec<String>,
 }
 
-fn read_state(path: &Path) -> Option<ShipperState> {
+/// The state file: `Ok(None)` when there is none, `Err` when it cannot be
+/// used.
+fn read_state(path: &Path) -> Result<Option<ShipperState>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "cannot read the shipper state; scanning whole partitions");
-            return None;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
     };
-    match serde_json::from_str(&text) {
-        Ok(s) => Some(s),
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "shipper state is unreadable; scanning whole partitions");
-            None
-        }
-    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn write_state(path: &Path, state: &ShipperState) -> std::io::Result<()> {
@@ -538,8 +536,29 @@ impl<S: RecordSource> Shipper<S> {
     /// Finds what the topics already hold of this source.
     fn resume(&self, partitions: &BTreeMap<&'static str, i32>) -> Result<Resume, SessionError> {
         let timeout = self.opts.config.request_timeout();
-        let state = read_state(&self.opts.state_file).filter(|s| s.source == self.opts.source_name);
         let committed = self.source.committed()?;
+        let state_path = self.opts.state_file.display().to_string();
+        let state = match read_state(&self.opts.state_file) {
+            Ok(Some(s)) if s.source == self.opts.source_name => Some(s),
+            Ok(Some(s)) => {
+                tracing::warn!(path = %state_path, other = %s.source, "the shipper state belongs to another source; scanning whole partitions");
+                None
+            }
+            // The state is written before the first record goes to a topic:
+            // without it and without a commit, nothing was ever sent.
+            Ok(None) if committed.is_none() => Some(ShipperState {
+                source: self.opts.source_name.clone(),
+                ..ShipperState::default()
+            }),
+            Ok(None) => {
+                tracing::warn!(path = %state_path, "the spool has a commit but no shipper state; scanning whole partitions");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(path = %state_path, %error, "the shipper state is unreadable; scanning whole partitions");
+                None
+            }
+        };
         let mut resume = Resume {
             base: later(committed, state.as_ref().and_then(|s| s.position.clone())),
             // Without a state file, every topic may hold records of ours.
@@ -906,7 +925,7 @@ impl<S: RecordSource> Shipper<S> {
                         p.offset = Some(offset);
                         ShipperMetrics::add(&m.records_acked, 1);
                         ShipperMetrics::add(&m.bytes_acked, p.bytes);
-                        ShipperMetrics::set(&m.acked_seq, p.seq);
+                        ShipperMetrics::max(&m.acked_seq, p.seq);
                     }
                     Err(detail) => {
                         ShipperMetrics::add(&m.delivery_errors, 1);
@@ -980,7 +999,7 @@ impl<S: RecordSource> Shipper<S> {
                             p.offset = Some(offset);
                             ShipperMetrics::add(&self.metrics.records_acked, 1);
                             ShipperMetrics::add(&self.metrics.bytes_acked, p.bytes);
-                            ShipperMetrics::set(&self.metrics.acked_seq, p.seq);
+                            ShipperMetrics::max(&self.metrics.acked_seq, p.seq);
                         }
                         Err(_) => {
                             ShipperMetrics::add(&self.metrics.delivery_errors, 1);
