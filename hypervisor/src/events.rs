@@ -19,6 +19,9 @@ use vmr_proto::domain::{Lifecycle, LifecycleKind};
 /// already attached still get every event).
 pub const HISTORY_LIMIT: usize = 4096;
 
+/// Console chunks kept for new console subscribers.
+pub const CONSOLE_TAIL_CHUNKS: usize = 256;
+
 /// One lifecycle change of an instance, with when it happened.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriverEvent {
@@ -89,6 +92,7 @@ pub struct Bus<T: Clone> {
 struct BusInner<T> {
     subscribers: Vec<Sender<T>>,
     history: Option<std::collections::VecDeque<T>>,
+    limit: usize,
 }
 
 impl<T: Clone> Clone for Bus<T> {
@@ -110,12 +114,19 @@ impl<T: Clone> std::fmt::Debug for Bus<T> {
 }
 
 impl<T: Clone> Bus<T> {
-    /// A bus that replays its history to new subscribers.
+    /// A bus that replays its history (the last [`HISTORY_LIMIT`] values)
+    /// to new subscribers.
     pub fn with_history() -> Self {
+        Self::with_tail(HISTORY_LIMIT)
+    }
+
+    /// A bus that replays its last `limit` values to new subscribers.
+    pub fn with_tail(limit: usize) -> Self {
         Bus {
             inner: Arc::new(Mutex::new(BusInner {
                 subscribers: Vec::new(),
                 history: Some(std::collections::VecDeque::new()),
+                limit: limit.max(1),
             })),
         }
     }
@@ -126,6 +137,7 @@ impl<T: Clone> Bus<T> {
             inner: Arc::new(Mutex::new(BusInner {
                 subscribers: Vec::new(),
                 history: None,
+                limit: 0,
             })),
         }
     }
@@ -135,8 +147,9 @@ impl<T: Clone> Bus<T> {
     pub fn publish(&self, value: T) {
         let mut inner = self.inner.lock();
         inner.subscribers.retain(|s| s.send(value.clone()).is_ok());
+        let limit = inner.limit;
         if let Some(h) = inner.history.as_mut() {
-            if h.len() == HISTORY_LIMIT {
+            if h.len() == limit {
                 h.pop_front();
             }
             h.push_back(value);

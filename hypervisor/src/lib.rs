@@ -31,8 +31,7 @@ pub use artifacts::{MemoryKind, SnapshotArtifacts};
 pub use error::{DriverError, ErrorKind};
 pub use events::{Bus, DriverEvent, Subscription};
 pub use spec::{
-    Accel, BootSpec, ConsoleSpec, DebugListen, DiskSpec, InstanceSpec, MacAddr, NicSpec,
-    QemuSpec,
+    Accel, BootSpec, ConsoleSpec, DebugListen, DiskSpec, InstanceSpec, MacAddr, NicSpec, QemuSpec,
 };
 
 /// Run state of an instance.
@@ -63,9 +62,37 @@ impl std::fmt::Display for RunState {
     }
 }
 
+/// Why an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The guest powered off (or reset, which the drivers do not restart).
+    GuestShutdown,
+    /// The guest crashed: a kernel panic (pvpanic) or a triple fault. QEMU
+    /// holds a panicked guest for inspection; its state is
+    /// [`RunState::Crashed`].
+    Crash,
+    /// Stopped through [`Instance::stop`] or by dropping the instance.
+    Stopped,
+    /// The hypervisor failed or was killed from outside.
+    Failed,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndReason::GuestShutdown => "guest shutdown",
+            EndReason::Crash => "crash",
+            EndReason::Stopped => "stopped",
+            EndReason::Failed => "failed",
+        })
+    }
+}
+
 /// How an instance ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitInfo {
+    /// Why.
+    pub reason: EndReason,
     /// Process exit code, where there is a process and it exited normally.
     pub code: Option<i32>,
     /// The signal that ended the process.
@@ -145,8 +172,10 @@ pub trait Instance: Send + Sync {
     /// hypervisor. Returns how it ended.
     fn stop(&self, grace: Duration) -> Result<ExitInfo, DriverError>;
 
-    /// Waits up to `timeout` for the instance to exit on its own.
-    /// [`DriverError::Timeout`] if it is still running.
+    /// Waits up to `timeout` for the instance to end on its own: the guest
+    /// shut down or crashed (a crashed guest may still be held for
+    /// inspection), or the hypervisor died. [`DriverError::Timeout`] if it
+    /// is still running.
     fn wait(&self, timeout: Duration) -> Result<ExitInfo, DriverError>;
 
     /// The instance's state.
@@ -155,17 +184,18 @@ pub trait Instance: Send + Sync {
     /// Lifecycle events: every event so far, then each new one.
     fn subscribe(&self) -> Subscription<DriverEvent>;
 
-    /// Console output from now on, in chunks as the guest printed them.
+    /// Console output in chunks as the guest printed them: the most recent
+    /// output first (up to [`events::CONSOLE_TAIL_CHUNKS`] chunks, so output
+    /// printed before the call is not lost to a prompt subscriber), then
+    /// everything printed from now on. The whole output is in the console
+    /// file.
     fn console(&self) -> Subscription<Vec<u8>>;
 
     /// Writes a snapshot into `dir` (which must exist and be empty). A
     /// running instance is paused for the cut and resumed after it, and the
     /// pause time is reported; a paused instance stays paused.
-    fn snapshot(
-        &self,
-        dir: &Path,
-        opts: SnapshotOptions,
-    ) -> Result<SnapshotArtifacts, DriverError>;
+    fn snapshot(&self, dir: &Path, opts: SnapshotOptions)
+        -> Result<SnapshotArtifacts, DriverError>;
 
     /// Where a gdb remote-protocol debugger can attach, if the spec asked
     /// for one.

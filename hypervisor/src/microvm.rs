@@ -36,7 +36,9 @@ use crate::artifacts::{
 };
 use crate::events::{Bus, DriverEvent, Subscription};
 use crate::spec::{BootSpec, DebugListen, InstanceSpec};
-use crate::{Driver, DriverError, ExitInfo, Instance, InstanceInfo, RunState, SnapshotOptions};
+use crate::{
+    Driver, DriverError, EndReason, ExitInfo, Instance, InstanceInfo, RunState, SnapshotOptions,
+};
 
 /// Driver name.
 pub const NAME: &str = "microvm";
@@ -158,7 +160,7 @@ fn open_console(spec: &InstanceSpec, bus: &Bus<Vec<u8>>) -> Result<ConsoleSink, 
 fn new_shared() -> Arc<Shared> {
     Arc::new(Shared {
         events: Bus::with_history(),
-        console: Bus::live(),
+        console: Bus::with_tail(crate::events::CONSOLE_TAIL_CHUNKS),
         exit: Mutex::new(None),
         exited: Condvar::new(),
         stopping: AtomicBool::new(false),
@@ -181,9 +183,15 @@ fn spawn_event_thread(
                     e.lifecycle = l;
                     let terminal = e.is_terminal();
                     let detail = format!("{:?}: {}", e.kind(), e.lifecycle.detail);
+                    let reason = if e.kind() == LifecycleKind::Shutdown {
+                        EndReason::GuestShutdown
+                    } else {
+                        EndReason::Crash
+                    };
                     shared.events.publish(e);
                     if terminal {
                         shared.finish(ExitInfo {
+                            reason,
                             code: None,
                             signal: None,
                             detail,
@@ -483,11 +491,11 @@ impl MicrovmInstance {
     }
 
     fn run_state(&self) -> RunState {
-        if self.shared.exit.lock().is_some() {
-            return match self.vm.lock().as_ref() {
-                Some(_) => RunState::Crashed,
-                None => RunState::Exited,
-            };
+        let reason = self.shared.exit.lock().as_ref().map(|e| e.reason);
+        match (reason, self.vm.lock().is_some()) {
+            (Some(EndReason::Crash), true) => return RunState::Crashed,
+            (Some(_), _) | (None, false) => return RunState::Exited,
+            (None, true) => {}
         }
         match self.vm.lock().as_ref().map(|v| v.state()) {
             None => RunState::Exited,
@@ -585,6 +593,7 @@ impl Instance for MicrovmInstance {
                 "stopped by the driver",
             ));
             self.shared.finish(ExitInfo {
+                reason: EndReason::Stopped,
                 code: None,
                 signal: None,
                 detail: "stopped by the driver".into(),
@@ -594,6 +603,7 @@ impl Instance for MicrovmInstance {
             let _ = t.join();
         }
         Ok(self.shared.exit.lock().clone().unwrap_or(ExitInfo {
+            reason: EndReason::Stopped,
             code: None,
             signal: None,
             detail: "stopped".into(),

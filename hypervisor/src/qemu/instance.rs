@@ -27,8 +27,8 @@ use super::qmp::{Qmp, QmpEvent};
 use crate::artifacts::{self, Artifact, ArtifactKind, HostInfo, ARTIFACTS_VERSION};
 use crate::events::now_ns;
 use crate::{
-    Bus, DebugListen, DriverError, DriverEvent, ExitInfo, Instance, InstanceInfo, MemoryKind,
-    RunState, SnapshotArtifacts, SnapshotOptions, Subscription,
+    Bus, DebugListen, DriverError, DriverEvent, EndReason, ExitInfo, Instance, InstanceInfo,
+    MemoryKind, RunState, SnapshotArtifacts, SnapshotOptions, Subscription,
 };
 
 /// The driver's name.
@@ -277,7 +277,15 @@ impl Inner {
         } else if shutdown.is_none() {
             self.publish(LifecycleKind::Shutdown, detail.clone());
         }
+        let reason = if ending.is_some() {
+            EndReason::Stopped
+        } else if shutdown.is_some() && clean {
+            EndReason::GuestShutdown
+        } else {
+            EndReason::Failed
+        };
         *self.exit.lock() = Some(ExitInfo {
+            reason,
             code,
             signal,
             detail,
