@@ -670,3 +670,104 @@ fn now_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(layers: &[(&str, u32)]) -> UploadRequest {
+        UploadRequest {
+            dir: PathBuf::from("/nonexistent"),
+            snapshot_id: "0002".into(),
+            image: "img".into(),
+            seq_at_cut: 0,
+            mono_time_ns: 0,
+            offsets: vec![],
+            disk_layers: layers
+                .iter()
+                .map(|&(d, p)| DiskLayerFile {
+                    device: d.into(),
+                    position: p,
+                    path: PathBuf::from(format!("/layers/{d}.{p}")),
+                })
+                .collect(),
+            base_snapshot_id: None,
+        }
+    }
+
+    fn base_with(layers: &[(&str, u32)]) -> Manifest {
+        let mut m = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            instance: "vm".into(),
+            snapshot_id: "0001".into(),
+            base_snapshot_id: None,
+            driver: "microvm".into(),
+            driver_format: 1,
+            image: "img".into(),
+            memory: MemoryKind::Full,
+            seq_at_cut: 0,
+            wall_time_ns: 0,
+            mono_time_ns: 0,
+            pause_us: 0,
+            uploaded_at_ns: 0,
+            host: Default::default(),
+            objects: vec![],
+            offsets: vec![],
+            digest: String::new(),
+        };
+        for &(d, p) in layers {
+            m.objects.push(ObjectEntry {
+                name: format!("{d}.{p}"),
+                kind: ObjectKind::DiskLayer,
+                key: format!("0001/disk/{d}.{p}"),
+                sha256: "00".repeat(32),
+                size: 1,
+                disk: Some(DiskLayer {
+                    device: d.into(),
+                    position: p,
+                    base: String::new(),
+                }),
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn disk_layers_below_the_new_ones_come_from_the_base() {
+        let base = base_with(&[("vda", 0), ("vda", 1), ("vdb", 0)]);
+        let r = req(&[("vda", 2), ("vda", 3)]);
+        let (new, inherited) = plan_disk_layers(&r, Some(&base), "vm").unwrap();
+        assert_eq!(new.iter().map(|l| l.position).collect::<Vec<_>>(), [2, 3]);
+        let mut keys: Vec<&str> = inherited.iter().map(|o| o.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["0001/disk/vda.0", "0001/disk/vda.1", "0001/disk/vdb.0"]
+        );
+
+        // A new chain from position 0 replaces the base's.
+        let (_, inherited) = plan_disk_layers(&req(&[("vda", 0)]), Some(&base), "vm").unwrap();
+        assert_eq!(inherited.len(), 1, "only vdb is taken over");
+    }
+
+    #[test]
+    fn gaps_in_disk_chains_are_refused() {
+        let e = plan_disk_layers(&req(&[("vda", 1)]), None, "vm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs layers 0..1 below it"), "{e}");
+        let e = plan_disk_layers(&req(&[("vda", 0), ("vda", 2)]), None, "vm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consecutive positions"), "{e}");
+        let base = base_with(&[("vda", 0)]);
+        let e = plan_disk_layers(&req(&[("vda", 3)]), Some(&base), "vm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the base snapshot has 1"), "{e}");
+        let e = plan_disk_layers(&req(&[("../x", 0)]), None, "vm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device name"), "{e}");
+    }
+}

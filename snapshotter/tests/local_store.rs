@@ -316,6 +316,36 @@ fn damaged_objects_and_manifests_are_refused_by_name() {
     let m2 = rt
         .block_on(upload(&store, &request(&d2, 2, vec![]), &no_progress))
         .unwrap();
+    // Bad uploads: an incremental whose base is not in the store, a
+    // directory that is not a snapshot, an invalid id.
+    let other = SnapshotStore::open(&StoreConfig::local(&dir.join("other"))).unwrap();
+    let e = rt
+        .block_on(upload(&other, &request(&d2, 2, vec![]), &no_progress))
+        .unwrap_err();
+    assert!(
+        matches!(e, UploadError::Base { ref base, .. } if base == "0001"),
+        "{e}"
+    );
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let e = rt
+        .block_on(upload(
+            &other,
+            &request(&dir.join("empty"), 1, vec![]),
+            &no_progress,
+        ))
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("artifacts.json"), "{e:?}");
+    let mut bad_id = request(&d1, 1, vec![]);
+    bad_id.snapshot_id = "../up".into();
+    let e = rt
+        .block_on(upload(&other, &bad_id, &no_progress))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a valid id"), "{e}");
+    let e = rt
+        .block_on(select(&other, "vm-bad", &Selector::Latest))
+        .unwrap_err();
+    assert!(matches!(e, RestoreError::NotFound { .. }), "{e}");
+
     // The undamaged copy restores.
     let ok = rt.block_on(materialize(
         &store,
