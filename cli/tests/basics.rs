@@ -1,0 +1,152 @@
+//! `vmr` usage errors, completions and machine images, through the real
+//! binary. The image tests read the built demo image
+//! (`~/.cache/vmreplay/demo-linux`, made by guest/linux/build.sh through
+//! scripts/setup.sh); without it they fail and say so.
+
+mod common;
+
+use common::{vmr, vmr_env};
+use std::time::Duration;
+
+#[test]
+fn bad_flag_is_a_usage_error() {
+    let d = tempfile::tempdir().unwrap();
+    let r = vmr(&["--no-such-flag", "doctor"], d.path());
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--no-such-flag"), "{}", r.stderr);
+    let r = vmr(&["events", "tail", "--seq", "9..3"], d.path());
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("empty range"), "{}", r.stderr);
+}
+
+#[test]
+fn bad_config_file_is_a_usage_error_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("vmr.toml");
+    std::fs::write(&cfg, "[endpoints]\nbootstrap-server = \"x:1\"\n").unwrap();
+    let r = vmr(&["--config", cfg.to_str().unwrap(), "image", "list"], d.path());
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("bootstrap-server"), "{}", r.stderr);
+    assert!(r.stderr.contains("hint:"), "{}", r.stderr);
+}
+
+#[test]
+fn completions_are_printed() {
+    let d = tempfile::tempdir().unwrap();
+    let r = vmr(&["completions", "bash"], d.path());
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("_vmr"), "{}", &r.stdout[..r.stdout.len().min(400)]);
+    for sub in ["doctor", "image", "events", "stack"] {
+        assert!(r.stdout.contains(sub), "completion lacks {sub}");
+    }
+}
+
+fn demo_image() -> std::path::PathBuf {
+    let dir = vmr_testkit::cache_dir().join("demo-linux");
+    assert!(
+        dir.join("image.toml").is_file(),
+        "the demo image is missing at {} (build it: guest/linux/build.sh)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn image_list_and_show_on_the_built_demo_image() {
+    let demo = demo_image();
+    let d = tempfile::tempdir().unwrap();
+    let r = vmr(&["--json", "image", "list"], d.path());
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    let images = v["images"].as_array().unwrap();
+    let hit = images
+        .iter()
+        .find(|i| i["name"] == "demo-linux")
+        .unwrap_or_else(|| panic!("demo-linux not listed: {v}"));
+    assert_eq!(hit["valid"], true);
+    assert_eq!(hit["drivers"], serde_json::json!(["qemu"]));
+    // One row per image even though the cache reaches it by several names.
+    let canon = std::fs::canonicalize(&demo).unwrap();
+    let rows = images
+        .iter()
+        .filter(|i| {
+            std::fs::canonicalize(i["dir"].as_str().unwrap()).ok().as_ref() == Some(&canon)
+        })
+        .count();
+    assert_eq!(rows, 1, "{v}");
+
+    let r = vmr(&["image", "list"], d.path());
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("NAME"), "{}", r.stdout);
+    assert!(r.stdout.contains("demo-linux"), "{}", r.stdout);
+
+    let r = vmr(&["--json", "image", "show", "demo-linux"], d.path());
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["name"], "demo-linux");
+    assert!(v["memory_mib"].as_u64().unwrap() > 0);
+    assert!(std::path::Path::new(v["kernel"].as_str().unwrap()).is_file());
+    assert_eq!(v["nics"][0]["name"], "net0");
+    assert_eq!(v["service"]["protocol"], "vmr-kv-1");
+
+    let r = vmr(&["image", "show", demo.to_str().unwrap()], d.path());
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("nic net0"), "{}", r.stdout);
+}
+
+#[test]
+fn malformed_image_names_the_field_and_exits_5() {
+    let demo = demo_image();
+    let root = tempfile::tempdir().unwrap();
+    let bad = root.path().join("bad-mac");
+    std::fs::create_dir(&bad).unwrap();
+    for f in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::fs::copy(demo.join(f), bad.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(demo.join("image.toml")).unwrap();
+    let broken = text.replace("name = \"demo-linux\"", "name = \"bad-mac\"");
+    let mac_line = broken
+        .lines()
+        .find(|l| l.starts_with("mac = "))
+        .expect("the demo image has a NIC MAC")
+        .to_string();
+    std::fs::write(bad.join("image.toml"), broken.replace(&mac_line, "mac = \"52:54\"")).unwrap();
+
+    let d = tempfile::tempdir().unwrap();
+    let dd = d.path().to_str().unwrap();
+    let r = vmr(&["image", "show", bad.to_str().unwrap()], d.path());
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("nics[0].mac"), "{}", r.stderr);
+    assert!(r.stderr.contains("hint: fix `nics[0].mac`"), "{}", r.stderr);
+
+    // Listed through the image path as invalid, with the field.
+    let ip = root.path().to_str().unwrap();
+    let env = [("VMR_DATA_DIR", dd), ("VMR_IMAGE_PATH", ip)];
+    let r = vmr_env(&["--json", "image", "list"], &env, Duration::from_secs(30));
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    let row = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["dir"].as_str().unwrap().ends_with("bad-mac"))
+        .unwrap_or_else(|| panic!("bad-mac not listed: {v}"));
+    assert_eq!(row["valid"], false);
+    assert_eq!(row["error"]["field"], "nics[0].mac");
+
+    // --json errors are one object on stderr.
+    let r = vmr_env(&["--json", "image", "show", bad.to_str().unwrap()], &env, Duration::from_secs(30));
+    assert_eq!(r.code, 5);
+    let e: serde_json::Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!(e["error"]["kind"], "failed_precondition");
+    assert_eq!(e["error"]["exit_code"], 5);
+}
+
+#[test]
+fn unknown_image_is_not_found() {
+    let d = tempfile::tempdir().unwrap();
+    let r = vmr(&["image", "show", "no-such-image"], d.path());
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("no image named \"no-such-image\""), "{}", r.stderr);
+    assert!(r.stderr.contains("vmr image list"), "{}", r.stderr);
+}
