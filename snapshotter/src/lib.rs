@@ -34,4 +34,6 @@ pub use restore::{
     RestoreOptions, Selector,
 };
 pub use store::{S3Config, SnapshotStore, StoreConfig, StoreError};
-pub use upload::{no_progress, upload, DiskLayerFile, Progress, UploadError, UploadRequest};
+pub use upload::{
+    no_progress, progress_watch, upload, DiskLayerFile, Progress, UploadError, UploadRequest,
+};

@@ -156,6 +156,26 @@ pub struct Progress {
 /// A progress callback that ignores reports.
 pub fn no_progress(_: &Progress) {}
 
+/// A progress callback that publishes each report on a watch channel, for a
+/// caller that exposes the upload as an operation (the receiver always holds
+/// the latest report).
+pub fn progress_watch() -> (
+    impl Fn(&Progress) + Send + Sync,
+    tokio::sync::watch::Receiver<Progress>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(Progress {
+        bytes_done: 0,
+        bytes_total: 0,
+        objects_done: 0,
+        objects_total: 0,
+        object: String::new(),
+    });
+    let report = move |p: &Progress| {
+        tx.send_replace(p.clone());
+    };
+    (report, rx)
+}
+
 struct Source {
     entry: ObjectEntry,
     path: PathBuf,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vmr_snapshot::{
-    list, materialize, no_progress, upload, DiskLayerFile, ObjectKind, RestoreError,
+    list, materialize, progress_watch, upload, DiskLayerFile, ObjectKind, RestoreError,
     RestoreOptions, S3Config, Selector, SnapshotStore, StoreConfig, UploadRequest,
 };
 use vmr_testkit::{free_port, ChildGuard};
@@ -125,10 +125,15 @@ fn microvm_chain_round_trips_through_an_s3_server() {
         } else {
             vec![]
         };
+        let (report, progress) = progress_watch();
         let m = rt
-            .block_on(upload(&store, &request(d, layers), &no_progress))
+            .block_on(upload(&store, &request(d, layers), &report))
             .unwrap_or_else(|e| panic!("upload {}: {e:?}", d.display()));
         assert!(m.objects.iter().all(|o| o.size > 0));
+        let last = progress.borrow().clone();
+        assert_eq!(last.bytes_done, last.bytes_total, "{last:?}");
+        assert_eq!(last.objects_done, last.objects_total, "{last:?}");
+        assert!(last.bytes_total > 0);
     }
     // The server holds the objects under the bucket and prefix.
     let on_server = server.root.join(BUCKET).join("fleet-a/snapshots/vm-s3");
