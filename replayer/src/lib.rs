@@ -15,10 +15,12 @@
 //!
 //! The gRPC service is built on these modules; they do not depend on it.
 
+pub mod clone;
 pub mod filter;
 pub mod net;
 pub mod replay;
 pub mod schedule;
+pub mod service;
 pub mod source;
 pub mod window;
 

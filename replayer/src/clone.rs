@@ -1,0 +1,987 @@
+//! One clone: a snapshot restored onto new replay-mode backends inside a
+//! private network namespace, and the replay task that feeds it the
+//! recorded events.
+//!
+//! [`build`] does the blocking work (namespace, backend processes, driver
+//! restore, opening the event source); the returned [`CloneRuntime`] owns
+//! every process and the namespace and tears them down on
+//! [`CloneRuntime::teardown`] or drop. Recorded received frames are
+//! injected through the net backend's control socket at their scheduled
+//! time; recorded block writes are compared with the clone's own block
+//! requests (read from its capture) for the divergence report; the guest's
+//! lifecycle comes from the driver's events.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmr_hypervisor::{
+    BootSpec, DebugListen, DiskSpec, DriverEvent, Instance, InstanceSpec, MacAddr, NicSpec,
+};
+use vmr_proto::{framing::EventReader, pb, BlockOp, Direction, Event, LifecycleKind, Payload};
+
+use crate::filter::Filter;
+use crate::replay::{self, BeforeWindow, ReplayError};
+use crate::schedule::{ClockControl, ClockMode, ReplayClock, RunTo, Speed, Timeline};
+use crate::source::{EventSource, SourceConfig, SourceError};
+use crate::window::Window;
+use crate::KindSet;
+
+/// Longest wait for a backend's sockets to appear.
+const BACKEND_WAIT: Duration = Duration::from_secs(20);
+/// Grace for a process or guest to stop before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest wait for one control-socket answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors building or driving a clone.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error("invalid clone request: {0}")]
+    Invalid(String),
+    #[error("the snapshot cannot be used: {0}")]
+    Snapshot(String),
+    #[error("the recorded events cannot be read")]
+    Source(#[from] SourceError),
+    #[error("cannot set up the clone's {what}: {reason}")]
+    Setup { what: String, reason: String },
+    #[error("the driver refused: {0}")]
+    Driver(#[from] vmr_hypervisor::DriverError),
+    #[error("{0}")]
+    State(String),
+}
+
+/// A NIC of the machine.
+#[derive(Debug, Clone)]
+pub struct NicPlan {
+    pub name: String,
+    pub mac: [u8; 6],
+}
+
+/// Everything needed to build one clone.
+#[derive(Debug, Clone)]
+pub struct ClonePlan {
+    pub clone_id: String,
+    /// The clone's private directory (created; removed on teardown).
+    pub work_dir: PathBuf,
+    /// The materialised snapshot directory for `Driver::restore`.
+    pub snapshot_dir: PathBuf,
+    /// The snapshot's manifest.
+    pub manifest: vmr_proto::SnapshotManifest,
+    /// Disk device name → the snapshot's disk (a raw image the clone's
+    /// private overlay lies on).
+    pub disks: Vec<(String, PathBuf)>,
+    pub nics: Vec<NicPlan>,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub blk_bin: PathBuf,
+    pub net_bin: PathBuf,
+    pub bootstrap_servers: String,
+    pub fetch_timeout: Duration,
+    pub kinds: KindSet,
+    pub window: Window,
+    pub until_seq: Option<u64>,
+    pub speed: Speed,
+    pub start_paused: bool,
+    pub gdb: bool,
+}
+
+/// State of a clone as the service reports it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: pb::CloneState,
+    pub replayed_seq: u64,
+    pub delivered: u64,
+    pub detail: String,
+    pub speed: Speed,
+    pub divergences: Vec<pb::Divergence>,
+}
+
+type Listener = Box<dyn Fn(pb::ReplayProgress) + Send + Sync>;
+
+struct Shared {
+    id: String,
+    instance_id: String,
+    snapshot_id: String,
+    seq_at_cut: u64,
+    status: Mutex<Status>,
+    listener: Listener,
+    clock: ClockControl,
+    started: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Shared {
+    fn clone_msg(&self, s: &Status) -> pb::Clone {
+        pb::Clone {
+            clone_id: self.id.clone(),
+            instance_id: self.instance_id.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+            state: s.state as i32,
+            replayed_seq: s.replayed_seq,
+            speed: Some(speed_msg(s.speed)),
+            detail: s.detail.clone(),
+            delivered: s.delivered,
+            seq_at_cut: self.seq_at_cut,
+            divergences: s.divergences.len() as u32,
+        }
+    }
+
+    /// The state, with a live replay's state taken from its clock.
+    fn snapshot(&self) -> pb::Clone {
+        let mut s = self.status.lock().expect("status lock").clone();
+        if s.state == pb::CloneState::Replaying || s.state == pb::CloneState::Paused {
+            let c = self.clock.status();
+            s.state = match c.mode {
+                ClockMode::Paused => pb::CloneState::Paused,
+                _ => pb::CloneState::Replaying,
+            };
+            s.speed = c.speed;
+        }
+        self.clone_msg(&s)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        {
+            let mut s = self.status.lock().expect("status lock");
+            f(&mut s);
+        }
+        self.emit(pb::ReplayProgress {
+            clone: Some(self.snapshot()),
+            ..Default::default()
+        });
+    }
+
+    fn emit(&self, mut p: pb::ReplayProgress) {
+        if p.clone.is_none() {
+            p.clone = Some(self.snapshot());
+        }
+        (self.listener)(p);
+    }
+
+    fn add_divergence(&self, d: pb::Divergence) {
+        self.status
+            .lock()
+            .expect("status lock")
+            .divergences
+            .push(d.clone());
+        self.emit(pb::ReplayProgress {
+            divergence: Some(d),
+            ..Default::default()
+        });
+    }
+}
+
+/// The wire form of a speed.
+pub fn speed_msg(s: Speed) -> pb::Speed {
+    pb::Speed {
+        speed: Some(match s {
+            Speed::Factor(f) => pb::speed::Speed::Factor(f),
+            Speed::AsFastAsPossible => pb::speed::Speed::AsFastAsPossible(true),
+        }),
+    }
+}
+
+/// A built clone: its processes, namespace, guest and replay task.
+pub struct CloneRuntime {
+    shared: Arc<Shared>,
+    plan: ClonePlan,
+    netns: String,
+    procs: Mutex<Vec<(String, Child)>>,
+    instance: Mutex<Option<Arc<dyn Instance>>>,
+    source: Mutex<Option<EventSource>>,
+    control_sockets: HashMap<String, PathBuf>,
+    blk_captures: Vec<(String, PathBuf)>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    clock_slot: Mutex<Option<ReplayClock>>,
+    expected_writes: Mutex<Vec<Event>>,
+    stop: Arc<AtomicBool>,
+    torn_down: AtomicBool,
+    debugger: Option<String>,
+}
+
+impl std::fmt::Debug for CloneRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloneRuntime")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+fn setup(what: &str, reason: impl std::fmt::Display) -> CloneError {
+    CloneError::Setup {
+        what: what.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn run_ip(args: &[&str]) -> Result<(), CloneError> {
+    let out = Command::new("ip").args(args).output().map_err(|e| {
+        setup(
+            "network namespace",
+            format!("cannot run ip (iproute2): {e}"),
+        )
+    })?;
+    if !out.status.success() {
+        return Err(setup(
+            "network namespace",
+            format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Builds the clone `plan` describes and leaves it restored and paused (or
+/// replaying, unless `plan.start_paused`). `listener` gets every progress
+/// message.
+pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, CloneError> {
+    // Open the event source first: a window past the retained data is
+    // refused before any process starts.
+    let mut cfg =
+        SourceConfig::from_manifest(plan.bootstrap_servers.clone(), &plan.manifest, plan.kinds);
+    cfg.until_seq = plan.until_seq;
+    cfg.fetch_timeout = plan.fetch_timeout;
+    let source = EventSource::open(cfg)?;
+
+    let clock = if plan.start_paused {
+        ReplayClock::paused(plan.speed)
+    } else {
+        ReplayClock::new(plan.speed)
+    };
+    let shared = Arc::new(Shared {
+        id: plan.clone_id.clone(),
+        instance_id: plan.manifest.instance.as_str().to_string(),
+        snapshot_id: plan.manifest.snapshot_id.clone(),
+        seq_at_cut: plan.manifest.seq_at_cut,
+        status: Mutex::new(Status {
+            state: pb::CloneState::Restoring,
+            replayed_seq: plan.manifest.seq_at_cut,
+            delivered: 0,
+            detail: String::new(),
+            speed: plan.speed,
+            divergences: Vec::new(),
+        }),
+        listener,
+        clock: clock.control(),
+        started: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
+    });
+    std::fs::create_dir_all(&plan.work_dir).map_err(|e| setup("work directory", e))?;
+    let netns = format!("vmr-{}", plan.clone_id);
+    let mut rt = CloneRuntime {
+        shared,
+        netns: netns.clone(),
+        procs: Mutex::new(Vec::new()),
+        instance: Mutex::new(None),
+        source: Mutex::new(Some(source)),
+        control_sockets: HashMap::new(),
+        blk_captures: Vec::new(),
+        threads: Mutex::new(Vec::new()),
+        clock_slot: Mutex::new(Some(clock)),
+        expected_writes: Mutex::new(Vec::new()),
+        stop: Arc::new(AtomicBool::new(false)),
+        torn_down: AtomicBool::new(false),
+        debugger: None,
+        plan,
+    };
+    // From here on, a failure tears down what was started (drop).
+    run_ip(&["netns", "add", &netns])?;
+    run_ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+
+    let work = rt.plan.work_dir.clone();
+    let mut sockets = Vec::new();
+    let mut spec = InstanceSpec::new(
+        rt.plan.clone_id.as_str(),
+        &work.join("vm"),
+        BootSpec::Kernel {
+            kernel: rt.plan.kernel.clone(),
+            initrd: None,
+            cmdline: rt.plan.cmdline.clone(),
+        },
+    );
+    std::fs::create_dir_all(work.join("vm")).map_err(|e| setup("work directory", e))?;
+    spec.memory_mib = rt.plan.memory_mib;
+    for (dev, image) in rt.plan.disks.clone() {
+        let sock = work.join(format!("{dev}.blk.sock"));
+        let capture = work.join(format!("{dev}.blk.events"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &netns])
+            .arg(&rt.plan.blk_bin)
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--image")
+            .arg(&image)
+            .arg("--overlay")
+            .arg(work.join(format!("{dev}.overlay")))
+            .args([
+                "--mode",
+                "replay",
+                "--instance-id",
+                &rt.plan.clone_id,
+                "--device",
+                &dev,
+            ])
+            .arg("--capture")
+            .arg(&capture);
+        rt.spawn(
+            &format!("vhost-tap-blk {dev}"),
+            &mut cmd,
+            &work.join(format!("{dev}.blk.log")),
+        )?;
+        sockets.push(sock.clone());
+        rt.blk_captures.push((dev.clone(), capture));
+        spec.disks.push(DiskSpec {
+            name: dev,
+            socket: sock,
+        });
+    }
+    for nic in rt.plan.nics.clone() {
+        let sock = work.join(format!("{}.net.sock", nic.name));
+        let ctl = work.join(format!("{}.net.ctl", nic.name));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &netns])
+            .arg(&rt.plan.net_bin)
+            .arg("--socket")
+            .arg(&sock)
+            .args([
+                "--mode",
+                "replay",
+                "--instance-id",
+                &rt.plan.clone_id,
+                "--device",
+                &nic.name,
+            ])
+            .args(["--mac", &mac_str(&nic.mac)])
+            .arg("--capture")
+            .arg(work.join(format!("{}.net.events", nic.name)))
+            .arg("--control")
+            .arg(&ctl);
+        rt.spawn(
+            &format!("vhost-tap-net {}", nic.name),
+            &mut cmd,
+            &work.join(format!("{}.net.log", nic.name)),
+        )?;
+        sockets.push(sock.clone());
+        sockets.push(ctl.clone());
+        rt.control_sockets.insert(nic.name.clone(), ctl);
+        spec.nics.push(NicSpec {
+            name: nic.name,
+            socket: sock,
+            mac: MacAddr(nic.mac),
+        });
+    }
+    let deadline = Instant::now() + BACKEND_WAIT;
+    for s in &sockets {
+        while !s.exists() {
+            rt.check_procs()?;
+            if Instant::now() > deadline {
+                return Err(setup(
+                    "backends",
+                    format!("{} did not appear within {BACKEND_WAIT:?}", s.display()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if rt.plan.gdb {
+        spec.debug = Some(DebugListen::Tcp(
+            "127.0.0.1:0".parse().expect("a valid address"),
+        ));
+    }
+    let driver = vmr_hypervisor::driver(&rt.plan.manifest.driver)?;
+    let inst: Arc<dyn Instance> = Arc::from(driver.restore(&spec, &rt.plan.snapshot_dir)?);
+    rt.debugger = inst.debugger().map(|d| match d {
+        DebugListen::Tcp(a) => a.to_string(),
+        other => format!("{other:?}"),
+    });
+    *rt.instance.lock().expect("instance lock") = Some(inst.clone());
+    let rt = Arc::new(rt);
+    rt.spawn_watchers(inst);
+    if rt.plan.start_paused {
+        rt.shared.update(|s| s.state = pb::CloneState::Ready);
+    } else {
+        rt.start(None)?;
+    }
+    Ok(rt)
+}
+
+impl CloneRuntime {
+    fn spawn(&self, name: &str, cmd: &mut Command, log: &Path) -> Result<(), CloneError> {
+        let log = std::fs::File::create(log).map_err(|e| setup("log file", e))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| setup(name, format!("cannot start it: {e}")))?;
+        self.procs
+            .lock()
+            .expect("procs lock")
+            .push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check_procs(&self) -> Result<(), CloneError> {
+        for (name, child) in self.procs.lock().expect("procs lock").iter_mut() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(setup(
+                    name,
+                    format!(
+                        "exited early ({st}); see its log in {}",
+                        self.plan.work_dir.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The clone's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The recorded instance.
+    pub fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    /// The clone's state now.
+    pub fn info(&self) -> pb::Clone {
+        self.shared.snapshot()
+    }
+
+    /// Divergences found so far.
+    pub fn divergences(&self) -> Vec<pb::Divergence> {
+        self.shared
+            .status
+            .lock()
+            .expect("status lock")
+            .divergences
+            .clone()
+    }
+
+    /// Where gdb can attach, when the clone was created with one.
+    pub fn debugger(&self) -> Option<String> {
+        self.debugger.clone()
+    }
+
+    /// Whether the replay has ended (crash, failure, stop).
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self.shared.status.lock().expect("status lock").state,
+            pb::CloneState::Crashed | pb::CloneState::Failed | pb::CloneState::Stopped
+        )
+    }
+
+    fn instance(&self) -> Option<Arc<dyn Instance>> {
+        self.instance.lock().expect("instance lock").clone()
+    }
+
+    fn spawn_watchers(self: &Arc<Self>, inst: Arc<dyn Instance>) {
+        let events = inst.subscribe();
+        let console = inst.console();
+        let me = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        let lifecycle = std::thread::Builder::new()
+            .name("clone-lifecycle".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Some(ev) = events.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let Some(rt) = me.upgrade() else { return };
+                    rt.on_lifecycle(ev);
+                }
+            })
+            .expect("spawning a thread");
+        let me = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        let console = std::thread::Builder::new()
+            .name("clone-console".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Some(chunk) = console.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let Some(rt) = me.upgrade() else { return };
+                    rt.shared.emit(pb::ReplayProgress {
+                        console: chunk,
+                        ..Default::default()
+                    });
+                }
+            })
+            .expect("spawning a thread");
+        self.threads
+            .lock()
+            .expect("threads lock")
+            .extend([lifecycle, console]);
+    }
+
+    fn on_lifecycle(&self, ev: DriverEvent) {
+        let crashed = matches!(
+            ev.kind(),
+            LifecycleKind::Crash | LifecycleKind::TripleFault | LifecycleKind::InternalError
+        );
+        let last = self.shared.status.lock().expect("status lock").replayed_seq;
+        if crashed {
+            tracing::warn!(clone = %self.shared.id, kind = ?ev.kind(), last_seq = last, "the clone crashed");
+            self.shared.ended.store(true, Ordering::SeqCst);
+            self.shared.clock.stop();
+            let kind = ev.kind();
+            let mut st = self.shared.status.lock().expect("status lock");
+            st.state = pb::CloneState::Crashed;
+            st.detail = format!("the guest crashed ({kind:?}) after seq {last}");
+        }
+        self.shared.emit(pb::ReplayProgress {
+            lifecycle: Some(pb::CloneLifecycle {
+                lifecycle: Some(ev.lifecycle.clone().into()),
+                wall_time_ns: ev.wall_time_ns,
+                last_seq_applied: last,
+            }),
+            ..Default::default()
+        });
+        if crashed {
+            self.check_block();
+        }
+    }
+
+    /// Starts the replay; `step` starts it with that many steps, then paused.
+    pub fn start(self: &Arc<Self>, step: Option<u64>) -> Result<(), CloneError> {
+        if self.shared.started.swap(true, Ordering::SeqCst) {
+            return Err(CloneError::State(
+                "the replay has already been started".into(),
+            ));
+        }
+        let inst = self
+            .instance()
+            .ok_or_else(|| CloneError::State("the clone has no guest".into()))?;
+        inst.resume()?;
+        let source = self
+            .source
+            .lock()
+            .expect("source lock")
+            .take()
+            .ok_or_else(|| CloneError::State("the replay has already been started".into()))?;
+        self.shared.update(|s| s.state = pb::CloneState::Replaying);
+        if let Some(n) = step {
+            self.shared.clock.step(n);
+        } else if self.plan.start_paused {
+            self.shared.clock.resume();
+        }
+        let me = self.clone();
+        let h = std::thread::Builder::new()
+            .name("clone-replay".into())
+            .spawn(move || me.replay(source))
+            .map_err(|e| setup("replay thread", e))?;
+        self.threads.lock().expect("threads lock").push(h);
+        Ok(())
+    }
+
+    fn replay(self: Arc<Self>, source: EventSource) {
+        let manifest = &self.plan.manifest;
+        let mut timeline = Timeline::from_manifest(manifest);
+        let bounds = match self.plan.window.resolve(None) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(format!("window: {e}"));
+                return;
+            }
+        };
+        let filter = Filter {
+            kinds: self.plan.kinds,
+            ..Filter::default()
+        };
+        // The clock whose control the service holds.
+        let mut clock = self.take_clock();
+        let mut injectors: HashMap<String, Injector> = HashMap::new();
+        let result = replay::run(
+            source,
+            &mut timeline,
+            &bounds,
+            BeforeWindow::Skip,
+            &filter,
+            &mut clock,
+            |e, _d| {
+                if self.stop.load(Ordering::SeqCst) {
+                    return Err(DeliverError("the clone is being removed".into()));
+                }
+                if let Payload::Net(n) = &e.event.payload {
+                    if n.direction == Direction::Rx {
+                        let inj = match injectors.get_mut(&n.device) {
+                            Some(i) => i,
+                            None => {
+                                let path = self
+                                    .control_sockets
+                                    .get(&n.device)
+                                    .or_else(|| self.control_sockets.values().next())
+                                    .ok_or_else(|| {
+                                        DeliverError(format!("no NIC for device {}", n.device))
+                                    })?;
+                                injectors
+                                    .entry(n.device.clone())
+                                    .or_insert(Injector::connect(path)?)
+                            }
+                        };
+                        inj.inject(&n.frame)?;
+                    }
+                }
+                if let Payload::Block(b) = &e.event.payload {
+                    if b.op == BlockOp::Write {
+                        self.expected_writes
+                            .lock()
+                            .expect("writes lock")
+                            .push(e.event.clone());
+                    }
+                }
+                let seq = e.event.seq;
+                self.shared.update(|s| {
+                    s.replayed_seq = seq;
+                    s.delivered += 1;
+                });
+                Ok(())
+            },
+        );
+        match result {
+            Ok(report) => {
+                self.shared.update(|s| {
+                    if s.state != pb::CloneState::Crashed {
+                        s.state = pb::CloneState::Finished;
+                        s.detail = format!(
+                            "{} events delivered, {} gaps, {} undecodable records",
+                            report.delivered,
+                            report.gaps.len(),
+                            report.poison.len()
+                        );
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                self.check_block();
+            }
+            Err(ReplayError::Stopped) => {}
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                self.fail(msg);
+            }
+        }
+    }
+
+    fn take_clock(&self) -> ReplayClock {
+        self.clock_slot
+            .lock()
+            .expect("clock lock")
+            .take()
+            .unwrap_or_else(|| ReplayClock::new(self.plan.speed))
+    }
+
+    fn fail(&self, detail: String) {
+        tracing::warn!(clone = %self.shared.id, %detail, "replay failed");
+        self.shared.update(|s| {
+            if s.state != pb::CloneState::Crashed {
+                s.state = pb::CloneState::Failed;
+                s.detail = detail;
+            }
+        });
+    }
+
+    /// Compares the recorded block writes delivered so far with the clone's
+    /// own writes; reports each new divergence once.
+    fn check_block(&self) {
+        let expected = self.expected_writes.lock().expect("writes lock").clone();
+        let mut observed: HashMap<(String, u64), Vec<Event>> = HashMap::new();
+        for (dev, path) in &self.blk_captures {
+            for e in read_capture(path) {
+                if let Payload::Block(b) = &e.payload {
+                    if b.op == BlockOp::Write {
+                        observed
+                            .entry((dev.clone(), b.sector))
+                            .or_default()
+                            .push(e.clone());
+                    }
+                }
+            }
+        }
+        let mut used: HashMap<(String, u64), usize> = HashMap::new();
+        let mut found = Vec::new();
+        for exp in expected {
+            let Payload::Block(b) = &exp.payload else {
+                continue;
+            };
+            let key = (b.device.clone(), b.sector);
+            let n = used.entry(key.clone()).or_default();
+            let obs = observed.get(&key).and_then(|v| v.get(*n)).cloned();
+            *n += 1;
+            let (kind, description) = match &obs {
+                None => (
+                    pb::DivergenceKind::BlockWriteMissing,
+                    format!(
+                        "the original wrote {} bytes at sector {}; the clone did not",
+                        b.data.len(),
+                        b.sector
+                    ),
+                ),
+                Some(o) => match &o.payload {
+                    Payload::Block(ob) if ob.data == b.data => continue,
+                    Payload::Block(ob) => (
+                        pb::DivergenceKind::BlockWriteData,
+                        format!(
+                            "the clone wrote other data at sector {} ({} bytes, the original {})",
+                            b.sector,
+                            ob.data.len(),
+                            b.data.len()
+                        ),
+                    ),
+                    _ => continue,
+                },
+            };
+            found.push(pb::Divergence {
+                seq: exp.seq,
+                device: b.device.clone(),
+                description,
+                expected: Some(exp.clone().into()),
+                observed: obs.map(Into::into),
+                kind: kind as i32,
+            });
+        }
+        let known: Vec<(u64, i32)> = self.divergences().iter().map(|d| (d.seq, d.kind)).collect();
+        for d in found {
+            if !known.contains(&(d.seq, d.kind)) {
+                self.shared.add_divergence(d);
+            }
+        }
+    }
+
+    /// Pauses the replay and the guest.
+    pub fn pause(&self) -> Result<(), CloneError> {
+        self.live()?;
+        self.shared.clock.pause();
+        if let Some(i) = self.instance() {
+            i.pause()?;
+        }
+        self.shared.update(|_| {});
+        Ok(())
+    }
+
+    /// Resumes the guest and the replay.
+    pub fn resume(&self) -> Result<(), CloneError> {
+        self.live()?;
+        if let Some(i) = self.instance() {
+            i.resume()?;
+        }
+        self.shared.clock.resume();
+        self.shared.update(|_| {});
+        Ok(())
+    }
+
+    /// Delivers `n` more events, then pauses the replay (the guest runs).
+    pub fn step(self: &Arc<Self>, n: u64) -> Result<(), CloneError> {
+        if !self.shared.started.load(Ordering::SeqCst) {
+            return self.start(Some(n));
+        }
+        self.live()?;
+        if let Some(i) = self.instance() {
+            i.resume()?;
+        }
+        self.shared.clock.step(n);
+        self.shared.update(|_| {});
+        Ok(())
+    }
+
+    /// Replays up to and including `seq`, then pauses the replay.
+    pub fn run_to(self: &Arc<Self>, seq: u64) -> Result<(), CloneError> {
+        if seq <= self.shared.seq_at_cut {
+            return Err(CloneError::Invalid(format!(
+                "seq {seq} is not after the snapshot's cut at seq {}",
+                self.shared.seq_at_cut
+            )));
+        }
+        if !self.shared.started.load(Ordering::SeqCst) {
+            self.shared.clock.run_to(RunTo::Seq(seq));
+            return self.start(None);
+        }
+        self.live()?;
+        if let Some(i) = self.instance() {
+            i.resume()?;
+        }
+        self.shared.clock.run_to(RunTo::Seq(seq));
+        self.shared.update(|_| {});
+        Ok(())
+    }
+
+    /// Changes the replay speed.
+    pub fn set_speed(&self, speed: Speed) -> Result<(), CloneError> {
+        self.shared.clock.set_speed(speed);
+        self.shared.update(|s| s.speed = speed);
+        Ok(())
+    }
+
+    /// Ends the replay and stops the guest.
+    pub fn stop_replay(&self) -> Result<(), CloneError> {
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared.clock.stop();
+        if let Some(i) = self.instance() {
+            let _ = i.stop(STOP_GRACE);
+        }
+        self.shared.update(|s| {
+            if s.state != pb::CloneState::Crashed {
+                s.state = pb::CloneState::Stopped;
+                s.detail = "stopped by the operator".into();
+            }
+        });
+        Ok(())
+    }
+
+    fn live(&self) -> Result<(), CloneError> {
+        if self.shared.ended.load(Ordering::SeqCst) || self.is_over() {
+            return Err(CloneError::State(format!(
+                "the replay has ended ({})",
+                self.shared.status.lock().expect("status lock").detail
+            )));
+        }
+        if !self.shared.started.load(Ordering::SeqCst) {
+            return Err(CloneError::State(
+                "the replay has not been started (CONTROL_ACTION_START)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops the guest, the backends and the replay and removes the
+    /// namespace and the clone's directory. Idempotent; every wait is
+    /// bounded.
+    pub fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.shared.clock.stop();
+        if let Some(i) = self.instance.lock().expect("instance lock").take() {
+            if let Err(error) = i.stop(STOP_GRACE) {
+                tracing::warn!(clone = %self.shared.id, %error, "stopping the guest failed");
+            }
+        }
+        for (name, mut child) in self.procs.lock().expect("procs lock").drain(..) {
+            stop_child(&name, &mut child);
+        }
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .expect("threads lock")
+            .drain(..)
+            .collect();
+        let me = std::thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        if let Err(error) = run_ip(&["netns", "del", &self.netns]) {
+            tracing::warn!(clone = %self.shared.id, %error, "removing the namespace failed");
+        }
+        let _ = std::fs::remove_dir_all(&self.plan.work_dir);
+    }
+}
+
+impl Drop for CloneRuntime {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn stop_child(name: &str, child: &mut Child) {
+    // SAFETY: kill(2) on the pid of a child this process started and has
+    // not yet reaped; it touches no memory.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(process = name, "did not stop on SIGTERM; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct DeliverError(String);
+
+struct Injector {
+    stream: BufReader<UnixStream>,
+}
+
+impl Injector {
+    fn connect(path: &Path) -> Result<Self, DeliverError> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| DeliverError(format!("control socket {}: {e}", path.display())))?;
+        s.set_read_timeout(Some(CONTROL_TIMEOUT))
+            .map_err(|e| DeliverError(e.to_string()))?;
+        s.set_write_timeout(Some(CONTROL_TIMEOUT))
+            .map_err(|e| DeliverError(e.to_string()))?;
+        Ok(Self {
+            stream: BufReader::new(s),
+        })
+    }
+
+    fn inject(&mut self, frame: &[u8]) -> Result<(), DeliverError> {
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(
+            self.stream.get_mut(),
+            "{{\"cmd\":\"inject\",\"frame\":\"{hex}\"}}"
+        )
+        .map_err(|e| DeliverError(format!("control socket write: {e}")))?;
+        let mut line = String::new();
+        self.stream
+            .read_line(&mut line)
+            .map_err(|e| DeliverError(format!("control socket read: {e}")))?;
+        if !line.contains("\"ok\":true") {
+            return Err(DeliverError(format!(
+                "the NIC refused the frame: {}",
+                line.trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The events of a capture file (a missing or partly written file gives
+/// what can be read).
+pub fn read_capture(path: &Path) -> Vec<Event> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut r = EventReader::new(BufReader::new(f));
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = r.next_event() {
+        if let Ok(e) = Event::try_from(e) {
+            out.push(e);
+        }
+    }
+    out
+}

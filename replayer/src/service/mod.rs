@@ -1,0 +1,142 @@
+//! The replayer's gRPC service (`vmr.v1.Replayer`) with the standard health
+//! service, over the [`clone`](crate::clone) runtime.
+//!
+//! Every call needs `authorization: Bearer <token>`; the configuration maps
+//! tokens to tenants and tenants to the instances they may see. Clones are
+//! independent; all of them are torn down when the server shuts down.
+
+pub mod config;
+mod grpc;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use vmr_proto::pb::replayer_server::ReplayerServer;
+
+pub use config::{Config, ConfigError};
+
+use crate::clone::CloneRuntime;
+
+/// Errors running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the snapshot store")]
+    Store(#[from] vmr_snapshot::StoreError),
+    #[error("cannot use {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A clone and who owns it.
+pub(crate) struct Entry {
+    pub tenant: String,
+    pub runtime: Arc<CloneRuntime>,
+    pub progress: tokio::sync::broadcast::Sender<vmr_proto::pb::ReplayProgress>,
+}
+
+/// Shared state of the service.
+pub(crate) struct State {
+    pub config: Config,
+    pub store: vmr_snapshot::SnapshotStore,
+    pub blk_bin: PathBuf,
+    pub net_bin: PathBuf,
+    pub clones: Mutex<HashMap<String, Entry>>,
+    /// Clones being built (counted against `max_clones`).
+    pub building: Mutex<usize>,
+}
+
+impl State {
+    fn teardown_all(&self) {
+        let all: Vec<Entry> = self
+            .clones
+            .lock()
+            .expect("clones lock")
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
+        for e in all {
+            tracing::info!(clone = %e.runtime.id(), "removing clone at shutdown");
+            e.runtime.teardown();
+        }
+    }
+}
+
+fn sibling_bin(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Serves on `listener` until `shutdown` completes, then removes every
+/// clone (processes, namespaces, files) and returns.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.work_dir).map_err(|source| ServiceError::Io {
+        path: config.work_dir.clone(),
+        source,
+    })?;
+    let store = vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::new(
+        config.store.url.clone(),
+    ))?;
+    let state = Arc::new(State {
+        blk_bin: config
+            .backends
+            .blk
+            .clone()
+            .unwrap_or_else(|| sibling_bin("vhost-tap-blk")),
+        net_bin: config
+            .backends
+            .net
+            .clone()
+            .unwrap_or_else(|| sibling_bin("vhost-tap-net")),
+        config,
+        store,
+        clones: Mutex::new(HashMap::new()),
+        building: Mutex::new(0),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ReplayerServer<grpc::Replayer>>().await;
+    let svc = ReplayerServer::new(grpc::Replayer {
+        state: state.clone(),
+    });
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || st.teardown_all()).await;
+    result.map_err(ServiceError::from)
+}
+
+/// Binds `addr` and serves until `shutdown`.
+pub async fn serve_addr(
+    config: Config,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServiceError::Io {
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })?;
+    tracing::info!(%addr, "replayer listening");
+    serve(config, listener, shutdown).await
+}

@@ -1,0 +1,839 @@
+//! The replayer service end to end over real processes: a microVM session
+//! with the freestanding test guest is recorded by capture-mode
+//! `vhost-tap-blk` / `vhost-tap-net`, its events are produced to a Tansu
+//! broker the way the capture agent ships them, and a snapshot of it is
+//! stored by vmr-snapshot. Then, through the `replayer` binary's gRPC API:
+//! health, authorization per tenant, bad requests and their codes, a clone
+//! stepped, resumed and watched until it crashes after the same recorded
+//! `seq` as the original, a deleted clone, and a shutdown that leaves
+//! nothing running.
+//!
+//! Heavy: needs /dev/kvm, root (network namespaces), python3, iproute2, the
+//! Tansu broker, the schema-registry and vhost-tap binaries
+//! (`cargo build -p schema-registry -p vhost-tap`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Recording, PARTITIONS};
+use tonic::{Code, Request};
+use vmr_hypervisor::microvm::MicrovmInstance;
+use vmr_hypervisor::{BootSpec, DiskSpec, Instance, InstanceSpec, NicSpec, SnapshotOptions};
+use vmr_proto::pb::replayer_client::ReplayerClient;
+use vmr_proto::{pb, topics::partition_for, Direction, Event, LifecycleKind, Payload};
+use vmr_testkit::qemu::NetNs;
+use vmr_testkit::{free_port, workspace_bin, ChildGuard};
+use vmr_vmm::guest_abi::build_test_guest;
+
+const CMD_NET_DISK: u32 = 0x10;
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+const TAP: &str = "vmrs0";
+const WAIT: Duration = Duration::from_secs(60);
+const INSTANCE: &str = "shop-1";
+const TOKEN_A: &str = "token-of-tenant-shop-0001";
+const TOKEN_B: &str = "token-of-tenant-other-0002";
+
+fn require_prerequisites() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
+    }
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (network namespaces)"
+    );
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?} (iproute2, python3 and root are required): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn send(ns: &NetNs, frame: &[u8]) {
+    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    run(ns.command("python3").args([
+        "-c",
+        "import socket,sys\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind((sys.argv[1],0))\ns.send(bytes.fromhex(sys.argv[2]))",
+        TAP,
+        &hex,
+    ]));
+}
+
+fn request(payload: &[u8]) -> Vec<u8> {
+    let mut f = GUEST_MAC.to_vec();
+    f.extend_from_slice(&PEER_MAC);
+    f.extend_from_slice(&ETHERTYPE);
+    f.extend_from_slice(payload);
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+fn done_line(seq: u32) -> String {
+    format!("vmr-guest: request {seq:016x} done")
+}
+
+fn wait_console(inst: &dyn Instance, needle: &str) {
+    let file = inst.query().expect("query").console_file;
+    wait_for(&format!("console line {needle:?}"), || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .contains(needle)
+            .then_some(())
+    });
+}
+
+/// What the recording left: the snapshot store, the seq at the cut and the
+/// seq of the frame that crashed the original.
+struct Recorded {
+    store_url: String,
+    seq_at_cut: u64,
+    poison_seq: u64,
+    last_seq: u64,
+}
+
+fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -> Recorded {
+    let ns = NetNs::create().unwrap_or_else(|e| panic!("{e}"));
+    for key in ["all", "default"] {
+        run(ns
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{key}.disable_ipv6=1")]));
+    }
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("temp dir is writable");
+    let seq_file = dir.join("orig.seq");
+    let blk_cap = dir.join("orig-blk.events");
+    let net_cap = dir.join("orig-net.events");
+    let blk_sock = dir.join("orig-blk.sock");
+    let net_sock = dir.join("orig-net.sock");
+    let bin = |n: &str| workspace_bin(n).unwrap_or_else(|e| panic!("{e}"));
+    let mut blk = Command::new(bin("vhost-tap-blk"));
+    blk.arg("--socket").arg(&blk_sock).arg("--image").arg(&disk);
+    blk.args([
+        "--mode",
+        "capture",
+        "--instance-id",
+        INSTANCE,
+        "--device",
+        "vda",
+        "--seq-lease",
+        "1",
+    ]);
+    blk.arg("--capture")
+        .arg(&blk_cap)
+        .arg("--seq-file")
+        .arg(&seq_file);
+    let mut net = Command::new(bin("vhost-tap-net"));
+    net.arg("--socket").arg(&net_sock);
+    net.args([
+        "--mode",
+        "capture",
+        "--instance-id",
+        INSTANCE,
+        "--device",
+        "net0",
+        "--seq-lease",
+        "1",
+    ]);
+    net.arg("--capture")
+        .arg(&net_cap)
+        .arg("--seq-file")
+        .arg(&seq_file);
+    net.args(["--tap", TAP, "--netns", ns.name()]);
+    let mut blk =
+        ChildGuard::spawn("vhost-tap-blk orig", &mut blk).unwrap_or_else(|e| panic!("{e}"));
+    let mut net =
+        ChildGuard::spawn("vhost-tap-net orig", &mut net).unwrap_or_else(|e| panic!("{e}"));
+    for s in [&blk_sock, &net_sock] {
+        wait_for(&format!("socket {}", s.display()), || {
+            s.exists().then_some(())
+        });
+    }
+    let work = dir.join("orig");
+    std::fs::create_dir_all(&work).expect("temp dir is writable");
+    let mut spec = InstanceSpec::new(
+        INSTANCE,
+        &work,
+        BootSpec::Kernel {
+            kernel: elf.to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+        },
+    );
+    spec.memory_mib = 32;
+    spec.disks.push(DiskSpec {
+        name: "vda".into(),
+        socket: blk_sock.clone(),
+    });
+    spec.nics.push(NicSpec {
+        name: "net0".into(),
+        socket: net_sock.clone(),
+        mac: vmr_hypervisor::MacAddr(GUEST_MAC),
+    });
+    let drv = vmr_hypervisor::driver("microvm").expect("the microvm driver exists");
+    let orig = drv.launch(&spec).expect("launch the original");
+    let events = orig.subscribe();
+    orig.as_any()
+        .downcast_ref::<MicrovmInstance>()
+        .expect("a microVM instance")
+        .ports()
+        .push_commands(&[CMD_NET_DISK]);
+    wait_console(orig.as_ref(), "vmr-guest: net ready");
+    ns.wait_for_link(TAP, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    ns.ip(&["link", "set", TAP, "up"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    for seq in 0..2u32 {
+        send(&ns, &request(format!("request {seq}: hello").as_bytes()));
+        wait_console(orig.as_ref(), &done_line(seq));
+    }
+
+    // The cut: the driver pauses and drains the backends; everything
+    // numbered so far is in the snapshot.
+    let snap = dir.join("snaps").join("0001");
+    std::fs::create_dir_all(&snap).expect("snapshot dir");
+    orig.snapshot(&snap, SnapshotOptions::default())
+        .expect("snapshot");
+    std::thread::sleep(Duration::from_millis(500));
+    let layer = dir.join("vda-at-cut.raw");
+    std::fs::copy(&disk, &layer).expect("disk copy at the cut");
+    let seq_at_cut = all_events(&[&blk_cap, &net_cap])
+        .iter()
+        .map(|e| e.seq)
+        .max()
+        .expect("events before the cut");
+
+    send(&ns, &request(b"request 2: after the snapshot"));
+    wait_console(orig.as_ref(), &done_line(2));
+    send(&ns, &request(b"POISON: crash now"));
+    events
+        .wait_for(WAIT, |e| e.kind() == LifecycleKind::TripleFault)
+        .unwrap_or_else(|gone| panic!("the original did not crash (source gone: {gone})"));
+    orig.stop(Duration::from_secs(5))
+        .expect("stop the original");
+    let poison_seq = wait_for("the poison frame in the capture", || {
+        all_events(&[&net_cap])
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::Net(n)
+                    if n.direction == Direction::Rx
+                        && n.frame.windows(6).any(|w| w == b"POISON") =>
+                {
+                    Some(e.seq)
+                }
+                _ => None,
+            })
+    });
+    blk.stop(Duration::from_secs(5));
+    net.stop(Duration::from_secs(5));
+
+    // Ship the captures to the topics in seq order, as the agent does.
+    let mut all = all_events(&[&blk_cap, &net_cap]);
+    all.sort_by_key(|e| e.seq);
+    let offsets = rec.send(&all);
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for (e, off) in all.iter().zip(&offsets) {
+        let n = next.entry(e.topic()).or_insert(-1);
+        if e.seq <= seq_at_cut {
+            *n = off + 1;
+        } else if *n < 0 {
+            *n = *off;
+        }
+    }
+    let part = partition_for(INSTANCE, PARTITIONS);
+    let manifest_offsets = vmr_proto::topics::EVENT_TOPICS
+        .iter()
+        .map(|t| vmr_snapshot::PartitionOffset {
+            topic: t.to_string(),
+            partition: part,
+            next_offset: next.get(t).copied().unwrap_or(0).max(0),
+        })
+        .collect::<Vec<_>>();
+
+    let store_dir = dir.join("store");
+    let store_url = format!("file://{}", store_dir.display());
+    let store =
+        vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::new(store_url.clone()))
+            .expect("open the store");
+    for id in ["0001", "0002"] {
+        let src = dir.join("snaps").join(id);
+        if id != "0001" {
+            std::fs::create_dir_all(&src).expect("snapshot dir");
+            for f in std::fs::read_dir(&snap).expect("snapshot dir") {
+                let f = f.expect("entry");
+                std::fs::copy(f.path(), src.join(f.file_name())).expect("copy snapshot");
+            }
+        }
+        let req = vmr_snapshot::UploadRequest {
+            dir: src,
+            snapshot_id: id.into(),
+            image: "test-guest".into(),
+            seq_at_cut,
+            mono_time_ns: 0,
+            offsets: manifest_offsets.clone(),
+            disk_layers: vec![vmr_snapshot::DiskLayerFile {
+                device: "vda".into(),
+                position: 0,
+                path: layer.clone(),
+            }],
+            base_snapshot_id: None,
+        };
+        rt.block_on(vmr_snapshot::upload(
+            &store,
+            &req,
+            &vmr_snapshot::no_progress,
+        ))
+        .expect("upload the snapshot");
+    }
+    // Damage snapshot 0002's memory object in the store.
+    let mem = walk(&store_dir.join(INSTANCE).join("0002"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("objects of 0002");
+    let mut bytes = std::fs::read(&mem).expect("object");
+    bytes[0] ^= 0xff;
+    std::fs::write(&mem, bytes).expect("damage the object");
+    Recorded {
+        store_url,
+        seq_at_cut,
+        poison_seq,
+        last_seq: all.last().map(|e| e.seq).unwrap_or(0),
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn all_events(paths: &[&Path]) -> Vec<Event> {
+    paths
+        .iter()
+        .flat_map(|p| replayer::clone::read_capture(p))
+        .collect()
+}
+
+fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    r
+}
+
+fn netns_list() -> String {
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list")
+            .stdout,
+    )
+    .into_owned()
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn service_clones_replays_and_controls_a_recorded_microvm() {
+    require_prerequisites();
+    let elf = build_test_guest(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let rec = Recording::start();
+    let recorded = record(&rec, dir, &elf, &rt);
+    assert!(recorded.poison_seq > recorded.seq_at_cut && recorded.last_seq >= recorded.poison_seq);
+
+    // The server.
+    let work = dir.join("replayer-work");
+    let config = format!(
+        r#"
+work_dir = "{work}"
+max_clones = 4
+[kafka]
+bootstrap_servers = "{bootstrap}"
+[store]
+url = "{store}"
+[backends]
+blk = "{blk}"
+net = "{net}"
+[[images]]
+name = "test-guest"
+kernel = "{kernel}"
+memory_mib = 32
+nics = [{{ name = "net0", mac = "52:54:00:12:34:56" }}]
+[[tokens]]
+token = "{TOKEN_A}"
+tenant = "shop"
+[[tokens]]
+token = "{TOKEN_B}"
+tenant = "other"
+[[tenants]]
+name = "shop"
+instance_prefix = "shop-"
+[[tenants]]
+name = "other"
+instances = ["other-1"]
+"#,
+        work = work.display(),
+        bootstrap = rec.bootstrap(),
+        store = recorded.store_url,
+        blk = workspace_bin("vhost-tap-blk")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .display(),
+        net = workspace_bin("vhost-tap-net")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .display(),
+        kernel = elf.display(),
+    );
+    let config_path = dir.join("replayer.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let check = Command::new(env!("CARGO_BIN_EXE_replayer"))
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--check-config")
+        .output()
+        .expect("run replayer --check-config");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = ChildGuard::spawn(
+        "replayer",
+        Command::new(env!("CARGO_BIN_EXE_replayer"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--listen", &addr]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("http://{addr}");
+    let channel = rt.block_on(async {
+        let start = Instant::now();
+        loop {
+            match tonic::transport::Endpoint::from_shared(url.clone())
+                .expect("url")
+                .connect()
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(start.elapsed() < WAIT, "the replayer never listened: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+
+    rt.block_on(async {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let h = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "vmr.v1.Replayer".into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            h.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+
+        let mut c = ReplayerClient::new(channel.clone());
+        let create = |snapshot: Option<&str>| pb::CreateCloneRequest {
+            instance_id: INSTANCE.into(),
+            snapshot: snapshot.map(|id| pb::SnapshotSelector {
+                pick: Some(pb::snapshot_selector::Pick::SnapshotId(id.into())),
+            }),
+            start_paused: true,
+            ..Default::default()
+        };
+        let code = |r: Result<tonic::Response<pb::Clone>, tonic::Status>| r.err().map(|s| s.code());
+
+        // Authorization.
+        assert_eq!(
+            code(c.create_clone(Request::new(create(Some("0001")))).await),
+            Some(Code::Unauthenticated)
+        );
+        assert_eq!(
+            code(
+                c.create_clone(authed("not-a-token", create(Some("0001"))))
+                    .await
+            ),
+            Some(Code::Unauthenticated)
+        );
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_B, create(Some("0001")))).await),
+            Some(Code::PermissionDenied)
+        );
+
+        // Bad requests.
+        let mut bad = create(Some("0001"));
+        bad.instance_id = "../etc".into();
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_A, bad)).await),
+            Some(Code::InvalidArgument)
+        );
+        let mut bad = create(Some("0001"));
+        bad.filter = Some(pb::EventFilter::default());
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_A, bad)).await),
+            Some(Code::InvalidArgument)
+        );
+        let mut bad = create(Some("0001"));
+        bad.speed = Some(pb::Speed {
+            speed: Some(pb::speed::Speed::Factor(1000.0)),
+        });
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_A, bad)).await),
+            Some(Code::InvalidArgument)
+        );
+        let mut bad = create(Some("0001"));
+        bad.window = Some(pb::ReplayWindow {
+            from_seq: 0,
+            to_seq: recorded.seq_at_cut,
+        });
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_A, bad)).await),
+            Some(Code::FailedPrecondition)
+        );
+        assert_eq!(
+            code(
+                c.create_clone(authed(TOKEN_A, create(Some("no-such"))))
+                    .await
+            ),
+            Some(Code::NotFound)
+        );
+        assert_eq!(
+            code(c.create_clone(authed(TOKEN_A, create(Some("0002")))).await),
+            Some(Code::DataLoss)
+        );
+        assert_eq!(
+            c.get_clone(authed(
+                TOKEN_A,
+                pb::GetCloneRequest {
+                    clone_id: "nope".into()
+                }
+            ))
+            .await
+            .err()
+            .map(|s| s.code()),
+            Some(Code::NotFound)
+        );
+
+        // A clone, restored and waiting.
+        let clone = c
+            .create_clone(authed(TOKEN_A, create(Some("0001"))))
+            .await
+            .expect("create clone")
+            .into_inner();
+        assert_eq!(clone.state, pb::CloneState::Ready as i32, "{clone:?}");
+        assert_eq!(clone.seq_at_cut, recorded.seq_at_cut);
+        let id = clone.clone_id.clone();
+        assert!(
+            netns_list().contains(&format!("vmr-{id}")),
+            "the clone has its own namespace"
+        );
+
+        // The other tenant sees nothing of it.
+        assert_eq!(
+            c.get_clone(authed(
+                TOKEN_B,
+                pb::GetCloneRequest {
+                    clone_id: id.clone()
+                }
+            ))
+            .await
+            .err()
+            .map(|s| s.code()),
+            Some(Code::PermissionDenied)
+        );
+        let theirs = c
+            .list_clones(authed(TOKEN_B, pb::ListClonesRequest {}))
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(theirs.clones.is_empty(), "{theirs:?}");
+        let ours = c
+            .list_clones(authed(TOKEN_A, pb::ListClonesRequest {}))
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(ours.clones.len(), 1);
+
+        let mut watch = c
+            .watch(authed(
+                TOKEN_A,
+                pb::WatchRequest {
+                    clone_id: id.clone(),
+                },
+            ))
+            .await
+            .expect("watch")
+            .into_inner();
+        let control = |action: pb::ControlAction, steps: u64| {
+            authed(
+                TOKEN_A,
+                pb::ControlRequest {
+                    clone_id: id.clone(),
+                    action: action as i32,
+                    steps,
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(
+            c.control(control(pb::ControlAction::Pause, 0))
+                .await
+                .err()
+                .map(|s| s.code()),
+            Some(Code::FailedPrecondition),
+            "pausing a replay that has not started"
+        );
+        assert_eq!(
+            c.control(control(pb::ControlAction::Step, 0))
+                .await
+                .err()
+                .map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+
+        // One step: exactly one event, then paused.
+        c.control(control(pb::ControlAction::Step, 1))
+            .await
+            .expect("step");
+        let start = Instant::now();
+        let stepped = loop {
+            let s = c
+                .get_clone(authed(
+                    TOKEN_A,
+                    pb::GetCloneRequest {
+                        clone_id: id.clone(),
+                    },
+                ))
+                .await
+                .expect("get")
+                .into_inner();
+            if s.delivered == 1 && s.state == pb::CloneState::Paused as i32 {
+                break s;
+            }
+            assert!(start.elapsed() < WAIT, "the step never completed: {s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(stepped.replayed_seq > recorded.seq_at_cut, "{stepped:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let still = c
+            .get_clone(authed(
+                TOKEN_A,
+                pb::GetCloneRequest {
+                    clone_id: id.clone(),
+                },
+            ))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            (still.delivered, still.state),
+            (1, pb::CloneState::Paused as i32),
+            "paused stays paused"
+        );
+        assert_eq!(
+            c.control(control(pb::ControlAction::Start, 0))
+                .await
+                .err()
+                .map(|s| s.code()),
+            Some(Code::FailedPrecondition),
+            "a second start"
+        );
+        let resumed = c
+            .control(control(pb::ControlAction::Resume, 0))
+            .await
+            .expect("resume")
+            .into_inner();
+        assert_ne!(resumed.state, pb::CloneState::Paused as i32, "{resumed:?}");
+
+        // Watch until the crash.
+        let mut console = Vec::new();
+        let mut crash = None;
+        let mut last = None;
+        let mut saw_replaying = false;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, watch.message())
+                .await
+                .expect("the watch ended before the crash within the timeout")
+                .expect("watch stream");
+            let Some(m) = msg else { break };
+            console.extend_from_slice(&m.console);
+            if let Some(l) = &m.lifecycle {
+                if l.lifecycle.as_ref().map(|x| x.kind)
+                    == Some(pb::LifecycleKind::TripleFault as i32)
+                {
+                    crash = Some(l.clone());
+                }
+            }
+            if let Some(cl) = m.clone {
+                saw_replaying |= cl.state == pb::CloneState::Replaying as i32;
+                last = Some(cl);
+            }
+        }
+        let crash = crash.expect("Watch reported the clone's triple fault");
+        assert_eq!(
+            crash.last_seq_applied, recorded.poison_seq,
+            "the clone crashed after the same recorded seq as the original"
+        );
+        let last = last.expect("progress messages");
+        assert_eq!(last.state, pb::CloneState::Crashed as i32, "{last:?}");
+        assert_eq!(last.replayed_seq, recorded.poison_seq, "{last:?}");
+        assert!(saw_replaying, "progress while replaying");
+        let console = String::from_utf8_lossy(&console);
+        assert!(
+            console.contains(&done_line(2)),
+            "the clone answered request 2: {console}"
+        );
+        let div = c
+            .get_divergences(authed(
+                TOKEN_A,
+                pb::GetDivergencesRequest {
+                    clone_id: id.clone(),
+                },
+            ))
+            .await
+            .expect("divergences")
+            .into_inner();
+        assert!(
+            div.divergences.is_empty(),
+            "the clone wrote what the original wrote: {div:?}"
+        );
+        eprintln!(
+            "clone {id}: cut at seq {}, crashed after seq {} like the original",
+            recorded.seq_at_cut, crash.last_seq_applied
+        );
+
+        // A second clone, deleted: its namespace and processes go.
+        let second = c
+            .create_clone(authed(TOKEN_A, create(Some("0001"))))
+            .await
+            .expect("second clone")
+            .into_inner();
+        assert_ne!(second.clone_id, id);
+        assert!(netns_list().contains(&format!("vmr-{}", second.clone_id)));
+        assert_eq!(
+            c.delete_clone(authed(
+                TOKEN_B,
+                pb::DeleteCloneRequest {
+                    clone_id: second.clone_id.clone()
+                }
+            ))
+            .await
+            .err()
+            .map(|s| s.code()),
+            Some(Code::PermissionDenied)
+        );
+        c.delete_clone(authed(
+            TOKEN_A,
+            pb::DeleteCloneRequest {
+                clone_id: second.clone_id.clone(),
+            },
+        ))
+        .await
+        .expect("delete");
+        assert!(!netns_list().contains(&format!("vmr-{}", second.clone_id)));
+        assert!(
+            processes_with(&second.clone_id).is_empty(),
+            "{:?}",
+            processes_with(&second.clone_id)
+        );
+        assert_eq!(
+            c.get_clone(authed(
+                TOKEN_A,
+                pb::GetCloneRequest {
+                    clone_id: second.clone_id.clone()
+                }
+            ))
+            .await
+            .err()
+            .map(|s| s.code()),
+            Some(Code::NotFound)
+        );
+    });
+
+    // Shut the server down with the first clone still there.
+    // SAFETY: kill(2) on the pid of our own child.
+    unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the replayer did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "replayer exit: {status}");
+    assert!(
+        !netns_list().contains("vmr-c"),
+        "namespaces left: {}",
+        netns_list()
+    );
+    let left = processes_with(&work.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
