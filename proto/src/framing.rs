@@ -12,7 +12,7 @@
 //! | 8 | 2 | format version ([`FORMAT_VERSION`], 2) |
 //! | 10 | 2 | header length in bytes, CRC included |
 //! | 12 | 8 | epoch of the writer |
-//! | 20 | 8 | first `seq` the writer meant to put in the file (0: unknown) |
+//! | 20 | 8 | salt: the first `seq` the writer meant to put in the file (0 in a capture file) |
 //! | 28 | 1 | `n`, length of the instance id (at most 128) |
 //! | 29 | n | instance id (ASCII) |
 //! | 29 + n | 4 | CRC-32 (IEEE) of the bytes before it |
@@ -23,8 +23,13 @@
 //! | --- | --- | --- |
 //! | 0 | 4 | magic `VMRF` |
 //! | 4 | 4 | `len`, payload length, 1 to [`MAX_FRAME_LEN`] |
-//! | 8 | 4 | CRC-32 (IEEE) of the `len` field followed by the payload |
+//! | 8 | 4 | CRC-32 (IEEE) of the header's salt (8 bytes), the `len` field and the payload |
 //! | 12 | len | the payload: one encoded `Event` |
+//!
+//! End marker: the 4 bytes `VMRE` where a frame would start end the data
+//! written so far. A spool writer that reuses a segment file puts it after
+//! its newest frame while older bytes follow; those older frames carry
+//! another salt, so they fail the CRC even without the marker.
 //!
 //! A reader checks the magic, the length and the CRC before it decodes a
 //! payload. A frame that fails a check (a torn write, a flipped bit) is
@@ -48,6 +53,8 @@ pub const FILE_MAGIC: [u8; 8] = *b"VMRSPOOL";
 pub const FORMAT_VERSION: u16 = 2;
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"VMRF";
+/// Marks the end of the data written so far.
+pub const END_MARKER: [u8; 4] = *b"VMRE";
 /// Bytes before a frame's payload.
 pub const FRAME_HEAD_LEN: usize = 12;
 /// Longest instance id a header holds.
@@ -159,7 +166,12 @@ impl FileHeader {
 
 /// Writes the 12-byte frame head for a payload that is `prefix` followed by
 /// `rest`, into `out` (replacing its contents).
-fn frame_head(prefix: &[u8], rest: &[u8], out: &mut [u8; FRAME_HEAD_LEN]) -> io::Result<()> {
+fn frame_head(
+    salt: u64,
+    prefix: &[u8],
+    rest: &[u8],
+    out: &mut [u8; FRAME_HEAD_LEN],
+) -> io::Result<()> {
     let len = prefix.len() + rest.len();
     if len == 0 {
         return Err(io::Error::new(
@@ -175,6 +187,7 @@ fn frame_head(prefix: &[u8], rest: &[u8], out: &mut [u8; FRAME_HEAD_LEN]) -> io:
     }
     let len_le = (len as u32).to_le_bytes();
     let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
     h.update(&len_le);
     h.update(prefix);
     h.update(rest);
@@ -184,15 +197,20 @@ fn frame_head(prefix: &[u8], rest: &[u8], out: &mut [u8; FRAME_HEAD_LEN]) -> io:
     Ok(())
 }
 
-/// Appends one event as a frame to `out`; returns the frame's length.
+/// Appends one event as a frame (salt 0) to `out`; returns its length.
 pub fn encode_frame(event: &pb::Event, out: &mut Vec<u8>) -> io::Result<usize> {
+    encode_frame_salted(event, 0, out)
+}
+
+/// Appends one event as a frame for a file with header salt `salt`.
+pub fn encode_frame_salted(event: &pb::Event, salt: u64, out: &mut Vec<u8>) -> io::Result<usize> {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEAD_LEN]);
     event
         .encode(out)
         .expect("encoding into a Vec cannot run out of space");
     let mut head = [0u8; FRAME_HEAD_LEN];
-    if let Err(e) = frame_head(&out[start + FRAME_HEAD_LEN..], &[], &mut head) {
+    if let Err(e) = frame_head(salt, &out[start + FRAME_HEAD_LEN..], &[], &mut head) {
         out.truncate(start);
         return Err(e);
     }
@@ -219,6 +237,16 @@ pub fn write_event<W: Write>(w: &mut W, event: &pb::Event, buf: &mut Vec<u8>) ->
 pub fn encode_block_frame_head(
     event: &pb::Event,
     data: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    encode_block_frame_head_salted(event, data, 0, out)
+}
+
+/// [`encode_block_frame_head`] for a file with header salt `salt`.
+pub fn encode_block_frame_head_salted(
+    event: &pb::Event,
+    data: &[u8],
+    salt: u64,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
@@ -263,7 +291,7 @@ pub fn encode_block_frame_head(
     encode_key(DATA_TAG, WireType::LengthDelimited, out);
     encode_varint(data.len() as u64, out);
     let mut head = [0u8; FRAME_HEAD_LEN];
-    frame_head(&out[FRAME_HEAD_LEN..], data, &mut head)?;
+    frame_head(salt, &out[FRAME_HEAD_LEN..], data, &mut head)?;
     out[..FRAME_HEAD_LEN].copy_from_slice(&head);
     Ok(())
 }
@@ -277,12 +305,26 @@ pub enum Parsed {
     NeedMore,
     /// Not a valid frame.
     Bad(&'static str),
+    /// The end marker: no data follows yet.
+    End,
 }
 
-/// Checks the frame at the start of `buf` (magic, length, CRC).
+/// Checks the frame at the start of `buf` (magic, length, CRC with salt 0).
 pub fn parse_frame(buf: &[u8]) -> Parsed {
+    parse_frame_salted(buf, 0)
+}
+
+/// Checks the frame at the start of `buf` in a file with header salt `salt`.
+pub fn parse_frame_salted(buf: &[u8], salt: u64) -> Parsed {
     let magic_len = buf.len().min(4);
     if buf[..magic_len] != FRAME_MAGIC[..magic_len] {
+        if buf[..magic_len] == END_MARKER[..magic_len] {
+            return if magic_len == 4 {
+                Parsed::End
+            } else {
+                Parsed::NeedMore
+            };
+        }
         return Parsed::Bad("bad frame magic");
     }
     if buf.len() < FRAME_HEAD_LEN {
@@ -297,6 +339,7 @@ pub fn parse_frame(buf: &[u8]) -> Parsed {
     }
     let want = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
     let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
     h.update(&buf[4..8]);
     h.update(&buf[FRAME_HEAD_LEN..FRAME_HEAD_LEN + len]);
     if h.finalize() != want {
@@ -344,6 +387,10 @@ pub struct FrameScanner {
     pos: usize,
     /// File offset of `buf[0]`.
     base: u64,
+    /// The file header's salt.
+    salt: u64,
+    /// The scanner stands at an end marker.
+    at_end: bool,
 }
 
 impl FrameScanner {
@@ -353,7 +400,20 @@ impl FrameScanner {
             buf: Vec::new(),
             pos: 0,
             base: offset,
+            salt: 0,
+            at_end: false,
         }
+    }
+
+    /// Sets the salt of the file's frames (its header's `first_seq`).
+    pub fn set_salt(&mut self, salt: u64) {
+        self.salt = salt;
+    }
+
+    /// Whether the last [`FrameScanner::next_item`] stopped at an end
+    /// marker (the data written so far ends there).
+    pub fn at_end_marker(&self) -> bool {
+        self.at_end
     }
 
     /// File offset of the next unread byte.
@@ -398,13 +458,18 @@ impl FrameScanner {
     /// The next item, or `None` when the bytes fed so far end before a
     /// whole frame (more may come, see [`FrameScanner::pending`]).
     pub fn next_item(&mut self) -> Option<Scanned> {
+        self.at_end = false;
         let rest = &self.buf[self.pos..];
         if rest.is_empty() {
             return None;
         }
         let offset = self.offset();
-        let reason = match parse_frame(rest) {
+        let reason = match parse_frame_salted(rest, self.salt) {
             Parsed::NeedMore => return None,
+            Parsed::End => {
+                self.at_end = true;
+                return None;
+            }
             Parsed::Frame { len } => {
                 match pb::Event::decode(&rest[FRAME_HEAD_LEN..len]) {
                     Ok(event) => {
@@ -503,6 +568,7 @@ impl<R: Read> EventReader<R> {
                 }
                 match FileHeader::decode(rest)? {
                     Some((h, n)) => {
+                        self.scanner.set_salt(h.first_seq);
                         self.header = Some(h);
                         self.scanner.pos += n;
                         return Ok(());
@@ -542,6 +608,8 @@ impl<R: Read> EventReader<R> {
                         reason,
                     })
                 }
+                // What follows an end marker is older data, never events.
+                None if self.scanner.at_end_marker() => return Ok(None),
                 None => {
                     if !self.fill()? {
                         return match self.scanner.finish() {
@@ -642,7 +710,7 @@ mod tests {
         let mut out = Vec::new();
         FileHeader {
             epoch: 9,
-            first_seq: 1,
+            first_seq: 0,
             instance_id: "vm-1".into(),
         }
         .encode(&mut out)
@@ -670,7 +738,7 @@ mod tests {
     fn header_checks() {
         let h = header();
         let (got, n) = FileHeader::decode(&h).unwrap().unwrap();
-        assert_eq!((got.epoch, got.first_seq, n), (9, 1, h.len()));
+        assert_eq!((got.epoch, got.first_seq, n), (9, 0, h.len()));
         assert!(FileHeader::decode(&h[..h.len() - 1]).unwrap().is_none());
         let mut bad = h.clone();
         bad[14] ^= 1;
@@ -775,6 +843,37 @@ mod tests {
     }
 
     #[test]
+    fn frames_of_another_salt_and_data_after_an_end_marker_are_never_events() {
+        // A reused segment: a new header (salt 40), one new frame, the end
+        // marker, then the frames of the file's earlier life (salt 7).
+        let mut out = Vec::new();
+        FileHeader {
+            epoch: 2,
+            first_seq: 40,
+            instance_id: "vm-1".into(),
+        }
+        .encode(&mut out)
+        .unwrap();
+        encode_frame_salted(&event(40), 40, &mut out).unwrap();
+        let end = out.len();
+        let mut stale = Vec::new();
+        for seq in 7..10 {
+            encode_frame_salted(&event(seq), 7, &mut stale).unwrap();
+        }
+        out.extend_from_slice(&stale);
+        // Without the marker the stale frames fail their CRC.
+        let items: Vec<_> = EventReader::new(out.as_slice()).collect();
+        assert_eq!(items[0].as_ref().unwrap().seq, 40);
+        assert!(items[1..].iter().all(|r| r.is_err()), "{items:?}");
+        // With it, reading stops there.
+        out[end..end + 4].copy_from_slice(&END_MARKER);
+        let got: Vec<_> = EventReader::new(out.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(got, vec![event(40)]);
+    }
+
+    #[test]
     fn oversized_and_garbage_are_skipped() {
         let mut huge = FRAME_MAGIC.to_vec();
         huge.extend_from_slice(&(MAX_FRAME_LEN as u32 + 1).to_le_bytes());
@@ -787,7 +886,7 @@ mod tests {
         let mut frame = Vec::new();
         let payload = [0xffu8, 0xff, 0xff];
         let mut head = [0u8; FRAME_HEAD_LEN];
-        frame_head(&payload, &[], &mut head).unwrap();
+        frame_head(0, &payload, &[], &mut head).unwrap();
         frame.extend_from_slice(&head);
         frame.extend_from_slice(&payload);
         assert!(matches!(

@@ -27,6 +27,11 @@ pub(crate) struct FrameWriter {
     pub(crate) file: File,
     /// End of the data (where the next frame goes).
     pub(crate) size: u64,
+    /// The header's salt, mixed into every frame's CRC.
+    pub(crate) salt: u64,
+    /// End of older bytes in a reused file (0: none): while the data is
+    /// shorter, an end marker follows it.
+    pub(crate) stale_end: u64,
     pending: Vec<u8>,
     head: Vec<u8>,
     scratch: pb::Event,
@@ -38,6 +43,8 @@ impl FrameWriter {
         Self {
             file,
             size,
+            salt: 0,
+            stale_end: 0,
             pending: Vec::new(),
             head: Vec::new(),
             scratch: pb::Event::default(),
@@ -65,8 +72,13 @@ impl FrameWriter {
     /// everything buffered so far reached the file.
     pub(crate) fn push(&mut self, rec: &Record) -> io::Result<bool> {
         let at = self.pending.len();
-        let payload = match encode_record(rec, &mut self.pending, &mut self.head, &mut self.scratch)
-        {
+        let payload = match encode_record(
+            rec,
+            self.salt,
+            &mut self.pending,
+            &mut self.head,
+            &mut self.scratch,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 self.pending.truncate(at);
@@ -115,15 +127,37 @@ impl FrameWriter {
             });
             total += (self.head.len() + d.len()) as u64;
         }
-        // SAFETY: the entries point into our own buffers and the record's
-        // payload, all alive and unchanged for the duration of the call
-        // (pwritev only reads them).
+        let marker = vmr_proto::framing::END_MARKER;
+        if self.size + total < self.stale_end {
+            self.iov.0.push(libc::iovec {
+                iov_base: marker.as_ptr().cast_mut().cast(),
+                iov_len: marker.len(),
+            });
+        }
+        // SAFETY: the entries point into our own buffers, the record's
+        // payload and the local marker, all alive and unchanged for the
+        // duration of the call (pwritev only reads them).
         let r = unsafe {
             crate::iov::write_all(self.file.as_raw_fd(), &mut self.iov.0, Some(self.size))
         };
         self.pending.clear();
-        r?;
+        if let Err(e) = r {
+            if self.stale_end > self.size {
+                // Mark the end of the good data again.
+                let _ = self.file.write_all_at(&marker, self.size);
+            }
+            return Err(e);
+        }
         self.size += total;
+        Ok(())
+    }
+
+    /// Cuts older bytes a reused file still holds after the data.
+    pub(crate) fn cut_stale(&mut self) -> io::Result<()> {
+        if self.stale_end > self.size {
+            self.file.set_len(self.size)?;
+        }
+        self.stale_end = 0;
         Ok(())
     }
 

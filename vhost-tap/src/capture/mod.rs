@@ -213,17 +213,19 @@ pub(crate) const SPLIT_FRAME_MIN: usize = 32 << 10;
 /// is a reusable event for the head.
 pub(crate) fn encode_record<'a>(
     rec: &'a Record,
+    salt: u64,
     pending: &mut Vec<u8>,
     head: &mut Vec<u8>,
     scratch: &mut pb::Event,
 ) -> std::io::Result<Option<&'a [u8]>> {
+    use vmr_proto::framing::{encode_block_frame_head_salted, encode_frame_salted};
     let ev = &rec.event;
     let Some(pb::event::Payload::Block(b)) = &ev.payload else {
-        vmr_proto::framing::encode_frame(ev, pending)?;
+        encode_frame_salted(ev, salt, pending)?;
         return Ok(None);
     };
     if b.data.len() < SPLIT_FRAME_MIN {
-        vmr_proto::framing::encode_frame(ev, pending)?;
+        encode_frame_salted(ev, salt, pending)?;
         return Ok(None);
     }
     // The head: every field but the payload, copied into reused buffers.
@@ -249,6 +251,6 @@ pub(crate) fn encode_record<'a>(
     io.hash_algorithm = b.hash_algorithm;
     io.status = b.status;
     scratch.payload = Some(pb::event::Payload::Block(io));
-    vmr_proto::framing::encode_block_frame_head(scratch, &b.data, head)?;
+    encode_block_frame_head_salted(scratch, &b.data, salt, head)?;
     Ok(Some(&b.data))
 }

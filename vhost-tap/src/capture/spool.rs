@@ -182,6 +182,9 @@ struct SpoolState {
     unsynced: Vec<(String, File)>,
     /// Segments were created or deleted since the directory was synced.
     dir_dirty: bool,
+    /// A recycled segment kept to be overwritten as the next one (its
+    /// pages are usually still cached, which makes writing it cheap).
+    free: Option<String>,
 }
 
 /// The writing side of a rolling spool (see the module documentation).
@@ -215,6 +218,7 @@ impl SpoolSink {
                 over: false,
                 unsynced: Vec::new(),
                 dir_dirty: false,
+                free: None,
             }),
         })
     }
@@ -258,16 +262,21 @@ impl SpoolState {
             {
                 break;
             }
-            let path = self.cfg.dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot delete a capture segment");
-                    break;
+            if self.free.is_some() {
+                let path = self.cfg.dir.join(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(%error, path = %path.display(), "cannot delete a capture segment");
+                        break;
+                    }
                 }
             }
             let (name, _) = self.closed.pop_front().expect("checked above");
+            if self.free.is_none() {
+                self.free = Some(name.clone());
+            }
             self.unsynced.retain(|(n, _)| *n != name);
             self.dir_dirty = true;
         }
@@ -294,35 +303,77 @@ impl SpoolState {
                 self.current = Some((name, w));
                 return Err(e.into());
             }
+            if let Err(e) = w.cut_stale() {
+                self.current = Some((name, w));
+                return Err(e.into());
+            }
             let size = w.len();
             self.unsynced.push((name.clone(), w.file));
             self.closed.push_back((name, size));
         }
         let name = format!("{seq:020}.{SEGMENT_EXTENSION}");
         let path = self.cfg.dir.join(&name);
+        let header = FileHeader {
+            epoch: self.cfg.epoch,
+            first_seq: seq,
+            instance_id: self.cfg.instance_id.clone(),
+        };
+        self.dir_dirty = true;
+        let w = match self.free.take() {
+            Some(old) => match Self::reuse(&self.cfg.dir.join(&old), &path, &header) {
+                Ok(w) => w,
+                Err(error) => {
+                    tracing::warn!(%error, segment = %old, "cannot reuse a capture segment; creating one");
+                    let _ = std::fs::remove_file(self.cfg.dir.join(&old));
+                    Self::create(&path, &header)?
+                }
+            },
+            None => Self::create(&path, &header)?,
+        };
+        self.current = Some((name, w));
+        self.over = over;
+        Ok(rolled)
+    }
+}
+
+impl SpoolState {
+    /// A new segment file at `path`.
+    fn create(path: &Path, header: &FileHeader) -> Result<FrameWriter, CaptureError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)
+            .open(path)
             .map_err(|source| CaptureError::Open {
                 path: path.display().to_string(),
                 source,
             })?;
         let mut w = FrameWriter::new(file, 0);
-        self.dir_dirty = true;
-        let made = w.write_header(&FileHeader {
-            epoch: self.cfg.epoch,
-            first_seq: seq,
-            instance_id: self.cfg.instance_id.clone(),
-        });
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&path);
+        w.salt = header.first_seq;
+        if let Err(e) = w.write_header(header) {
+            let _ = std::fs::remove_file(path);
             return Err(e.into());
         }
-        self.current = Some((name, w));
-        self.over = over;
-        Ok(rolled)
+        Ok(w)
+    }
+
+    /// Turns the recycled segment `old` into the new segment `path`: the new
+    /// header and an end marker are written over its start *before* it gets
+    /// its new name, so no reader ever sees its older frames under that
+    /// name (and they fail the CRC under the new salt anyway).
+    fn reuse(old: &Path, path: &Path, header: &FileHeader) -> io::Result<FrameWriter> {
+        let file = OpenOptions::new().read(true).write(true).open(old)?;
+        let stale = file.metadata()?.len();
+        let mut w = FrameWriter::new(file, 0);
+        w.salt = header.first_seq;
+        w.stale_end = stale;
+        w.write_header(header)?;
+        if w.size < stale {
+            w.file
+                .write_all_at(&vmr_proto::framing::END_MARKER, w.size)?;
+        }
+        std::fs::rename(old, path)?;
+        Ok(w)
     }
 }
 
@@ -421,6 +472,16 @@ struct Cur {
     file: File,
     scanner: FrameScanner,
     read_at: u64,
+    salt: u64,
+}
+
+impl Cur {
+    /// Forgets what was read from `offset` on: it will be read again.
+    fn rewind(&mut self, offset: u64) {
+        self.scanner = FrameScanner::at(offset);
+        self.scanner.set_salt(self.salt);
+        self.read_at = offset;
+    }
 }
 
 /// The shipper's reader: every event of the spool, in order, from a
@@ -491,8 +552,12 @@ impl SpoolReader {
                 reason,
             }))
         };
+        let salt;
         let start = match FileHeader::decode(&head[..n]) {
-            Ok(Some((_, hlen))) => offset.max(hlen as u64),
+            Ok(Some((h, hlen))) => {
+                salt = h.first_seq;
+                offset.max(hlen as u64)
+            }
             Ok(None) if !newer => return Ok(None),
             Ok(None) => {
                 let item = skip_all("segment ends inside its header".into());
@@ -505,12 +570,15 @@ impl SpoolReader {
                 return item;
             }
         };
-        self.cur = Some(Cur {
+        let mut cur = Cur {
             name,
             file,
-            scanner: FrameScanner::at(start),
-            read_at: start,
-        });
+            scanner: FrameScanner::at(0),
+            read_at: 0,
+            salt,
+        };
+        cur.rewind(start);
+        self.cur = Some(cur);
         Ok(None)
     }
 
@@ -555,6 +623,16 @@ impl SpoolReader {
                     len,
                     reason,
                 }) => {
+                    let name = cur.name.clone();
+                    let segs = list_segments(&self.dir).map_err(io_err(&self.dir))?;
+                    let cur = self.cur.as_mut().expect("open");
+                    if !segs.iter().any(|s| *s > name) {
+                        // The live segment: the writer may be in the middle
+                        // of this frame. Read it again later; it is reported
+                        // once the segment is finished if it stays damaged.
+                        cur.rewind(offset);
+                        return Ok(None);
+                    }
                     self.resume = Resume::At(cur.name.clone(), offset + len);
                     return Ok(Some(SpoolItem::Skipped {
                         segment: cur.name.clone(),
@@ -565,7 +643,12 @@ impl SpoolReader {
                 }
                 None => {}
             }
-            if self.read_more()? > 0 {
+            let at_marker = cur.scanner.at_end_marker();
+            if at_marker {
+                // The data written so far ends here; what follows is older.
+                let offset = cur.scanner.offset();
+                cur.rewind(offset);
+            } else if self.read_more()? > 0 {
                 continue;
             }
             // At the end of the file: a newer segment means this one is
@@ -583,6 +666,10 @@ impl SpoolReader {
             let cur = self.cur.take().expect("open");
             let mut scanner = cur.scanner;
             self.resume = Resume::After(name.clone());
+            if at_marker {
+                at_eof_checked = false;
+                continue;
+            }
             if let Some(FramingError::Truncated { offset, len }) = scanner.finish() {
                 return Ok(Some(SpoolItem::Skipped {
                     segment: name,
