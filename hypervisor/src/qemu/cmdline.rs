@@ -1,15 +1,19 @@
 //! QEMU's command line for an [`InstanceSpec`].
 //!
 //! The machine is a q35 with shared memfd guest memory (vhost-user backends
-//! map it), vhost-user-blk and vhost-user-net devices at fixed PCI slots (so
-//! a restored instance's devices line up with the migration stream), the
-//! serial console on a socket chardev that also logs to the console file,
-//! QMP on a unix socket, and optionally the gdbstub. QEMU starts with its
-//! vCPUs stopped (`-S`); the driver resumes them over QMP once it listens
-//! for events, so no event is missed.
+//! map it), vhost-user-blk and vhost-user-net devices at the PCI slots of a
+//! [`MachineRecord`] (by list position at launch; at restore the slots the
+//! snapshot recorded, by device name, so the devices line up with the
+//! migration stream), an ISA pvpanic device, the serial console on a socket
+//! chardev that also logs to the console file, QMP on a unix socket, and
+//! optionally the gdbstub. QEMU starts with its vCPUs stopped (`-S`); the
+//! driver resumes them over QMP once it listens for events, so no event is
+//! missed. Every path on the command line is absolute (see [`absolutize`]),
+//! since QEMU runs in the instance's work directory.
 
 use std::path::{Path, PathBuf};
 
+use super::persist::MachineRecord;
 use crate::spec::{BootSpec, DebugListen, InstanceSpec};
 use crate::DriverError;
 
@@ -19,11 +23,9 @@ pub const MAX_DISKS: usize = 8;
 pub const MAX_NICS: usize = 8;
 /// Most vCPUs.
 pub const MAX_VCPUS: u8 = 64;
-const FIRST_DISK_SLOT: usize = 0x04;
-const FIRST_NIC_SLOT: usize = FIRST_DISK_SLOT + MAX_DISKS;
 
 /// Control files of one QEMU process, all inside the instance's work
-/// directory.
+/// directory (absolute when the spec's paths are).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     /// QMP socket.
@@ -134,15 +136,67 @@ pub fn opt_path(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// The arguments after the binary name. `accel` is `kvm` or `tcg`; `debug`
-/// is the resolved debugger endpoint (a real port, not 0).
+/// `p` made absolute: canonicalized when it exists, else joined to the
+/// current directory (with `.` and `..` resolved against its canonical
+/// parent where that exists).
+pub fn absolutize(p: &Path) -> Result<PathBuf, DriverError> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Ok(c);
+    }
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(DriverError::io("the current directory"))?
+            .join(p)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => match std::fs::canonicalize(dir) {
+            Ok(d) => Ok(d.join(name)),
+            Err(_) => Ok(abs),
+        },
+        _ => Ok(abs),
+    }
+}
+
+/// `spec` with every path absolute: work directory, kernel, initrd,
+/// vhost-user sockets, console file and debugger socket.
+pub fn absolute_spec(spec: &InstanceSpec) -> Result<InstanceSpec, DriverError> {
+    let mut s = spec.clone();
+    s.work_dir = absolutize(&spec.work_dir)?;
+    if let BootSpec::Kernel { kernel, initrd, .. } = &mut s.boot {
+        *kernel = absolutize(kernel)?;
+        if let Some(i) = initrd {
+            *i = absolutize(i)?;
+        }
+    }
+    for d in &mut s.disks {
+        d.socket = absolutize(&d.socket)?;
+    }
+    for n in &mut s.nics {
+        n.socket = absolutize(&n.socket)?;
+    }
+    if let Some(f) = &mut s.console.file {
+        *f = absolutize(f)?;
+    }
+    if let Some(DebugListen::Unix(p)) = &mut s.debug {
+        *p = absolutize(p)?;
+    }
+    Ok(s)
+}
+
+/// The arguments after the binary name. `machine` says how the machine is
+/// built (type, accelerator, CPU, device slots and extra devices; see
+/// [`MachineRecord::check_spec`] for a restore); `debug` is the resolved
+/// debugger endpoint (a real port, not 0).
 pub fn args(
     spec: &InstanceSpec,
     layout: &Layout,
-    accel: &str,
+    machine: &MachineRecord,
     debug: Option<&DebugListen>,
     start: Start,
 ) -> Vec<String> {
+    let accel = machine.accel.as_str();
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let mem = format!("{}M", spec.memory_mib);
@@ -151,8 +205,8 @@ pub fn args(
         &format!("guest={},debug-threads=on", spec.id.replace(',', ",,")),
     ]);
     push(&["-accel", accel]);
-    push(&["-machine", "q35"]);
-    push(&["-cpu", if accel == "kvm" { "host" } else { "max" }]);
+    push(&["-machine", &machine.machine]);
+    push(&["-cpu", &machine.cpu]);
     push(&["-smp", &spec.vcpus.to_string()]);
     push(&["-m", &mem]);
     push(&[
@@ -209,11 +263,11 @@ pub fn args(
             &format!(
                 "vhost-user-blk-pci,id={},chardev={chr},num-queues=1,addr={:#x}{boot}",
                 d.name,
-                FIRST_DISK_SLOT + i
+                slot(machine, &d.name)
             ),
         ]);
     }
-    for (i, n) in spec.nics.iter().enumerate() {
+    for n in &spec.nics {
         let chr = format!("vmr-chr-{}", n.name);
         let netdev = format!("vmr-net-{}", n.name);
         push(&[
@@ -229,11 +283,11 @@ pub fn args(
                 "virtio-net-pci,id={},netdev={netdev},mac={},addr={:#x}{vectors}",
                 n.name,
                 n.mac,
-                FIRST_NIC_SLOT + i
+                slot(machine, &n.name)
             ),
         ]);
     }
-    for d in &spec.qemu.devices {
+    for d in &machine.extra_devices {
         push(&["-device", d]);
     }
     match debug {
@@ -264,6 +318,15 @@ pub fn args(
         push(&["-incoming", "defer"]);
     }
     a
+}
+
+/// The slot `machine` gives the device `name` (every spec device is in it:
+/// [`MachineRecord::for_launch`] builds it from the spec and
+/// [`MachineRecord::check_spec`] refuses a restore spec that differs).
+fn slot(machine: &MachineRecord, name: &str) -> u8 {
+    machine
+        .slot(name)
+        .expect("the machine record lists every device of the spec")
 }
 
 #[cfg(test)]
@@ -300,7 +363,8 @@ mod tests {
         let s = spec();
         let layout = Layout::new(&s);
         let dbg = DebugListen::Tcp("127.0.0.1:4321".parse().unwrap());
-        let a = args(&s, &layout, "tcg", Some(&dbg), Start::Incoming).join(" ");
+        let tcg = MachineRecord::for_launch(&s, "tcg");
+        let a = args(&s, &layout, &tcg, Some(&dbg), Start::Incoming).join(" ");
         for want in [
             "-accel tcg",
             "memory-backend-memfd,id=vmr-mem,size=512M,share=on",
@@ -322,9 +386,72 @@ mod tests {
         ] {
             assert!(a.contains(want), "{want:?} missing from {a}");
         }
-        let a = args(&s, &layout, "kvm", None, Start::Boot).join(" ");
+        assert_eq!(a.matches("pvpanic").count(), 1, "{a}");
+        let kvm = MachineRecord::for_launch(&s, "kvm");
+        let a = args(&s, &layout, &kvm, None, Start::Boot).join(" ");
         assert!(!a.contains("vectors=0") && !a.contains("-gdb") && !a.contains("-incoming"));
-        assert!(a.contains("-cpu host"));
+        assert!(a.contains("-cpu host") && a.contains("-machine q35"));
+
+        // Restored: the recorded machine type and slots by name, whatever
+        // the spec's order.
+        let mut two = s.clone();
+        two.disks.push(DiskSpec {
+            name: "vdb".into(),
+            socket: "/w/b.sock".into(),
+        });
+        let mut rec = MachineRecord::for_launch(&two, "tcg");
+        rec.machine = "pc-q35-7.2".into();
+        two.disks.reverse();
+        rec.check_spec(&two).unwrap();
+        let a = args(&two, &layout, &rec, None, Start::Incoming).join(" ");
+        assert!(a.contains("-machine pc-q35-7.2"), "{a}");
+        assert!(
+            a.contains("id=vda,chardev=vmr-chr-vda,num-queues=1,addr=0x4"),
+            "{a}"
+        );
+        assert!(
+            a.contains("id=vdb,chardev=vmr-chr-vdb,num-queues=1,addr=0x5"),
+            "{a}"
+        );
+
+        // Without pvpanic in the spec, the driver adds it.
+        let mut bare = s.clone();
+        bare.qemu.devices.clear();
+        let a = args(
+            &bare,
+            &layout,
+            &MachineRecord::for_launch(&bare, "tcg"),
+            None,
+            Start::Boot,
+        )
+        .join(" ");
+        assert!(a.contains("-device pvpanic"), "{a}");
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let d = tempfile::tempdir().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let rel: PathBuf = cwd
+            .components()
+            .skip(1)
+            .map(|_| "..")
+            .collect::<PathBuf>()
+            .join(d.path().strip_prefix("/").unwrap());
+        assert!(rel.is_relative());
+        let canon = std::fs::canonicalize(d.path()).unwrap();
+        assert_eq!(absolutize(&rel).unwrap(), canon);
+        assert_eq!(
+            absolutize(&rel.join("new.sock")).unwrap(),
+            canon.join("new.sock")
+        );
+        let mut s = spec();
+        s.work_dir = rel.clone();
+        s.console.file = Some(rel.join("c.log"));
+        let a = absolute_spec(&s).unwrap();
+        assert_eq!(a.work_dir, canon);
+        assert_eq!(a.console_file(), canon.join("c.log"));
+        assert!(Layout::new(&a).qmp.is_absolute());
     }
 
     #[test]

@@ -3,8 +3,22 @@
 //! Three threads serve an instance: the QMP reader (see [`super::qmp`]),
 //! whose events update the run state and become [`DriverEvent`]s; a console
 //! reader on the serial socket, which fans the output out to console
-//! subscribers (QEMU itself appends it to the console file); and a monitor
-//! that notices when the process exits and records how.
+//! subscribers (QEMU itself appends it to the console file) and keeps the
+//! last [`events::CONSOLE_TAIL_CHUNKS`](crate::events::CONSOLE_TAIL_CHUNKS)
+//! chunks for new subscribers; and a monitor that notices when the process
+//! exits and records how.
+//!
+//! The driver remembers whether it wants the guest paused. QEMU's gdbstub
+//! stops the guest when a debugger attaches and continues it when the
+//! debugger detaches; a RESUME that arrives while the driver wants the
+//! guest paused (and did not ask for it) makes a short-lived thread stop the
+//! guest again, so a detach does not leave a paused instance running. The
+//! guest may run for the few milliseconds that takes.
+//!
+//! QEMU runs with `-no-reboot` and the panic action `pause`: a kernel panic
+//! (pvpanic) holds the guest (state [`RunState::Crashed`]), and a guest
+//! reset (a triple fault or a reboot) ends QEMU with a SHUTDOWN event of
+//! reason `guest-reset`, which the driver reports as a crash.
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -23,6 +37,7 @@ use vmr_proto::domain::LifecycleKind;
 use super::accel::AccelChoice;
 use super::cmdline::Layout;
 use super::migration;
+use super::persist::{MachineRecord, MACHINE_ALIAS, MACHINE_FILE};
 use super::qmp::{Qmp, QmpEvent};
 use crate::artifacts::{self, Artifact, ArtifactKind, HostInfo, ARTIFACTS_VERSION};
 use crate::events::now_ns;
@@ -34,9 +49,13 @@ use crate::{
 /// The driver's name.
 pub const NAME: &str = "qemu";
 /// Version of the QEMU driver's snapshot files.
-pub const DRIVER_FORMAT: u32 = 1;
+pub const DRIVER_FORMAT: u32 = 2;
 /// The snapshot artifact holding QEMU's migration stream.
 pub const VMSTATE: &str = "vmstate";
+/// The snapshot artifact holding the machine record (`qemu.json`).
+pub const MACHINE: &str = "machine";
+/// The detail of a guest reset, which `-no-reboot` turns into an exit.
+pub const GUEST_RESET: &str = "guest reset (triple fault or reboot)";
 /// Bound on one ordinary QMP command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on writing or loading a migration stream.
@@ -61,6 +80,9 @@ struct Track {
     /// Details for the next STOP / RESUME events (why the driver paused).
     pause_why: Option<String>,
     resume_why: Option<String>,
+    /// The driver wants the guest paused (it paused it, or restored it and
+    /// has not resumed it).
+    want_paused: bool,
 }
 
 pub(crate) struct Inner {
@@ -69,6 +91,8 @@ pub(crate) struct Inner {
     layout: Layout,
     pid: u32,
     accel: AccelChoice,
+    /// How the machine is built (the machine type resolved once QMP is up).
+    machine: Mutex<MachineRecord>,
     debugger: Option<DebugListen>,
     events: Bus<DriverEvent>,
     console: Bus<Vec<u8>>,
@@ -77,6 +101,9 @@ pub(crate) struct Inner {
     qmp: OnceLock<Qmp>,
     child: Mutex<Option<Child>>,
     exit: Mutex<Option<ExitInfo>>,
+    /// The crash of a guest QEMU holds (set before `exited` is notified).
+    crash: Mutex<Option<ExitInfo>>,
+    /// Notified (with `exit` locked) on exit and on a crash.
     exited: Condvar,
     closing: AtomicBool,
     console_stream: Mutex<Option<UnixStream>>,
@@ -107,6 +134,20 @@ pub fn file_tail(path: &Path, max: usize) -> String {
             String::from_utf8_lossy(&b[start..]).trim_end().to_string()
         }
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Whether a SHUTDOWN reason means the guest crashed: a reset (which
+/// `-no-reboot` turns into an exit) or a panic.
+fn is_guest_crash(reason: &str) -> bool {
+    matches!(reason, "guest-reset" | "guest-panic")
+}
+
+fn crash_detail(reason: &str) -> String {
+    if reason == "guest-panic" {
+        "guest kernel panicked".into()
+    } else {
+        GUEST_RESET.into()
     }
 }
 
@@ -156,20 +197,71 @@ impl Inner {
         self.events.publish(ev);
     }
 
-    fn console_line(&self, needle: &str) -> Option<String> {
+    /// The console line that says the kernel panicked, else the last
+    /// non-empty console line (from the output read so far).
+    fn panic_line(&self) -> Option<String> {
         let tail = self.console_tail.lock();
         let (a, b) = tail.as_slices();
         let text = String::from_utf8_lossy(&[a, b].concat()).into_owned();
-        text.lines()
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        lines
+            .clone()
             .rev()
-            .find(|l| l.contains(needle))
-            .map(|l| l.trim().to_string())
+            .find(|l| l.contains("Kernel panic"))
+            .or_else(|| lines.next_back())
+            .map(str::to_string)
     }
 
-    /// Handles one QMP event (called on the QMP reader thread).
-    fn on_event(&self, ev: QmpEvent) {
+    /// Records that the guest crashed and is held, and wakes waiters.
+    fn set_crashed(&self, detail: String) {
+        *self.crash.lock() = Some(ExitInfo {
+            reason: EndReason::Crash,
+            code: None,
+            signal: None,
+            detail,
+        });
+        let _exit = self.exit.lock();
+        self.exited.notify_all();
+    }
+
+    /// Stops a guest that QEMU resumed while the driver wants it paused
+    /// (a debugger detached). Runs on its own thread.
+    fn repause(&self) {
+        let _op = self.op.lock();
+        {
+            let mut t = self.track.lock();
+            if !t.want_paused || t.run != RunState::Running {
+                return;
+            }
+            t.pause_why = Some(
+                "paused again: QEMU resumed the guest (a debugger detached) while the driver \
+                 held it paused"
+                    .into(),
+            );
+        }
+        let r = self.execute("stop", json!({}), COMMAND_TIMEOUT);
+        self.track.lock().pause_why = None;
+        if let Err(e) = r {
+            tracing::warn!(instance = %self.id, error = %e, "could not pause the guest again");
+        }
+    }
+
+    /// Handles one QMP event (called on the QMP reader thread). Returns
+    /// whether the guest must be paused again ([`Inner::repause`], which
+    /// cannot run on the reader thread).
+    fn on_event(&self, ev: QmpEvent) -> bool {
         let mut t = self.track.lock();
         match ev.name.as_str() {
+            "RESUME" if t.want_paused => {
+                t.run = RunState::Running;
+                drop(t);
+                self.publish_at(
+                    LifecycleKind::Resume,
+                    "resumed by QEMU, not the driver (a debugger detached); pausing again".into(),
+                    ev.timestamp_us,
+                );
+                return true;
+            }
             "RESUME" => {
                 t.run = RunState::Running;
                 let why = t.resume_why.take();
@@ -198,13 +290,16 @@ impl Inner {
                 let why = t.pause_why.take();
                 if t.run == RunState::Crashed {
                     // GUEST_PANICKED already said the guest is held.
-                    return;
+                    return false;
                 }
                 t.run = RunState::Paused;
                 drop(t);
                 self.publish_at(
                     LifecycleKind::Pause,
-                    why.unwrap_or_else(|| "paused".to_string()),
+                    why.unwrap_or_else(|| {
+                        "paused outside the driver (a debugger attached, or a monitor command)"
+                            .to_string()
+                    }),
                     ev.timestamp_us,
                 );
             }
@@ -218,12 +313,10 @@ impl Inner {
                 if let Some(info) = ev.data.get("info") {
                     detail.push_str(&format!("; info {info}"));
                 }
-                if let Some(line) = self
-                    .console_line("Kernel panic")
-                    .or_else(|| self.console_line("VMR-OVERFLOW"))
-                {
+                if let Some(line) = self.panic_line() {
                     detail.push_str(&format!("; console: {line}"));
                 }
+                self.set_crashed(detail.clone());
                 self.publish_at(LifecycleKind::Crash, detail, ev.timestamp_us);
             }
             "SHUTDOWN" => {
@@ -240,6 +333,17 @@ impl Inner {
                     .unwrap_or(false);
                 t.shutdown = Some(reason.clone());
                 drop(t);
+                if is_guest_crash(&reason) {
+                    self.publish_at(
+                        LifecycleKind::Crash,
+                        format!(
+                            "{}; QEMU ends (-no-reboot, SHUTDOWN reason {reason})",
+                            crash_detail(&reason)
+                        ),
+                        ev.timestamp_us,
+                    );
+                    return false;
+                }
                 let detail = if guest {
                     format!("the guest shut down ({reason})")
                 } else {
@@ -249,6 +353,7 @@ impl Inner {
             }
             _ => {}
         }
+        false
     }
 
     /// Records the exit of the process (called once, by whoever reaped it).
@@ -263,7 +368,11 @@ impl Inner {
             (t.shutdown.clone(), t.ending.clone())
         };
         let clean = code == Some(0);
+        let crashed = ending.is_none() && shutdown.as_deref().is_some_and(is_guest_crash);
         let detail = match (&shutdown, &ending) {
+            (Some(r), None) if crashed => {
+                format!("{}; QEMU exited ({shown}, -no-reboot)", crash_detail(r))
+            }
             (Some(r), Some(why)) if clean => format!("{why}; QEMU exited after shutdown ({r})"),
             (Some(r), None) if clean => format!("QEMU exited after shutdown ({r})"),
             (_, Some(why)) => format!("{why} ({shown})"),
@@ -279,6 +388,8 @@ impl Inner {
         }
         let reason = if ending.is_some() {
             EndReason::Stopped
+        } else if crashed {
+            EndReason::Crash
         } else if shutdown.is_some() && clean {
             EndReason::GuestShutdown
         } else {
@@ -328,6 +439,21 @@ impl Inner {
 
     fn exit_info(&self) -> Option<ExitInfo> {
         self.exit.lock().clone()
+    }
+
+    /// Waits at most `timeout` for the process to exit or the guest to
+    /// crash (and be held).
+    fn wait_end(&self, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.exit.lock();
+        loop {
+            if let Some(e) = exit.clone().or_else(|| self.crash.lock().clone()) {
+                return Some(e);
+            }
+            if self.exited.wait_until(&mut exit, deadline).timed_out() {
+                return exit.clone().or_else(|| self.crash.lock().clone());
+            }
+        }
     }
 
     /// Waits at most `timeout` for the process to exit.
@@ -389,6 +515,37 @@ impl Inner {
             .map_err(|e| self.explain(e, &format!("running {command}")))
     }
 
+    /// Records the QEMU version and, when QEMU was started with the
+    /// machine alias, the concrete machine type it stands for.
+    fn resolve_machine(&self, version: Option<super::qmp::QemuVersion>) -> Result<(), DriverError> {
+        let mut m = self.machine.lock().clone();
+        if let Some(recorded) = &m.qemu_version {
+            if version.map(|v| v.to_string()).as_ref() != Some(recorded) {
+                tracing::warn!(instance = %self.id, recorded, ?version,
+                    "restoring a snapshot written by another QEMU version");
+            }
+        } else {
+            m.qemu_version = version.map(|v| v.to_string());
+        }
+        if m.machine == MACHINE_ALIAS {
+            let list = self.execute("query-machines", json!({}), COMMAND_TIMEOUT)?;
+            let concrete = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e.get("alias").and_then(Value::as_str) == Some(MACHINE_ALIAS))
+                .and_then(|e| e.get("name").and_then(Value::as_str))
+                .ok_or_else(|| {
+                    DriverError::Protocol(format!(
+                        "query-machines names no machine type for the alias {MACHINE_ALIAS}"
+                    ))
+                })?;
+            m.machine = concrete.to_string();
+        }
+        *self.machine.lock() = m;
+        Ok(())
+    }
+
     fn query_status(&self) -> Result<String, DriverError> {
         let v = self.execute("query-status", json!({}), COMMAND_TIMEOUT)?;
         v.get("status")
@@ -434,6 +591,7 @@ pub(crate) struct Launch {
     pub program: String,
     pub layout: Layout,
     pub accel: AccelChoice,
+    pub machine: MachineRecord,
     pub debugger: Option<DebugListen>,
     pub restored_from: Option<String>,
     pub child: Child,
@@ -454,9 +612,10 @@ impl QemuInstance {
             layout: l.layout,
             pid,
             accel: l.accel,
+            machine: Mutex::new(l.machine),
             debugger: l.debugger,
             events: Bus::with_history(),
-            console: Bus::live(),
+            console: Bus::with_tail(crate::events::CONSOLE_TAIL_CHUNKS),
             console_tail: Mutex::new(VecDeque::new()),
             track: Mutex::new(Track {
                 run: RunState::Created,
@@ -466,10 +625,12 @@ impl QemuInstance {
                 ending: None,
                 pause_why: None,
                 resume_why: None,
+                want_paused: false,
             }),
             qmp: OnceLock::new(),
             child: Mutex::new(Some(l.child)),
             exit: Mutex::new(None),
+            crash: Mutex::new(None),
             exited: Condvar::new(),
             closing: AtomicBool::new(false),
             console_stream: Mutex::new(None),
@@ -506,23 +667,40 @@ impl QemuInstance {
         let weak = Arc::downgrade(&inner);
         let qmp = Qmp::handshake(stream, COMMAND_TIMEOUT, move |ev| {
             if let Some(inner) = weak.upgrade() {
-                inner.on_event(ev);
+                if inner.on_event(ev) {
+                    let i = inner.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("qemu-repause".into())
+                        .spawn(move || i.repause());
+                    if let Err(e) = spawned {
+                        tracing::warn!(instance = %inner.id, error = %e, "cannot start the repause thread");
+                    }
+                }
             }
         })
         .map_err(|e| inner.explain(e, "negotiating QMP"))?;
-        if let Some(v) = qmp.version() {
+        let version = qmp.version();
+        if let Some(v) = version {
             tracing::debug!(instance = %inner.id, version = %v, "QMP connected");
         }
         let _ = inner.qmp.set(qmp);
 
-        // A guest panic pauses the guest (and arrives as GUEST_PANICKED).
+        // A guest panic holds the guest (and arrives as GUEST_PANICKED).
+        // Without set-action (QEMU before 6.0) QEMU would shut a panicked
+        // guest down, so such a QEMU is refused.
         match inner.execute("set-action", json!({"panic": "pause"}), COMMAND_TIMEOUT) {
             Ok(_) => {}
             Err(DriverError::Command { reason, .. }) if reason.contains("CommandNotFound") => {
-                tracing::info!(instance = %inner.id, "QEMU has no set-action; its default panic action pauses");
+                return Err(DriverError::Unsupported {
+                    driver: NAME.into(),
+                    what: "a QEMU without set-action (older than 6.0): the driver needs it to \
+                           hold a panicked guest"
+                        .into(),
+                });
             }
             Err(e) => return Err(e),
         }
+        inner.resolve_machine(version)?;
         // Snapshots of a paused guest should go at disk speed, not at the
         // live-migration default of 32 MiB/s.
         inner.execute(
@@ -567,6 +745,7 @@ impl QemuInstance {
     /// lifecycle event that says so.
     pub(crate) fn start_guest(&self) -> Result<(), DriverError> {
         let events = self.inner.events.subscribe();
+        self.inner.track.lock().want_paused = false;
         self.inner.execute("cont", json!({}), COMMAND_TIMEOUT)?;
         events
             .wait_for(Duration::from_secs(10), |e| {
@@ -580,7 +759,9 @@ impl QemuInstance {
     }
 
     /// Loads the migration stream at `source` into this (incoming) QEMU and
-    /// checks that the guest is paused with the loaded state.
+    /// checks that the guest is paused with the loaded state, or held after
+    /// a panic (a snapshot of a crashed guest; the state is then
+    /// [`RunState::Crashed`]).
     pub(crate) fn load_snapshot(
         &self,
         source: &Path,
@@ -590,7 +771,7 @@ impl QemuInstance {
         let uri = migration::incoming(inner.qmp()?.version(), source);
         inner.execute("migrate-incoming", json!({ "uri": uri }), COMMAND_TIMEOUT)?;
         let deadline = Instant::now() + timeout;
-        loop {
+        let panicked = loop {
             if let Some(exit) = inner.wait_exit(Duration::ZERO) {
                 return Err(inner
                     .exited_error(&format!("loading the snapshot {}", source.display()), &exit));
@@ -609,7 +790,8 @@ impl QemuInstance {
             };
             match status.as_str() {
                 "inmigrate" => {}
-                "paused" | "prelaunch" | "postmigrate" => break,
+                "paused" | "prelaunch" | "postmigrate" => break false,
+                "guest-panicked" => break true,
                 other => {
                     return Err(DriverError::Command {
                         command: "migrate-incoming".into(),
@@ -624,10 +806,23 @@ impl QemuInstance {
                 });
             }
             std::thread::sleep(POLL);
-        }
+        };
         let m = inner.execute("query-migrate", json!({}), COMMAND_TIMEOUT)?;
         match m.get("status").and_then(Value::as_str) {
-            None | Some("completed") => Ok(()),
+            None | Some("completed") => {
+                if panicked {
+                    inner.track.lock().run = RunState::Crashed;
+                    inner.set_crashed(format!(
+                        "restored a snapshot of a crashed guest ({}); the guest is held",
+                        source.display()
+                    ));
+                } else {
+                    let mut t = inner.track.lock();
+                    t.run = RunState::Paused;
+                    t.want_paused = true;
+                }
+                Ok(())
+            }
             Some(other) => Err(DriverError::Command {
                 command: "migrate-incoming".into(),
                 reason: format!(
@@ -638,7 +833,10 @@ impl QemuInstance {
         }
     }
 
-    /// Writes the migration stream into `target`, waiting at most `timeout`.
+    /// Writes the migration stream into `target`, waiting at most `timeout`
+    /// for QEMU. Returns whether the file appears under its name only
+    /// after QEMU completes (see [`finish_stream`]). A migration QEMU
+    /// reports failed removes what it wrote at once.
     fn migrate_to(&self, target: &Path, timeout: Duration) -> Result<bool, DriverError> {
         let inner = &self.inner;
         let out = migration::outgoing(inner.qmp()?.version(), target);
@@ -649,19 +847,34 @@ impl QemuInstance {
             match m.get("status").and_then(Value::as_str) {
                 Some("completed") => return Ok(out.renamed_after),
                 Some("failed") | Some("cancelled") => {
+                    let qemu = m
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("migration failed without a description")
+                        .to_string();
+                    let written = if out.renamed_after {
+                        finish_stream(target, STREAM_SETTLE).err()
+                    } else {
+                        None
+                    };
+                    remove_stream(target);
+                    let reason = match written {
+                        Some(DriverError::Command { reason, .. }) => format!("{qemu}; {reason}"),
+                        _ => qemu,
+                    };
                     return Err(DriverError::Command {
                         command: "migrate".into(),
-                        reason: m
-                            .get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("migration failed without a description")
-                            .to_string(),
-                    })
+                        reason,
+                    });
                 }
                 _ => {}
             }
             if Instant::now() >= deadline {
                 let _ = inner.execute("migrate_cancel", json!({}), COMMAND_TIMEOUT);
+                if out.renamed_after {
+                    let _ = finish_stream(target, STREAM_SETTLE);
+                }
+                remove_stream(target);
                 return Err(DriverError::Timeout {
                     what: format!("the migration stream to {}", target.display()),
                     after: timeout,
@@ -700,18 +913,58 @@ impl QemuInstance {
     }
 }
 
-fn wait_for_file(path: &Path, timeout: Duration) -> Result<(), DriverError> {
+/// How long the `exec:` command may take to finish writing (or fail)
+/// after QEMU is done with the stream.
+const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the `exec:` command gets to settle after QEMU failed.
+const STREAM_SETTLE: Duration = Duration::from_secs(5);
+
+/// Waits at most `timeout` for the `exec:` command writing `target` to end:
+/// `target` under its final name, or the `.failed` file holding the write
+/// error (which is removed and returned as the error).
+fn finish_stream(target: &Path, timeout: Duration) -> Result<(), DriverError> {
+    let failed = migration::failed_path(target);
     let deadline = Instant::now() + timeout;
-    while !path.exists() {
+    loop {
+        if failed.exists() {
+            let why = std::fs::read_to_string(&failed).unwrap_or_default();
+            let _ = std::fs::remove_file(&failed);
+            let why = why.trim();
+            return Err(DriverError::Command {
+                command: "migrate".into(),
+                reason: format!(
+                    "writing the stream to {} failed: {}",
+                    target.display(),
+                    if why.is_empty() {
+                        "no error text (is the disk full?)"
+                    } else {
+                        why
+                    }
+                ),
+            });
+        }
+        if target.exists() {
+            return Ok(());
+        }
         if Instant::now() >= deadline {
             return Err(DriverError::Timeout {
-                what: format!("{} to be written", path.display()),
+                what: format!("{} to be written", target.display()),
                 after: timeout,
             });
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    Ok(())
+}
+
+/// Removes an incomplete stream at `target` and whatever its writer left.
+fn remove_stream(target: &Path) {
+    for p in std::iter::once(target.to_path_buf()).chain(migration::leftovers(target)) {
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %p.display(), error = %e, "cannot remove a failed snapshot file");
+            }
+        }
+    }
 }
 
 fn dir_is_empty(dir: &Path) -> Result<bool, DriverError> {
@@ -734,11 +987,19 @@ impl Instance for QemuInstance {
                 needs: "running".into(),
             });
         }
-        self.inner.track.lock().pause_why = Some("paused by the driver".into());
+        let was = {
+            let mut t = self.inner.track.lock();
+            t.pause_why = Some("paused by the driver".into());
+            std::mem::replace(&mut t.want_paused, true)
+        };
         let r = self.inner.execute("stop", json!({}), COMMAND_TIMEOUT);
         // QEMU sends the event before its reply; a guest already in that
         // state sends none, so the detail must not stay for a later event.
-        self.inner.track.lock().pause_why = None;
+        let mut t = self.inner.track.lock();
+        t.pause_why = None;
+        if r.is_err() {
+            t.want_paused = was;
+        }
         r.map(drop)
     }
 
@@ -756,11 +1017,19 @@ impl Instance for QemuInstance {
         if run == RunState::Created {
             return self.start_guest();
         }
-        self.inner.track.lock().resume_why = Some("resumed by the driver".into());
+        let was = {
+            let mut t = self.inner.track.lock();
+            t.resume_why = Some("resumed by the driver".into());
+            std::mem::replace(&mut t.want_paused, false)
+        };
         let r = self.inner.execute("cont", json!({}), COMMAND_TIMEOUT);
         // QEMU sends the event before its reply; a guest already in that
         // state sends none, so the detail must not stay for a later event.
-        self.inner.track.lock().resume_why = None;
+        let mut t = self.inner.track.lock();
+        t.resume_why = None;
+        if r.is_err() {
+            t.want_paused = was;
+        }
         r.map(drop)
     }
 
@@ -803,9 +1072,9 @@ impl Instance for QemuInstance {
 
     fn wait(&self, timeout: Duration) -> Result<ExitInfo, DriverError> {
         self.inner
-            .wait_exit(timeout)
+            .wait_end(timeout)
             .ok_or_else(|| DriverError::Timeout {
-                what: format!("instance {} to exit", self.inner.id),
+                what: format!("instance {} to exit or crash", self.inner.id),
                 after: timeout,
             })
     }
@@ -855,6 +1124,7 @@ impl Instance for QemuInstance {
                 format!("{} must be an existing, empty directory", dir.display()),
             ));
         }
+        let dir = &super::cmdline::absolutize(dir)?;
         let _op = self.inner.op.lock();
         self.check_alive()?;
         let inner = &self.inner;
@@ -863,14 +1133,30 @@ impl Instance for QemuInstance {
         let (taken_at_ns, _) = now_ns();
         let t0 = Instant::now();
         if was_running {
-            inner.track.lock().pause_why = Some(format!("paused for snapshot {}", dir.display()));
-            inner.execute("stop", json!({}), COMMAND_TIMEOUT)?;
+            {
+                let mut t = inner.track.lock();
+                t.pause_why = Some(format!("paused for snapshot {}", dir.display()));
+                t.want_paused = true;
+            }
+            let stopped = inner.execute("stop", json!({}), COMMAND_TIMEOUT);
+            let mut t = inner.track.lock();
+            t.pause_why = None;
+            if stopped.is_err() {
+                t.want_paused = false;
+            }
+            drop(t);
+            stopped?;
         }
         let migrated = self.migrate_to(&target, MIGRATION_TIMEOUT);
         let resumed = if was_running {
-            inner.track.lock().resume_why =
-                Some(format!("resumed after snapshot {}", dir.display()));
-            inner.execute("cont", json!({}), COMMAND_TIMEOUT).map(drop)
+            {
+                let mut t = inner.track.lock();
+                t.resume_why = Some(format!("resumed after snapshot {}", dir.display()));
+                t.want_paused = false;
+            }
+            let r = inner.execute("cont", json!({}), COMMAND_TIMEOUT).map(drop);
+            inner.track.lock().resume_why = None;
+            r
         } else {
             Ok(())
         };
@@ -879,9 +1165,14 @@ impl Instance for QemuInstance {
         let renamed_after = migrated?;
         resumed?;
         if renamed_after {
-            wait_for_file(&target, Duration::from_secs(60))?;
+            if let Err(e) = finish_stream(&target, STREAM_WRITE_TIMEOUT) {
+                remove_stream(&target);
+                return Err(e);
+            }
         }
         artifacts::sync_file(&target)?;
+        let machine = inner.machine.lock().clone();
+        let machine_size = machine.store(dir)?;
         artifacts::sync_dir(dir)?;
         let size = std::fs::metadata(&target)
             .map_err(DriverError::io(target.display().to_string()))?
@@ -893,12 +1184,20 @@ impl Instance for QemuInstance {
             instance: inner.id.clone(),
             memory: MemoryKind::Full,
             parent: None,
-            artifacts: vec![Artifact {
-                name: VMSTATE.into(),
-                kind: ArtifactKind::MigrationStream,
-                file: VMSTATE.into(),
-                size,
-            }],
+            artifacts: vec![
+                Artifact {
+                    name: VMSTATE.into(),
+                    kind: ArtifactKind::MigrationStream,
+                    file: VMSTATE.into(),
+                    size,
+                },
+                Artifact {
+                    name: MACHINE.into(),
+                    kind: ArtifactKind::State,
+                    file: MACHINE_FILE.into(),
+                    size: machine_size,
+                },
+            ],
             pause,
             taken_at_ns,
             host: HostInfo::current(),

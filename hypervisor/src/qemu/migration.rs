@@ -4,7 +4,12 @@
 //! older versions get the stream through a shell command (`exec:`). The
 //! outgoing command writes to `<file>.partial` and renames it into place
 //! once `cat` has written everything, so the file exists under its final
-//! name only when it is complete.
+//! name only when `cat` succeeded. When `cat` or the rename fails (a full
+//! disk), the command removes the partial file and leaves `<file>.failed`
+//! holding the error, so the driver can tell a failed write from a slow
+//! one. QEMU reports such a migration `completed` (it does not see the
+//! command's status) or `failed` (once the pipe breaks); the driver cleans
+//! up after both.
 
 use std::path::{Path, PathBuf};
 
@@ -45,21 +50,43 @@ pub fn outgoing(version: Option<QemuVersion>, target: &Path) -> Outgoing {
         };
     }
     let partial = partial_path(target);
+    let err = suffixed(target, ".err");
     Outgoing {
         uri: format!(
-            "exec:cat > {p} && mv {p} {t}",
+            "exec:if cat > {p} 2> {e} && mv {p} {t} 2>> {e}; then rm -f {e}; \
+             else rm -f {p}; mv {e} {f} || : > {f}; fi",
             p = shell_quote(&partial.to_string_lossy()),
-            t = shell_quote(&target.to_string_lossy())
+            t = shell_quote(&target.to_string_lossy()),
+            e = shell_quote(&err.to_string_lossy()),
+            f = shell_quote(&failed_path(target).to_string_lossy()),
         ),
         renamed_after: true,
     }
 }
 
+fn suffixed(target: &Path, suffix: &str) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    target.with_file_name(name)
+}
+
+/// The file a failed `exec:` migration leaves, holding the error.
+pub fn failed_path(target: &Path) -> PathBuf {
+    suffixed(target, ".failed")
+}
+
+/// Every file an outgoing migration to `target` may leave besides `target`.
+pub fn leftovers(target: &Path) -> [PathBuf; 3] {
+    [
+        partial_path(target),
+        suffixed(target, ".err"),
+        failed_path(target),
+    ]
+}
+
 /// The file an `exec:` migration writes before renaming it.
 pub fn partial_path(target: &Path) -> PathBuf {
-    let mut name = target.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    target.with_file_name(name)
+    suffixed(target, ".partial")
 }
 
 /// The `migrate-incoming` URI that reads the stream from `source`.
@@ -92,7 +119,10 @@ mod tests {
         let o = outgoing(Some(V72), t);
         assert_eq!(
             o.uri,
-            "exec:cat > '/s/it'\\''s/vmstate.partial' && mv '/s/it'\\''s/vmstate.partial' '/s/it'\\''s/vmstate'"
+            "exec:if cat > '/s/it'\\''s/vmstate.partial' 2> '/s/it'\\''s/vmstate.err' \
+             && mv '/s/it'\\''s/vmstate.partial' '/s/it'\\''s/vmstate' 2>> '/s/it'\\''s/vmstate.err'; \
+             then rm -f '/s/it'\\''s/vmstate.err'; else rm -f '/s/it'\\''s/vmstate.partial'; \
+             mv '/s/it'\\''s/vmstate.err' '/s/it'\\''s/vmstate.failed' || : > '/s/it'\\''s/vmstate.failed'; fi"
         );
         assert!(o.renamed_after);
         assert_eq!(incoming(Some(V72), t), "exec:cat '/s/it'\\''s/vmstate'");

@@ -8,15 +8,27 @@
 //!   kernel code at speed).
 //! - [`instance`]: lifecycle events, console fan-out, snapshot, exit.
 //! - [`migration`]: snapshots as migration streams in a file.
+//! - [`persist`]: `qemu.json`, how the machine behind a stream was built.
 //!
 //! A snapshot is QEMU's own migration stream (`vmstate`), taken with the
-//! guest stopped; a restore starts a new QEMU with `-incoming defer` on the
-//! devices of the spec it is given and loads the stream into it.
+//! guest stopped, plus `qemu.json` (machine type, accelerator, CPU model,
+//! QEMU version, devices with their PCI slots and MACs, extra devices). A
+//! restore starts a new QEMU built from `qemu.json` with `-incoming defer`,
+//! on the devices of the spec it is given (matched by name; a spec whose
+//! devices differ from the snapshot's is refused), and loads the stream
+//! into it. A snapshot taken under KVM restores only on a host whose CPU
+//! model (`artifacts.json`'s `host.cpu_model`) is the same, since `-cpu
+//! host` hands the host CPU's features to the guest; a TCG snapshot's
+//! `-cpu max` does not depend on the host.
+//!
+//! Every path is made absolute before QEMU starts (QEMU runs in the
+//! instance's work directory).
 
 pub mod accel;
 pub mod cmdline;
 pub mod instance;
 pub mod migration;
+pub mod persist;
 pub mod qmp;
 
 use std::net::TcpListener;
@@ -26,9 +38,15 @@ use std::process::{Command, Stdio};
 
 pub use instance::{QemuInstance, NAME};
 
-use crate::artifacts::ArtifactKind;
-use crate::{DebugListen, Driver, DriverError, Instance, InstanceSpec, SnapshotArtifacts};
+use crate::artifacts::{ArtifactKind, HostInfo};
+use crate::{Accel, DebugListen, Driver, DriverError, Instance, InstanceSpec, SnapshotArtifacts};
+use accel::AccelChoice;
 use cmdline::{Layout, Start};
+use persist::MachineRecord;
+
+/// How often a launch whose debugger asked for port 0 is retried when the
+/// port picked turned out taken by the time QEMU bound it.
+pub const DEBUG_PORT_ATTEMPTS: u32 = 3;
 
 /// The QEMU binary looked up on `PATH` when neither the spec nor
 /// `$VMR_QEMU` names one.
@@ -77,7 +95,9 @@ pub fn binary(spec: &InstanceSpec) -> Result<PathBuf, DriverError> {
 }
 
 /// The debugger endpoint with port 0 replaced by a free port, and a stale
-/// unix socket removed.
+/// unix socket removed. The port is free when picked; another process may
+/// take it before QEMU binds it, so [`QemuDriver`] retries such a launch
+/// (up to [`DEBUG_PORT_ATTEMPTS`] times) with a newly picked port.
 fn resolve_debug(d: &DebugListen) -> Result<DebugListen, DriverError> {
     d.validate()?;
     match d {
@@ -110,32 +130,103 @@ fn remove_stale(p: &Path) -> Result<(), DriverError> {
     }
 }
 
+/// Whether `e` is QEMU failing to bind a listening socket because the
+/// address is taken.
+pub fn is_bind_failure(e: &DriverError) -> bool {
+    matches!(e, DriverError::Exited { stderr, .. } if stderr.contains("Address already in use"))
+}
+
+/// The accelerator a restore uses: the snapshot's, which the spec may
+/// leave to `auto` or name, but not contradict.
+fn restore_accel(spec: &InstanceSpec, rec: &MachineRecord) -> Result<AccelChoice, DriverError> {
+    let accel: &'static str = if rec.accel == "kvm" { "kvm" } else { "tcg" };
+    let asked = match spec.qemu.accel {
+        Accel::Kvm => Some("kvm"),
+        Accel::Tcg => Some("tcg"),
+        Accel::Auto => None,
+    };
+    if let Some(a) = asked.filter(|a| *a != accel) {
+        return Err(DriverError::spec(
+            "qemu.accel",
+            format!("{a}, but the snapshot was taken under {accel} and restores only under it"),
+        ));
+    }
+    if accel == "kvm" && !Path::new("/dev/kvm").exists() {
+        return Err(DriverError::Unsupported {
+            driver: NAME.into(),
+            what: "restoring a KVM snapshot on a host without /dev/kvm".into(),
+        });
+    }
+    Ok(AccelChoice {
+        accel,
+        reason: format!("restore: the snapshot was taken under {accel}"),
+    })
+}
+
 impl QemuDriver {
-    /// Starts QEMU for `spec` with its vCPUs stopped.
+    /// Starts QEMU for `spec` with its vCPUs stopped: a fresh machine, or
+    /// the one `restored` (snapshot directory and record) describes.
     fn start(
         &self,
         spec: &InstanceSpec,
         start: Start,
-        restored_from: Option<String>,
+        restored: Option<(String, MachineRecord)>,
     ) -> Result<QemuInstance, DriverError> {
         cmdline::validate(spec)?;
+        let spec = &cmdline::absolute_spec(spec)?;
         let bin = binary(spec)?;
+        let (accel, machine, restored_from) = match restored {
+            None => {
+                let accel = accel::choose(spec.qemu.accel);
+                let machine = MachineRecord::for_launch(spec, accel.accel);
+                (accel, machine, None)
+            }
+            Some((dir, rec)) => {
+                rec.check_spec(spec)?;
+                (restore_accel(spec, &rec)?, rec, Some(dir))
+            }
+        };
+        let port0 = matches!(&spec.debug, Some(DebugListen::Tcp(a)) if a.port() == 0);
+        let attempts = if port0 { DEBUG_PORT_ATTEMPTS } else { 1 };
+        let mut attempt = 1;
+        loop {
+            let r = self.spawn(spec, &bin, start, &accel, &machine, restored_from.clone());
+            match r {
+                Err(e) if attempt < attempts && is_bind_failure(&e) => {
+                    tracing::warn!(instance = %spec.id, attempt, error = %e,
+                        "the debugger port was taken before QEMU bound it; retrying with another");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Starts one QEMU process for the absolute `spec`.
+    fn spawn(
+        &self,
+        spec: &InstanceSpec,
+        bin: &Path,
+        start: Start,
+        accel: &AccelChoice,
+        machine: &MachineRecord,
+        restored_from: Option<String>,
+    ) -> Result<QemuInstance, DriverError> {
         let program = bin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| DEFAULT_BINARY.into());
-        let accel = accel::choose(spec.qemu.accel);
         let debugger = spec.debug.as_ref().map(resolve_debug).transpose()?;
         let layout = Layout::new(spec);
         remove_stale(&layout.qmp)?;
         remove_stale(&layout.serial)?;
-        let args = cmdline::args(spec, &layout, accel.accel, debugger.as_ref(), start);
+        let args = cmdline::args(spec, &layout, machine, debugger.as_ref(), start);
         let stderr = std::fs::File::create(&layout.stderr)
             .map_err(DriverError::io(layout.stderr.display().to_string()))?;
         let stdout = stderr
             .try_clone()
             .map_err(DriverError::io(layout.stderr.display().to_string()))?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(bin);
         cmd.args(&args)
             .current_dir(&spec.work_dir)
             .stdin(Stdio::null())
@@ -153,7 +244,8 @@ impl QemuDriver {
             id: spec.id.clone(),
             program,
             layout,
-            accel,
+            accel: accel.clone(),
+            machine: machine.clone(),
             debugger,
             restored_from,
             child,
@@ -177,6 +269,7 @@ impl Driver for QemuDriver {
         spec: &InstanceSpec,
         snapshot_dir: &Path,
     ) -> Result<Box<dyn Instance>, DriverError> {
+        let snapshot_dir = &cmdline::absolutize(snapshot_dir)?;
         let arts = SnapshotArtifacts::load(snapshot_dir, NAME)?;
         let a = arts.get(instance::VMSTATE)?;
         if a.kind != ArtifactKind::MigrationStream {
@@ -195,11 +288,38 @@ impl Driver for QemuDriver {
                 ),
             });
         }
+        let m = arts.get(instance::MACHINE)?;
+        if m.kind != ArtifactKind::State || m.file != persist::MACHINE_FILE {
+            return Err(DriverError::Artifact {
+                artifact: m.name.clone(),
+                reason: format!(
+                    "is a {:?} artifact in {:?}, not the machine record {}",
+                    m.kind,
+                    m.file,
+                    persist::MACHINE_FILE
+                ),
+            });
+        }
+        let rec = MachineRecord::load(snapshot_dir)?;
+        if rec.accel == "kvm" {
+            let here = HostInfo::current();
+            if here.cpu_model != arts.host.cpu_model {
+                return Err(DriverError::Unsupported {
+                    driver: NAME.into(),
+                    what: format!(
+                        "restoring a KVM snapshot taken on a {:?} CPU on this host's {:?} CPU \
+                         (-cpu host gives the guest the host CPU's features; restore it on a \
+                         host with the same CPU model)",
+                        arts.host.cpu_model, here.cpu_model
+                    ),
+                });
+            }
+        }
         let source = snapshot_dir.join(&a.file);
         let inst = self.start(
             spec,
             Start::Incoming,
-            Some(snapshot_dir.display().to_string()),
+            Some((snapshot_dir.display().to_string(), rec)),
         )?;
         inst.load_snapshot(&source, instance::MIGRATION_TIMEOUT)?;
         tracing::info!(instance = %spec.id, snapshot = %snapshot_dir.display(), "restored, paused");
