@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmr_hypervisor::{
+use vmr_hypervisor::{RunState, 
     BootSpec, DebugListen, DiskSpec, DriverEvent, Instance, InstanceSpec, MacAddr, NicSpec,
 };
 use vmr_proto::{framing::EventReader, pb, BlockOp, Direction, Event, LifecycleKind, Payload};
@@ -541,38 +541,43 @@ impl CloneRuntime {
             LifecycleKind::Crash | LifecycleKind::TripleFault | LifecycleKind::InternalError
         );
         let last = self.shared.status.lock().expect("status lock").replayed_seq;
-        if crashed {
-            tracing::warn!(clone = %self.shared.id, kind = ?ev.kind(), last_seq = last, "the clone crashed");
-            self.shared.ended.store(true, Ordering::SeqCst);
-            self.shared.clock.stop();
-            let kind = ev.kind();
-            let mut st = self.shared.status.lock().expect("status lock");
-            st.state = pb::CloneState::Crashed;
-            st.detail = format!("the guest crashed ({kind:?}) after seq {last}");
-        }
-        self.shared.emit(pb::ReplayProgress {
+        let lifecycle = pb::ReplayProgress {
             lifecycle: Some(pb::CloneLifecycle {
                 lifecycle: Some(ev.lifecycle.clone().into()),
                 wall_time_ns: ev.wall_time_ns,
                 last_seq_applied: last,
             }),
             ..Default::default()
-        });
-        if crashed {
-            self.check_block();
+        };
+        if !crashed {
+            self.shared.emit(lifecycle);
+            return;
         }
+        tracing::warn!(clone = %self.shared.id, kind = ?ev.kind(), last_seq = last, "the clone crashed");
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared.clock.stop();
+        self.shared.emit(lifecycle);
+        // The block backend's capture trails the guest slightly.
+        std::thread::sleep(Duration::from_millis(300));
+        self.check_block();
+        let kind = ev.kind();
+        self.shared.update(|st| {
+            st.state = pb::CloneState::Crashed;
+            st.detail = format!("the guest crashed ({kind:?}) after seq {last}");
+        });
     }
 
-    /// Starts the replay; `step` starts it with that many steps, then paused.
+    /// Starts the replay: running, or with `step` events then paused, or
+    /// up to `run_to` then paused.
     pub fn start(self: &Arc<Self>, step: Option<u64>) -> Result<(), CloneError> {
+        self.start_with(step, None)
+    }
+
+    fn start_with(self: &Arc<Self>, step: Option<u64>, run_to: Option<u64>) -> Result<(), CloneError> {
         if self.shared.started.swap(true, Ordering::SeqCst) {
-            return Err(CloneError::State(
-                "the replay has already been started".into(),
-            ));
+            return Err(CloneError::State("the replay has already been started".into()));
         }
-        let inst = self
-            .instance()
-            .ok_or_else(|| CloneError::State("the clone has no guest".into()))?;
+        let inst = self.instance().ok_or_else(|| CloneError::State("the clone has no guest".into()))?;
         inst.resume()?;
         let source = self
             .source
@@ -583,6 +588,8 @@ impl CloneRuntime {
         self.shared.update(|s| s.state = pb::CloneState::Replaying);
         if let Some(n) = step {
             self.shared.clock.step(n);
+        } else if let Some(seq) = run_to {
+            self.shared.clock.run_to(RunTo::Seq(seq));
         } else if self.plan.start_paused {
             self.shared.clock.resume();
         }
@@ -777,9 +784,7 @@ impl CloneRuntime {
     pub fn pause(&self) -> Result<(), CloneError> {
         self.live()?;
         self.shared.clock.pause();
-        if let Some(i) = self.instance() {
-            i.pause()?;
-        }
+        self.guest(RunState::Running, |i| i.pause())?;
         self.shared.update(|_| {});
         Ok(())
     }
@@ -787,9 +792,7 @@ impl CloneRuntime {
     /// Resumes the guest and the replay.
     pub fn resume(&self) -> Result<(), CloneError> {
         self.live()?;
-        if let Some(i) = self.instance() {
-            i.resume()?;
-        }
+        self.guest(RunState::Paused, |i| i.resume())?;
         self.shared.clock.resume();
         self.shared.update(|_| {});
         Ok(())
@@ -801,9 +804,7 @@ impl CloneRuntime {
             return self.start(Some(n));
         }
         self.live()?;
-        if let Some(i) = self.instance() {
-            i.resume()?;
-        }
+        self.guest(RunState::Paused, |i| i.resume())?;
         self.shared.clock.step(n);
         self.shared.update(|_| {});
         Ok(())
@@ -818,13 +819,10 @@ impl CloneRuntime {
             )));
         }
         if !self.shared.started.load(Ordering::SeqCst) {
-            self.shared.clock.run_to(RunTo::Seq(seq));
-            return self.start(None);
+            return self.start_with(None, Some(seq));
         }
         self.live()?;
-        if let Some(i) = self.instance() {
-            i.resume()?;
-        }
+        self.guest(RunState::Paused, |i| i.resume())?;
         self.shared.clock.run_to(RunTo::Seq(seq));
         self.shared.update(|_| {});
         Ok(())
@@ -850,6 +848,20 @@ impl CloneRuntime {
                 s.detail = "stopped by the operator".into();
             }
         });
+        Ok(())
+    }
+
+    /// Applies `f` to the guest when it is in state `when`.
+    fn guest(
+        &self,
+        when: RunState,
+        f: impl FnOnce(&dyn Instance) -> Result<(), vmr_hypervisor::DriverError>,
+    ) -> Result<(), CloneError> {
+        if let Some(i) = self.instance() {
+            if i.query()?.state == when {
+                f(i.as_ref())?;
+            }
+        }
         Ok(())
     }
 

@@ -815,6 +815,7 @@ instances = ["other-1"]
     });
 
     // Shut the server down with the first clone still there.
+    drop(channel);
     // SAFETY: kill(2) on the pid of our own child.
     unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
     let start = Instant::now();

@@ -21,6 +21,9 @@ pub use config::{Config, ConfigError};
 
 use crate::clone::CloneRuntime;
 
+/// How long open calls may go on after the shutdown signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Errors running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -115,11 +118,27 @@ pub async fn serve(
     let svc = ReplayerServer::new(grpc::Replayer {
         state: state.clone(),
     });
-    let result = tonic::transport::Server::builder()
+    // After the shutdown signal, open calls (watch streams) get a bounded
+    // time to end.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = tx.send(());
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = rx.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("calls still open after the shutdown grace; closing");
+            Ok(())
+        }
+    };
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.teardown_all()).await;
     result.map_err(ServiceError::from)
