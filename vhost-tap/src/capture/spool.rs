@@ -185,6 +185,57 @@ struct SpoolState {
     /// A recycled segment kept to be overwritten as the next one (its
     /// pages are usually still cached, which makes writing it cheap).
     free: Option<String>,
+    /// Zero-filled spare files made at start, used before new files.
+    spares: Vec<String>,
+}
+
+/// Extension of the zero-filled spare files a spool makes at start.
+pub const SPARE_EXTENSION: &str = "spare";
+
+/// Makes sure the spool directory holds enough segment-sized files for its
+/// capacity (segments plus zero-filled spares), so capture overwrites files
+/// that exist instead of growing new ones, and the space is reserved before
+/// capture starts.
+fn prepare_spares(cfg: &SpoolConfig, segments: usize) -> io::Result<Vec<String>> {
+    let mut spares = Vec::new();
+    for entry in std::fs::read_dir(&cfg.dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name.to_str() {
+            if Path::new(n)
+                .extension()
+                .is_some_and(|e| e == SPARE_EXTENSION)
+            {
+                spares.push(n.to_owned());
+            }
+        }
+    }
+    spares.sort();
+    let want = cfg.capacity_bytes.div_ceil(cfg.segment_bytes) as usize + 1;
+    let have = segments + spares.len();
+    if have >= want {
+        return Ok(spares);
+    }
+    let zeros = vec![0u8; cfg.segment_bytes.min(1 << 20) as usize];
+    let start = std::time::Instant::now();
+    for i in have..want {
+        let name = format!("{i:08}.{SPARE_EXTENSION}");
+        let file = File::create(cfg.dir.join(&name))?;
+        let mut at = 0;
+        while at < cfg.segment_bytes {
+            let n = (cfg.segment_bytes - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        spares.push(name);
+    }
+    tracing::info!(
+        files = want - have,
+        mib = ((want - have) as u64 * cfg.segment_bytes) >> 20,
+        ms = start.elapsed().as_millis() as u64,
+        dir = %cfg.dir.display(),
+        "preallocated capture segments"
+    );
+    Ok(spares)
 }
 
 /// The writing side of a rolling spool (see the module documentation).
@@ -210,6 +261,7 @@ impl SpoolSink {
                 .len();
             closed.push_back((name, size));
         }
+        let spares = prepare_spares(&cfg, closed.len()).map_err(open_err)?;
         Ok(Self {
             inner: Mutex::new(SpoolState {
                 cfg,
@@ -219,6 +271,7 @@ impl SpoolSink {
                 unsynced: Vec::new(),
                 dir_dirty: false,
                 free: None,
+                spares,
             }),
         })
     }
@@ -319,7 +372,7 @@ impl SpoolState {
             instance_id: self.cfg.instance_id.clone(),
         };
         self.dir_dirty = true;
-        let w = match self.free.take() {
+        let w = match self.free.take().or_else(|| self.spares.pop()) {
             Some(old) => match Self::reuse(&self.cfg.dir.join(&old), &path, &header) {
                 Ok(w) => w,
                 Err(error) => {
@@ -802,13 +855,14 @@ mod tests {
         }
         drop(sink);
         // The crash cut the last frame short.
+        let (_, _, last) = drain(&mut SpoolReader::open(dir.path()).unwrap());
+        let end = last.unwrap().offset;
         let seg = dir.path().join(&list_segments(dir.path()).unwrap()[0]);
-        let len = std::fs::metadata(&seg).unwrap().len();
         OpenOptions::new()
             .write(true)
             .open(&seg)
             .unwrap()
-            .set_len(len - 30)
+            .set_len(end - 30)
             .unwrap();
         let before = std::fs::read(&seg).unwrap();
         // The restarted writer starts a new segment and leaves the old one.
