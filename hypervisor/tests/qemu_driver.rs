@@ -15,10 +15,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmr_hypervisor::image::{DiskSource, MachineImage};
-use vmr_hypervisor::qemu::QemuDriver;
+use vmr_hypervisor::qemu::persist::{DeviceKind, MachineRecord};
+use vmr_hypervisor::qemu::{QemuDriver, QemuInstance};
 use vmr_hypervisor::{
-    Accel, BootSpec, DebugListen, Driver, DriverError, DriverEvent, Instance, InstanceSpec,
-    RunState, SnapshotArtifacts, SnapshotOptions,
+    Accel, BootSpec, DebugListen, DiskSpec, Driver, DriverError, DriverEvent, EndReason, Instance,
+    InstanceSpec, RunState, SnapshotArtifacts, SnapshotOptions,
 };
 use vmr_proto::domain::LifecycleKind;
 use vmr_testkit::qemu::NetNs;
@@ -493,7 +494,35 @@ fn packet_of_death_panics_the_guest_and_arrives_as_a_crash_event() -> TestResult
     assert_eq!(arts.pause, None);
     assert!(arts.total_bytes() > 0);
     assert_eq!(inst.query()?.state, RunState::Crashed);
+    // wait() returns for a crashed guest that QEMU holds.
+    let end = inst.wait(Duration::from_secs(5))?;
+    assert_eq!(end.reason, EndReason::Crash, "{end:?}");
+    assert!(end.detail.contains("GUEST_PANICKED"), "{end:?}");
+    assert!(
+        end.detail.contains("Kernel panic") && !end.detail.contains("VMR-"),
+        "the crash detail quotes the panic line: {end:?}"
+    );
+    assert_eq!(inst.query()?.state, RunState::Crashed);
     inst.stop(Duration::from_secs(2))?;
+
+    // The snapshot of the held guest restores as a crashed clone.
+    let copy = tmp.path().join("clone.raw");
+    std::fs::copy(&disk, &copy)?;
+    let crig = Rig::start(&tmp.path().join("crig"), &copy, "drv-pod-clone")?;
+    let cspec = service_spec(&image, "drv-pod-clone", &tmp.path().join("cwork"), &crig)?;
+    let clone = QemuDriver.restore(&cspec, &snap)?;
+    assert_eq!(clone.query()?.state, RunState::Crashed);
+    let end = clone.wait(Duration::from_secs(5))?;
+    assert_eq!(end.reason, EndReason::Crash, "{end:?}");
+    assert!(matches!(clone.resume(), Err(DriverError::State { .. })));
+    let status = clone
+        .as_any()
+        .downcast_ref::<QemuInstance>()
+        .ok_or("not a QEMU instance")?
+        .qmp_execute("query-status", serde_json::json!({}))?;
+    assert_eq!(status["status"], "guest-panicked");
+    let exit = clone.stop(Duration::from_secs(2))?;
+    assert_eq!(exit.reason, EndReason::Stopped, "{exit:?}");
     Ok(())
 }
 
@@ -524,8 +553,30 @@ fn snapshot_restores_twice_while_the_original_keeps_running() -> TestResult {
         .pause
         .ok_or("a running guest's snapshot reports its pause")?;
     assert_eq!(arts.driver, "qemu");
-    assert_eq!(arts.artifacts.len(), 1);
+    assert_eq!(arts.artifacts.len(), 2);
     assert_eq!(SnapshotArtifacts::load(&live, "qemu")?, arts);
+    // qemu.json pins what the stream depends on.
+    let rec = MachineRecord::load(&live)?;
+    let (accel, _) = orig.query()?.accel.ok_or("no accel")?;
+    assert!(rec.machine.starts_with("pc-q35-"), "{rec:?}");
+    assert_eq!(rec.accel, accel);
+    assert_eq!(rec.cpu, if accel == "kvm" { "host" } else { "max" });
+    assert!(
+        rec.qemu_version.as_deref().is_some_and(|v| v.contains('.')),
+        "{rec:?}"
+    );
+    assert_eq!(rec.devices.len(), 2, "{rec:?}");
+    assert_eq!(
+        (
+            rec.devices[0].name.as_str(),
+            rec.devices[0].kind,
+            rec.devices[0].slot
+        ),
+        ("vda", DeviceKind::Disk, 4)
+    );
+    assert_eq!(rec.devices[1].kind, DeviceKind::Nic);
+    assert_eq!(rec.devices[1].mac, Some(spec.nics[0].mac.to_string()));
+    assert_eq!(rec.extra_devices, spec.qemu.devices);
     assert_eq!(orig.query()?.state, RunState::Running);
     next_event(
         &orig_events,
@@ -557,6 +608,37 @@ fn snapshot_restores_twice_while_the_original_keeps_running() -> TestResult {
         "original after the snapshots: {r1:?}"
     );
 
+    // A spec whose devices differ from the snapshot's is refused, naming
+    // the device, before any QEMU starts.
+    {
+        let mut lacks = spec.clone();
+        lacks.work_dir = root.join("mismatch");
+        std::fs::create_dir_all(&lacks.work_dir)?;
+        lacks.nics.clear();
+        let (e, t) = err_text(QemuDriver.restore(&lacks, &snap));
+        assert!(
+            matches!(e, DriverError::Spec { .. }) && t.contains("\"net0\""),
+            "{t}"
+        );
+        let mut extra = lacks.clone();
+        extra.nics = spec.nics.clone();
+        extra.disks.push(DiskSpec {
+            name: "vdb".into(),
+            socket: rig.socket("vda"),
+        });
+        let (e, t) = err_text(QemuDriver.restore(&extra, &snap));
+        assert!(
+            matches!(e, DriverError::Spec { .. }) && t.contains("\"vdb\""),
+            "{t}"
+        );
+        let mut other_mac = lacks.clone();
+        other_mac.nics = spec.nics.clone();
+        other_mac.nics[0].mac = "52:54:00:00:00:99".parse()?;
+        let (_, t) = err_text(QemuDriver.restore(&other_mac, &snap));
+        assert!(t.contains("nics[0].mac"), "{t}");
+        assert!(!qemu_running_in(&lacks.work_dir));
+    }
+
     let mut clones = Vec::new();
     for (i, copy) in copies.iter().enumerate() {
         let id = format!("drv-clone{}", i + 1);
@@ -564,7 +646,7 @@ fn snapshot_restores_twice_while_the_original_keeps_running() -> TestResult {
         let cspec = service_spec(&image, &id, &root.join(format!("{id}-work")), &crig)?;
         let t0 = Instant::now();
         let clone = QemuDriver.restore(&cspec, &snap)?;
-        assert_eq!(clone.query()?.state, RunState::Created, "restored paused");
+        assert_eq!(clone.query()?.state, RunState::Paused, "restored paused");
         clone.resume()?;
         eprintln!("{id}: restore to running {:?}", t0.elapsed());
         assert_eq!(clone.query()?.state, RunState::Running);
@@ -620,7 +702,18 @@ fn gdb_reads_registers_of_a_paused_instance() -> TestResult {
         spec.debug = Some(debug.clone());
         let inst = QemuDriver.launch(&spec)?;
         wait_console(inst.as_ref(), "VMR-WAIT", BOOT_TIMEOUT)?;
+        // A console subscriber that joins late gets the recent output first.
+        let late = inst.console();
+        let mut seen = Vec::new();
+        while let Some(c) = late.try_recv() {
+            seen.extend(c);
+        }
+        assert!(
+            String::from_utf8_lossy(&seen).contains("VMR-WAIT"),
+            "a late console subscriber missed the recent output"
+        );
         inst.pause()?;
+        let events = inst.subscribe();
         let endpoint = inst.debugger().ok_or("no debugger endpoint")?;
         let target = match &endpoint {
             DebugListen::Tcp(a) => {
@@ -651,8 +744,34 @@ fn gdb_reads_registers_of_a_paused_instance() -> TestResult {
         let rip = u64::from_str_radix(value.trim_start_matches("0x"), 16)?;
         // The paused guest runs kernel code (the upper half).
         assert!(rip >= 0xffff_8000_0000_0000, "rip {rip:#x} over {endpoint}");
+        // gdb detached, and QEMU's gdbstub resumed the guest; the driver
+        // paused it again.
+        let repaused = events.wait_for(Duration::from_secs(10), |e| {
+            e.kind() == LifecycleKind::Pause && e.lifecycle.detail.contains("paused again")
+        });
+        assert!(
+            repaused.is_ok(),
+            "no re-pause after gdb detached over {endpoint}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(inst.query()?.state, RunState::Paused, "over {endpoint}");
+        let status = inst
+            .as_any()
+            .downcast_ref::<QemuInstance>()
+            .ok_or("not a QEMU instance")?
+            .qmp_execute("query-status", serde_json::json!({}))?;
+        assert_eq!(status["status"], "paused", "over {endpoint}");
         inst.stop(Duration::from_secs(2))?;
     }
+    // A taken debugger port: QEMU's bind failure (the error a port-0 launch
+    // retries on) names the cause.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let work = tmp.path().join("w-busy");
+    std::fs::create_dir_all(&work)?;
+    let mut spec = plain_spec("drv-gdb", &work);
+    spec.debug = Some(DebugListen::Tcp(busy.local_addr()?));
+    let (e, t) = err_text(QemuDriver.launch(&spec));
+    assert!(vmr_hypervisor::qemu::is_bind_failure(&e), "{t}");
     let mut spec = plain_spec("drv-gdb", tmp.path());
     spec.debug = Some(DebugListen::Tcp("0.0.0.0:1234".parse()?));
     let (_, t) = err_text(QemuDriver.launch(&spec));
@@ -853,6 +972,151 @@ fn bad_input_is_a_named_error_and_nothing_is_left_running() -> TestResult {
         matches!(e, DriverError::Artifact { .. }) && t.contains("artifacts.json"),
         "{t}"
     );
+    Ok(())
+}
+
+/// `p` (absolute) as a path relative to the current directory.
+fn relative(p: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().expect("a current directory");
+    let up: PathBuf = cwd.components().skip(1).map(|_| "..").collect();
+    up.join(p.strip_prefix("/").expect("an absolute path"))
+}
+
+#[test]
+// Heavy: needs QEMU (TCG), the guest image.
+fn relative_paths_launch_snapshot_and_restore() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work)?;
+    let mut spec = plain_spec("drv-rel", &relative(&work));
+    spec.memory_mib = 128;
+    assert!(spec.work_dir.is_relative() && spec.qemu.devices.is_empty());
+    let inst = QemuDriver.launch(&spec)?;
+    // The driver adds pvpanic although the spec does not ask for it.
+    let ready = wait_console(inst.as_ref(), "VMR-READY", BOOT_TIMEOUT)?;
+    assert!(ready.contains("pvpanic=1"), "{ready}");
+    wait_console(inst.as_ref(), "VMR-WAIT", BOOT_TIMEOUT)?;
+    assert!(inst.query()?.console_file.is_absolute());
+    let snap = tmp.path().join("snap");
+    std::fs::create_dir(&snap)?;
+    let arts = inst.snapshot(&relative(&snap), SnapshotOptions::default())?;
+    assert!(snap.join("vmstate").is_file() && snap.join("qemu.json").is_file());
+    assert_eq!(arts.total_bytes(), {
+        let a = std::fs::metadata(snap.join("vmstate"))?.len();
+        a + std::fs::metadata(snap.join("qemu.json"))?.len()
+    });
+    assert_eq!(MachineRecord::load(&snap)?.extra_devices, vec!["pvpanic"]);
+    inst.stop(Duration::from_secs(1))?;
+
+    let rwork = tmp.path().join("rwork");
+    std::fs::create_dir(&rwork)?;
+    let mut rspec = spec.clone();
+    rspec.id = "drv-rel-clone".into();
+    rspec.work_dir = relative(&rwork);
+    let clone = QemuDriver.restore(&rspec, &relative(&snap))?;
+    assert_eq!(clone.query()?.state, RunState::Paused);
+    clone.resume()?;
+    assert_eq!(clone.query()?.state, RunState::Running);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(clone.query()?.state, RunState::Running);
+    clone.stop(Duration::from_secs(1))?;
+    Ok(())
+}
+
+#[test]
+// Heavy: needs QEMU (TCG), the guest image.
+fn guest_reset_is_a_crash() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut spec = plain_spec("drv-reset", tmp.path());
+    if let BootSpec::Kernel { cmdline, .. } = &mut spec.boot {
+        // init is `reboot -f`; reboot=t resets by a triple fault.
+        *cmdline = "console=ttyS0 loglevel=4 reboot=t rdinit=/bin/reboot -- -f".into();
+    }
+    let inst = QemuDriver.launch(&spec)?;
+    let events = inst.subscribe();
+    let exit = inst.wait(BOOT_TIMEOUT)?;
+    assert_eq!(exit.reason, EndReason::Crash, "{exit:?}");
+    assert!(
+        exit.detail.contains("guest reset (triple fault or reboot)"),
+        "{exit:?}"
+    );
+    let ev = next_event(&events, LifecycleKind::Crash, Duration::from_secs(5))?;
+    assert!(
+        ev.lifecycle.detail.contains("guest-reset"),
+        "{}",
+        ev.lifecycle.detail
+    );
+    assert_eq!(inst.query()?.state, RunState::Exited);
+    Ok(())
+}
+
+/// A size-limited tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> Result<SmallFs, BoxError> {
+        std::fs::create_dir_all(dir)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        if !st.success() {
+            return Err(
+                format!("mount tmpfs on {} failed ({st}): needs root", dir.display()).into(),
+            );
+        }
+        Ok(SmallFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+// Heavy: needs QEMU (TCG), root (tmpfs mount), the guest image.
+fn a_snapshot_to_a_full_disk_fails_at_once_and_leaves_nothing() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut spec = plain_spec("drv-full", tmp.path());
+    spec.memory_mib = 128;
+    let inst = QemuDriver.launch(&spec)?;
+    wait_console(inst.as_ref(), "VMR-WAIT", BOOT_TIMEOUT)?;
+    let fs = SmallFs::mount(&tmp.path().join("small"), "1m")?;
+    let start = Instant::now();
+    let e = inst
+        .snapshot(&fs.0, SnapshotOptions::default())
+        .expect_err("a 1 MiB file system cannot hold the snapshot");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}: {e}");
+    let t = e.to_string();
+    assert!(matches!(e, DriverError::Command { .. }), "{t}");
+    assert!(
+        t.contains("No space left") || t.contains("disk full"),
+        "{t}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&fs.0)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The guest was resumed after the failed cut, and no pause detail
+    // lingers for a later event.
+    assert_eq!(inst.query()?.state, RunState::Running);
+    let events = inst.subscribe();
+    inst.pause()?;
+    next_event(&events, LifecycleKind::Pause, Duration::from_secs(5))?;
+    let last = inst
+        .subscribe()
+        .receiver()
+        .try_iter()
+        .filter(|e| e.kind() == LifecycleKind::Pause)
+        .last()
+        .ok_or("no pause event")?;
+    assert_eq!(last.lifecycle.detail, "paused by the driver");
+    drop(fs);
+    inst.stop(Duration::from_secs(1))?;
     Ok(())
 }
 
