@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmr_hypervisor::{RunState, 
+use vmr_hypervisor::{
     BootSpec, DebugListen, DiskSpec, DriverEvent, Instance, InstanceSpec, MacAddr, NicSpec,
+    RunState,
 };
 use vmr_proto::{framing::EventReader, pb, BlockOp, Direction, Event, LifecycleKind, Payload};
 
@@ -309,7 +310,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
     let mut sockets = Vec::new();
     let mut spec = InstanceSpec::new(
         rt.plan.clone_id.as_str(),
-        &work.join("vm"),
+        work.join("vm"),
         BootSpec::Kernel {
             kernel: rt.plan.kernel.clone(),
             initrd: None,
@@ -573,11 +574,19 @@ impl CloneRuntime {
         self.start_with(step, None)
     }
 
-    fn start_with(self: &Arc<Self>, step: Option<u64>, run_to: Option<u64>) -> Result<(), CloneError> {
+    fn start_with(
+        self: &Arc<Self>,
+        step: Option<u64>,
+        run_to: Option<u64>,
+    ) -> Result<(), CloneError> {
         if self.shared.started.swap(true, Ordering::SeqCst) {
-            return Err(CloneError::State("the replay has already been started".into()));
+            return Err(CloneError::State(
+                "the replay has already been started".into(),
+            ));
         }
-        let inst = self.instance().ok_or_else(|| CloneError::State("the clone has no guest".into()))?;
+        let inst = self
+            .instance()
+            .ok_or_else(|| CloneError::State("the clone has no guest".into()))?;
         inst.resume()?;
         let source = self
             .source

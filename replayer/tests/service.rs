@@ -48,11 +48,8 @@ fn require_prerequisites() {
         panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
     }
     // SAFETY: geteuid has no preconditions and touches no memory.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (network namespaces)");
 }
 
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
