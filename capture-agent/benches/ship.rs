@@ -150,5 +150,5 @@ fn main() {
             );
         }
     }
-    println!("\n(seconds include connecting, the registry lookups and the partition-tail scan)");
+    println!("\n(seconds include connecting and the registry lookups)");
 }
