@@ -102,8 +102,11 @@ impl Config {
         let mut broker_source = Source::Default;
         if let Some(path) = &file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                CliError::usage(format!("cannot read the config file {}: {e}", path.display()))
-                    .hint("pass an existing file with --config, or unset VMR_CONFIG")
+                CliError::usage(format!(
+                    "cannot read the config file {}: {e}",
+                    path.display()
+                ))
+                .hint("pass an existing file with --config, or unset VMR_CONFIG")
             })?;
             let bad = |what: &str, e: &dyn std::fmt::Display| {
                 CliError::usage(format!("config file {}: {what}: {e}", path.display()))

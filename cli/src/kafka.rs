@@ -26,7 +26,11 @@ pub fn consumer(bootstrap: &str) -> CliResult<BaseConsumer> {
         .set("log_level", "0")
         .set_log_level(RDKafkaLogLevel::Emerg)
         .create()
-        .map_err(|e| CliError::usage(format!("cannot create a Kafka client for {bootstrap:?}: {e}")))
+        .map_err(|e| {
+            CliError::usage(format!(
+                "cannot create a Kafka client for {bootstrap:?}: {e}"
+            ))
+        })
 }
 
 /// The broker's topics and their partition counts, within `timeout`.

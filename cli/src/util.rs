@@ -98,8 +98,10 @@ pub fn http_get(base_url: &str, path: &str, timeout: Duration) -> Result<(u16, S
     }
     let (hostport, prefix) = split_http_url(base_url)?;
     let mut s = connect(&hostport, timeout)?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let req = format!(
         "GET {prefix}{path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
     );
@@ -116,7 +118,10 @@ pub fn http_get(base_url: &str, path: &str, timeout: Duration) -> Result<(u16, S
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| "the answer is not HTTP".to_string())?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()

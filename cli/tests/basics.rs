@@ -24,7 +24,10 @@ fn bad_config_file_is_a_usage_error_naming_the_key() {
     let d = tempfile::tempdir().unwrap();
     let cfg = d.path().join("vmr.toml");
     std::fs::write(&cfg, "[endpoints]\nbootstrap-server = \"x:1\"\n").unwrap();
-    let r = vmr(&["--config", cfg.to_str().unwrap(), "image", "list"], d.path());
+    let r = vmr(
+        &["--config", cfg.to_str().unwrap(), "image", "list"],
+        d.path(),
+    );
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("bootstrap-server"), "{}", r.stderr);
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
@@ -35,7 +38,11 @@ fn completions_are_printed() {
     let d = tempfile::tempdir().unwrap();
     let r = vmr(&["completions", "bash"], d.path());
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("_vmr"), "{}", &r.stdout[..r.stdout.len().min(400)]);
+    assert!(
+        r.stdout.contains("_vmr"),
+        "{}",
+        &r.stdout[..r.stdout.len().min(400)]
+    );
     for sub in ["doctor", "image", "events", "stack"] {
         assert!(r.stdout.contains(sub), "completion lacks {sub}");
     }
@@ -70,7 +77,10 @@ fn image_list_and_show_on_the_built_demo_image() {
     let rows = images
         .iter()
         .filter(|i| {
-            std::fs::canonicalize(i["dir"].as_str().unwrap()).ok().as_ref() == Some(&canon)
+            std::fs::canonicalize(i["dir"].as_str().unwrap())
+                .ok()
+                .as_ref()
+                == Some(&canon)
         })
         .count();
     assert_eq!(rows, 1, "{v}");
@@ -110,7 +120,11 @@ fn malformed_image_names_the_field_and_exits_5() {
         .find(|l| l.starts_with("mac = "))
         .expect("the demo image has a NIC MAC")
         .to_string();
-    std::fs::write(bad.join("image.toml"), broken.replace(&mac_line, "mac = \"52:54\"")).unwrap();
+    std::fs::write(
+        bad.join("image.toml"),
+        broken.replace(&mac_line, "mac = \"52:54\""),
+    )
+    .unwrap();
 
     let d = tempfile::tempdir().unwrap();
     let dd = d.path().to_str().unwrap();
@@ -135,7 +149,11 @@ fn malformed_image_names_the_field_and_exits_5() {
     assert_eq!(row["error"]["field"], "nics[0].mac");
 
     // --json errors are one object on stderr.
-    let r = vmr_env(&["--json", "image", "show", bad.to_str().unwrap()], &env, Duration::from_secs(30));
+    let r = vmr_env(
+        &["--json", "image", "show", bad.to_str().unwrap()],
+        &env,
+        Duration::from_secs(30),
+    );
     assert_eq!(r.code, 5);
     let e: serde_json::Value = serde_json::from_str(r.stderr.trim()).unwrap();
     assert_eq!(e["error"]["kind"], "failed_precondition");
@@ -147,6 +165,10 @@ fn unknown_image_is_not_found() {
     let d = tempfile::tempdir().unwrap();
     let r = vmr(&["image", "show", "no-such-image"], d.path());
     assert_eq!(r.code, 3, "{r:?}");
-    assert!(r.stderr.contains("no image named \"no-such-image\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no image named \"no-such-image\""),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("vmr image list"), "{}", r.stderr);
 }

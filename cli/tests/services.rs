@@ -26,8 +26,8 @@ const T0: u64 = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
 fn stack() -> (Broker, Registry) {
     assert_eq!(PARTS, TEST_EVENT_PARTITIONS.to_string());
     let broker = Broker::start().unwrap_or_else(|e| panic!("starting the broker: {e}"));
-    let registry =
-        Registry::start(&broker.bootstrap()).unwrap_or_else(|e| panic!("starting the registry: {e}"));
+    let registry = Registry::start(&broker.bootstrap())
+        .unwrap_or_else(|e| panic!("starting the registry: {e}"));
     (broker, registry)
 }
 
@@ -47,7 +47,11 @@ fn doctor_reports_kvm_without_speed_and_tcg_and_healthy_services() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file://{}", dir.path().join("objects").display());
     let data = dir.path().join("data");
-    let (b, r, d) = (broker.bootstrap(), registry.url(), data.to_str().unwrap().to_string());
+    let (b, r, d) = (
+        broker.bootstrap(),
+        registry.url(),
+        data.to_str().unwrap().to_string(),
+    );
     let e = env(&b, &r, &store, &d);
     let run = vmr_env(&["--json", "doctor"], &e, Duration::from_secs(90));
     assert_eq!(run.code, 0, "{run:?}");
@@ -70,9 +74,15 @@ fn doctor_reports_kvm_without_speed_and_tcg_and_healthy_services() {
             .clone()
     };
     assert_eq!(check("kvm")["status"], "warn");
-    assert!(check("kvm")["detail"].as_str().unwrap().contains("QEMU/TCG will be used"));
+    assert!(check("kvm")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("QEMU/TCG will be used"));
     assert_eq!(check("qemu")["status"], "ok");
-    assert!(v["qemu_version"].as_str().unwrap().contains("QEMU emulator version"));
+    assert!(v["qemu_version"]
+        .as_str()
+        .unwrap()
+        .contains("QEMU emulator version"));
     assert_eq!(check("broker")["status"], "ok", "{v}");
     // The registry answers; the schemas are registered by producers.
     assert_ne!(check("registry")["status"], "fail", "{v}");
@@ -85,7 +95,9 @@ fn doctor_reports_kvm_without_speed_and_tcg_and_healthy_services() {
     let run = vmr_env(&["doctor"], &e, Duration::from_secs(90));
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stdout.contains("verdict: KVM is present but cannot run Linux at speed: QEMU/TCG will be used"),
+        run.stdout.contains(
+            "verdict: KVM is present but cannot run Linux at speed: QEMU/TCG will be used"
+        ),
         "{}",
         run.stdout
     );
@@ -93,13 +105,29 @@ fn doctor_reports_kvm_without_speed_and_tcg_and_healthy_services() {
     // Without a broker: the broker check fails with its fix, exit 5.
     let closed = format!("127.0.0.1:{}", vmr_testkit::free_port());
     let e2 = env(&closed, &r, &store, &d);
-    let run = vmr_env(&["--json", "doctor", "--timeout", "3"], &e2, Duration::from_secs(90));
+    let run = vmr_env(
+        &["--json", "doctor", "--timeout", "3"],
+        &e2,
+        Duration::from_secs(90),
+    );
     assert_eq!(run.code, 5, "{run:?}");
     let v = run.json();
     assert_eq!(v["ok"], false);
     assert_eq!(v["failed"], serde_json::json!(["broker"]));
-    let broker_check = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "broker").unwrap().clone();
-    assert!(broker_check["fix"].as_str().unwrap().contains("vmr stack up"), "{v}");
+    let broker_check = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "broker")
+        .unwrap()
+        .clone();
+    assert!(
+        broker_check["fix"]
+            .as_str()
+            .unwrap()
+            .contains("vmr stack up"),
+        "{v}"
+    );
 }
 
 fn block(inst: &str, seq: u64, op: BlockOp, sector: u64) -> Event {
@@ -115,7 +143,11 @@ fn block(inst: &str, seq: u64, op: BlockOp, sector: u64) -> Event {
             op,
             sector,
             len: 4096,
-            data: if op == BlockOp::Write { vec![7; 4096] } else { Vec::new() },
+            data: if op == BlockOp::Write {
+                vec![7; 4096]
+            } else {
+                Vec::new()
+            },
             content_hash: None,
             status: BlockStatus::Ok,
         }),
@@ -175,7 +207,10 @@ fn publish(bootstrap: &str, registry: &str, events: &[Event], poison_instance: &
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = RegistryClient::new(registry).unwrap();
-        let registered = client.register_vmr_schemas().await.expect("registering the schemas");
+        let registered = client
+            .register_vmr_schemas()
+            .await
+            .expect("registering the schemas");
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
@@ -226,7 +261,9 @@ fn events_tail_decodes_filters_and_skips_poison() {
     let a = "vm-a";
     let other = (0..100)
         .map(|i| format!("vm-b{i}"))
-        .find(|n| vmr_proto::topics::partition_for(n, parts) != vmr_proto::topics::partition_for(a, parts))
+        .find(|n| {
+            vmr_proto::topics::partition_for(n, parts) != vmr_proto::topics::partition_for(a, parts)
+        })
         .unwrap();
     let mut events = vec![
         lifecycle(a, 1, LifecycleKind::Boot, "qemu tcg"),
@@ -254,7 +291,11 @@ fn events_tail_decodes_filters_and_skips_poison() {
     seqs.sort();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{}", run.stdout);
     assert!(lines.iter().all(|l| l["instance"] == a));
-    assert!(run.stderr.contains("skipped record vmr.net.v1"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("skipped record vmr.net.v1"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("magic byte"), "{}", run.stderr);
     let w = lines.iter().find(|l| l["seq"] == 2).unwrap();
     assert_eq!(w["kind"], "block");
@@ -277,12 +318,18 @@ fn events_tail_decodes_filters_and_skips_poison() {
 
     // Kind and seq filters.
     let run = vmr_env(
-        &["--json", "events", "tail", "-i", a, "--kind", "block", "--seq", "3..5"],
+        &[
+            "--json", "events", "tail", "-i", a, "--kind", "block", "--seq", "3..5",
+        ],
         &e,
         t,
     );
     assert_eq!(run.code, 0, "{run:?}");
-    let seqs: Vec<u64> = run.json_lines().iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = run
+        .json_lines()
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![4, 5], "{}", run.stdout);
 
     // The other instance only: its partition, none of a's events.
@@ -291,7 +338,11 @@ fn events_tail_decodes_filters_and_skips_poison() {
     let lines = run.json_lines();
     assert_eq!(lines.len(), 2, "{}", run.stdout);
     assert!(lines.iter().all(|l| l["instance"] == other.as_str()));
-    assert!(!run.stderr.contains("skipped record"), "a's poison is on another partition: {}", run.stderr);
+    assert!(
+        !run.stderr.contains("skipped record"),
+        "a's poison is on another partition: {}",
+        run.stderr
+    );
 
     // Device filter across instances.
     let run = vmr_env(&["--json", "events", "tail", "--device", "net0"], &e, t);
@@ -299,7 +350,11 @@ fn events_tail_decodes_filters_and_skips_poison() {
     assert_eq!(run.json_lines().len(), 2, "{}", run.stdout);
 
     // Human lines: seq, time, kind, device, summary.
-    let run = vmr_env(&["events", "tail", "-i", a, "--kind", "net,lifecycle"], &e, t);
+    let run = vmr_env(
+        &["events", "tail", "-i", a, "--kind", "net,lifecycle"],
+        &e,
+        t,
+    );
     assert_eq!(run.code, 0, "{run:?}");
     let out = &run.stdout;
     assert_eq!(out.lines().count(), 3, "{out}");
@@ -312,11 +367,36 @@ fn events_tail_decodes_filters_and_skips_poison() {
 
     // --follow starts at the end and ends after --duration with nothing new;
     // --from-beginning reads what is there, then stops at --limit.
-    let run = vmr_env(&["--json", "events", "tail", "-i", a, "--follow", "--duration", "2"], &e, t);
+    let run = vmr_env(
+        &[
+            "--json",
+            "events",
+            "tail",
+            "-i",
+            a,
+            "--follow",
+            "--duration",
+            "2",
+        ],
+        &e,
+        t,
+    );
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout, "");
     let run = vmr_env(
-        &["--json", "events", "tail", "-i", a, "--follow", "--from-beginning", "--limit", "6", "--duration", "30"],
+        &[
+            "--json",
+            "events",
+            "tail",
+            "-i",
+            a,
+            "--follow",
+            "--from-beginning",
+            "--limit",
+            "6",
+            "--duration",
+            "30",
+        ],
         &e,
         t,
     );
@@ -332,15 +412,25 @@ fn events_tail_without_a_broker_is_unavailable() {
     let d = dir.path().to_str().unwrap();
     let e = [("VMR_BOOTSTRAP_SERVERS", bs.as_str()), ("VMR_DATA_DIR", d)];
     let started = std::time::Instant::now();
-    let run = vmr_env(&["events", "tail", "--timeout", "3"], &e, Duration::from_secs(30));
+    let run = vmr_env(
+        &["events", "tail", "--timeout", "3"],
+        &e,
+        Duration::from_secs(30),
+    );
     assert_eq!(run.code, 4, "{run:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(
-        run.stderr.contains(&format!("the Kafka broker at {bs} did not answer")),
+        run.stderr
+            .contains(&format!("the Kafka broker at {bs} did not answer")),
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("hint: start the local stack with `vmr stack up`"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("hint: start the local stack with `vmr stack up`"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -357,7 +447,11 @@ fn stack_up_status_env_down() {
     ];
     let t = Duration::from_secs(240);
     let tansu = vmr_testkit::broker::tansu_path();
-    assert!(tansu.is_file(), "Tansu is missing at {} (scripts/setup.sh builds it)", tansu.display());
+    assert!(
+        tansu.is_file(),
+        "Tansu is missing at {} (scripts/setup.sh builds it)",
+        tansu.display()
+    );
     // Stops the stack even when an assertion below fails.
     struct Down<'a>(&'a [(&'a str, &'a str)]);
     impl Drop for Down<'_> {
@@ -394,7 +488,12 @@ fn stack_up_status_env_down() {
     }
 
     let run = vmr_env(&["stack", "env"], &e, t);
-    assert!(run.stdout.contains(&format!("export VMR_BOOTSTRAP_SERVERS={bs}")), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains(&format!("export VMR_BOOTSTRAP_SERVERS={bs}")),
+        "{}",
+        run.stdout
+    );
 
     let run = vmr_env(&["stack", "down"], &e, t);
     assert_eq!(run.code, 0, "{run:?}");
@@ -405,8 +504,16 @@ fn stack_up_status_env_down() {
     }
 
     // A remote broker configured: the local stack refuses.
-    let remote = [("VMR_DATA_DIR", d.as_str()), ("VMR_BOOTSTRAP_SERVERS", "kafka.example:9092")];
+    let remote = [
+        ("VMR_DATA_DIR", d.as_str()),
+        ("VMR_BOOTSTRAP_SERVERS", "kafka.example:9092"),
+    ];
     let run = vmr_env(&["stack", "up"], &remote, t);
     assert_eq!(run.code, 5, "{run:?}");
-    assert!(run.stderr.contains("the local stack runs only on 127.0.0.1"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("the local stack runs only on 127.0.0.1"),
+        "{}",
+        run.stderr
+    );
 }

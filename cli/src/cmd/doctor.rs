@@ -59,7 +59,12 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-fn check(name: &'static str, status: Status, detail: impl Into<String>, fix: Option<String>) -> Check {
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: Option<String>,
+) -> Check {
     Check {
         name,
         status,
@@ -178,7 +183,10 @@ fn qemu_check(timeout: Duration) -> (Check, Option<String>) {
     match util::run_bounded(Command::new(&bin).arg("--version"), timeout) {
         Ok(c) if c.success => {
             let first = c.stdout.lines().next().unwrap_or("").trim().to_string();
-            (check("qemu", Status::Ok, format!("{bin}: {first}"), None), Some(first))
+            (
+                check("qemu", Status::Ok, format!("{bin}: {first}"), None),
+                Some(first),
+            )
         }
         Ok(c) => (
             check(
@@ -215,7 +223,10 @@ fn broker_check(cfg: &Config, timeout: Duration) -> Check {
             Some(&n) => {
                 let expect = spec.partitions.unwrap_or(want);
                 if n != expect {
-                    wrong.push(format!("{} has {n} partitions, expected {expect}", spec.name));
+                    wrong.push(format!(
+                        "{} has {n} partitions, expected {expect}",
+                        spec.name
+                    ));
                 }
             }
         }
@@ -224,8 +235,14 @@ fn broker_check(cfg: &Config, timeout: Duration) -> Check {
         return check(
             "broker",
             Status::Fail,
-            format!("broker {bs} answers but lacks topics: {}", missing.join(", ")),
-            Some("create them with `vmr stack up` (local stack) or as listed in docs/kafka.md".into()),
+            format!(
+                "broker {bs} answers but lacks topics: {}",
+                missing.join(", ")
+            ),
+            Some(
+                "create them with `vmr stack up` (local stack) or as listed in docs/kafka.md"
+                    .into(),
+            ),
         );
     }
     if !wrong.is_empty() {
@@ -233,7 +250,10 @@ fn broker_check(cfg: &Config, timeout: Duration) -> Check {
             "broker",
             Status::Fail,
             format!("broker {bs}: {}", wrong.join("; ")),
-            Some("set event-partitions (VMR_EVENT_PARTITIONS) to the cluster's partition count".into()),
+            Some(
+                "set event-partitions (VMR_EVENT_PARTITIONS) to the cluster's partition count"
+                    .into(),
+            ),
         );
     }
     check(
@@ -287,10 +307,18 @@ fn registry_check(cfg: &Config, timeout: Duration) -> Check {
         Ok((code, body)) => check(
             "registry",
             Status::Fail,
-            format!("registry {url}: GET /subjects answered HTTP {code}: {}", body.trim()),
+            format!(
+                "registry {url}: GET /subjects answered HTTP {code}: {}",
+                body.trim()
+            ),
             fix,
         ),
-        Err(e) => check("registry", Status::Fail, format!("registry {url}: {e}"), fix),
+        Err(e) => check(
+            "registry",
+            Status::Fail,
+            format!("registry {url}: {e}"),
+            fix,
+        ),
     }
 }
 
@@ -314,7 +342,12 @@ fn object_store_check(cfg: &Config, timeout: Duration) -> Check {
         return match std::fs::write(&probe, b"vmr doctor") {
             Ok(()) => {
                 let _ = std::fs::remove_file(&probe);
-                check("object-store", Status::Ok, format!("{url} is writable"), None)
+                check(
+                    "object-store",
+                    Status::Ok,
+                    format!("{url} is writable"),
+                    None,
+                )
             }
             Err(e) => check(
                 "object-store",
@@ -333,7 +366,9 @@ fn object_store_check(cfg: &Config, timeout: Duration) -> Check {
         return check(
             "object-store",
             Status::Warn,
-            format!("{url}: no AWS_ENDPOINT / AWS_ENDPOINT_URL set, so reachability was not checked"),
+            format!(
+                "{url}: no AWS_ENDPOINT / AWS_ENDPOINT_URL set, so reachability was not checked"
+            ),
             Some("set AWS_ENDPOINT for an S3-compatible server to have it checked".into()),
         );
     };
@@ -377,7 +412,9 @@ fn disk_check(cfg: &Config) -> (Check, Option<(u64, u64, PathBuf)>) {
                 at.display(),
                 cfg.data_dir.display()
             );
-            let fix = Some("free disk space or move the data directory (--data-dir, VMR_DATA_DIR)".to_string());
+            let fix = Some(
+                "free disk space or move the data directory (--data-dir, VMR_DATA_DIR)".to_string(),
+            );
             let status = if free < DISK_FAIL_BYTES {
                 Status::Fail
             } else if free < DISK_WARN_BYTES {
@@ -450,7 +487,11 @@ pub fn run(cfg: &Config, a: &DoctorArgs, out: &Out) -> CliResult {
     } else {
         let mut t = Table::new(&["CHECK", "STATUS", "DETAIL"]);
         for c in &checks {
-            t.row(vec![c.name.into(), c.status.as_str().into(), c.detail.clone()]);
+            t.row(vec![
+                c.name.into(),
+                c.status.as_str().into(),
+                c.detail.clone(),
+            ]);
         }
         t.print();
         let fixes: Vec<_> = checks
@@ -468,10 +509,9 @@ pub fn run(cfg: &Config, a: &DoctorArgs, out: &Out) -> CliResult {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(CliError::precondition(format!(
-            "required checks failed: {}",
-            failed.join(", ")
-        ))
-        .hint("see the fixes above"))
+        Err(
+            CliError::precondition(format!("required checks failed: {}", failed.join(", ")))
+                .hint("see the fixes above"),
+        )
     }
 }

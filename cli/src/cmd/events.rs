@@ -367,7 +367,9 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
             .map_err(|e| CliError::usage(format!("--instance {i:?}: {e}")))?;
     }
     if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        return Err(CliError::usage("--timeout must be a positive number of seconds"));
+        return Err(CliError::usage(
+            "--timeout must be a positive number of seconds",
+        ));
     }
     let timeout = Duration::from_secs_f64(a.timeout);
     let bs = &cfg.endpoints.bootstrap_servers;
@@ -394,14 +396,12 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
             None => (0..n).collect(),
         };
         for p in parts {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, timeout)
-                .map_err(|e| {
-                    CliError::unavailable(format!(
-                        "the broker at {bs} did not give the offsets of {topic}[{p}]: {e}"
-                    ))
-                    .hint("check the broker with `vmr doctor`")
-                })?;
+            let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| {
+                CliError::unavailable(format!(
+                    "the broker at {bs} did not give the offsets of {topic}[{p}]: {e}"
+                ))
+                .hint("check the broker with `vmr doctor`")
+            })?;
             let start = if start_at_end { high } else { low };
             tpl.add_partition_offset(topic, p, Offset::Offset(start))
                 .map_err(|e| CliError::other(format!("assigning {topic}[{p}]: {e}")))?;
@@ -414,7 +414,9 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
         .assign(&tpl)
         .map_err(|e| CliError::other(format!("assigning partitions: {e}")))?;
     let started = Instant::now();
-    let stop_at = a.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let stop_at = a
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let mut printed: u64 = 0;
     let mut skipped: u64 = 0;
     let mut last_progress = Instant::now();
@@ -470,13 +472,21 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
                 continue;
             }
         };
-        if a.instance.as_deref().is_some_and(|i| i != event.instance.as_str()) {
+        if a.instance
+            .as_deref()
+            .is_some_and(|i| i != event.instance.as_str())
+        {
             continue;
         }
-        if a.seq.is_some_and(|r| event.seq < r.first || event.seq > r.last) {
+        if a.seq
+            .is_some_and(|r| event.seq < r.first || event.seq > r.last)
+        {
             continue;
         }
-        if a.device.as_deref().is_some_and(|d| device_of(&event) != Some(d)) {
+        if a.device
+            .as_deref()
+            .is_some_and(|d| device_of(&event) != Some(d))
+        {
             continue;
         }
         if out.json {
@@ -509,12 +519,21 @@ mod tests {
 
     #[test]
     fn seq_ranges_parse() {
-        assert_eq!("5".parse::<SeqRange>().unwrap(), SeqRange { first: 5, last: 5 });
+        assert_eq!(
+            "5".parse::<SeqRange>().unwrap(),
+            SeqRange { first: 5, last: 5 }
+        );
         assert_eq!(
             "3..".parse::<SeqRange>().unwrap(),
-            SeqRange { first: 3, last: u64::MAX }
+            SeqRange {
+                first: 3,
+                last: u64::MAX
+            }
         );
-        assert_eq!("..9".parse::<SeqRange>().unwrap(), SeqRange { first: 0, last: 9 });
+        assert_eq!(
+            "..9".parse::<SeqRange>().unwrap(),
+            SeqRange { first: 0, last: 9 }
+        );
         assert!("9..3".parse::<SeqRange>().is_err());
         assert!("x".parse::<SeqRange>().is_err());
     }

@@ -225,11 +225,10 @@ fn resolve(cfg: &Config, what: &str) -> CliResult<(PathBuf, Vec<PathBuf>)> {
     let as_path = Path::new(what);
     if what.contains('/') || as_path.join(IMAGE_FILE).is_file() {
         if !as_path.join(IMAGE_FILE).is_file() {
-            return Err(CliError::not_found(format!(
-                "{} has no {IMAGE_FILE}",
-                as_path.display()
-            ))
-            .hint("pass an image directory, or a name from `vmr image list`"));
+            return Err(
+                CliError::not_found(format!("{} has no {IMAGE_FILE}", as_path.display()))
+                    .hint("pass an image directory, or a name from `vmr image list`"),
+            );
         }
         return Ok((as_path.to_path_buf(), Vec::new()));
     }
@@ -298,7 +297,10 @@ fn print_image(dir: &Path, aliases: &[PathBuf], img: &MachineImage) {
         t.row(vec![format!("nic {}", n.name), v]);
     }
     if let Some(s) = &img.service {
-        t.row(vec!["service".into(), format!("{} on port {}", s.protocol, s.port)]);
+        t.row(vec![
+            "service".into(),
+            format!("{} on port {}", s.protocol, s.port),
+        ]);
     }
     t.print();
 }
@@ -332,20 +334,30 @@ fn build(cfg: &Config, a: &BuildArgs, out: &Out) -> CliResult {
     if a.force {
         cmd.arg("--force");
     }
-    out.progress(&format!("building the Linux guest image ({})", script.display()));
+    out.progress(&format!(
+        "building the Linux guest image ({})",
+        script.display()
+    ));
     let started = std::time::Instant::now();
     let mut child = cmd.spawn().map_err(|e| {
-        CliError::other(format!("cannot run {}: {e}", script.display()))
-            .hint("install bash")
+        CliError::other(format!("cannot run {}: {e}", script.display())).hint("install bash")
     })?;
     let stderr = child.stderr.take().expect("stderr is piped");
     let quiet = out.quiet;
     // Progress: the script's step lines, numbered, with elapsed time.
     let relay = std::thread::spawn(move || {
         let mut tail: Vec<String> = Vec::new();
-        for (n, line) in BufReader::new(stderr).lines().map_while(Result::ok).enumerate() {
+        for (n, line) in BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .enumerate()
+        {
             if !quiet {
-                eprintln!("[{:>4.0}s] step {}: {line}", started.elapsed().as_secs_f64(), n + 1);
+                eprintln!(
+                    "[{:>4.0}s] step {}: {line}",
+                    started.elapsed().as_secs_f64(),
+                    n + 1
+                );
             }
             tail.push(line);
             if tail.len() > 20 {
@@ -383,7 +395,11 @@ fn build(cfg: &Config, a: &BuildArgs, out: &Out) -> CliResult {
         v["build_seconds"] = json!(secs);
         out.json_doc(&v);
     } else {
-        println_safe(&format!("built {} in {secs:.1} s: {}", img.name, dir.display()));
+        println_safe(&format!(
+            "built {} in {secs:.1} s: {}",
+            img.name,
+            dir.display()
+        ));
     }
     Ok(())
 }
@@ -396,4 +412,3 @@ pub fn run(cfg: &Config, c: &ImageCommand, out: &Out) -> CliResult {
         ImageCommand::Build(a) => build(cfg, a, out),
     }
 }
-

@@ -59,11 +59,12 @@ fn layout(cfg: &Config) -> CliResult<Layout> {
         ))
         .hint("the local stack is for when no broker is configured: unset it, or set it to 127.0.0.1:<port>"));
     }
-    let kafka_port = port_of(first).ok_or_else(|| {
-        CliError::usage(format!("bootstrap server {first:?} has no port"))
-    })?;
+    let kafka_port = port_of(first)
+        .ok_or_else(|| CliError::usage(format!("bootstrap server {first:?} has no port")))?;
     let (reg_hostport, _) = util::split_http_url(&cfg.endpoints.registry_url).map_err(|e| {
-        CliError::precondition(format!("the local stack's registry must be plain http: {e}"))
+        CliError::precondition(format!(
+            "the local stack's registry must be plain http: {e}"
+        ))
     })?;
     let registry_port = port_of(&reg_hostport).unwrap_or(80);
     let dir = cfg.stack_dir();
@@ -101,7 +102,10 @@ fn script(cfg: &Config, l: &Layout, verb: &str) -> CliResult<Command> {
         .stdin(Stdio::null());
     if std::env::var_os("VMR_BIN_DIR").is_none() {
         // The workspace binaries next to this one (target/<profile>).
-        if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)) {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+        {
             if dir.join("schema-registry").is_file() {
                 c.env("VMR_BIN_DIR", dir);
             }
@@ -111,7 +115,11 @@ fn script(cfg: &Config, l: &Layout, verb: &str) -> CliResult<Command> {
 }
 
 fn pid_alive(pid_file: &std::path::Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     // SAFETY: kill with signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
     (rc == 0).then_some(pid)
@@ -119,7 +127,10 @@ fn pid_alive(pid_file: &std::path::Path) -> Option<u32> {
 
 fn status(l: &Layout, out: &Out) -> CliResult {
     let mut rows = Vec::new();
-    for (svc, addr) in [("broker", l.bootstrap.clone()), ("registry", l.registry_url.clone())] {
+    for (svc, addr) in [
+        ("broker", l.bootstrap.clone()),
+        ("registry", l.registry_url.clone()),
+    ] {
         let pid = pid_alive(&l.dir.join(format!("{svc}.pid")));
         rows.push((svc, pid, addr));
     }
@@ -164,7 +175,10 @@ fn env_exports(l: &Layout, out: &Out) {
     } else {
         println_safe(&format!("export VMR_BOOTSTRAP_SERVERS={}", l.bootstrap));
         println_safe(&format!("export VMR_REGISTRY_URL={}", l.registry_url));
-        println_safe(&format!("export VMR_OBJECT_STORE_URL={}", l.object_store_url));
+        println_safe(&format!(
+            "export VMR_OBJECT_STORE_URL={}",
+            l.object_store_url
+        ));
     }
 }
 
@@ -181,7 +195,11 @@ pub fn run(cfg: &Config, c: &StackCommand, out: &Out) -> CliResult {
             Ok(())
         }
         StackCommand::Up | StackCommand::Down => {
-            let verb = if matches!(c, StackCommand::Up) { "up" } else { "down" };
+            let verb = if matches!(c, StackCommand::Up) {
+                "up"
+            } else {
+                "down"
+            };
             if verb == "up" {
                 std::fs::create_dir_all(l.dir.join("objects")).map_err(|e| {
                     CliError::precondition(format!("cannot create {}: {e}", l.dir.display()))
@@ -200,8 +218,14 @@ pub fn run(cfg: &Config, c: &StackCommand, out: &Out) -> CliResult {
             }
             if !r.success {
                 let last = r.stderr.lines().last().unwrap_or("").to_string();
-                return Err(CliError::unavailable(format!("stack {verb} failed ({}): {last}", r.status))
-                    .hint(format!("see the logs in {}; `vmr doctor` checks the prerequisites", l.dir.display())));
+                return Err(CliError::unavailable(format!(
+                    "stack {verb} failed ({}): {last}",
+                    r.status
+                ))
+                .hint(format!(
+                    "see the logs in {}; `vmr doctor` checks the prerequisites",
+                    l.dir.display()
+                )));
             }
             if verb == "up" {
                 env_exports(&l, out);
