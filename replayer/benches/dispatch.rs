@@ -26,8 +26,6 @@ use vmr_proto::{
     LifecycleKind, NetFrame, Payload,
 };
 
-const MS: u64 = 1_000_000;
-
 fn udp_frame(seq: u64, len: usize) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
@@ -222,6 +220,19 @@ fn from_kafka(items: &[SourceItem]) -> (u64, Duration) {
     (n, start.elapsed())
 }
 
+/// Dispatches `n` events `spacing` apart at 1x; lateness percentiles.
+fn one_x(n: u64, spacing: Duration) -> TimingSummary {
+    let mut clock = ReplayClock::new(Speed::REALTIME);
+    let mut dispatches = Vec::with_capacity(n as usize);
+    for seq in 1..=n {
+        let d = clock
+            .wait(seq, spacing * seq as u32)
+            .expect("the clock is not stopped");
+        dispatches.push(d);
+    }
+    TimingSummary::of(&dispatches).expect("timed dispatches")
+}
+
 fn main() {
     const N: u64 = 200_000;
     println!(
@@ -259,20 +270,30 @@ fn main() {
 
     println!();
     println!("Timing at 1x: 2000 events 1 ms apart (2 s), lateness of dispatch against due time");
-    let mut clock = ReplayClock::new(Speed::REALTIME);
-    let mut dispatches = Vec::with_capacity(2000);
-    for seq in 1..=2000u64 {
-        let d = clock
-            .wait(seq, Duration::from_nanos(seq * MS))
-            .expect("the clock is not stopped");
-        dispatches.push(d);
-    }
-    let t = TimingSummary::of(&dispatches).expect("timed dispatches");
-    println!("{:>8} {:>12} {:>12} {:>12}", "events", "p50", "p99", "max");
     println!(
-        "{:>8} {:>12?} {:>12?} {:>12?}",
-        t.count, t.p50, t.p99, t.max
+        "{:<34} {:>8} {:>12} {:>12} {:>12}",
+        "dispatch thread", "events", "p50", "p99", "max"
     );
+    for (name, realtime) in [
+        ("default policy", false),
+        ("set_realtime_priority(10)", true),
+    ] {
+        let t = std::thread::spawn(move || {
+            if realtime {
+                replayer::schedule::set_realtime_priority(10)?;
+            }
+            Ok::<_, std::io::Error>(one_x(2000, Duration::from_millis(1)))
+        })
+        .join()
+        .expect("the timing thread does not panic");
+        match t {
+            Ok(t) => println!(
+                "{:<34} {:>8} {:>12?} {:>12?} {:>12?}",
+                name, t.count, t.p50, t.p99, t.max
+            ),
+            Err(e) => println!("{name:<34} not measured: {e}"),
+        }
+    }
 
     println!();
     println!("Event source reading from Kafka (Tansu 0.6, sqlite storage, one instance)");
