@@ -109,6 +109,14 @@ pub enum DriverError {
         /// The operation.
         what: String,
     },
+    /// A device's backend could not be reached or failed.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device (`disks[0] (vda)`).
+        device: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The microVM failed.
     #[error("microVM")]
     Vmm(#[source] vmr_vmm::vm::VmError),
@@ -149,10 +157,25 @@ impl DriverError {
             | DriverError::State { .. }
             | DriverError::Unsupported { .. } => ErrorKind::FailedPrecondition,
             DriverError::Exited { .. }
+            | DriverError::Device { .. }
             | DriverError::Protocol(_)
             | DriverError::Timeout { .. }
             | DriverError::Gone(_) => ErrorKind::Unavailable,
             DriverError::Artifact { .. } => ErrorKind::DataLoss,
+            DriverError::Vmm(
+                vmr_vmm::vm::VmError::NoKvm(_)
+                | vmr_vmm::vm::VmError::MissingCap(_)
+                | vmr_vmm::vm::VmError::State { .. }
+                | vmr_vmm::vm::VmError::Config(_),
+            ) => ErrorKind::FailedPrecondition,
+            DriverError::Spawn { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                ErrorKind::FailedPrecondition
+            }
             DriverError::Spawn { .. }
             | DriverError::Command { .. }
             | DriverError::Vmm(_)
@@ -179,4 +202,16 @@ impl From<vmr_vmm::vm::VmError> for DriverError {
     fn from(e: vmr_vmm::vm::VmError) -> Self {
         DriverError::Vmm(e)
     }
+}
+
+/// `e` and its sources, joined with ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use artifacts::{MemoryKind, SnapshotArtifacts};
-pub use error::{DriverError, ErrorKind};
+pub use error::{chain as error_chain, DriverError, ErrorKind};
 pub use events::{Bus, DriverEvent, Subscription};
 pub use spec::{
     Accel, BootSpec, ConsoleSpec, DebugListen, DiskSpec, InstanceSpec, MacAddr, NicSpec, QemuSpec,
@@ -168,8 +168,11 @@ pub trait Instance: Send + Sync {
     /// Resumes guest execution.
     fn resume(&self) -> Result<(), DriverError>;
 
-    /// Asks the guest to power off, waits up to `grace`, then kills the
-    /// hypervisor. Returns how it ended.
+    /// Stops the instance and returns how it ended. QEMU asks the guest to
+    /// power off (ACPI power button), waits up to `grace`, then quits or
+    /// kills the process; the microVM has no power button and stops its
+    /// vCPUs and devices at once. Either way nothing of the instance keeps
+    /// running afterwards.
     fn stop(&self, grace: Duration) -> Result<ExitInfo, DriverError>;
 
     /// Waits up to `timeout` for the instance to end on its own: the guest

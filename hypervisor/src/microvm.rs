@@ -108,9 +108,10 @@ pub struct MicrovmInstance {
     shared: Arc<Shared>,
     devices: Vec<SavedDevice>,
     console_file: PathBuf,
-    debug: Option<(DebugListen, std::net::SocketAddr)>,
+    debug: Option<std::net::SocketAddr>,
     last_snapshot: Mutex<Option<PathBuf>>,
     event_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    debug_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for MicrovmInstance {
@@ -217,23 +218,34 @@ fn spawn_event_thread(
         .map_err(DriverError::io("microVM event thread"))
 }
 
-/// Binds the debugger listener and serves one debugger at a time until the
-/// instance stops.
-fn spawn_debugger(
-    vm: &Arc<Vm>,
-    listen: &DebugListen,
-    shared: &Arc<Shared>,
-) -> Result<std::net::SocketAddr, DriverError> {
+/// Binds the debugger listener (before the guest starts, so a busy port
+/// fails the launch before any guest code ran).
+fn bind_debugger(listen: &DebugListen) -> Result<(TcpListener, std::net::SocketAddr), DriverError> {
     let DebugListen::Tcp(addr) = listen else {
         return Err(DriverError::spec(
             "debug",
             "the microVM debugger listens on TCP",
         ));
     };
-    let listener = TcpListener::bind(addr).map_err(DriverError::io(format!("debugger {addr}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(DriverError::io(format!("debugger {addr}")))?;
+    let what = format!("debugger {addr}");
+    let listener = TcpListener::bind(addr).map_err(DriverError::io(what.clone()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(DriverError::io(what.clone()))?;
+    let bound = listener.local_addr().map_err(DriverError::io(what))?;
+    Ok((listener, bound))
+}
+
+/// Serves one debugger at a time until the instance stops. The thread holds
+/// the VM only while a debugger is attached, so stopping the instance is
+/// never held up by a waiting listener. A debugger attaches to a paused
+/// instance and leaves it paused: its detach resumes vCPU 0 inside the
+/// microVM, which is undone here while the VM is paused.
+fn spawn_debugger(
+    vm: &Arc<Vm>,
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+) -> Result<std::thread::JoinHandle<()>, DriverError> {
     let vm = Arc::downgrade(vm);
     let shared = shared.clone();
     std::thread::Builder::new()
@@ -242,38 +254,75 @@ fn spawn_debugger(
             if shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
+            let stream = match listener.accept() {
+                Ok((stream, peer)) => {
+                    info!(%peer, "debugger attached");
+                    stream
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(error) => {
+                    warn!(%error, "debugger accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if let Err(error) = stream.set_nonblocking(false) {
+                warn!(%error, "debugger socket");
+                continue;
+            }
             let Some(vm) = vm.upgrade() else { return };
-            let target = match vmr_vmm::gdb::VmDebugTarget::new(vm) {
+            let target = match vmr_vmm::gdb::VmDebugTarget::new(vm.clone()) {
                 Ok(t) => t,
                 Err(error) => {
                     warn!(%error, "debugger target unavailable");
-                    return;
+                    continue;
                 }
             };
-            match vmr_vmm::gdb::serve(&listener, target) {
+            match vmr_vmm::gdb::serve_stream(stream, target) {
                 Ok(reason) => info!(?reason, "debugger detached"),
                 Err(error) => warn!(%error, "debugger session failed"),
             }
+            if vm.state() == VmRunState::Paused {
+                for v in vm.vcpus() {
+                    if let Err(error) = v.pause() {
+                        warn!(%error, "cannot pause a vCPU after the debugger detached");
+                    }
+                }
+            }
         })
-        .map_err(DriverError::io("microVM debugger thread"))?;
-    info!(%bound, "microVM debugger listening");
-    Ok(bound)
+        .map_err(DriverError::io("microVM debugger thread"))
+}
+
+/// What a launched or restored microVM is made of, before it becomes an
+/// instance.
+struct Parts {
+    vm: Vm,
+    event_thread: std::thread::JoinHandle<()>,
+    debugger: Option<(TcpListener, std::net::SocketAddr)>,
+    ports: TestPorts,
+    shared: Arc<Shared>,
+    devices: Vec<SavedDevice>,
+    last_snapshot: Option<PathBuf>,
 }
 
 impl MicrovmDriver {
-    fn build_instance(
-        spec: &InstanceSpec,
-        vm: Vm,
-        event_thread: std::thread::JoinHandle<()>,
-        ports: TestPorts,
-        shared: Arc<Shared>,
-        devices: Vec<SavedDevice>,
-        last_snapshot: Option<PathBuf>,
-    ) -> Result<MicrovmInstance, DriverError> {
+    fn build_instance(spec: &InstanceSpec, parts: Parts) -> Result<MicrovmInstance, DriverError> {
+        let Parts {
+            vm,
+            event_thread,
+            debugger,
+            ports,
+            shared,
+            devices,
+            last_snapshot,
+        } = parts;
         let vm = Arc::new(vm);
-        let debug = match &spec.debug {
-            Some(l) => Some((l.clone(), spawn_debugger(&vm, l, &shared)?)),
-            None => None,
+        let (debug, debug_thread) = match debugger {
+            Some((listener, bound)) => (Some(bound), Some(spawn_debugger(&vm, listener, &shared)?)),
+            None => (None, None),
         };
         Ok(MicrovmInstance {
             id: spec.id.clone(),
@@ -285,6 +334,7 @@ impl MicrovmDriver {
             debug,
             last_snapshot: Mutex::new(last_snapshot),
             event_thread: Mutex::new(Some(event_thread)),
+            debug_thread: Mutex::new(debug_thread),
         })
     }
 }
@@ -347,9 +397,11 @@ impl Driver for MicrovmDriver {
             });
         }
         for (i, n) in spec.nics.iter().enumerate() {
-            let dev = attach(DeviceKind::Net, &n.socket, n.mac.0).map_err(|e| {
-                DriverError::spec(format!("nics[{i}]"), format!("{}: {e}", n.socket.display()))
-            })?;
+            let dev =
+                attach(DeviceKind::Net, &n.socket, n.mac.0).map_err(|e| DriverError::Device {
+                    device: format!("nics[{i}] ({})", n.name),
+                    reason: format!("{}: {}", n.socket.display(), crate::error::chain(&e)),
+                })?;
             saved.push(SavedDevice {
                 id: vmr_vmm::vm::SnapshotDevice::id(dev.as_ref()),
                 name: n.name.clone(),
@@ -361,11 +413,23 @@ impl Driver for MicrovmDriver {
             initrd: initrd.clone(),
             cmdline: cmdline.clone(),
         })?;
+        let debugger = spec.debug.as_ref().map(bind_debugger).transpose()?;
         // Subscribe before the vCPUs start, so the boot event is seen.
         let event_thread = spawn_event_thread(&vm, shared.clone())?;
         vm.start()?;
         info!(instance = %spec.id, memory_mib = spec.memory_mib, devices = saved.len(), "microVM launched");
-        let inst = Self::build_instance(spec, vm, event_thread, ports, shared, saved, None)?;
+        let inst = Self::build_instance(
+            spec,
+            Parts {
+                vm,
+                event_thread,
+                debugger,
+                ports,
+                shared,
+                devices: saved,
+                last_snapshot: None,
+            },
+        )?;
         Ok(Box::new(inst))
     }
 
@@ -424,9 +488,12 @@ impl Driver for MicrovmDriver {
                 dirty_log: true,
             },
         )
-        .map_err(|e| DriverError::Artifact {
-            artifact: "memory/state".into(),
-            reason: format!("{e}"),
+        .map_err(|e| match e {
+            vmr_vmm::vm::VmError::Snapshot(e) => DriverError::Artifact {
+                artifact: "memory/state".into(),
+                reason: e.to_string(),
+            },
+            other => DriverError::Vmm(other),
         })?;
         let ports = TestPorts::new();
         ports
@@ -447,17 +514,24 @@ impl Driver for MicrovmDriver {
             },
             Some(log),
         )
-        .map_err(|e| DriverError::spec("devices", e.to_string()))?;
+        .map_err(|e| DriverError::Device {
+            device: "restored devices".into(),
+            reason: crate::error::chain(&e),
+        })?;
         info!(instance = %spec.id, snapshot = %snapshot_dir.display(), devices = restored.len(), "microVM restored (paused)");
+        let debugger = spec.debug.as_ref().map(bind_debugger).transpose()?;
         let event_thread = spawn_event_thread(&vm, shared.clone())?;
         let inst = Self::build_instance(
             spec,
-            vm,
-            event_thread,
-            ports,
-            shared,
-            devices,
-            Some(snapshot_dir.to_path_buf()),
+            Parts {
+                vm,
+                event_thread,
+                debugger,
+                ports,
+                shared,
+                devices,
+                last_snapshot: Some(snapshot_dir.to_path_buf()),
+            },
         )?;
         Ok(Box::new(inst))
     }
@@ -553,13 +627,22 @@ fn list_vmm_files(dir: &Path) -> Result<Vec<Artifact>, DriverError> {
     Ok(out)
 }
 
-/// `target` relative to `from` when both sit in the same parent directory
-/// (`../<name>`), else `target` as given.
+/// The directory `target` named relative to the directory `from`
+/// (`../0001` for siblings), so a chain of snapshot directories can move.
 fn relative_to(from: &Path, target: &Path) -> String {
-    match (from.parent(), target.parent(), target.file_name()) {
-        (Some(a), Some(b), Some(n)) if a == b => format!("../{}", n.to_string_lossy()),
-        _ => target.display().to_string(),
+    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let (from, target) = (abs(from), abs(target));
+    let a: Vec<_> = from.components().collect();
+    let b: Vec<_> = target.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::new();
+    for _ in common..a.len() {
+        rel.push("..");
     }
+    for c in &b[common..] {
+        rel.push(c.as_os_str());
+    }
+    rel.display().to_string()
 }
 
 impl Instance for MicrovmInstance {
@@ -599,7 +682,13 @@ impl Instance for MicrovmInstance {
                 detail: "stopped by the driver".into(),
             });
         }
-        if let Some(t) = self.event_thread.lock().take() {
+        for t in [
+            self.event_thread.lock().take(),
+            self.debug_thread.lock().take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let _ = t.join();
         }
         Ok(self.shared.exit.lock().clone().unwrap_or(ExitInfo {
@@ -651,6 +740,16 @@ impl Instance for MicrovmInstance {
         opts: SnapshotOptions,
     ) -> Result<SnapshotArtifacts, DriverError> {
         let vm = self.vm()?;
+        let empty = std::fs::read_dir(dir)
+            .map_err(DriverError::io(dir.display().to_string()))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(DriverError::spec(
+                "snapshot dir",
+                format!("{} is not empty", dir.display()),
+            ));
+        }
         let parent = match opts.memory {
             MemoryKind::Full => None,
             MemoryKind::Incremental => Some(self.last_snapshot.lock().clone().ok_or_else(
@@ -681,6 +780,10 @@ impl Instance for MicrovmInstance {
             None
         };
         result?;
+        // The microVM's chain moved on: the next incremental snapshot's
+        // parent is this one, whether or not the driver's files below are
+        // written.
+        *self.last_snapshot.lock() = Some(dir.to_path_buf());
         let mut files = list_vmm_files(dir)?;
         files.push(self.write_devices(dir)?);
         let arts = SnapshotArtifacts {
@@ -696,13 +799,12 @@ impl Instance for MicrovmInstance {
             host: HostInfo::current(),
         };
         arts.store(dir)?;
-        *self.last_snapshot.lock() = Some(dir.to_path_buf());
         info!(instance = %self.id, dir = %dir.display(), bytes = arts.total_bytes(), pause_us = pause.map(|p| p.as_micros() as u64), "microVM snapshot");
         Ok(arts)
     }
 
     fn debugger(&self) -> Option<DebugListen> {
-        self.debug.as_ref().map(|(_, a)| DebugListen::Tcp(*a))
+        self.debug.map(DebugListen::Tcp)
     }
 
     fn as_any(&self) -> &dyn Any {

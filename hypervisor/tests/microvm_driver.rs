@@ -543,7 +543,78 @@ fn gdb_reads_registers_of_a_paused_instance_through_the_endpoint() {
         .find(|l| l.starts_with("rip "))
         .unwrap_or_else(|| panic!("gdb printed no rip:\n{text}"));
     assert!(rip.contains("0x"), "{rip}");
+
+    // The debugger's detach leaves the instance paused: queued work does not
+    // run until the driver resumes it.
+    assert_eq!(inst.query().expect("query").state, RunState::Paused);
+    let ports = microvm(inst.as_ref()).ports().clone();
+    let before = ports.with(|s| s.values.len());
+    ports.push_commands(&[vmr_vmm::guest_abi::CMD_COUNT | (32 << 8)]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ports.with(|s| s.values.len()),
+        before,
+        "the guest ran after the debugger detached from a paused instance"
+    );
+    inst.resume().expect("resume");
+    assert!(
+        ports.wait(WAIT, |s| s.values.len() >= before + 32),
+        "the guest runs once resumed"
+    );
     inst.stop(Duration::from_secs(5)).expect("stop");
+}
+
+#[test]
+// Heavy: needs /dev/kvm.
+fn stop_releases_the_debugger_and_full_snapshots_outlive_their_predecessors() {
+    require_kvm();
+    let elf = guest_elf();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let inst = boot_cpu_only(dir, "gone", &elf);
+
+    // A snapshot directory removed after upload does not stop later
+    // snapshots: a full one needs nothing older; an incremental one says why
+    // it cannot be taken.
+    let first = dir.join("s1");
+    std::fs::create_dir(&first).expect("dir");
+    inst.snapshot(&first, SnapshotOptions::default())
+        .expect("first snapshot");
+    std::fs::remove_dir_all(&first).expect("remove the uploaded snapshot");
+    let second = dir.join("s2");
+    std::fs::create_dir(&second).expect("dir");
+    inst.snapshot(&second, SnapshotOptions::default())
+        .expect("a full snapshot after the previous one was removed");
+    std::fs::remove_dir_all(&second).expect("remove");
+    let third = dir.join("s3");
+    std::fs::create_dir(&third).expect("dir");
+    let e = inst
+        .snapshot(
+            &third,
+            SnapshotOptions {
+                memory: MemoryKind::Incremental,
+            },
+        )
+        .expect_err("an incremental snapshot without its parent");
+    let e = vmr_hypervisor::error_chain(&e);
+    assert!(e.contains("take a full snapshot"), "{e}");
+    std::fs::write(third.join("stray"), b"x").expect("write");
+    let e = inst
+        .snapshot(&third, SnapshotOptions::default())
+        .expect_err("a snapshot into a non-empty directory");
+    assert!(e.to_string().contains("not empty"), "{e}");
+
+    // Stopping releases the VM and closes the debugger's port.
+    let Some(DebugListen::Tcp(addr)) = inst.debugger() else {
+        panic!("the spec asked for a debugger");
+    };
+    let weak = std::sync::Arc::downgrade(&microvm(inst.as_ref()).vmm().expect("running"));
+    inst.stop(Duration::from_secs(5)).expect("stop");
+    assert!(weak.upgrade().is_none(), "the VM is gone after stop");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the debugger port is closed after stop"
+    );
 }
 
 #[test]

@@ -701,7 +701,11 @@ pub fn spawn<V: DebugVcpu>(listener: TcpListener, vcpu: V) -> Result<GdbSession,
     Ok(GdbSession { thread })
 }
 
-fn serve_stream<V: DebugVcpu>(stream: TcpStream, vcpu: V) -> Result<DisconnectReason, GdbError> {
+/// Serves one debugger already connected on `stream` (see [`serve`]).
+pub fn serve_stream<V: DebugVcpu>(
+    stream: TcpStream,
+    vcpu: V,
+) -> Result<DisconnectReason, GdbError> {
     let _ = stream.set_nodelay(true);
     let kick = vcpu.kicker();
     let (cmd_tx, cmd_rx) = mpsc::channel();

@@ -8,8 +8,8 @@
 //!   buses, irqfd/ioeventfd helpers), its vCPU threads, pause/resume,
 //!   snapshot/restore and lifecycle events (one queue per subscriber).
 //! - [`supervise`]: the loop that runs a VM until it stops, reporting its
-//!   events and taking numbered snapshots on request (the `vmm` binary and
-//!   the driver layer use it).
+//!   events and taking numbered snapshots on request (the `vmm` binary uses
+//!   it).
 //! - [`vcpu`]: one vCPU: CPUID, MSRs, 64-bit boot state, the run loop with
 //!   PIO/MMIO dispatch, state save/restore, guest debug for the gdb stub.
 //! - [`boot`]: long-mode page tables and GDT, and the ELF, flat and bzImage

@@ -30,14 +30,14 @@ const VRING_F_LOG: u32 = 1;
 /// Errors talking to a vhost-user backend.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
-    /// The backend socket could not be reached.
+    /// The backend's socket could not be connected or configured.
     #[error("cannot connect to vhost-user backend at {path}")]
-    Connect {
+    Socket {
         /// Socket path.
         path: PathBuf,
         /// Cause.
         #[source]
-        source: vhost::Error,
+        source: std::io::Error,
     },
     /// A request failed.
     #[error("vhost-user request {request} failed")]
@@ -123,16 +123,40 @@ impl std::fmt::Debug for VhostUserConnection {
     }
 }
 
+/// The longest a backend may take to answer one request (GET_VRING_BASE
+/// waits for the backend to finish the requests in flight). A backend that
+/// stops answering fails the request instead of hanging the VM.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to `socket`, retrying briefly while the backend is not yet
+/// accepting, with [`REQUEST_TIMEOUT`] on reads and writes.
+fn connect_stream(socket: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let mut retries = 5;
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && retries > 0 => {
+                retries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    Ok(stream)
+}
+
 impl VhostUserConnection {
     /// Connects to the backend listening on `socket`, takes ownership of the
     /// session and negotiates protocol features. `max_queues` is the number of
     /// queues the transport will expose.
     pub fn connect(socket: &Path, max_queues: u64) -> Result<Self, VhostUserError> {
-        let mut frontend =
-            Frontend::connect(socket, max_queues).map_err(|source| VhostUserError::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let stream = connect_stream(socket).map_err(|source| VhostUserError::Socket {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        let mut frontend = Frontend::from_stream(stream, max_queues);
         req("SET_OWNER", frontend.set_owner())?;
         let backend_features = req("GET_FEATURES", frontend.get_features())?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {

@@ -368,7 +368,9 @@ impl Vm {
         let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         for (i, d) in devices.iter().enumerate() {
             if let Err(reason) = d.pause() {
-                for done in devices[..i].iter().rev() {
+                // The failing device may have stopped some of its queues
+                // before it failed, so it is resumed too.
+                for done in devices[..=i].iter().rev() {
                     if let Err(error) = done.resume() {
                         warn!(device = %done.id(), %error, "cannot resume a device after a failed pause");
                     }
@@ -402,21 +404,41 @@ impl Vm {
                 need: "paused",
             });
         }
+        // Best effort across every device and vCPU: one that fails must not
+        // leave the others paused. The first failure is returned.
+        let mut first: Option<VmError> = None;
         for d in self
             .devices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            d.resume()
-                .map_err(|reason| VmError::Device { id: d.id(), reason })?;
+            if let Err(reason) = d.resume() {
+                warn!(device = %d.id(), %reason, "device resume failed");
+                first.get_or_insert(VmError::Device { id: d.id(), reason });
+            }
         }
+        let mut vcpus_ok = true;
         for v in &self.vcpus {
-            v.resume()?;
+            if let Err(e) = v.resume() {
+                warn!(vcpu = v.id(), error = %e, "vCPU resume failed");
+                vcpus_ok = false;
+                first.get_or_insert(e.into());
+            }
         }
+        if !vcpus_ok {
+            if let Some(e) = first {
+                return Err(e);
+            }
+        }
+        // The guest runs again even if a device failed to resume; the
+        // device's error is still returned.
         self.set_state(RunState::Running);
         self.emit(LifecycleKind::Resume, String::new(), None);
-        Ok(())
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Current run state.

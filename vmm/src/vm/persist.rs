@@ -245,13 +245,26 @@ impl Vm {
         // Overwriting a snapshot this VM's memory chain depends on would
         // corrupt later increments and, for a private restore, the mapping
         // the guest runs on.
+        // A full snapshot depends on nothing, so a chain that is gone (uploaded
+        // and removed) only matters to an incremental one.
         if let Some(p) = &parent {
-            for (file, _, _) in snapshot::memory_chain(p)? {
-                if file.parent() == Some(dir.as_path()) {
+            match snapshot::memory_chain(p) {
+                Ok(chain) => {
+                    for (file, _, _) in chain {
+                        if file.parent() == Some(dir.as_path()) {
+                            return Err(VmError::Config(format!(
+                                "{} holds a snapshot this VM depends on; write to another directory",
+                                dir.display()
+                            )));
+                        }
+                    }
+                }
+                Err(_) if kind == MemoryKind::Full => {}
+                Err(e) => {
                     return Err(VmError::Config(format!(
-                        "{} holds a snapshot this VM depends on; write to another directory",
-                        dir.display()
-                    )));
+                        "the parent snapshot {} cannot be read ({e}); take a full snapshot",
+                        p.display()
+                    )))
                 }
             }
         }
