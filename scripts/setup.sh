@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 APT_PACKAGES=(
     build-essential cmake pkg-config protobuf-compiler libcurl4-openssl-dev
     qemu-system-x86 qemu-utils acpica-tools gdb
-    busybox-static cpio iproute2 jq curl
+    busybox-static cpio iproute2 jq curl strace time python3
 )
 
 missing=()
