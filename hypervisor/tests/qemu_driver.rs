@@ -1020,6 +1020,36 @@ fn relative_paths_launch_snapshot_and_restore() -> TestResult {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(clone.query()?.state, RunState::Running);
     clone.stop(Duration::from_secs(1))?;
+
+    // The snapshot restores under its own accelerator only, and a KVM
+    // snapshot only on a host with the CPU model it was taken on.
+    let mut kvm_spec = rspec.clone();
+    kvm_spec.qemu.accel = Accel::Kvm;
+    let (e, t) = err_text(QemuDriver.restore(&kvm_spec, &snap));
+    assert!(
+        matches!(e, DriverError::Spec { .. }) && t.contains("qemu.accel"),
+        "{t}"
+    );
+    let mut arts = SnapshotArtifacts::load(&snap, "qemu")?;
+    let mut rec = MachineRecord::load(&snap)?;
+    rec.accel = "kvm".into();
+    rec.cpu = "host".into();
+    rec.store(&snap)?;
+    arts.host.cpu_model = "Some Other CPU @ 1.00GHz".into();
+    let qemu_json = arts
+        .artifacts
+        .iter_mut()
+        .find(|a| a.file == "qemu.json")
+        .ok_or("no qemu.json artifact")?;
+    qemu_json.size = std::fs::metadata(snap.join("qemu.json"))?.len();
+    arts.store(&snap)?;
+    let (e, t) = err_text(QemuDriver.restore(&rspec, &snap));
+    assert!(
+        matches!(e, DriverError::Unsupported { .. })
+            && t.contains("Some Other CPU")
+            && t.contains("same CPU model"),
+        "{t}"
+    );
     Ok(())
 }
 

@@ -5,8 +5,9 @@
 //! guest kernel-mode code at speed; nested, software-assisted KVM (where
 //! Linux does not boot in reasonable time) gets TCG. The probe runs at most
 //! once per process, and its verdict is cached on disk per host kernel
-//! release (`~/.cache/vmreplay/kvm-probe-<release>.json`), since the answer
-//! only changes with the host.
+//! release (`kvm-probe-<release>.json` in [`cache_dir`]), since the answer
+//! only changes with the host. A restore does not choose: it uses the
+//! accelerator the snapshot was taken under (see [`super::persist`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

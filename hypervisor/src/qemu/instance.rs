@@ -585,7 +585,7 @@ fn console_loop(inner: Arc<Inner>, mut stream: UnixStream) {
     }
 }
 
-/// What [`QemuInstance::spawn`] needs.
+/// What [`QemuInstance::attach`] needs.
 pub(crate) struct Launch {
     pub id: String,
     pub program: String,

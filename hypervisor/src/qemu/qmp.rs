@@ -215,8 +215,10 @@ impl Qmp {
         }
     }
 
-    /// Closes the connection and joins the reader thread. Commands waiting
-    /// for a reply fail with [`DriverError::Protocol`].
+    /// Closes the connection and joins the reader thread once it has ended
+    /// (waiting at most 5 s; a reader still busy in the event handler then
+    /// is left to end on its own). Commands waiting for a reply fail with
+    /// [`DriverError::Protocol`].
     pub fn close(&self) {
         let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
         if let Some(h) = self.reader.lock().take() {
