@@ -26,7 +26,8 @@ fn write_spool(dir: &std::path::Path, n: u64, block: bool) -> u64 {
     let sink = SpoolSink::open(SpoolConfig {
         dir: dir.to_owned(),
         segment_bytes: 16 << 20,
-        capacity_bytes: 64 << 30,
+        // Room for every record twice over (the spool preallocates it).
+        capacity_bytes: n * if block { 4300 } else { 1700 } * 2,
         recycle: Recycle::Committed,
         instance_id: "vm-bench".into(),
         epoch: 1,

@@ -44,12 +44,12 @@ pub struct EventLogConfig {
 }
 
 impl EventLogConfig {
-    /// 1 MiB segments, 64 MiB at most, in `dir`.
+    /// 1 MiB segments, 16 MiB at most, in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             segment_bytes: 1 << 20,
-            capacity_bytes: 64 << 20,
+            capacity_bytes: 16 << 20,
         }
     }
 }
