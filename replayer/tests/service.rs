@@ -354,6 +354,23 @@ fn authed<T>(token: &str, msg: T) -> Request<T> {
     r
 }
 
+/// A plain HTTP/1.0 GET; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
 fn netns_list() -> String {
     String::from_utf8_lossy(
         &Command::new("ip")
@@ -396,10 +413,12 @@ fn service_clones_replays_and_controls_a_recorded_microvm() {
 
     // The server.
     let work = dir.join("replayer-work");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let config = format!(
         r#"
 work_dir = "{work}"
 max_clones = 4
+metrics_listen = "{metrics_addr}"
 [kafka]
 bootstrap_servers = "{bootstrap}"
 [store]
@@ -435,6 +454,7 @@ instances = ["other-1"]
             .unwrap_or_else(|e| panic!("{e}"))
             .display(),
         kernel = elf.display(),
+        metrics_addr = metrics_addr,
     );
     let config_path = dir.join("replayer.toml");
     std::fs::write(&config_path, config).expect("write config");
@@ -764,13 +784,33 @@ instances = ["other-1"]
         );
 
         // A second clone, deleted: its namespace and processes go.
+        let mut with_gdb = create(Some("0001"));
+        with_gdb.gdb = true;
         let second = c
-            .create_clone(authed(TOKEN_A, create(Some("0001"))))
+            .create_clone(authed(TOKEN_A, with_gdb))
             .await
             .expect("second clone")
             .into_inner();
         assert_ne!(second.clone_id, id);
         assert!(netns_list().contains(&format!("vmr-{}", second.clone_id)));
+        // Its gdb stub listens on loopback; the first clone has none.
+        let gdb = c
+            .get_debugger(authed(TOKEN_A, pb::GetDebuggerRequest { clone_id: second.clone_id.clone() }))
+            .await
+            .expect("debugger address")
+            .into_inner();
+        let gdb_addr: std::net::SocketAddr = gdb.address.parse().expect("host:port");
+        assert!(gdb_addr.ip().is_loopback() && gdb_addr.port() != 0, "{gdb_addr}");
+        std::net::TcpStream::connect_timeout(&gdb_addr, Duration::from_secs(5)).expect("the gdb stub accepts a connection");
+        assert_eq!(
+            c.get_debugger(authed(TOKEN_A, pb::GetDebuggerRequest { clone_id: id.clone() })).await.err().map(|s| s.code()),
+            Some(Code::FailedPrecondition)
+        );
+        // Metrics list both clones with their state.
+        let metrics = http_get(&metrics_addr, "/metrics");
+        assert!(metrics.contains("replayer_clones 2"), "{metrics}");
+        assert!(metrics.contains(&format!("replayer_clone_state{{clone=\"{id}\",instance=\"{INSTANCE}\",tenant=\"shop\",state=\"crashed\"}} 1")), "{metrics}");
+        assert!(metrics.contains("replayer_permission_denied_total"), "{metrics}");
         assert_eq!(
             c.delete_clone(authed(
                 TOKEN_B,

@@ -27,6 +27,8 @@ pub struct Config {
     /// Address to serve gRPC on (overridden by `--listen`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (`/metrics`); none when unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory for materialised snapshots and the clones' private files.
     pub work_dir: PathBuf,
     /// Where the recorded events are.

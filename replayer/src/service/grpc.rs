@@ -2,6 +2,7 @@
 //! and the mapping of errors to gRPC codes.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +112,17 @@ fn kinds_of(f: Option<&pb::EventFilter>) -> Result<KindSet, Status> {
 
 impl Replayer {
     fn tenant<T>(&self, req: &Request<T>) -> Result<TenantConfig, Status> {
+        let r = self.tenant_inner(req);
+        if r.is_err() {
+            self.state
+                .counters
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn tenant_inner<T>(&self, req: &Request<T>) -> Result<TenantConfig, Status> {
         let v = req
             .metadata()
             .get("authorization")
@@ -147,6 +159,7 @@ impl Replayer {
             .get(id)
             .ok_or_else(|| Status::not_found(format!("no clone {id}")))?;
         if e.tenant != tenant.name {
+            self.state.counters.denied.fetch_add(1, Ordering::Relaxed);
             return Err(Status::permission_denied(format!(
                 "clone {id} belongs to another tenant"
             )));
@@ -172,6 +185,7 @@ impl pb::replayer_server::Replayer for Replayer {
             )));
         }
         if !tenant.allows(&r.instance_id) {
+            self.state.counters.denied.fetch_add(1, Ordering::Relaxed);
             return Err(Status::permission_denied(format!(
                 "tenant {} may not see instance {}",
                 tenant.name, r.instance_id
@@ -236,6 +250,12 @@ impl pb::replayer_server::Replayer for Replayer {
             )
             .await;
         *self.state.building.lock().expect("building lock") -= 1;
+        let counter = if res.is_ok() {
+            &self.state.counters.created
+        } else {
+            &self.state.counters.create_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         res.map(Response::new)
     }
 
@@ -342,6 +362,7 @@ impl pb::replayer_server::Replayer for Replayer {
         self.entry(&tenant, &id)?;
         let e = self.state.clones.lock().expect("clones lock").remove(&id);
         if let Some(e) = e {
+            self.state.counters.deleted.fetch_add(1, Ordering::Relaxed);
             tokio::task::spawn_blocking(move || e.runtime.teardown())
                 .await
                 .map_err(|e| Status::internal(format!("teardown task: {e}")))?;

@@ -7,6 +7,7 @@
 
 pub mod config;
 mod grpc;
+mod metrics;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ pub(crate) struct State {
     pub clones: Mutex<HashMap<String, Entry>>,
     /// Clones being built (counted against `max_clones`).
     pub building: Mutex<usize>,
+    pub counters: metrics::Counters,
 }
 
 impl State {
@@ -112,7 +114,28 @@ pub async fn serve(
         store,
         clones: Mutex::new(HashMap::new()),
         building: Mutex::new(0),
+        counters: metrics::Counters::default(),
     });
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = state.config.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServiceError::Io {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+        tracing::info!(%addr, "metrics on /metrics");
+        let st = state.clone();
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(st, l, async {
+                let _ = metrics_stopped.await;
+            })
+            .await
+            {
+                tracing::warn!(%error, "the metrics endpoint failed");
+            }
+        });
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ReplayerServer<grpc::Replayer>>().await;
     let svc = ReplayerServer::new(grpc::Replayer {
@@ -139,6 +162,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    let _ = stop_metrics.send(());
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.teardown_all()).await;
     result.map_err(ServiceError::from)
