@@ -214,9 +214,10 @@ pub fn human_bytes(n: u64) -> String {
 /// The vmreplay checkout holding `scripts/` and `guest/`: `$VMR_ROOT`, else
 /// the checkout this binary was built from.
 pub fn checkout_root() -> PathBuf {
-    std::env::var_os("VMR_ROOT")
+    let root = std::env::var_os("VMR_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    std::fs::canonicalize(&root).unwrap_or(root)
 }
 
 #[cfg(test)]

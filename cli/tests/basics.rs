@@ -172,3 +172,40 @@ fn unknown_image_is_not_found() {
     );
     assert!(r.stderr.contains("vmr image list"), "{}", r.stderr);
 }
+
+#[test]
+fn image_build_reuses_the_cached_build_and_reports_progress() {
+    let demo = demo_image();
+    let d = tempfile::tempdir().unwrap();
+    let r = vmr_env(
+        &["--json", "image", "build"],
+        &[("VMR_DATA_DIR", d.path().to_str().unwrap())],
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["name"], "demo-linux");
+    assert_eq!(
+        std::fs::canonicalize(v["dir"].as_str().unwrap()).unwrap(),
+        std::fs::canonicalize(&demo).unwrap()
+    );
+    assert!(v["build_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(r.stderr.contains("step 1: [guest-linux]"), "{}", r.stderr);
+
+    // Outside a checkout the build script is missing: exit 5, what to do.
+    let r = vmr_env(
+        &["image", "build"],
+        &[
+            ("VMR_DATA_DIR", d.path().to_str().unwrap()),
+            ("VMR_ROOT", d.path().to_str().unwrap()),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(
+        r.stderr.contains("guest/linux/build.sh does not exist"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("set VMR_ROOT"), "{}", r.stderr);
+}
