@@ -259,3 +259,14 @@ fn delivery_errors_source_errors_and_stops_end_the_loop() {
     .unwrap_err();
     assert!(matches!(err, ReplayError::Stopped), "{err}");
 }
+
+#[test]
+fn the_loop_parts_can_move_to_a_replay_thread() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<replayer::source::EventSource>();
+    send::<ReplayClock>();
+    send::<Timeline>();
+    send_sync::<replayer::schedule::ClockControl>();
+    send_sync::<Filter>();
+}
