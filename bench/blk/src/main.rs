@@ -48,9 +48,12 @@ struct Args {
     tap_args: String,
     /// Extra arguments that turn the tee on (backend tap-on): a rolling
     /// capture that keeps the newest 1 GiB; `{capture}` is substituted.
+    /// `--capture-recycle oldest` because no shipper commits positions in
+    /// the benchmark: with the default rule (`committed`) the spool would
+    /// fill after 1 GiB and then block the guest.
     #[arg(
         long,
-        default_value = "--capture {capture} --capture-retain-mib 1024 --capture-segment-mib 64"
+        default_value = "--capture {capture} --capture-retain-mib 1024 --capture-segment-mib 64 --capture-recycle oldest"
     )]
     tee_args: String,
     /// Extra arguments of backend tap-file: the tee on with one capture file
