@@ -494,6 +494,11 @@ impl Inner {
         err
     }
 
+    /// The instance's work directory (where QEMU's control files are).
+    fn scratch(&self) -> &Path {
+        self.layout.qmp.parent().unwrap_or(Path::new("/"))
+    }
+
     fn qmp(&self) -> Result<&Qmp, DriverError> {
         self.qmp
             .get()
@@ -839,7 +844,8 @@ impl QemuInstance {
     /// reports failed removes what it wrote at once.
     fn migrate_to(&self, target: &Path, timeout: Duration) -> Result<bool, DriverError> {
         let inner = &self.inner;
-        let out = migration::outgoing(inner.qmp()?.version(), target);
+        let scratch = inner.scratch();
+        let out = migration::outgoing(inner.qmp()?.version(), target, scratch);
         inner.execute("migrate", json!({ "uri": out.uri }), COMMAND_TIMEOUT)?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -853,11 +859,11 @@ impl QemuInstance {
                         .unwrap_or("migration failed without a description")
                         .to_string();
                     let written = if out.renamed_after {
-                        finish_stream(target, STREAM_SETTLE).err()
+                        finish_stream(target, scratch, STREAM_SETTLE).err()
                     } else {
                         None
                     };
-                    remove_stream(target);
+                    remove_stream(target, scratch);
                     let reason = match written {
                         Some(DriverError::Command { reason, .. }) => format!("{qemu}; {reason}"),
                         _ => qemu,
@@ -872,9 +878,9 @@ impl QemuInstance {
             if Instant::now() >= deadline {
                 let _ = inner.execute("migrate_cancel", json!({}), COMMAND_TIMEOUT);
                 if out.renamed_after {
-                    let _ = finish_stream(target, STREAM_SETTLE);
+                    let _ = finish_stream(target, scratch, STREAM_SETTLE);
                 }
-                remove_stream(target);
+                remove_stream(target, scratch);
                 return Err(DriverError::Timeout {
                     what: format!("the migration stream to {}", target.display()),
                     after: timeout,
@@ -922,8 +928,8 @@ const STREAM_SETTLE: Duration = Duration::from_secs(5);
 /// Waits at most `timeout` for the `exec:` command writing `target` to end:
 /// `target` under its final name, or the `.failed` file holding the write
 /// error (which is removed and returned as the error).
-fn finish_stream(target: &Path, timeout: Duration) -> Result<(), DriverError> {
-    let failed = migration::failed_path(target);
+fn finish_stream(target: &Path, scratch: &Path, timeout: Duration) -> Result<(), DriverError> {
+    let failed = migration::failed_path(target, scratch);
     let deadline = Instant::now() + timeout;
     loop {
         if failed.exists() {
@@ -957,8 +963,8 @@ fn finish_stream(target: &Path, timeout: Duration) -> Result<(), DriverError> {
 }
 
 /// Removes an incomplete stream at `target` and whatever its writer left.
-fn remove_stream(target: &Path) {
-    for p in std::iter::once(target.to_path_buf()).chain(migration::leftovers(target)) {
+fn remove_stream(target: &Path, scratch: &Path) {
+    for p in std::iter::once(target.to_path_buf()).chain(migration::leftovers(target, scratch)) {
         if let Err(e) = std::fs::remove_file(&p) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(file = %p.display(), error = %e, "cannot remove a failed snapshot file");
@@ -1165,8 +1171,8 @@ impl Instance for QemuInstance {
         let renamed_after = migrated?;
         resumed?;
         if renamed_after {
-            if let Err(e) = finish_stream(&target, STREAM_WRITE_TIMEOUT) {
-                remove_stream(&target);
+            if let Err(e) = finish_stream(&target, inner.scratch(), STREAM_WRITE_TIMEOUT) {
+                remove_stream(&target, inner.scratch());
                 return Err(e);
             }
         }

@@ -5,9 +5,10 @@
 //! outgoing command writes to `<file>.partial` and renames it into place
 //! once `cat` has written everything, so the file exists under its final
 //! name only when `cat` succeeded. When `cat` or the rename fails (a full
-//! disk), the command removes the partial file and leaves `<file>.failed`
-//! holding the error, so the driver can tell a failed write from a slow
-//! one. QEMU reports such a migration `completed` (it does not see the
+//! disk), the command removes the partial file and leaves `<name>.failed`
+//! holding the error in a scratch directory (the instance's work directory,
+//! so the error text is not lost to the same full disk), and the driver can
+//! tell a failed write from a slow one. QEMU reports such a migration `completed` (it does not see the
 //! command's status) or `failed` (once the pipe breaks); the driver cleans
 //! up after both.
 
@@ -41,8 +42,9 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The migration URI that writes the stream to `target`.
-pub fn outgoing(version: Option<QemuVersion>, target: &Path) -> Outgoing {
+/// The migration URI that writes the stream to `target`; an `exec:` write
+/// keeps its error text in `scratch`.
+pub fn outgoing(version: Option<QemuVersion>, target: &Path, scratch: &Path) -> Outgoing {
     if supports_file_uri(version) {
         return Outgoing {
             uri: format!("file:{}", target.display()),
@@ -50,7 +52,7 @@ pub fn outgoing(version: Option<QemuVersion>, target: &Path) -> Outgoing {
         };
     }
     let partial = partial_path(target);
-    let err = suffixed(target, ".err");
+    let err = in_scratch(target, scratch, ".err");
     Outgoing {
         uri: format!(
             "exec:if cat > {p} 2> {e} && mv {p} {t} 2>> {e}; then rm -f {e}; \
@@ -58,7 +60,7 @@ pub fn outgoing(version: Option<QemuVersion>, target: &Path) -> Outgoing {
             p = shell_quote(&partial.to_string_lossy()),
             t = shell_quote(&target.to_string_lossy()),
             e = shell_quote(&err.to_string_lossy()),
-            f = shell_quote(&failed_path(target).to_string_lossy()),
+            f = shell_quote(&failed_path(target, scratch).to_string_lossy()),
         ),
         renamed_after: true,
     }
@@ -70,17 +72,24 @@ fn suffixed(target: &Path, suffix: &str) -> PathBuf {
     target.with_file_name(name)
 }
 
-/// The file a failed `exec:` migration leaves, holding the error.
-pub fn failed_path(target: &Path) -> PathBuf {
-    suffixed(target, ".failed")
+fn in_scratch(target: &Path, scratch: &Path, suffix: &str) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    scratch.join(name)
+}
+
+/// The file a failed `exec:` migration leaves in `scratch`, holding the
+/// error.
+pub fn failed_path(target: &Path, scratch: &Path) -> PathBuf {
+    in_scratch(target, scratch, ".failed")
 }
 
 /// Every file an outgoing migration to `target` may leave besides `target`.
-pub fn leftovers(target: &Path) -> [PathBuf; 3] {
+pub fn leftovers(target: &Path, scratch: &Path) -> [PathBuf; 3] {
     [
         partial_path(target),
-        suffixed(target, ".err"),
-        failed_path(target),
+        in_scratch(target, scratch, ".err"),
+        failed_path(target, scratch),
     ]
 }
 
@@ -116,18 +125,19 @@ mod tests {
     #[test]
     fn uris_follow_the_qemu_version() {
         let t = Path::new("/s/it's/vmstate");
-        let o = outgoing(Some(V72), t);
+        let w = Path::new("/w");
+        let o = outgoing(Some(V72), t, w);
         assert_eq!(
             o.uri,
-            "exec:if cat > '/s/it'\\''s/vmstate.partial' 2> '/s/it'\\''s/vmstate.err' \
-             && mv '/s/it'\\''s/vmstate.partial' '/s/it'\\''s/vmstate' 2>> '/s/it'\\''s/vmstate.err'; \
-             then rm -f '/s/it'\\''s/vmstate.err'; else rm -f '/s/it'\\''s/vmstate.partial'; \
-             mv '/s/it'\\''s/vmstate.err' '/s/it'\\''s/vmstate.failed' || : > '/s/it'\\''s/vmstate.failed'; fi"
+            "exec:if cat > '/s/it'\\''s/vmstate.partial' 2> '/w/vmstate.err' \
+             && mv '/s/it'\\''s/vmstate.partial' '/s/it'\\''s/vmstate' 2>> '/w/vmstate.err'; \
+             then rm -f '/w/vmstate.err'; else rm -f '/s/it'\\''s/vmstate.partial'; \
+             mv '/w/vmstate.err' '/w/vmstate.failed' || : > '/w/vmstate.failed'; fi"
         );
         assert!(o.renamed_after);
         assert_eq!(incoming(Some(V72), t), "exec:cat '/s/it'\\''s/vmstate'");
-        assert_eq!(outgoing(Some(V90), t).uri, "file:/s/it's/vmstate");
+        assert_eq!(outgoing(Some(V90), t, w).uri, "file:/s/it's/vmstate");
         assert_eq!(incoming(Some(V90), t), "file:/s/it's/vmstate");
-        assert!(outgoing(None, t).uri.starts_with("exec:"));
+        assert!(outgoing(None, t, w).uri.starts_with("exec:"));
     }
 }
