@@ -240,7 +240,12 @@ fn print_rows(s: &Samples) {
             return;
         }
         let (m, lo, hi) = stats(v);
-        println!("| {d} | {what} (ms) | {} | {} | {} |", ms(m), ms(lo), ms(hi));
+        println!(
+            "| {d} | {what} (ms) | {} | {} | {} |",
+            ms(m),
+            ms(lo),
+            ms(hi)
+        );
     };
     row("launch to first console line", &s.launch_first_line);
     row("launch to service ready", &s.launch_ready);
@@ -266,7 +271,8 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or_else(|| vmr_testkit::cache_dir().join("guest-linux"));
     let image = MachineImage::load(&dir)
         .map_err(|e| format!("{e} (build the image with guest/linux/build.sh)"))?;
-    let elf = vmr_vmm::guest_abi::build_test_guest(&std::env::temp_dir().join("vmr-bench-test-guest"))?;
+    let elf =
+        vmr_vmm::guest_abi::build_test_guest(&std::env::temp_dir().join("vmr-bench-test-guest"))?;
     let mut test_guest = MachineImage::load(elf.parent().ok_or("test guest has no directory")?)?;
     test_guest.memory_mib = MEMORY_MIB;
     let runs: usize = std::env::var("VMR_BENCH_RUNS")
