@@ -47,6 +47,8 @@ pub struct Config {
     /// Tenants and the instances each may see and clone.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Serve gRPC over TLS with this certificate and key.
+    pub tls: Option<TlsConfig>,
     /// Most clones alive at once (all tenants).
     #[serde(default = "default_max_clones")]
     pub max_clones: usize,
@@ -58,6 +60,16 @@ fn default_listen() -> SocketAddr {
 
 fn default_max_clones() -> usize {
     8
+}
+
+/// TLS for the gRPC server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// Kafka settings.

@@ -84,6 +84,13 @@ fn sibling_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// Selects rustls' ring provider for TLS in this process (the dependency
+/// graph enables more than one, so none is chosen automatically). Calling it
+/// again does nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves on `listener` until `shutdown` completes, then removes every
 /// clone (processes, namespaces, files) and returns.
 pub async fn serve(
@@ -144,7 +151,20 @@ pub async fn serve(
     // After the shutdown signal, open calls (watch streams) get a bounded
     // time to end.
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &state.config.tls {
+        install_crypto_provider();
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| ServiceError::Io {
+                path: p.clone(),
+                source,
+            })
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
