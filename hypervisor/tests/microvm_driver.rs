@@ -6,6 +6,8 @@
 //! same way. Also incremental snapshot chains moved to another directory,
 //! gdb through the driver's endpoint, and bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -275,6 +277,51 @@ fn request(payload: &[u8]) -> Vec<u8> {
 
 fn done_line(seq: u32) -> String {
     format!("vmr-guest: request {seq:016x} done")
+}
+
+#[test]
+// Heavy: needs /dev/kvm, root (network namespaces), python3 and the vhost-tap binaries.
+fn lifecycle_scenario_with_recorded_disk_and_nic() {
+    require_kvm();
+    let elf = guest_elf();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("temp dir is writable");
+    let ns = quiet_netns();
+    let b = start_backends(dir, "s", &image, &dir.join("s.overlay"), Some(&ns));
+    let spec = spec_for(dir, "scenario", &elf, &b);
+    let crash = common::lifecycle(
+        driver().as_ref(),
+        &spec,
+        common::Guest {
+            ready: &|inst| {
+                microvm(inst).ports().push_commands(&[CMD_NET_DISK]);
+                wait_console(inst, "vmr-guest: net ready");
+                ns.wait_for_link(TAP, WAIT)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                ns.ip(&["link", "set", TAP, "up"])
+                    .unwrap_or_else(|e| panic!("{e}"));
+                send(&ns, &request(b"request 0: hello"));
+                wait_console(inst, &done_line(0));
+            },
+            crash: &|_| send(&ns, &request(b"POISON: crash now")),
+            crash_kind: LifecycleKind::TripleFault,
+        },
+    );
+    assert!(
+        !crash.lifecycle.regs.is_empty(),
+        "the crash carries registers"
+    );
+    assert!(
+        wait_for("the request and the poison frame in the capture", || {
+            let f = frames(&b.net_capture, Direction::Rx);
+            (f.len() >= 2).then_some(f)
+        })
+        .iter()
+        .any(|f| f.windows(6).any(|w| w == b"POISON")),
+        "the crashing frame was recorded"
+    );
 }
 
 #[test]
