@@ -806,9 +806,43 @@ instances = ["other-1"]
             c.get_debugger(authed(TOKEN_A, pb::GetDebuggerRequest { clone_id: id.clone() })).await.err().map(|s| s.code()),
             Some(Code::FailedPrecondition)
         );
+        // Run to a seq before the poison frame: paused there, not crashed;
+        // then stopped by the operator.
+        let sid = second.clone_id.clone();
+        let ctl2 = |action: pb::ControlAction, run_to_seq: u64| {
+            authed(TOKEN_A, pb::ControlRequest { clone_id: sid.clone(), action: action as i32, run_to_seq, ..Default::default() })
+        };
+        assert_eq!(
+            c.control(ctl2(pb::ControlAction::RunTo, recorded.seq_at_cut)).await.err().map(|s| s.code()),
+            Some(Code::InvalidArgument),
+            "a run to the cut itself"
+        );
+        let target = recorded.poison_seq - 1;
+        c.control(ctl2(pb::ControlAction::RunTo, target)).await.expect("run to");
+        let start = Instant::now();
+        let ran = loop {
+            let s = c.get_clone(authed(TOKEN_A, pb::GetCloneRequest { clone_id: sid.clone() })).await.expect("get").into_inner();
+            if s.delivered > 0 && s.state == pb::CloneState::Paused as i32 {
+                break s;
+            }
+            assert!(start.elapsed() < WAIT, "the run to seq {target} never paused: {s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(ran.replayed_seq > recorded.seq_at_cut && ran.replayed_seq <= target, "{ran:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let held = c.get_clone(authed(TOKEN_A, pb::GetCloneRequest { clone_id: sid.clone() })).await.expect("get").into_inner();
+        assert_eq!(held.state, pb::CloneState::Paused as i32, "no crash before the poison frame: {held:?}");
+        let stopped = c.control(ctl2(pb::ControlAction::Stop, 0)).await.expect("stop").into_inner();
+        assert_eq!(stopped.state, pb::CloneState::Stopped as i32, "{stopped:?}");
+        assert_eq!(
+            c.control(ctl2(pb::ControlAction::Resume, 0)).await.err().map(|s| s.code()),
+            Some(Code::FailedPrecondition),
+            "resuming a stopped replay"
+        );
         // Metrics list both clones with their state.
         let metrics = http_get(&metrics_addr, "/metrics");
         assert!(metrics.contains("replayer_clones 2"), "{metrics}");
+        assert!(metrics.contains(&format!("replayer_clone_state{{clone=\"{sid}\",instance=\"{INSTANCE}\",tenant=\"shop\",state=\"stopped\"}} 1")), "{metrics}");
         assert!(metrics.contains(&format!("replayer_clone_state{{clone=\"{id}\",instance=\"{INSTANCE}\",tenant=\"shop\",state=\"crashed\"}} 1")), "{metrics}");
         assert!(metrics.contains("replayer_permission_denied_total"), "{metrics}");
         assert_eq!(
