@@ -1,6 +1,7 @@
 //! The QEMU driver against real QEMU (TCG) and real vhost-tap backends.
 //!
-//! Heavy: needs qemu-system-x86_64, root (network namespaces, TAP devices),
+//! Heavy: needs qemu-system-x86_64, root (network namespaces, TAP devices, a
+//! small tmpfs mount for the full-disk snapshot),
 //! gdb, the Linux guest image (guest/linux/build.sh; the service tests need
 //! its `image.toml` for `demo-linux`) and the vhost-tap binaries
 //! (`cargo build -p vhost-tap --bins`). Run one at a time:
