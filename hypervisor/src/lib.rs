@@ -65,11 +65,11 @@ impl std::fmt::Display for RunState {
 /// Why an instance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
-    /// The guest powered off (or reset, which the drivers do not restart).
+    /// The guest powered off.
     GuestShutdown,
-    /// The guest crashed: a kernel panic (pvpanic) or a triple fault. QEMU
-    /// holds a panicked guest for inspection; its state is
-    /// [`RunState::Crashed`].
+    /// The guest crashed: a kernel panic (pvpanic), a triple fault, or under
+    /// QEMU a guest reset (which ends QEMU, run with `-no-reboot`). QEMU holds
+    /// a panicked guest for inspection; its state is [`RunState::Crashed`].
     Crash,
     /// Stopped through [`Instance::stop`] or by dropping the instance.
     Stopped,

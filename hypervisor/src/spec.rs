@@ -155,7 +155,8 @@ pub struct QemuSpec {
     /// The QEMU binary (default: `$VMR_QEMU`, else `qemu-system-x86_64` on
     /// `PATH`).
     pub binary: Option<PathBuf>,
-    /// Extra `-device` entries the image needs (for example `pvpanic`).
+    /// Extra `-device` entries the image needs. The QEMU driver adds an ISA
+    /// `pvpanic` itself unless one is listed.
     pub devices: Vec<String>,
 }
 

@@ -8,6 +8,8 @@
 //! `cargo test -p vmr-hypervisor --test qemu_driver -- --test-threads=1`.
 //! A missing prerequisite fails the test with its name.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -342,6 +344,48 @@ fn err_text(r: Result<Box<dyn Instance>, DriverError>) -> (DriverError, String) 
             (e, t)
         }
     }
+}
+
+#[test]
+// Heavy: needs qemu-system-x86_64, root, the demo-linux image and the vhost-tap binaries.
+fn lifecycle_scenario_with_recorded_disk_and_nic() -> TestResult {
+    let image = demo_image();
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk.raw");
+    make_disk(&image, &disk)?;
+    let rig = Rig::start(&tmp.path().join("rig"), &disk, "drv-scenario")?;
+    let spec = service_spec(&image, "drv-scenario", &tmp.path().join("work"), &rig)?;
+    let addr = service_addr(&image);
+    let crash = common::lifecycle(
+        &QemuDriver,
+        &spec,
+        common::Guest {
+            ready: &|inst| {
+                wait_console(inst, "VMR-SERVICE-READY", BOOT_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                rig.configure_peer().unwrap_or_else(|e| panic!("{e}"));
+                let reply =
+                    request(&rig.ns, addr, "PUT scenario ok").unwrap_or_else(|e| panic!("{e}"));
+                assert!(reply.starts_with("OK "), "{reply:?}");
+            },
+            crash: &|_| {
+                let _ = request_within(
+                    &rig.ns,
+                    addr,
+                    &format!("PUT {} boom", "k".repeat(201)),
+                    Duration::from_secs(5),
+                );
+            },
+            crash_kind: LifecycleKind::Crash,
+        },
+    );
+    assert!(
+        crash.lifecycle.detail.contains("GUEST_PANICKED"),
+        "{}",
+        crash.lifecycle.detail
+    );
+    assert!(rig.capture_len("vhost-tap-blk") > 0 && rig.capture_len("vhost-tap-net") > 0);
+    Ok(())
 }
 
 #[test]
