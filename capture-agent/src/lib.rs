@@ -47,3 +47,4 @@ pub mod metrics;
 pub mod sensors;
 pub mod shipper;
 pub mod source;
+pub mod supervisor;

@@ -1,0 +1,514 @@
+//! Supervision of an instance's device backends.
+//!
+//! Each device's vhost-tap backend (`vhost-tap-blk`, `vhost-tap-net`) runs as
+//! its own process, so an agent crash never takes a guest's disk or NIC
+//! away. The [`Supervisor`] starts one backend per device, recording into a
+//! rolling spool at `<data>/<instance>/<device>/` and numbering from the
+//! instance's shared sequence file `<data>/<instance>/seq`; it waits (bounded)
+//! for each backend's socket, restarts a backend that exits with a doubling
+//! backoff, and stops the backends when asked (after the guest).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmr_proto::InstanceId;
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A directory or log file could not be created.
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A backend binary could not be started.
+    #[error("cannot start {binary} for device {device}")]
+    Spawn {
+        device: String,
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A backend exited or did not listen in time.
+    #[error("backend of device {device} did not listen on {socket} within {timeout:?}: {reason}")]
+    NotListening {
+        device: String,
+        socket: PathBuf,
+        timeout: Duration,
+        reason: String,
+    },
+    /// The sequence file is on tmpfs, which does not survive a host restart.
+    #[error(
+        "the sequence file {0} is on tmpfs; put the data directory on a persistent filesystem"
+    )]
+    SeqOnTmpfs(PathBuf),
+    /// Two devices share a name.
+    #[error("device {0} is given twice")]
+    DuplicateDevice(String),
+    /// A device name that cannot be a directory name.
+    #[error("device name {0:?} is not a plain name")]
+    BadDeviceName(String),
+}
+
+/// What a backend serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendKind {
+    /// A disk (`vhost-tap-blk --image`).
+    Blk {
+        /// The disk file.
+        image: PathBuf,
+    },
+    /// A NIC (`vhost-tap-net --tap`, optionally `--netns`).
+    Net {
+        /// TAP interface name.
+        tap: String,
+        /// Network namespace (`/var/run/netns/<name>`).
+        netns: Option<String>,
+    },
+}
+
+/// One device's backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Device name (`vda`, `net0`); also the spool directory's name.
+    pub device: String,
+    /// What it serves.
+    pub kind: BackendKind,
+    /// Extra arguments passed to the backend as they are.
+    pub extra_args: Vec<String>,
+}
+
+/// Settings of a [`Supervisor`].
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Directory holding `vhost-tap-blk` and `vhost-tap-net`; without it,
+    /// the directory of the running executable, then `$PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// Spool size bound (`--capture-retain-mib`).
+    pub retain_mib: u64,
+    /// Spool segment size (`--capture-segment-mib`).
+    pub segment_mib: u64,
+    /// How long a backend may take to create its socket.
+    pub listen_timeout: Duration,
+    /// First restart delay; it doubles per quick exit up to `restart_max`.
+    pub restart_initial: Duration,
+    /// Longest restart delay.
+    pub restart_max: Duration,
+    /// A backend that ran at least this long restarts after `restart_initial` again.
+    pub restart_reset_after: Duration,
+    /// How long a backend has after SIGTERM before SIGKILL at shutdown.
+    pub stop_grace: Duration,
+    /// Refuse a sequence file on tmpfs.
+    pub refuse_tmpfs_seq: bool,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            bin_dir: None,
+            retain_mib: 256,
+            segment_mib: 16,
+            listen_timeout: Duration::from_secs(15),
+            restart_initial: Duration::from_millis(200),
+            restart_max: Duration::from_secs(10),
+            restart_reset_after: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(5),
+            refuse_tmpfs_seq: true,
+        }
+    }
+}
+
+/// The on-disk layout of one instance under the data directory.
+#[derive(Debug, Clone)]
+pub struct InstanceDirs {
+    /// `<data>/<instance>`.
+    pub root: PathBuf,
+}
+
+impl InstanceDirs {
+    /// The layout of `instance` under `data`.
+    pub fn new(data: &Path, instance: &InstanceId) -> Self {
+        Self {
+            root: data.join(instance.to_string()),
+        }
+    }
+    /// The shared sequence file.
+    pub fn seq_file(&self) -> PathBuf {
+        self.root.join("seq")
+    }
+    /// A device's spool directory.
+    pub fn spool(&self, device: &str) -> PathBuf {
+        self.root.join(device)
+    }
+    /// A device's vhost-user socket.
+    pub fn socket(&self, device: &str) -> PathBuf {
+        self.root.join(format!("{device}.sock"))
+    }
+    /// A device's backend log (appended to across restarts).
+    pub fn log(&self, device: &str) -> PathBuf {
+        self.root.join(format!("{device}.backend.log"))
+    }
+    /// The agent's event-log spool.
+    pub fn agent_spool(&self) -> PathBuf {
+        self.root.join("agent")
+    }
+}
+
+/// A device's backend state, as the supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    /// Device name.
+    pub device: String,
+    /// Process id of the running backend, if one runs.
+    pub pid: Option<u32>,
+    /// How often it was restarted.
+    pub restarts: u64,
+    /// The last exit status seen, if any.
+    pub last_exit: Option<String>,
+}
+
+struct Slot {
+    spec: BackendSpec,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u64,
+    delay: Duration,
+    restart_at: Option<Instant>,
+    last_exit: Option<String>,
+}
+
+struct Shared {
+    instance: InstanceId,
+    dirs: InstanceDirs,
+    cfg: SupervisorConfig,
+    slots: Mutex<Vec<Slot>>,
+    stopping: AtomicBool,
+}
+
+/// Runs and restarts an instance's device backends.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+fn binary(cfg: &SupervisorConfig, name: &str) -> PathBuf {
+    if let Some(d) = &cfg.bin_dir {
+        return d.join(name);
+    }
+    if let Some(p) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+    {
+        return p;
+    }
+    PathBuf::from(name)
+}
+
+fn valid_device(name: &str) -> bool {
+    !name.is_empty()
+        && name != "agent"
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Shared {
+    fn command(&self, spec: &BackendSpec) -> Result<Command, SupervisorError> {
+        let name = match spec.kind {
+            BackendKind::Blk { .. } => "vhost-tap-blk",
+            BackendKind::Net { .. } => "vhost-tap-net",
+        };
+        let log_path = self.dirs.log(&spec.device);
+        let prep = |source| SupervisorError::Prepare {
+            path: log_path.clone(),
+            source,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(prep)?;
+        let log2 = log.try_clone().map_err(prep)?;
+        let mut cmd = Command::new(binary(&self.cfg, name));
+        cmd.arg("--socket")
+            .arg(self.dirs.socket(&spec.device))
+            .arg("--instance-id")
+            .arg(self.instance.to_string())
+            .arg("--device")
+            .arg(&spec.device)
+            .arg("--capture")
+            .arg(self.dirs.spool(&spec.device))
+            .arg("--capture-retain-mib")
+            .arg(self.cfg.retain_mib.to_string())
+            .arg("--capture-segment-mib")
+            .arg(self.cfg.segment_mib.to_string())
+            .arg("--capture-recycle")
+            .arg("committed")
+            .arg("--seq-file")
+            .arg(self.dirs.seq_file());
+        match &spec.kind {
+            BackendKind::Blk { image } => {
+                cmd.arg("--image").arg(image);
+            }
+            BackendKind::Net { tap, netns } => {
+                cmd.arg("--tap").arg(tap);
+                if let Some(ns) = netns {
+                    cmd.arg("--netns").arg(ns);
+                }
+            }
+        }
+        cmd.args(&spec.extra_args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        Ok(cmd)
+    }
+
+    /// Starts `spec`'s backend; returns the child once its socket exists.
+    fn spawn(&self, spec: &BackendSpec) -> Result<Child, SupervisorError> {
+        let socket = self.dirs.socket(&spec.device);
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = self.command(spec)?;
+        let mut child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+            device: spec.device.clone(),
+            binary: PathBuf::from(cmd.get_program()),
+            source,
+        })?;
+        let timeout = self.cfg.listen_timeout;
+        let start = Instant::now();
+        loop {
+            if socket.exists() {
+                tracing::info!(instance = %self.instance, device = %spec.device, pid = child.id(), "backend listening");
+                return Ok(child);
+            }
+            let reason = match child.try_wait() {
+                Ok(Some(status)) => Some(format!(
+                    "exited ({status}); see {}",
+                    self.dirs.log(&spec.device).display()
+                )),
+                Ok(None) if start.elapsed() > timeout => Some("timed out".to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot wait for it: {e}")),
+            };
+            if let Some(reason) = reason {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SupervisorError::NotListening {
+                    device: spec.device.clone(),
+                    socket,
+                    timeout,
+                    reason,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One pass of the monitor: reap exits, restart what is due.
+    fn tick(&self) {
+        let mut slots = self
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned");
+        for slot in slots.iter_mut() {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if let Some(child) = slot.child.as_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        let ran = slot.started.elapsed();
+                        if ran >= self.cfg.restart_reset_after {
+                            slot.delay = self.cfg.restart_initial;
+                        }
+                        tracing::warn!(instance = %self.instance, device = %slot.spec.device, %status, ran_ms = ran.as_millis() as u64, delay_ms = slot.delay.as_millis() as u64, "backend exited; restarting");
+                        slot.last_exit = Some(status.to_string());
+                        slot.child = None;
+                        slot.restart_at = Some(Instant::now() + slot.delay);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(instance = %self.instance, device = %slot.spec.device, error = %e, "cannot poll the backend")
+                    }
+                }
+            }
+            if slot.child.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
+                match self.spawn(&slot.spec) {
+                    Ok(child) => {
+                        slot.child = Some(child);
+                        slot.started = Instant::now();
+                        slot.restarts += 1;
+                        slot.restart_at = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %self.instance, device = %slot.spec.device, error = %crate::shipper::display_chain(&e), "backend restart failed");
+                        slot.restart_at = Some(Instant::now() + slot.delay);
+                    }
+                }
+                slot.delay = (slot.delay * 2).min(self.cfg.restart_max);
+            }
+        }
+    }
+}
+
+impl Supervisor {
+    /// Starts one backend per device of `instance` under `data` and waits
+    /// until each listens. A failure stops the ones already started.
+    pub fn start(
+        instance: InstanceId,
+        data: &Path,
+        devices: Vec<BackendSpec>,
+        cfg: SupervisorConfig,
+    ) -> Result<Self, SupervisorError> {
+        let dirs = InstanceDirs::new(data, &instance);
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &devices {
+            if !valid_device(&d.device) {
+                return Err(SupervisorError::BadDeviceName(d.device.clone()));
+            }
+            if !seen.insert(d.device.clone()) {
+                return Err(SupervisorError::DuplicateDevice(d.device.clone()));
+            }
+        }
+        std::fs::create_dir_all(&dirs.root).map_err(|source| SupervisorError::Prepare {
+            path: dirs.root.clone(),
+            source,
+        })?;
+        if cfg.refuse_tmpfs_seq && vhost_tap::seq::on_tmpfs(&dirs.root) {
+            return Err(SupervisorError::SeqOnTmpfs(dirs.seq_file()));
+        }
+        let shared = Arc::new(Shared {
+            instance,
+            dirs,
+            cfg,
+            slots: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+        });
+        let mut sup = Supervisor {
+            shared: shared.clone(),
+            monitor: None,
+        };
+        for spec in devices {
+            // `sup` stops what was started if this fails.
+            let child = shared.spawn(&spec)?;
+            shared
+                .slots
+                .lock()
+                .expect("supervisor lock is never poisoned")
+                .push(Slot {
+                    spec,
+                    child: Some(child),
+                    started: Instant::now(),
+                    restarts: 0,
+                    delay: shared.cfg.restart_initial,
+                    restart_at: None,
+                    last_exit: None,
+                });
+        }
+        let s = shared.clone();
+        let monitor = std::thread::Builder::new()
+            .name("backend-supervisor".into())
+            .spawn(move || {
+                while !s.stopping.load(Ordering::Acquire) {
+                    s.tick();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .map_err(|source| SupervisorError::Prepare {
+                path: shared.dirs.root.clone(),
+                source,
+            })?;
+        sup.monitor = Some(monitor);
+        Ok(sup)
+    }
+
+    /// The instance's directories.
+    pub fn dirs(&self) -> &InstanceDirs {
+        &self.shared.dirs
+    }
+
+    /// The vhost-user socket of each device.
+    pub fn sockets(&self) -> BTreeMap<String, PathBuf> {
+        self.status()
+            .into_iter()
+            .map(|s| {
+                let p = self.shared.dirs.socket(&s.device);
+                (s.device, p)
+            })
+            .collect()
+    }
+
+    /// Each backend's state.
+    pub fn status(&self) -> Vec<BackendStatus> {
+        self.shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned")
+            .iter()
+            .map(|s| BackendStatus {
+                device: s.spec.device.clone(),
+                pid: s.child.as_ref().map(Child::id),
+                restarts: s.restarts,
+                last_exit: s.last_exit.clone(),
+            })
+            .collect()
+    }
+
+    /// Stops every backend: SIGTERM, then SIGKILL after the grace period.
+    /// Call it after the guest stopped.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+        let mut slots = self
+            .shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned");
+        for slot in slots.iter_mut() {
+            if let Some(child) = slot.child.as_mut() {
+                // SAFETY: kill(2) on our own child's pid; it has not been
+                // reaped yet, so the pid cannot have been reused.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + self.shared.cfg.stop_grace;
+        for slot in slots.iter_mut() {
+            if let Some(mut child) = slot.child.take() {
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() >= deadline => {
+                            tracing::warn!(device = %slot.spec.device, "backend ignored SIGTERM; killing it");
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(self.shared.dirs.socket(&slot.spec.device));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
