@@ -67,6 +67,10 @@ struct Args {
     /// Backends to run (comma-separated: qsd, tap-off, tap-on, tap-file).
     #[arg(long, default_value = "qsd,tap-off,tap-on,tap-file")]
     backends: String,
+    /// Workloads to run: comma-separated prefixes of their names (`4k
+    /// randwrite`, `4k randread`, `1m`), or `all`.
+    #[arg(long, default_value = "all")]
+    workloads: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +298,23 @@ fn main() -> Result<()> {
             tap_bin.display()
         );
     }
+    let selected: Vec<bool> = WORKLOADS
+        .iter()
+        .map(|w| {
+            args.workloads == "all"
+                || args
+                    .workloads
+                    .split(',')
+                    .any(|p| !p.trim().is_empty() && w.name.starts_with(p.trim()))
+        })
+        .collect();
+    if !selected.contains(&true) {
+        bail!(
+            "--workloads {:?} selects none of: {}",
+            args.workloads,
+            WORKLOADS.map(|w| w.name).join(", ")
+        );
+    }
     let work = tempfile::Builder::new()
         .prefix("vmr-bench-blk-")
         .tempdir_in(&args.dir)
@@ -305,7 +326,7 @@ fn main() -> Result<()> {
     eprintln!(
         "vmr-bench-blk: {} rounds x {} workloads x {} backends, {:.1} s each, image {} MiB in {}",
         args.rounds,
-        WORKLOADS.len(),
+        selected.iter().filter(|s| **s).count(),
         backends.len(),
         args.seconds,
         args.image_mib,
@@ -328,6 +349,9 @@ fn main() -> Result<()> {
             workload::verify(&mut dev, image_bytes)
                 .with_context(|| format!("verifying {}", b.label()))?;
             for (wi, w) in WORKLOADS.iter().enumerate() {
+                if !selected[wi] {
+                    continue;
+                }
                 let t = workload::run(
                     &mut dev,
                     *w,
@@ -369,6 +393,9 @@ fn main() -> Result<()> {
     let qsd_index = backends.iter().position(|b| *b == Backend::Qsd);
     let mut misses = 0;
     for (wi, w) in WORKLOADS.iter().enumerate() {
+        if !selected[wi] {
+            continue;
+        }
         for (bi, b) in backends.iter().enumerate() {
             let t = results[wi][bi];
             let iops = t.ops as f64 / t.secs;
