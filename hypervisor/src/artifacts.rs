@@ -166,7 +166,10 @@ impl SnapshotArtifacts {
             });
         }
         for art in &a.artifacts {
-            if art.file.contains("..") || Path::new(&art.file).is_absolute() {
+            let outside = Path::new(&art.file)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+            if art.file.is_empty() || outside {
                 return Err(DriverError::Artifact {
                     artifact: art.name.clone(),
                     reason: format!("file {:?} is outside the snapshot directory", art.file),

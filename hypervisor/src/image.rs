@@ -198,6 +198,42 @@ fn image_file(dir: &Path, field: &str, rel: &str) -> Result<PathBuf, DriverError
     Ok(full)
 }
 
+/// The dotted name of the key whose value starts at byte `at` of `text`
+/// (`machine.memory_mib`, `nics[0].mac`), found from the line and the table
+/// headers above it; the line number where no key is found.
+fn field_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_no = text[..at].matches('\n').count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else {
+        return format!("{IMAGE_FILE} line {line_no}");
+    };
+    let key = key.trim();
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let n = counts.entry(name.to_string()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = name.to_string();
+        }
+    }
+    if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// Extra QEMU devices an image may ask for. Images come from object stores
+/// and image directories, so they may not add arbitrary hardware (host
+/// device pass-through, shared memory) to an instance.
+pub const ALLOWED_QEMU_DEVICES: &[&str] = &["pvpanic", "pvpanic-pci", "virtio-rng-pci"];
+
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, p) = s.split_once('/')?;
     let p: u8 = p.parse().ok()?;
@@ -226,7 +262,7 @@ impl MachineImage {
         let raw: RawImage = toml::from_str(text).map_err(|e| {
             let field = e
                 .span()
-                .map(|s| format!("{IMAGE_FILE} bytes {}..{}", s.start, s.end))
+                .map(|s| field_at(text, s.start))
                 .unwrap_or_else(|| IMAGE_FILE.to_string());
             bad(dir, field, e.message().to_string())
         })?;
@@ -288,6 +324,18 @@ impl MachineImage {
                 format!("{} is outside 1..=64", raw.machine.vcpus),
             ));
         }
+        for (i, d) in raw.machine.qemu_devices.iter().enumerate() {
+            if !ALLOWED_QEMU_DEVICES.contains(&d.as_str()) {
+                return Err(bad(
+                    dir,
+                    format!("machine.qemu_devices[{i}]"),
+                    format!(
+                        "{d:?} is not allowed (allowed: {})",
+                        ALLOWED_QEMU_DEVICES.join(", ")
+                    ),
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         let mut disks = Vec::new();
         for (i, d) in raw.disks.iter().enumerate() {
@@ -303,7 +351,14 @@ impl MachineImage {
                 (Some(0), None) => {
                     return Err(bad(dir, format!("{field}.size_mib"), "must be positive"))
                 }
-                (Some(s), None) => DiskSource::Blank(s << 20),
+                (Some(s), None) if s <= 1 << 24 => DiskSource::Blank(s << 20),
+                (Some(s), None) => {
+                    return Err(bad(
+                        dir,
+                        format!("{field}.size_mib"),
+                        format!("{s} MiB is more than 16 TiB"),
+                    ))
+                }
                 (None, Some(f)) => DiskSource::File(image_file(dir, &format!("{field}.file"), f)?),
                 _ => {
                     return Err(bad(

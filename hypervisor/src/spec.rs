@@ -273,6 +273,17 @@ impl InstanceSpec {
         if let Some(d) = &self.debug {
             d.validate()?;
         }
+        for (i, d) in self.qemu.devices.iter().enumerate() {
+            if !crate::image::ALLOWED_QEMU_DEVICES.contains(&d.as_str()) {
+                return Err(DriverError::spec(
+                    format!("qemu.devices[{i}]"),
+                    format!(
+                        "{d:?} is not allowed (allowed: {})",
+                        crate::image::ALLOWED_QEMU_DEVICES.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
