@@ -27,11 +27,12 @@ use vmr_hypervisor::{
 use vmr_proto::{framing::EventReader, pb, BlockOp, Direction, Event, LifecycleKind, Payload};
 
 use crate::filter::Filter;
+use crate::net::{Action, Next, PeerConfig, RecordedFrame, TcpPeer};
 use crate::replay::{self, BeforeWindow, ReplayError};
 use crate::schedule::{ClockControl, ClockMode, ReplayClock, RunTo, Speed, Timeline};
 use crate::source::{EventSource, SourceConfig, SourceError};
 use crate::window::Window;
-use crate::KindSet;
+use crate::{Kind, KindSet};
 
 /// Longest wait for a backend's sockets to appear.
 const BACKEND_WAIT: Duration = Duration::from_secs(20);
@@ -39,6 +40,13 @@ const BACKEND_WAIT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest wait for one control-socket answer.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most recorded net frames (both directions, all NICs) a window may hold:
+/// the TCP peer needs the window's whole recording up front.
+pub const MAX_PEER_FRAMES: usize = 500_000;
+/// Most bytes of recorded net frames a window may hold.
+pub const MAX_PEER_BYTES: usize = 512 << 20;
+/// How often the clone's net capture is read for its transmitted frames.
+const TAIL_PERIOD: Duration = Duration::from_millis(5);
 
 /// Errors building or driving a clone.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +210,8 @@ pub struct CloneRuntime {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     clock_slot: Mutex<Option<ReplayClock>>,
     expected_writes: Mutex<Vec<Event>>,
+    /// NIC name → its recorded peer.
+    peers: HashMap<String, Arc<NicPeer>>,
     stop: Arc<AtomicBool>,
     torn_down: AtomicBool,
     debugger: Option<String>,
@@ -259,7 +269,12 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         SourceConfig::from_manifest(plan.bootstrap_servers.clone(), &plan.manifest, plan.kinds);
     cfg.until_seq = plan.until_seq;
     cfg.fetch_timeout = plan.fetch_timeout;
-    let source = EventSource::open(cfg)?;
+    let source = EventSource::open(cfg.clone())?;
+    let recorded = if plan.kinds.contains(Kind::Net) {
+        collect_net_frames(cfg, &plan)?
+    } else {
+        HashMap::new()
+    };
 
     let clock = if plan.start_paused {
         ReplayClock::paused(plan.speed)
@@ -297,6 +312,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         threads: Mutex::new(Vec::new()),
         clock_slot: Mutex::new(Some(clock)),
         expected_writes: Mutex::new(Vec::new()),
+        peers: HashMap::new(),
         stop: Arc::new(AtomicBool::new(false)),
         torn_down: AtomicBool::new(false),
         debugger: None,
@@ -381,6 +397,23 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         )?;
         sockets.push(sock.clone());
         sockets.push(ctl.clone());
+        let frames = recorded.get(&nic.name).cloned().unwrap_or_default();
+        let peer = TcpPeer::new(PeerConfig::new(nic.mac), frames)
+            .map_err(|e| CloneError::Invalid(format!("recorded frames of {}: {e}", nic.name)))?;
+        rt.peers.insert(
+            nic.name.clone(),
+            Arc::new(NicPeer {
+                device: nic.name.clone(),
+                peer: Mutex::new(peer),
+                injector: Mutex::new(None),
+                control: ctl.clone(),
+                capture: work.join(format!("{}.net.events", nic.name)),
+                pending: Mutex::new(None),
+                reported: Mutex::new(Vec::new()),
+                changed: std::sync::Condvar::new(),
+                tail_pos: Mutex::new(0),
+            }),
+        );
         rt.control_sockets.insert(nic.name.clone(), ctl);
         spec.nics.push(NicSpec {
             name: nic.name,
@@ -627,7 +660,25 @@ impl CloneRuntime {
         };
         // The clock whose control the service holds.
         let mut clock = self.take_clock();
-        let mut injectors: HashMap<String, Injector> = HashMap::new();
+        let tail_stop = Arc::new(AtomicBool::new(false));
+        let mut tailers = Vec::new();
+        for nic in self.peers.values() {
+            let nic = nic.clone();
+            let shared = self.shared.clone();
+            let stop = tail_stop.clone();
+            let h = std::thread::Builder::new()
+                .name("clone-net-tail".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Err(e) = nic.tail(&shared) {
+                            tracing::warn!(clone = %shared.id, device = %nic.device, error = %e, "injecting a peer frame failed");
+                        }
+                        std::thread::sleep(TAIL_PERIOD);
+                    }
+                })
+                .expect("spawning a thread");
+            tailers.push(h);
+        }
         let result = replay::run(
             source,
             &mut timeline,
@@ -641,22 +692,14 @@ impl CloneRuntime {
                 }
                 if let Payload::Net(n) = &e.event.payload {
                     if n.direction == Direction::Rx {
-                        let inj = match injectors.get_mut(&n.device) {
-                            Some(i) => i,
-                            None => {
-                                let path = self
-                                    .control_sockets
-                                    .get(&n.device)
-                                    .or_else(|| self.control_sockets.values().next())
-                                    .ok_or_else(|| {
-                                        DeliverError(format!("no NIC for device {}", n.device))
-                                    })?;
-                                injectors
-                                    .entry(n.device.clone())
-                                    .or_insert(Injector::connect(path)?)
-                            }
-                        };
-                        inj.inject(&n.frame)?;
+                        let nic = self
+                            .peers
+                            .get(&n.device)
+                            .or_else(|| self.peers.values().next())
+                            .ok_or_else(|| {
+                                DeliverError(format!("no NIC for device {}", n.device))
+                            })?;
+                        nic.deliver_due(e.event.seq, &self.stop)?;
                     }
                 }
                 if let Payload::Block(b) = &e.event.payload {
@@ -675,6 +718,16 @@ impl CloneRuntime {
                 Ok(())
             },
         );
+        // The clone's last frames, then the peers' reports.
+        std::thread::sleep(Duration::from_millis(100));
+        tail_stop.store(true, Ordering::SeqCst);
+        for h in tailers {
+            let _ = h.join();
+        }
+        for nic in self.peers.values() {
+            let _ = nic.tail(&self.shared);
+            nic.report_divergences(&self.shared);
+        }
         match result {
             Ok(report) => {
                 self.shared.update(|s| {
@@ -988,6 +1041,229 @@ impl Injector {
             )));
         }
         Ok(())
+    }
+}
+
+/// Reads the window's recorded net frames (both directions) from a second
+/// pass over the source, per NIC, for the TCP peers; refuses a window above
+/// [`MAX_PEER_FRAMES`] or [`MAX_PEER_BYTES`].
+fn collect_net_frames(
+    mut cfg: SourceConfig,
+    plan: &ClonePlan,
+) -> Result<HashMap<String, Vec<RecordedFrame>>, CloneError> {
+    cfg.kinds = KindSet::empty().with(Kind::Net);
+    let source = EventSource::open(cfg)?;
+    let bounds = plan
+        .window
+        .resolve(None)
+        .map_err(|e| CloneError::Invalid(format!("window: {e}")))?;
+    let mut timeline = Timeline::from_manifest(&plan.manifest);
+    let filter = Filter {
+        kinds: KindSet::empty().with(Kind::Net),
+        ..Filter::default()
+    };
+    let mut clock = ReplayClock::new(Speed::AsFastAsPossible);
+    let mut out: HashMap<String, Vec<RecordedFrame>> = HashMap::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    let r = replay::run(
+        source,
+        &mut timeline,
+        &bounds,
+        BeforeWindow::Skip,
+        &filter,
+        &mut clock,
+        |e, _| {
+            let Payload::Net(n) = &e.event.payload else {
+                return Ok(());
+            };
+            count += 1;
+            bytes += n.frame.len();
+            if count > MAX_PEER_FRAMES || bytes > MAX_PEER_BYTES {
+                return Err(DeliverError(format!(
+                    "the window holds more than {MAX_PEER_FRAMES} net frames or {MAX_PEER_BYTES} bytes of them; replay a smaller window"
+                )));
+            }
+            if let Some(f) = RecordedFrame::from_event(&e.event) {
+                out.entry(n.device.clone()).or_default().push(f);
+            }
+            Ok(())
+        },
+    );
+    match r {
+        Ok(_) => Ok(out),
+        Err(ReplayError::Deliver { source, .. }) => Err(CloneError::Invalid(source.0)),
+        Err(e) => Err(CloneError::State(format!(
+            "reading the window's net frames: {e}"
+        ))),
+    }
+}
+
+/// A NIC's recorded TCP peer and its way into the clone.
+struct NicPeer {
+    device: String,
+    peer: Mutex<TcpPeer>,
+    injector: Mutex<Option<Injector>>,
+    control: PathBuf,
+    capture: PathBuf,
+    /// A frame the peer handed out before its recorded time.
+    pending: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Divergences already reported (flow, text).
+    reported: Mutex<Vec<(usize, String)>>,
+    /// Signalled when the clone sent frames.
+    changed: std::sync::Condvar,
+    /// Capture events already fed to the peer.
+    tail_pos: Mutex<usize>,
+}
+
+impl NicPeer {
+    fn inject(&self, frame: &[u8]) -> Result<(), DeliverError> {
+        let mut inj = self.injector.lock().expect("injector lock");
+        if inj.is_none() {
+            *inj = Some(Injector::connect(&self.control)?);
+        }
+        inj.as_mut().expect("connected above").inject(frame)
+    }
+
+    /// Delivers every inbound frame the peer has up to recorded `seq` (the
+    /// event now due), waiting for the clone where the peer says so.
+    fn deliver_due(&self, seq: u64, stop: &AtomicBool) -> Result<(), DeliverError> {
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            match p.take() {
+                Some((s, f)) if s <= seq => {
+                    drop(p);
+                    self.inject(&f)?;
+                    if s == seq {
+                        return Ok(());
+                    }
+                }
+                Some(held) => {
+                    *p = Some(held);
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Err(DeliverError("the clone is being removed".into()));
+            }
+            let mut peer = self.peer.lock().expect("peer lock");
+            match peer.next_inbound(Instant::now()) {
+                Next::Inject {
+                    frame,
+                    original_seq,
+                } => {
+                    drop(peer);
+                    if original_seq > seq {
+                        *self.pending.lock().expect("pending lock") = Some((original_seq, frame));
+                        return Ok(());
+                    }
+                    self.inject(&frame)?;
+                    if original_seq == seq {
+                        return Ok(());
+                    }
+                }
+                Next::Ack { frame, .. } => {
+                    drop(peer);
+                    self.inject(&frame)?;
+                }
+                Next::WaitForClone { until, .. } => {
+                    let wait = until
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(20));
+                    let _ = self.changed.wait_timeout(peer, wait).expect("peer lock");
+                }
+                Next::Done => return Ok(()),
+            }
+        }
+    }
+
+    /// Feeds the clone's new transmitted frames to the peer and injects
+    /// what it answers; reports its divergences.
+    fn tail(&self, shared: &Shared) -> Result<(), DeliverError> {
+        let events = read_capture(&self.capture);
+        let mut pos = self.tail_pos.lock().expect("tail lock");
+        if events.len() <= *pos {
+            return Ok(());
+        }
+        let new: Vec<Event> = events.into_iter().skip(*pos).collect();
+        *pos += new.len();
+        drop(pos);
+        for e in new {
+            let Payload::Net(n) = &e.payload else {
+                continue;
+            };
+            if n.direction != Direction::Tx {
+                continue;
+            }
+            let actions = self
+                .peer
+                .lock()
+                .expect("peer lock")
+                .on_clone_output(&n.frame);
+            self.changed.notify_all();
+            for a in actions {
+                match a {
+                    Action::Inject { frame, .. } => self.inject(&frame)?,
+                    Action::Diverged { flow, divergence } => {
+                        let text = divergence.to_string();
+                        let key = (flow.0, text.clone());
+                        let mut rep = self.reported.lock().expect("reported lock");
+                        if !rep.contains(&key) {
+                            rep.push(key);
+                            drop(rep);
+                            shared.add_divergence(self.net_divergence(
+                                0,
+                                format!("connection {flow}: {text}"),
+                            ));
+                        }
+                    }
+                    Action::Unexpected {
+                        guest,
+                        peer,
+                        connect,
+                    } => shared.add_divergence(self.net_divergence(
+                        0,
+                        format!(
+                            "the clone {} {guest} -> {peer}, a connection the recording does not have",
+                            if connect { "connected" } else { "sent on" }
+                        ),
+                    )),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the divergences of the peer's final report not reported yet.
+    fn report_divergences(&self, shared: &Shared) {
+        let report = self.peer.lock().expect("peer lock").report();
+        for (f, d) in report.divergences() {
+            let text = d.to_string();
+            let key = (f.flow.0, text.clone());
+            let mut rep = self.reported.lock().expect("reported lock");
+            if rep.contains(&key) {
+                continue;
+            }
+            rep.push(key);
+            drop(rep);
+            shared.add_divergence(self.net_divergence(
+                0,
+                format!("connection {} ({} -> {}): {text}", f.flow, f.guest, f.peer),
+            ));
+        }
+    }
+
+    fn net_divergence(&self, seq: u64, description: String) -> pb::Divergence {
+        pb::Divergence {
+            seq,
+            device: self.device.clone(),
+            description,
+            expected: None,
+            observed: None,
+            kind: pb::DivergenceKind::NetStream as i32,
+        }
     }
 }
 
