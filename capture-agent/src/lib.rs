@@ -43,6 +43,7 @@
 
 pub mod config;
 pub mod events;
+pub mod instance;
 pub mod metrics;
 pub mod sensors;
 pub mod shipper;
