@@ -1,4 +1,5 @@
-//! `capture-agent`: ships capture spools to Kafka and reads host sensors.
+//! `capture-agent`: runs recorded instances, ships capture spools to Kafka
+//! and reads host sensors.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use capture_agent::config::AgentConfig;
+use capture_agent::instance::{LaunchOptions, RecordedInstance};
 use capture_agent::metrics::ShipperMetrics;
 use capture_agent::sensors::Sensors;
-use capture_agent::shipper::{Shipper, ShipperOptions};
+use capture_agent::shipper::{display_chain, Shipper, ShipperOptions};
 use capture_agent::source::SpoolSource;
 use clap::{Parser, Subcommand};
 use vmr_proto::InstanceId;
@@ -28,6 +30,8 @@ struct Cli {
 enum Command {
     /// Ship one spool to Kafka until SIGTERM or SIGINT.
     Ship(ShipArgs),
+    /// Run one recorded instance (backends, shippers, guest) until SIGTERM or SIGINT.
+    Run(RunArgs),
     /// Print what host sensors exist and one reading of each, as JSON.
     Sensors {
         /// Configuration file (the `[sensors]` table is used).
@@ -72,6 +76,38 @@ struct ShipArgs {
     /// How often the metrics file is written (ms).
     #[arg(long, default_value_t = 500)]
     metrics_interval_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The machine image directory (with `image.toml`).
+    #[arg(long)]
+    image: PathBuf,
+    /// The instance id.
+    #[arg(long)]
+    instance: String,
+    /// Hypervisor driver.
+    #[arg(long, default_value = "qemu")]
+    driver: String,
+    /// Data directory; the instance lives in `<data>/<instance>/`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Network namespace the NICs' TAP devices live in.
+    #[arg(long)]
+    netns: Option<String>,
+    /// TAP name prefix; NIC i gets `<prefix><i>`.
+    #[arg(long, default_value = "vmrtap")]
+    tap_prefix: String,
+    /// Configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// QEMU acceleration: kvm, tcg or auto.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Directory holding vhost-tap-blk and vhost-tap-net (default: next to
+    /// this executable, then $PATH).
+    #[arg(long)]
+    backend_dir: Option<PathBuf>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -156,6 +192,28 @@ fn ship(a: ShipArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let mut cfg = load(a.config.as_ref())?;
+    cfg.endpoints = cfg.endpoints.with_env(|k| std::env::var(k).ok());
+    cfg.validate()?;
+    let instance = InstanceId::new(a.instance).context("--instance")?;
+    let mut opts = LaunchOptions::new(&a.image, instance, a.driver, &a.data);
+    opts.netns = a.netns;
+    opts.tap_prefix = a.tap_prefix;
+    opts.endpoints = cfg.endpoints.clone();
+    opts.shipper = cfg.shipper.clone();
+    opts.accel = a.accel.parse().context("--accel")?;
+    opts.supervisor.bin_dir = a.backend_dir;
+    install_signals();
+    let inst = RecordedInstance::launch(opts).map_err(|e| anyhow::anyhow!(display_chain(&e)))?;
+    while !STOP.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = inst.stop();
+    tracing::info!(exit = ?report.exit, shippers = ?report.shippers, "stopped");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -172,6 +230,7 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Ship(a)) => ship(a),
+        Some(Command::Run(a)) => run(a),
         Some(Command::Sensors {
             config,
             sys_root,
@@ -199,6 +258,8 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        None => anyhow::bail!("nothing to do: give a command (ship, sensors) or --check-config"),
+        None => {
+            anyhow::bail!("nothing to do: give a command (ship, run, sensors) or --check-config")
+        }
     }
 }
