@@ -1,0 +1,301 @@
+//! A recorded instance end to end: the demo-linux guest under QEMU (TCG)
+//! with its supervised vhost-tap backends, the shippers and a real Tansu
+//! broker and registry.
+//!
+//! Heavy: needs root (network namespace, TAP), qemu-system-x86_64, the
+//! demo-linux image (guest/linux/build.sh), the Tansu broker
+//! (scripts/setup.sh) and the workspace binaries
+//! (`cargo build -p vhost-tap -p schema-registry --bins`). Run:
+//! `cargo test -p capture-agent --test instance_qemu -- --test-threads=1`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use capture_agent::config::AgentConfig;
+use capture_agent::instance::{LaunchOptions, RecordedInstance};
+use common::{check_exactly_once, wait_for_records, Got, Stack};
+use vmr_hypervisor::Accel;
+use vmr_proto::{pb, InstanceId};
+use vmr_testkit::qemu::NetNs;
+
+const PEER_CIDR: &str = "192.168.77.1/24";
+const PEER_MAC: &str = "02:00:00:77:00:01";
+const SERVICE: &str = "192.168.77.2:7000";
+
+fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("VMR_GUEST_LINUX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmr_testkit::cache_dir().join("demo-linux"));
+    assert!(
+        dir.join("image.toml").is_file(),
+        "the demo-linux machine image ({}/image.toml) is missing: build it with guest/linux/build.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn qemu_binary() -> PathBuf {
+    let p = std::env::var_os("VMR_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
+    assert!(
+        p.is_file(),
+        "QEMU not found at {}: install qemu-system-x86 (scripts/setup.sh) or set $VMR_QEMU",
+        p.display()
+    );
+    p
+}
+
+fn enter_netns(path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: setns(2) on a valid namespace fd held open by `f`; it changes
+    // only this (test-owned) thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sends one request line to the guest's service from inside `ns`.
+fn request(ns: &NetNs, line: &str) -> Result<String, String> {
+    let path = ns.path();
+    let line = line.to_string();
+    let addr: SocketAddr = SERVICE.parse().expect("a valid address");
+    std::thread::spawn(move || -> Result<String, String> {
+        enter_netns(&path)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        (&stream)
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = String::new();
+        let _ = BufReader::new(&stream).read_line(&mut reply);
+        Ok(reply.trim_end().to_string())
+    })
+    .join()
+    .map_err(|_| "request thread panicked".to_string())?
+}
+
+fn mine<'a>(got: &'a [Got], inst: &str) -> Vec<&'a Got> {
+    got.iter().filter(|g| g.key == inst).collect()
+}
+
+fn count_topic(got: &[&Got], topic: &str) -> usize {
+    got.iter().filter(|g| g.topic == topic).count()
+}
+
+/// The GAP events' ranges.
+fn gaps(got: &[&Got]) -> Vec<(u64, u64)> {
+    got.iter()
+        .filter_map(|g| match &g.event.payload {
+            Some(pb::event::Payload::Lifecycle(l)) if l.kind == pb::LifecycleKind::Gap as i32 => {
+                l.gap.as_ref().map(|g| (g.first_seq, g.count))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn lifecycle_kinds(got: &[&Got]) -> Vec<i32> {
+    got.iter()
+        .filter_map(|g| match &g.event.payload {
+            Some(pb::event::Payload::Lifecycle(l)) => Some(l.kind),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every seq from 1 to the last appears exactly once, as a record or inside
+/// a GAP event's range.
+fn check_covered(got: &[&Got]) -> u64 {
+    let mut seen: Vec<u64> = got.iter().map(|g| g.event.seq).collect();
+    for (first, count) in gaps(got) {
+        seen.extend(first..first + count);
+    }
+    seen.sort_unstable();
+    let last = *seen.last().expect("some records");
+    let dups: Vec<u64> = seen
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "seqs used twice: {:?}",
+        &dups[..dups.len().min(20)]
+    );
+    assert_eq!(
+        seen,
+        (1..=last).collect::<Vec<u64>>(),
+        "seqs 1..={last} are not all covered"
+    );
+    last
+}
+
+#[test]
+fn recorded_demo_linux_ships_gap_free_and_survives_a_backend_kill() {
+    let qemu = qemu_binary();
+    let image = image_dir();
+    let blk_bin = vmr_testkit::workspace_bin("vhost-tap-blk")
+        .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
+    vmr_testkit::workspace_bin("vhost-tap-net")
+        .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
+    let stack = Stack::start();
+    let work = tempfile::tempdir().expect("a temp dir");
+    let w = work.path();
+    let cfg = AgentConfig::load(&stack.config_file(w, "")).expect("the test config parses");
+    let ns = NetNs::create().expect("create a network namespace (needs root and iproute2)");
+    let inst = "vm-rec-1";
+
+    let mut opts = LaunchOptions::new(
+        &image,
+        InstanceId::new(inst).unwrap(),
+        "qemu",
+        w.join("data"),
+    );
+    opts.netns = Some(ns.name().to_string());
+    opts.endpoints = cfg.endpoints.clone();
+    opts.shipper = cfg.shipper.clone();
+    opts.accel = Accel::Tcg;
+    opts.qemu_binary = Some(qemu);
+    opts.supervisor.bin_dir = blk_bin.parent().map(Path::to_path_buf);
+    opts.drain_timeout = Duration::from_secs(30);
+    let rec = RecordedInstance::launch(opts)
+        .unwrap_or_else(|e| panic!("{}", capture_agent::shipper::display_chain(&e)));
+
+    ns.wait_for_link("vmrtap0", Duration::from_secs(60))
+        .expect("the TAP appears in the namespace");
+    ns.ip(&["link", "set", "dev", "vmrtap0", "address", PEER_MAC])
+        .expect("set the peer MAC");
+    ns.configure("vmrtap0", PEER_CIDR)
+        .expect("configure the peer");
+
+    for i in 0..3 {
+        let reply = request(&ns, &format!("PUT key{i} value{i}")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(reply.starts_with("OK "), "PUT key{i}: {reply:?}");
+    }
+
+    // Block writes, received frames and the Boot event reach their topics.
+    let bootstrap = stack.broker.bootstrap();
+    let end = Instant::now() + Duration::from_secs(90);
+    let got = loop {
+        let got = wait_for_records(&bootstrap, inst, 1, Duration::from_secs(30));
+        let m = mine(&got, inst);
+        let ok = count_topic(&m, "vmr.block.v1") > 0
+            && count_topic(&m, "vmr.net.v1") > 0
+            && lifecycle_kinds(&m).contains(&(pb::LifecycleKind::Boot as i32));
+        if ok || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let m = mine(&got, inst);
+    let blk = count_topic(&m, "vmr.block.v1");
+    let net = count_topic(&m, "vmr.net.v1");
+    eprintln!(
+        "before the kill: {blk} block, {net} net, {} records",
+        m.len()
+    );
+    assert!(blk > 0, "no block records");
+    assert!(net > 0, "no net records");
+    assert!(
+        lifecycle_kinds(&m).contains(&(pb::LifecycleKind::Boot as i32)),
+        "no Boot lifecycle event"
+    );
+    let writes = m
+        .iter()
+        .filter(|g| matches!(&g.event.payload, Some(pb::event::Payload::Block(b)) if b.op == pb::BlockOp::Write as i32))
+        .count();
+    assert!(writes > 0, "no block writes among {blk} block records");
+    // The shippers may still be behind the counter; what landed must be a
+    // gap-free 1..=max exactly once.
+    let max = m.iter().map(|g| g.event.seq).max().unwrap();
+    check_exactly_once(&got, inst, max);
+
+    // kill -9 the disk backend: the supervisor restarts it.
+    let sup = rec.supervisor().expect("running");
+    let before = sup
+        .status()
+        .into_iter()
+        .find(|s| s.device == "vda")
+        .unwrap();
+    let pid = before.pid.expect("vda backend runs");
+    // SAFETY: kill(2) on the backend's pid, which the supervisor has not reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let end = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let s = sup
+            .status()
+            .into_iter()
+            .find(|s| s.device == "vda")
+            .unwrap();
+        if s.restarts >= 1 && s.pid.is_some_and(|p| p != pid) {
+            break s;
+        }
+        assert!(Instant::now() < end, "vda backend not restarted: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("restarted: {after:?}");
+
+    // New records after the restart (frames of more requests).
+    for i in 3..5 {
+        let reply = request(&ns, &format!("PUT key{i} value{i}")).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("PUT key{i} after the restart: {reply:?}");
+    }
+
+    let report = rec.stop();
+    eprintln!("stop: {:?}", report.exit);
+    for (name, m) in &report.shippers {
+        eprintln!("{name}: {m:?}");
+    }
+
+    let end = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = wait_for_records(&bootstrap, inst, 1, Duration::from_secs(30));
+        let m = mine(&got, inst);
+        let g = gaps(&m);
+        let has_shutdown = lifecycle_kinds(&m).contains(&(pb::LifecycleKind::Shutdown as i32));
+        if (!g.is_empty() && has_shutdown) || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let m = mine(&got, inst);
+    let g = gaps(&m);
+    eprintln!("after the stop: {} records, gaps {g:?}", m.len());
+    assert!(!g.is_empty(), "no GAP event after the backend was killed");
+    assert!(
+        g.iter().all(|&(first, _)| first > max),
+        "a GAP covers numbers already used before the kill: {g:?} (max {max})"
+    );
+    let last = check_covered(&m);
+    assert!(
+        last > max,
+        "no numbers after the restart (last {last}, before {max})"
+    );
+    assert!(
+        lifecycle_kinds(&m).contains(&(pb::LifecycleKind::Shutdown as i32)),
+        "no Shutdown lifecycle event"
+    );
+
+    // Nothing left running: the backends' pids are gone.
+    for p in [pid, after.pid.unwrap()] {
+        let gone = !Path::new(&format!("/proc/{p}")).exists();
+        assert!(gone, "backend {p} still running");
+    }
+    drop(ns);
+}
