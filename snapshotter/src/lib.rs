@@ -18,6 +18,7 @@
 //!
 //! Layout and formats: `docs/snapshots.md`.
 
+pub mod image;
 pub mod manifest;
 pub mod publish;
 pub mod restore;
