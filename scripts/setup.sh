@@ -38,6 +38,7 @@ if ! python3 -c 'import confluent_kafka.schema_registry.protobuf, google.protobu
     log "installing Python packages for the analytics example"
     python3 -m pip install -q "${PIP_PACKAGES[@]}"
 fi
+python3 -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null || python3 -m pip install -q -r "$VMR_ROOT/helm/tests/requirements.txt"  # the Helm chart test
 
 if [ -x "$VMR_ROOT/guest/linux/build.sh" ]; then
     log "building the Linux guest image (cached)"
