@@ -99,6 +99,10 @@ pub struct ClonePlan {
     pub speed: Speed,
     pub start_paused: bool,
     pub gdb: bool,
+    /// Faults to inject into received frames ([`faults`]).
+    pub faults: Vec<faults::FaultRule>,
+    /// Seed of the fault decisions.
+    pub seed: u64,
 }
 
 /// State of a clone as the service reports it.
@@ -212,6 +216,7 @@ pub struct CloneRuntime {
     expected_writes: Mutex<Vec<Event>>,
     /// NIC name → its recorded peer.
     peers: HashMap<String, Arc<NicPeer>>,
+    faults: Mutex<faults::FaultInjector>,
     stop: Arc<AtomicBool>,
     torn_down: AtomicBool,
     debugger: Option<String>,
@@ -313,6 +318,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         clock_slot: Mutex::new(Some(clock)),
         expected_writes: Mutex::new(Vec::new()),
         peers: HashMap::new(),
+        faults: Mutex::new(faults::FaultInjector::new(plan.seed, plan.faults.clone())),
         stop: Arc::new(AtomicBool::new(false)),
         torn_down: AtomicBool::new(false),
         debugger: None,
@@ -699,7 +705,7 @@ impl CloneRuntime {
                             .ok_or_else(|| {
                                 DeliverError(format!("no NIC for device {}", n.device))
                             })?;
-                        nic.deliver_due(e.event.seq, &self.stop)?;
+                        nic.deliver_due(e.event.seq, &self.stop, &self.faults, &self.shared)?;
                     }
                 }
                 if let Payload::Block(b) = &e.event.payload {
@@ -739,6 +745,14 @@ impl CloneRuntime {
                             report.gaps.len(),
                             report.poison.len()
                         );
+                        let f = self.faults.lock().expect("faults lock");
+                        if !f.is_empty() {
+                            s.detail.push_str(&format!(
+                                ", {} faults injected (seed {})",
+                                f.injected().len(),
+                                f.seed()
+                            ));
+                        }
                     }
                 });
                 std::thread::sleep(Duration::from_millis(300));
@@ -1126,13 +1140,19 @@ impl NicPeer {
 
     /// Delivers every inbound frame the peer has up to recorded `seq` (the
     /// event now due), waiting for the clone where the peer says so.
-    fn deliver_due(&self, seq: u64, stop: &AtomicBool) -> Result<(), DeliverError> {
+    fn deliver_due(
+        &self,
+        seq: u64,
+        stop: &AtomicBool,
+        faults: &Mutex<faults::FaultInjector>,
+        shared: &Shared,
+    ) -> Result<(), DeliverError> {
         {
             let mut p = self.pending.lock().expect("pending lock");
             match p.take() {
                 Some((s, f)) if s <= seq => {
                     drop(p);
-                    self.inject(&f)?;
+                    self.inject_recorded(s, f, stop, faults, shared)?;
                     if s == seq {
                         return Ok(());
                     }
@@ -1159,7 +1179,7 @@ impl NicPeer {
                         *self.pending.lock().expect("pending lock") = Some((original_seq, frame));
                         return Ok(());
                     }
-                    self.inject(&frame)?;
+                    self.inject_recorded(original_seq, frame, stop, faults, shared)?;
                     if original_seq == seq {
                         return Ok(());
                     }
@@ -1175,6 +1195,59 @@ impl NicPeer {
                     let _ = self.changed.wait_timeout(peer, wait).expect("peer lock");
                 }
                 Next::Done => return Ok(()),
+            }
+        }
+    }
+
+    /// Injects recorded frame `seq`, with the fault the injector decides
+    /// for it (reported as it happens).
+    fn inject_recorded(
+        &self,
+        seq: u64,
+        mut frame: Vec<u8>,
+        stop: &AtomicBool,
+        faults: &Mutex<faults::FaultInjector>,
+        shared: &Shared,
+    ) -> Result<(), DeliverError> {
+        let fault = {
+            let mut f = faults.lock().expect("faults lock");
+            if f.is_empty() {
+                None
+            } else {
+                f.apply(seq, &self.device, &mut frame)
+            }
+        };
+        let Some(fault) = fault else {
+            return self.inject(&frame);
+        };
+        tracing::info!(clone = %shared.id, fault = %fault, "fault injected");
+        shared.add_divergence(pb::Divergence {
+            seq,
+            device: self.device.clone(),
+            description: format!("injected fault: {fault}"),
+            expected: None,
+            observed: None,
+            kind: pb::DivergenceKind::Unspecified as i32,
+        });
+        match fault.action {
+            faults::FaultAction::Drop => Ok(()),
+            faults::FaultAction::Duplicate => {
+                self.inject(&frame)?;
+                self.inject(&frame)
+            }
+            faults::FaultAction::Corrupt => self.inject(&frame),
+            faults::FaultAction::Delay(d) => {
+                let end = Instant::now() + d;
+                while Instant::now() < end {
+                    if stop.load(Ordering::SeqCst) {
+                        return Err(DeliverError("the clone is being removed".into()));
+                    }
+                    std::thread::sleep(
+                        end.saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(20)),
+                    );
+                }
+                self.inject(&frame)
             }
         }
     }
@@ -1281,4 +1354,237 @@ pub fn read_capture(path: &Path) -> Vec<Event> {
         }
     }
     out
+}
+
+/// Seeded fault injection on the frames the replayer delivers to a clone.
+///
+/// Faults are decided here, in the replay thread, before a frame goes to
+/// the NIC's control socket (not on the backend's device thread). Every
+/// decision draws from one SplitMix64 stream seeded by the request, in the
+/// order the recorded frames are delivered, so a replay of the same window
+/// with the same seed and rules injects the same faults on the same `seq`s.
+pub mod faults {
+    use std::time::Duration;
+
+    use vmr_proto::pb;
+
+    /// What a fault does to one received frame.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum FaultAction {
+        /// The frame is not delivered.
+        Drop,
+        /// The frame is delivered after this long (the replay waits).
+        Delay(Duration),
+        /// The frame is delivered twice.
+        Duplicate,
+        /// One byte after the Ethernet header is inverted before delivery.
+        Corrupt,
+    }
+
+    /// One fault rule.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct FaultRule {
+        pub action: FaultAction,
+        /// Only frames of this NIC (`None`: every NIC).
+        pub device: Option<String>,
+        /// Only recorded `seq`s in `[from_seq, to_seq]` (0: unbounded).
+        pub from_seq: u64,
+        pub to_seq: u64,
+        /// Chance of firing on each eligible frame.
+        pub probability: f64,
+        /// Fires on exactly these `seq`s (besides `probability`).
+        pub at_seq: Vec<u64>,
+        /// At most this many times (0: no limit).
+        pub max_count: u32,
+    }
+
+    /// Errors in a fault request.
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum FaultError {
+        #[error("fault {index}: {reason}")]
+        Invalid { index: usize, reason: String },
+        #[error("fault {index}: {reason}")]
+        Unsupported { index: usize, reason: String },
+    }
+
+    /// A fault that was injected.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Injected {
+        /// The recorded `seq` of the frame.
+        pub seq: u64,
+        pub device: String,
+        pub action: FaultAction,
+        /// For [`FaultAction::Corrupt`]: the offset of the inverted byte.
+        pub offset: Option<usize>,
+    }
+
+    impl std::fmt::Display for Injected {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.action {
+                FaultAction::Drop => write!(f, "dropped received frame seq {}", self.seq),
+                FaultAction::Delay(d) => write!(
+                    f,
+                    "delayed received frame seq {} by {} ms",
+                    self.seq,
+                    d.as_millis()
+                ),
+                FaultAction::Duplicate => {
+                    write!(f, "duplicated received frame seq {}", self.seq)
+                }
+                FaultAction::Corrupt => write!(
+                    f,
+                    "corrupted received frame seq {} at byte {}",
+                    self.seq,
+                    self.offset.unwrap_or(0)
+                ),
+            }?;
+            write!(f, " on {}", self.device)
+        }
+    }
+
+    /// Converts the request's fault specs. Block I/O errors are refused
+    /// ([`FaultError::Unsupported`]): the clone's block backend is started
+    /// without a fault control.
+    pub fn rules_from_specs(specs: &[pb::FaultSpec]) -> Result<Vec<FaultRule>, FaultError> {
+        let mut out = Vec::new();
+        for (index, s) in specs.iter().enumerate() {
+            let invalid = |reason: &str| FaultError::Invalid {
+                index,
+                reason: reason.to_string(),
+            };
+            let action = match pb::FaultKind::try_from(s.kind) {
+                Ok(pb::FaultKind::DropFrame) => FaultAction::Drop,
+                Ok(pb::FaultKind::DuplicateFrame) => FaultAction::Duplicate,
+                Ok(pb::FaultKind::DelayFrame) => {
+                    if s.delay_ms == 0 || s.delay_ms > 60_000 {
+                        return Err(invalid("delay_ms must be in 1..=60000"));
+                    }
+                    FaultAction::Delay(Duration::from_millis(s.delay_ms))
+                }
+                Ok(pb::FaultKind::BlockIoerr) => {
+                    return Err(FaultError::Unsupported {
+                        index,
+                        reason: "block I/O errors are not supported yet (the clone's block backend has no fault control)".into(),
+                    })
+                }
+                _ => return Err(invalid("kind must be set")),
+            };
+            let t = s.target.clone().unwrap_or_default();
+            let sch = s.schedule.clone().unwrap_or_default();
+            if !(0.0..=1.0).contains(&sch.probability) {
+                return Err(invalid("schedule.probability must be in [0, 1]"));
+            }
+            if sch.probability == 0.0 && sch.at_seq.is_empty() {
+                return Err(invalid(
+                    "schedule needs a probability above 0 or at_seq values",
+                ));
+            }
+            if t.to_seq != 0 && t.from_seq > t.to_seq {
+                return Err(invalid("target.from_seq is after target.to_seq"));
+            }
+            out.push(FaultRule {
+                action,
+                device: (!t.device.is_empty()).then_some(t.device),
+                from_seq: t.from_seq,
+                to_seq: t.to_seq,
+                probability: sch.probability,
+                at_seq: sch.at_seq,
+                max_count: sch.max_count,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decides and applies faults, and keeps every fault it injected.
+    #[derive(Debug, Clone)]
+    pub struct FaultInjector {
+        seed: u64,
+        state: u64,
+        rules: Vec<FaultRule>,
+        fired: Vec<u32>,
+        injected: Vec<Injected>,
+    }
+
+    impl FaultInjector {
+        pub fn new(seed: u64, rules: Vec<FaultRule>) -> Self {
+            let fired = vec![0; rules.len()];
+            Self {
+                seed,
+                state: seed,
+                rules,
+                fired,
+                injected: Vec::new(),
+            }
+        }
+
+        pub fn seed(&self) -> u64 {
+            self.seed
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.rules.is_empty()
+        }
+
+        /// Every fault injected so far, in order.
+        pub fn injected(&self) -> &[Injected] {
+            &self.injected
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            // SplitMix64.
+            self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn unit(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// The fault (if any) for recorded frame `seq` of `device`; a
+        /// corruption is applied to `frame`. The first rule that fires
+        /// wins; each eligible probabilistic rule draws once per frame.
+        pub fn apply(&mut self, seq: u64, device: &str, frame: &mut [u8]) -> Option<Injected> {
+            let mut hit = None;
+            for i in 0..self.rules.len() {
+                let r = &self.rules[i];
+                let eligible = r.device.as_deref().is_none_or(|d| d == device)
+                    && seq >= r.from_seq
+                    && (r.to_seq == 0 || seq <= r.to_seq)
+                    && (r.max_count == 0 || self.fired[i] < r.max_count);
+                if !eligible {
+                    continue;
+                }
+                let exact = r.at_seq.contains(&seq);
+                let p = r.probability;
+                let drawn = p > 0.0 && self.unit() < p;
+                if (exact || drawn) && hit.is_none() {
+                    hit = Some(i);
+                }
+            }
+            let i = hit?;
+            self.fired[i] += 1;
+            let action = self.rules[i].action;
+            let mut offset = None;
+            if action == FaultAction::Corrupt {
+                // Past the Ethernet header when there is a payload.
+                let start = if frame.len() > 14 { 14 } else { 0 };
+                if frame.len() > start {
+                    let o = start + (self.next_u64() % (frame.len() - start) as u64) as usize;
+                    frame[o] ^= 0xff;
+                    offset = Some(o);
+                }
+            }
+            let inj = Injected {
+                seq,
+                device: device.to_string(),
+                action,
+                offset,
+            };
+            self.injected.push(inj.clone());
+            Some(inj)
+        }
+    }
 }

@@ -193,11 +193,11 @@ impl pb::replayer_server::Replayer for Replayer {
         }
         let speed = speed_of(r.speed.as_ref())?;
         let kinds = kinds_of(r.filter.as_ref())?;
-        if !r.faults.is_empty() {
-            return Err(Status::unimplemented(
-                "fault injection is not supported yet",
-            ));
-        }
+        let faults = clone::faults::rules_from_specs(&r.faults).map_err(|e| match e {
+            clone::faults::FaultError::Unsupported { .. } => Status::unimplemented(e.to_string()),
+            clone::faults::FaultError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        })?;
+        let seed = r.seed;
         let selector = match r.snapshot.and_then(|s| s.pick) {
             None | Some(pb::snapshot_selector::Pick::Latest(true)) => {
                 vmr_snapshot::Selector::Latest
@@ -247,6 +247,7 @@ impl pb::replayer_server::Replayer for Replayer {
                 kinds,
                 r.start_paused,
                 r.gdb,
+                (faults, seed),
             )
             .await;
         *self.state.building.lock().expect("building lock") -= 1;
@@ -430,6 +431,7 @@ impl Replayer {
         kinds: KindSet,
         start_paused: bool,
         gdb: bool,
+        (faults, seed): (Vec<clone::faults::FaultRule>, u64),
     ) -> Result<pb::Clone, Status> {
         let cfg = &self.state.config;
         let clone_id = new_id();
@@ -525,6 +527,8 @@ impl Replayer {
             speed,
             start_paused,
             gdb,
+            faults,
+            seed,
         };
         let (tx, _) = tokio::sync::broadcast::channel(4096);
         let tx2 = tx.clone();
