@@ -187,13 +187,21 @@ def main():
                 reg = by[("Deployment", "schema-registry")]["spec"]["template"]["spec"]["containers"][0]
                 check_args(bins["schema-registry"], reg["args"], f"{name}: registry command line")
 
+    print("== the command-line check catches drift")
+    before = len(failures)
+    check_args(bins["capture-agent"], ["run", "--config", "x", "--no-such-flag"], "probe (expected FAIL)")
+    check_args(bins["replayer"], ["--no-such-flag"], "probe (expected FAIL)")
+    caught = len(failures) - before
+    del failures[before:]
+    check(caught >= 5, f"an unknown flag and missing required flags are reported ({caught} findings)")
+
     print("== schema refuses bad values")
     for what, values in BAD_VALUES:
         try:
             chart.validate_schema(values)
             check(False, f"schema refuses {what} {values}")
         except HelmError as e:
-            check(True, f"schema refuses {what}: {str(e).splitlines()[0][:120]}")
+            check(True, f"schema refuses {what}: {' '.join(str(e).split())[:160]}")
         try:
             chart.render(values, name="vmr", namespace="vmreplay", is_install=True)
             check(False, f"render refuses {what}")
