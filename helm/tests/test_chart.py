@@ -118,7 +118,7 @@ def main():
             for b in ("capture-agent", "replayer", "schema-registry")}
     for b, p in bins.items():
         if not os.access(p, os.X_OK):
-            print(f"missing binary {p}; build it: cargo build -p {b if b != 'schema-registry' else 'schema-registry'}")
+            print(f"missing binary {p}; build it: cargo build -p {b}")
             return 2
 
     chart = Chart.load(CHART)
