@@ -569,6 +569,19 @@ instances = ["other-1"]
             code(c.create_clone(authed(TOKEN_A, bad)).await),
             Some(Code::FailedPrecondition)
         );
+        let fault = |kind: pb::FaultKind, probability: f64, at_seq: Vec<u64>| pb::FaultSpec {
+            kind: kind as i32,
+            schedule: Some(pb::FaultSchedule { probability, at_seq, max_count: 0 }),
+            ..Default::default()
+        };
+        let mut bad = create(Some("0001"));
+        bad.faults = vec![fault(pb::FaultKind::BlockIoerr, 0.5, vec![])];
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("block I/O errors are refused");
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        assert!(status.message().contains("block I/O errors"), "{status:?}");
+        let mut bad = create(Some("0001"));
+        bad.faults = vec![fault(pb::FaultKind::DropFrame, 2.0, vec![])];
+        assert_eq!(code(c.create_clone(authed(TOKEN_A, bad)).await), Some(Code::InvalidArgument));
         assert_eq!(
             code(
                 c.create_clone(authed(TOKEN_A, create(Some("no-such"))))
@@ -883,6 +896,52 @@ instances = ["other-1"]
             .map(|s| s.code()),
             Some(Code::NotFound)
         );
+
+        // A clone whose replay drops the poison frame (a seeded fault): it
+        // does not crash, and Watch and the divergences report the fault.
+        let mut faulty = create(Some("0001"));
+        faulty.faults = vec![fault(pb::FaultKind::DropFrame, 0.0, vec![recorded.poison_seq])];
+        faulty.seed = 9;
+        let third = c.create_clone(authed(TOKEN_A, faulty)).await.expect("clone with a fault").into_inner();
+        let tid = third.clone_id.clone();
+        let mut watch3 = c.watch(authed(TOKEN_A, pb::WatchRequest { clone_id: tid.clone() })).await.expect("watch").into_inner();
+        c.control(authed(TOKEN_A, pb::ControlRequest { clone_id: tid.clone(), action: pb::ControlAction::Start as i32, ..Default::default() }))
+            .await
+            .expect("start");
+        let expected = format!("injected fault: dropped received frame seq {} on net0", recorded.poison_seq);
+        let deadline = Instant::now() + WAIT;
+        let watched = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, watch3.message())
+                .await
+                .expect("Watch reported the injected fault within the timeout")
+                .expect("watch stream")
+                .expect("the watch ended before reporting the fault");
+            if let Some(d) = m.divergence {
+                if d.description == expected {
+                    break d;
+                }
+            }
+        };
+        assert_eq!((watched.seq, watched.device.as_str()), (recorded.poison_seq, "net0"));
+        let start = Instant::now();
+        let done = loop {
+            let s = c.get_clone(authed(TOKEN_A, pb::GetCloneRequest { clone_id: tid.clone() })).await.expect("get").into_inner();
+            if s.state != pb::CloneState::Replaying as i32 && s.state != pb::CloneState::Ready as i32 {
+                break s;
+            }
+            assert!(start.elapsed() < WAIT, "the faulty replay never ended: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(done.state, pb::CloneState::Finished as i32, "without the poison frame the clone does not crash: {done:?}");
+        assert!(done.detail.contains("1 faults injected (seed 9)"), "{done:?}");
+        let div3 = c.get_divergences(authed(TOKEN_A, pb::GetDivergencesRequest { clone_id: tid.clone() })).await.expect("divergences").into_inner();
+        let faults: Vec<_> = div3.divergences.iter().filter(|d| d.description.starts_with("injected fault:")).collect();
+        assert_eq!(faults.len(), 1, "{div3:?}");
+        assert_eq!(faults[0].description, expected);
+        eprintln!("clone {tid}: seed 9 dropped seq {}; replay finished without a crash", recorded.poison_seq);
+        c.delete_clone(authed(TOKEN_A, pb::DeleteCloneRequest { clone_id: tid.clone() })).await.expect("delete");
+        assert!(!netns_list().contains(&format!("vmr-{tid}")));
     });
 
     // Shut the server down with the first clone still there.
