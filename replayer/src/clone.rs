@@ -5,9 +5,17 @@
 //! [`build`] does the blocking work (namespace, backend processes, driver
 //! restore, opening the event source); the returned [`CloneRuntime`] owns
 //! every process and the namespace and tears them down on
-//! [`CloneRuntime::teardown`] or drop. Recorded received frames are
-//! injected through the net backend's control socket at their scheduled
-//! time; recorded block writes are compared with the clone's own block
+//! [`CloneRuntime::teardown`] or drop. Recorded received frames go
+//! through a [`TcpPeer`] per NIC (built at [`build`] from the window's
+//! recorded net frames, both directions, at most [`MAX_PEER_FRAMES`]) and
+//! are injected through the net backend's control socket when their
+//! recorded event is due on the replay clock; the peer may hold a frame
+//! until the clone has sent its part (read from the NIC's capture, which a
+//! thread tails and feeds to the peer, injecting its ARP replies and ACKs).
+//! Frames other than TCP pass unchanged. The peer's per-connection
+//! divergences are reported as `NET_STREAM`. Seeded faults ([`faults`])
+//! are applied to recorded received frames just before injection; recorded
+//! block writes are compared with the clone's own block
 //! requests (read from its capture) for the divergence report; the guest's
 //! lifecycle comes from the driver's events.
 
@@ -403,7 +411,15 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         )?;
         sockets.push(sock.clone());
         sockets.push(ctl.clone());
-        let frames = recorded.get(&nic.name).cloned().unwrap_or_default();
+        // A single NIC gets every recorded frame, whatever its device name
+        // (as the injection did before the peer).
+        let frames = if rt.plan.nics.len() == 1 {
+            let mut all: Vec<RecordedFrame> = recorded.values().flatten().cloned().collect();
+            all.sort_by_key(|f| f.seq);
+            all
+        } else {
+            recorded.get(&nic.name).cloned().unwrap_or_default()
+        };
         let peer = TcpPeer::new(PeerConfig::new(nic.mac), frames)
             .map_err(|e| CloneError::Invalid(format!("recorded frames of {}: {e}", nic.name)))?;
         rt.peers.insert(
@@ -418,6 +434,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
                 reported: Mutex::new(Vec::new()),
                 changed: std::sync::Condvar::new(),
                 tail_pos: Mutex::new(0),
+                tail_len: Mutex::new(0),
             }),
         );
         rt.control_sockets.insert(nic.name.clone(), ctl);
@@ -1127,6 +1144,8 @@ struct NicPeer {
     changed: std::sync::Condvar,
     /// Capture events already fed to the peer.
     tail_pos: Mutex<usize>,
+    /// Size of the capture when it was last read.
+    tail_len: Mutex<u64>,
 }
 
 impl NicPeer {
@@ -1255,6 +1274,14 @@ impl NicPeer {
     /// Feeds the clone's new transmitted frames to the peer and injects
     /// what it answers; reports its divergences.
     fn tail(&self, shared: &Shared) -> Result<(), DeliverError> {
+        let len = std::fs::metadata(&self.capture).map_or(0, |m| m.len());
+        {
+            let mut seen = self.tail_len.lock().expect("tail lock");
+            if len == *seen {
+                return Ok(());
+            }
+            *seen = len;
+        }
         let events = read_capture(&self.capture);
         let mut pos = self.tail_pos.lock().expect("tail lock");
         if events.len() <= *pos {
