@@ -1228,12 +1228,12 @@ impl NicPeer {
         faults: &Mutex<faults::FaultInjector>,
         shared: &Shared,
     ) -> Result<(), DeliverError> {
-        let fault = {
+        let (fault, seed) = {
             let mut f = faults.lock().expect("faults lock");
             if f.is_empty() {
-                None
+                (None, 0)
             } else {
-                f.apply(seq, &self.device, &mut frame)
+                (f.apply(seq, &self.device, &mut frame), f.seed())
             }
         };
         let Some(fault) = fault else {
@@ -1243,7 +1243,7 @@ impl NicPeer {
         shared.add_divergence(pb::Divergence {
             seq,
             device: self.device.clone(),
-            description: format!("injected fault: {fault}"),
+            description: format!("injected fault: {fault} (seed {seed})"),
             expected: None,
             observed: None,
             kind: pb::DivergenceKind::Unspecified as i32,

@@ -908,7 +908,7 @@ instances = ["other-1"]
         c.control(authed(TOKEN_A, pb::ControlRequest { clone_id: tid.clone(), action: pb::ControlAction::Start as i32, ..Default::default() }))
             .await
             .expect("start");
-        let expected = format!("injected fault: dropped received frame seq {} on net0", recorded.poison_seq);
+        let expected = format!("injected fault: dropped received frame seq {} on net0 (seed 9)", recorded.poison_seq);
         let deadline = Instant::now() + WAIT;
         let watched = loop {
             let left = deadline.saturating_duration_since(Instant::now());
