@@ -13,6 +13,10 @@
 //!   own before they are shipped.
 //! - [`sensors`]: hwmon, thermal, power-supply and pressure readings as
 //!   `EnvSample`s, periodic and threshold-triggered.
+//! - [`supervisor`]: one vhost-tap backend process per device, restarted
+//!   with backoff when it exits.
+//! - [`instance`]: a recorded instance: the supervised backends, a shipper
+//!   per spool, the event log with the driver's lifecycle events, the guest.
 //! - [`config`]: the TOML configuration.
 //! - [`metrics`]: the shipper's counters.
 //!

@@ -512,3 +512,45 @@ impl Drop for Supervisor {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blk(device: &str) -> BackendSpec {
+        BackendSpec {
+            device: device.into(),
+            kind: BackendKind::Blk {
+                image: PathBuf::from("disk.img"),
+            },
+            extra_args: Vec::new(),
+        }
+    }
+
+    fn err(devices: Vec<BackendSpec>, cfg: SupervisorConfig) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        match Supervisor::start("vm-1".parse().unwrap(), dir.path(), devices, cfg) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => crate::shipper::display_chain(&e),
+        }
+    }
+
+    #[test]
+    fn refuses_bad_and_duplicate_device_names() {
+        let cfg = SupervisorConfig::default();
+        assert!(err(vec![blk("../x")], cfg.clone()).contains("not a plain name"));
+        assert!(err(vec![blk("agent")], cfg.clone()).contains("not a plain name"));
+        assert!(err(vec![blk("vda"), blk("vda")], cfg).contains("given twice"));
+    }
+
+    #[test]
+    fn names_a_missing_backend_binary() {
+        let bins = tempfile::tempdir().unwrap();
+        let cfg = SupervisorConfig {
+            bin_dir: Some(bins.path().to_path_buf()),
+            ..SupervisorConfig::default()
+        };
+        let e = err(vec![blk("vda")], cfg);
+        assert!(e.contains("cannot start") && e.contains("vhost-tap-blk"), "{e}");
+    }
+}
