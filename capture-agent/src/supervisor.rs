@@ -551,6 +551,9 @@ mod tests {
             ..SupervisorConfig::default()
         };
         let e = err(vec![blk("vda")], cfg);
-        assert!(e.contains("cannot start") && e.contains("vhost-tap-blk"), "{e}");
+        assert!(
+            e.contains("cannot start") && e.contains("vhost-tap-blk"),
+            "{e}"
+        );
     }
 }
