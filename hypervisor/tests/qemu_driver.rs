@@ -894,7 +894,10 @@ fn bad_input_is_a_named_error_and_nothing_is_left_running() -> TestResult {
     std::fs::create_dir(&img)?;
     std::fs::write(img.join("image.toml"), "format_version = 1\nname = \n")?;
     let e = MachineImage::load(&img).unwrap_err().to_string();
-    assert!(e.contains(": name: invalid string"), "the bad field is named: {e}");
+    assert!(
+        e.contains(": name: invalid string"),
+        "the bad field is named: {e}"
+    );
 
     // A missing kernel.
     let mut spec = plain_spec("drv-bad", tmp.path());
