@@ -10,7 +10,10 @@
 //! overlay is in use. Writes that cover part of an unallocated cluster first
 //! copy the image's cluster into the overlay. Discard and write-zeroes on a
 //! whole cluster punch a hole in the overlay and mark it allocated, so it
-//! reads as zeros. Data and map are made durable by FLUSH.
+//! reads as zeros. Data and map are made durable by FLUSH. A write that
+//! allocates clusters makes the overlay's data durable (`fdatasync`) before
+//! it sets their map bits, so after a crash a cluster marked in the map
+//! never reads as zeros instead of its data.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -245,6 +248,19 @@ impl Disk {
             self.base.write_all_at(data, off)?;
             return Ok(());
         };
+        let first = off / CLUSTER;
+        let last = (off + data.len() as u64).saturating_sub(1) / CLUSTER;
+        if data.is_empty() || (first..=last).all(|c| ov.allocated(c)) {
+            ov.data.write_all_at(data, off)?;
+            return Ok(());
+        }
+        // Some clusters are new. Their data is written and made durable
+        // before their map bits are, so a crash can never leave a cluster
+        // marked in the map whose data did not reach the overlay (it would
+        // read as zeros). The allocation lock is held until the bits are
+        // set, so two writers never both copy a new cluster from the image.
+        let _g = ov.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = Vec::new();
         let mut pos = 0usize;
         while pos < data.len() {
             let at = off + pos as u64;
@@ -255,24 +271,23 @@ impl Disk {
             if ov.allocated(cluster) {
                 ov.data.write_all_at(chunk, at)?;
             } else {
-                let _g = ov.alloc.lock().unwrap_or_else(|p| p.into_inner());
-                if ov.allocated(cluster) {
-                    ov.data.write_all_at(chunk, at)?;
+                let clen = CLUSTER.min(self.size - cstart) as usize;
+                if chunk.len() == clen {
+                    ov.data.write_all_at(chunk, cstart)?;
                 } else {
-                    let clen = CLUSTER.min(self.size - cstart) as usize;
-                    if chunk.len() == clen {
-                        ov.data.write_all_at(chunk, cstart)?;
-                    } else {
-                        scratch.resize(clen, 0);
-                        self.base.read_exact_at(&mut scratch[..clen], cstart)?;
-                        let o = (at - cstart) as usize;
-                        scratch[o..o + chunk.len()].copy_from_slice(chunk);
-                        ov.data.write_all_at(&scratch[..clen], cstart)?;
-                    }
-                    ov.mark(cluster)?;
+                    scratch.resize(clen, 0);
+                    self.base.read_exact_at(&mut scratch[..clen], cstart)?;
+                    let o = (at - cstart) as usize;
+                    scratch[o..o + chunk.len()].copy_from_slice(chunk);
+                    ov.data.write_all_at(&scratch[..clen], cstart)?;
                 }
+                fresh.push(cluster);
             }
             pos = end;
+        }
+        ov.data.sync_data()?;
+        for cluster in fresh {
+            ov.mark(cluster)?;
         }
         Ok(())
     }
@@ -464,6 +479,40 @@ mod tests {
             d.read(64 * 1024 - 512, &mut buf),
             Err(DiskError::OutOfRange)
         ));
+    }
+
+    #[test]
+    fn a_write_over_old_and_new_clusters_marks_only_clusters_whose_data_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), 64 * 1024);
+        let before = std::fs::read(&img).unwrap();
+        let ov = dir.path().join("ov");
+        let d = Disk::open(&img, Some(&ov), false).unwrap();
+        let mut s = Vec::new();
+        d.write(4096, &[0x11; 4096], &mut s).unwrap(); // cluster 1 allocated
+                                                       // Tail of cluster 1 (allocated), all of cluster 2 (new, whole),
+                                                       // head of cluster 3 (new, partial: copied from the image first).
+        let data = vec![0x22u8; 2048 + 4096 + 1024];
+        d.write(4096 + 2048, &data, &mut s).unwrap();
+        assert_eq!(d.allocated_clusters(), 3);
+        let mut got = vec![0u8; 4 * 4096];
+        d.read(0, &mut got).unwrap();
+        assert_eq!(&got[..4096], &before[..4096]);
+        assert_eq!(&got[4096..6144], &[0x11; 2048][..]);
+        assert_eq!(&got[6144..6144 + data.len()], data.as_slice());
+        assert_eq!(&got[13312..], &before[13312..16384]);
+        // The files themselves: every cluster set in the map file holds
+        // its data in the overlay file.
+        let map = std::fs::read(map_path(&ov)).unwrap();
+        let raw = std::fs::read(&ov).unwrap();
+        for c in 0..16u64 {
+            let set = map[MAP_HEADER as usize + (c / 8) as usize] & (1 << (c % 8)) != 0;
+            assert_eq!(set, (1..=3).contains(&c), "cluster {c}");
+            if set {
+                let at = (c * CLUSTER) as usize;
+                assert_eq!(&raw[at..at + 4096], &got[at..at + 4096], "cluster {c}");
+            }
+        }
     }
 
     #[test]
