@@ -18,7 +18,8 @@ use vmr_hypervisor::{
     BootSpec, DebugListen, DiskSpec, DriverError, Instance, InstanceSpec, MemoryKind, NicSpec,
     RunState, SnapshotOptions,
 };
-use vmr_proto::{framing::EventReader, BlockOp, Direction, Event, LifecycleKind, Payload};
+use vmr_proto::{Direction, LifecycleKind};
+use vmr_testkit::capture::{self, disk_write, inject};
 use vmr_testkit::qemu::NetNs;
 use vmr_testkit::{workspace_bin, ChildGuard};
 use vmr_vmm::guest_abi::{build_test_guest, dirty_pattern, ARENA_GPA, CMD_DIRTY, END_OF_LIST};
@@ -188,55 +189,6 @@ fn spec_for(dir: &Path, id: &str, elf: &Path, b: &Backends) -> InstanceSpec {
     spec
 }
 
-/// Injects `frame` into a replay-mode NIC through its control socket.
-fn inject(control: &Path, frame: &[u8]) {
-    use std::io::{BufRead, Write};
-    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-    let mut s = std::os::unix::net::UnixStream::connect(control)
-        .unwrap_or_else(|e| panic!("control socket {}: {e}", control.display()));
-    writeln!(s, "{{\"cmd\":\"inject\",\"frame\":\"{hex}\"}}").expect("control write");
-    let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .expect("control reply");
-    assert!(line.contains("\"ok\":true"), "inject refused: {line}");
-}
-
-fn records(path: &Path) -> Vec<Event> {
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut r = EventReader::new(std::io::BufReader::new(f));
-    let mut out = Vec::new();
-    while let Ok(Some(e)) = r.next_event() {
-        if let Ok(e) = Event::try_from(e) {
-            out.push(e);
-        }
-    }
-    out
-}
-
-fn frames(path: &Path, dir: Direction) -> Vec<Vec<u8>> {
-    records(path)
-        .into_iter()
-        .filter_map(|e| match e.payload {
-            Payload::Net(n)
-                if n.direction == dir && n.frame.get(12..14) == Some(&ETHERTYPE[..]) =>
-            {
-                Some(n.frame)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn disk_write(path: &Path, sector: u64) -> Option<Vec<u8>> {
-    records(path).into_iter().find_map(|e| match e.payload {
-        Payload::Block(b) if b.op == BlockOp::Write && b.sector == sector => Some(b.data),
-        _ => None,
-    })
-}
-
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -264,15 +216,6 @@ fn wait_event(
 ) -> vmr_hypervisor::DriverEvent {
     sub.wait_for(WAIT, |e| e.kind() == kind)
         .unwrap_or_else(|gone| panic!("no {kind:?} event (source gone: {gone})"))
-}
-
-fn request(payload: &[u8]) -> Vec<u8> {
-    let mut f = GUEST_MAC.to_vec();
-    f.extend_from_slice(&PEER_MAC);
-    f.extend_from_slice(&ETHERTYPE);
-    f.extend_from_slice(payload);
-    f.resize(f.len().max(60), 0);
-    f
 }
 
 fn done_line(seq: u32) -> String {
@@ -751,4 +694,14 @@ fn bad_input_gets_errors_that_name_the_cause() {
         .err()
         .expect("other driver's snapshot");
     assert!(e.to_string().contains("written by the qemu driver"), "{e}");
+}
+
+/// Frames of the test guest's protocol in one direction.
+fn frames(path: &Path, dir: Direction) -> Vec<Vec<u8>> {
+    capture::frames(path, dir, ETHERTYPE)
+}
+
+/// A request frame from the peer to the test guest.
+fn request(payload: &[u8]) -> Vec<u8> {
+    capture::ethernet(GUEST_MAC, PEER_MAC, ETHERTYPE, payload)
 }

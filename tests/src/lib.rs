@@ -8,6 +8,7 @@
 //! message naming it rather than pass silently.
 
 pub mod broker;
+pub mod capture;
 pub mod guest;
 pub mod process;
 pub mod qemu;

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use common::{guest_elf, require_kvm};
 use vhost_tap::blk::disk::map_path;
-use vmr_proto::{framing::EventReader, BlockOp, Direction, Event, LifecycleKind, Payload};
+use vmr_proto::{Direction, LifecycleKind};
+use vmr_testkit::capture::{self, disk_write, inject};
 use vmr_testkit::{workspace_bin, ChildGuard};
 use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::DeviceKind;
@@ -215,58 +216,6 @@ fn start_backends(
     b
 }
 
-/// Injects `frame` into a replay-mode NIC through its control socket.
-fn inject(control: &Path, frame: &[u8]) {
-    use std::io::{BufRead, Write};
-    let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-    let mut s = std::os::unix::net::UnixStream::connect(control)
-        .unwrap_or_else(|e| panic!("control socket {}: {e}", control.display()));
-    writeln!(s, "{{\"cmd\":\"inject\",\"frame\":\"{hex}\"}}").expect("control write");
-    let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .expect("control reply");
-    assert!(line.contains("\"ok\":true"), "inject refused: {line}");
-}
-
-/// Every complete record of a capture file (the tail may be mid-write).
-fn records(path: &Path) -> Vec<Event> {
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let mut r = EventReader::new(std::io::BufReader::new(f));
-    let mut out = Vec::new();
-    while let Ok(Some(e)) = r.next_event() {
-        if let Ok(e) = Event::try_from(e) {
-            out.push(e);
-        }
-    }
-    out
-}
-
-/// Frames of our protocol in one direction.
-fn frames(path: &Path, dir: Direction) -> Vec<Vec<u8>> {
-    records(path)
-        .into_iter()
-        .filter_map(|e| match e.payload {
-            Payload::Net(n)
-                if n.direction == dir && n.frame.get(12..14) == Some(&ETHERTYPE[..]) =>
-            {
-                Some(n.frame)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Data of the write to `sector`.
-fn disk_write(path: &Path, sector: u64) -> Option<Vec<u8>> {
-    records(path).into_iter().find_map(|e| match e.payload {
-        Payload::Block(b) if b.op == BlockOp::Write && b.sector == sector => Some(b.data),
-        _ => None,
-    })
-}
-
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -284,15 +233,6 @@ fn wait_serial(serial: &SharedBuffer, needle: &str) {
             .contains(needle)
             .then_some(())
     });
-}
-
-fn request(payload: &[u8]) -> Vec<u8> {
-    let mut f = GUEST_MAC.to_vec();
-    f.extend_from_slice(&PEER_MAC);
-    f.extend_from_slice(&ETHERTYPE);
-    f.extend_from_slice(payload);
-    f.resize(f.len().max(60), 0);
-    f
 }
 
 fn done_line(seq: u32) -> String {
@@ -432,4 +372,14 @@ fn snapshot_clone_continues_and_replays_the_crash() {
         .expect("the poison request stops the clone");
     assert_eq!(crash_b.kind, LifecycleKind::TripleFault);
     assert_eq!(crash_b.regs, crash_a.regs, "same faulting state");
+}
+
+/// Frames of the test guest's protocol in one direction.
+fn frames(path: &Path, dir: Direction) -> Vec<Vec<u8>> {
+    capture::frames(path, dir, ETHERTYPE)
+}
+
+/// A request frame from the peer to the test guest.
+fn request(payload: &[u8]) -> Vec<u8> {
+    capture::ethernet(GUEST_MAC, PEER_MAC, ETHERTYPE, payload)
 }
