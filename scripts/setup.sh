@@ -10,6 +10,7 @@ APT_PACKAGES=(
     build-essential cmake pkg-config protobuf-compiler libcurl4-openssl-dev
     qemu-system-x86 qemu-utils acpica-tools gdb
     busybox-static cpio iproute2 jq curl strace time python3
+    chromium chromium-driver
 )
 
 missing=()
@@ -38,6 +39,7 @@ if ! python3 -c 'import confluent_kafka.schema_registry.protobuf, google.protobu
     log "installing Python packages for the analytics example"
     python3 -m pip install -q "${PIP_PACKAGES[@]}"
 fi
+python3 -c 'import selenium' 2>/dev/null || python3 -m pip install -q "selenium==4.51.0"  # the web console's browser test
 python3 -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null || python3 -m pip install -q -r "$VMR_ROOT/helm/tests/requirements.txt"  # the Helm chart test
 
 if [ -x "$VMR_ROOT/guest/linux/build.sh" ]; then
