@@ -11,6 +11,8 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils acpica-tools gdb
     busybox-static cpio iproute2 jq curl strace time python3
     chromium chromium-driver
+    # bindgen (userfaultfd-sys, for vhost-tap's postcopy support) loads libclang.
+    libclang-dev
 )
 
 missing=()
