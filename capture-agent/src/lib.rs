@@ -19,6 +19,8 @@
 //!   per spool, the event log with the driver's lifecycle events, the guest.
 //! - [`config`]: the TOML configuration.
 //! - [`metrics`]: the shipper's counters.
+//! - [`service`]: the gRPC service and the snapshot engine's seam,
+//!   [`service::SnapshotControl`].
 //!
 //! One shipper runs per spool:
 //!
@@ -50,6 +52,7 @@ pub mod events;
 pub mod instance;
 pub mod metrics;
 pub mod sensors;
+pub mod service;
 pub mod shipper;
 pub mod source;
 pub mod supervisor;
