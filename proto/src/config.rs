@@ -2,6 +2,14 @@
 //! the object store. Every vmreplay binary takes these from its configuration
 //! file, flags or environment, so the same binaries run against the local stack
 //! or against any Kafka cluster, Confluent/Karapace registry and S3 bucket.
+//!
+//! [`KafkaSecurity`] is the Kafka client security (TLS, SASL) that every
+//! binary shares; [`KafkaSecurity::client_properties`] turns it into the
+//! librdkafka properties its clients are created with.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::Deserialize;
 
@@ -24,6 +32,10 @@ pub struct Endpoints {
     /// Partitions of each event topic; must match the cluster's topics.
     #[serde(default = "default_partitions")]
     pub event_partitions: i32,
+    /// How the Kafka clients encrypt and authenticate
+    /// (`[endpoints.kafka-security]`); PLAINTEXT when absent.
+    #[serde(default)]
+    pub kafka_security: KafkaSecurity,
 }
 
 fn default_bootstrap() -> String {
@@ -46,6 +58,7 @@ impl Default for Endpoints {
             registry_url: default_registry(),
             object_store_url: default_object_store(),
             event_partitions: default_partitions(),
+            kafka_security: KafkaSecurity::default(),
         }
     }
 }
@@ -107,6 +120,377 @@ impl Endpoints {
     }
 }
 
+/// Environment variable holding the SASL user name; it wins over
+/// `sasl-username`.
+pub const ENV_SASL_USERNAME: &str = "VMR_KAFKA_SASL_USERNAME";
+/// Environment variable holding the SASL password; it wins over
+/// `sasl-password-file`.
+pub const ENV_SASL_PASSWORD: &str = "VMR_KAFKA_SASL_PASSWORD";
+
+/// librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum SecurityProtocol {
+    /// No encryption, no authentication.
+    #[default]
+    #[serde(rename = "PLAINTEXT")]
+    Plaintext,
+    /// TLS; a client certificate if `ssl-cert-file` and `ssl-key-file` are set.
+    #[serde(rename = "SSL")]
+    Ssl,
+    /// SASL authentication without encryption.
+    #[serde(rename = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    #[serde(rename = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The name in configuration files (`SASL_SSL`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    /// The librdkafka value (`sasl_ssl`).
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether the protocol authenticates with SASL.
+    pub fn is_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    /// Whether the protocol encrypts with TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+impl fmt::Display for SecurityProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SecurityProtocol {
+    type Err = KafkaSecurityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Self::Plaintext,
+            Self::Ssl,
+            Self::SaslPlaintext,
+            Self::SaslSsl,
+        ]
+        .into_iter()
+        .find(|p| p.name().eq_ignore_ascii_case(s))
+        .ok_or_else(|| KafkaSecurityError::UnknownProtocol(s.to_string()))
+    }
+}
+
+/// librdkafka's `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    /// User name and password sent as they are (use it with SASL_SSL).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name in configuration files, which librdkafka also takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl fmt::Display for SaslMechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SaslMechanism {
+    type Err = KafkaSecurityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Plain, Self::ScramSha256, Self::ScramSha512]
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| KafkaSecurityError::UnknownMechanism(s.to_string()))
+    }
+}
+
+/// A password: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password itself, for the client that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// The Kafka security table as written in a configuration file (keys in
+/// kebab-case; the snake_case spellings are accepted too). The password is
+/// never in the file itself: it comes from `sasl-password-file` or the
+/// `VMR_KAFKA_SASL_PASSWORD` environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaSecuritySettings {
+    /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    #[serde(default)]
+    pub protocol: SecurityProtocol,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; required with SASL_*.
+    #[serde(default, alias = "sasl_mechanism")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name (env `VMR_KAFKA_SASL_USERNAME` wins over it).
+    #[serde(default, alias = "sasl_username")]
+    pub sasl_username: Option<String>,
+    /// File whose content (one trailing newline removed) is the SASL
+    /// password (env `VMR_KAFKA_SASL_PASSWORD` wins over it).
+    #[serde(default, alias = "sasl_password_file")]
+    pub sasl_password_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the brokers' certificates;
+    /// without it, OpenSSL's default CA store is used. SSL and SASL_SSL only.
+    #[serde(default, alias = "ssl_ca_file")]
+    pub ssl_ca_file: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS); needs `ssl-key-file`.
+    #[serde(default, alias = "ssl_cert_file")]
+    pub ssl_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate; needs `ssl-cert-file`.
+    #[serde(default, alias = "ssl_key_file")]
+    pub ssl_key_file: Option<PathBuf>,
+}
+
+/// Errors in the Kafka security settings. No message ever contains the
+/// password.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KafkaSecurityError {
+    #[error("unknown Kafka security protocol {0:?} (PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL)")]
+    UnknownProtocol(String),
+    #[error("unknown SASL mechanism {0:?} (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")]
+    UnknownMechanism(String),
+    #[error("Kafka security protocol {protocol} needs {what}")]
+    Missing {
+        protocol: SecurityProtocol,
+        what: &'static str,
+    },
+    #[error("{what} is set but Kafka security protocol {protocol} does not use it (use {needs})")]
+    Unused {
+        protocol: SecurityProtocol,
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("{what} {path} cannot be read: {reason}")]
+    File {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("ssl-cert-file and ssl-key-file go together (a client certificate needs its key)")]
+    CertWithoutKey,
+}
+
+/// Kafka client security, checked and with its secrets loaded: the files it
+/// names exist and are readable, and SASL has a mechanism, a user name and
+/// a password. Deserializing one (from a [`KafkaSecuritySettings`] table)
+/// reads `VMR_KAFKA_SASL_USERNAME`, `VMR_KAFKA_SASL_PASSWORD` and the
+/// password file, so a configuration that loads is one a client can use.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "KafkaSecuritySettings")]
+pub struct KafkaSecurity {
+    settings: KafkaSecuritySettings,
+    username: Option<String>,
+    password: Option<Secret>,
+}
+
+impl TryFrom<KafkaSecuritySettings> for KafkaSecurity {
+    type Error = KafkaSecurityError;
+    fn try_from(settings: KafkaSecuritySettings) -> Result<Self, Self::Error> {
+        Self::resolve(settings, |k| std::env::var(k).ok())
+    }
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), KafkaSecurityError> {
+    let bad = |reason: String| KafkaSecurityError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
+impl KafkaSecurity {
+    /// Checks `settings` and loads the SASL user name and password: `env`
+    /// (`VMR_KAFKA_SASL_USERNAME`, `VMR_KAFKA_SASL_PASSWORD`) wins over the
+    /// settings' user name and password file.
+    pub fn resolve(
+        settings: KafkaSecuritySettings,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, KafkaSecurityError> {
+        let protocol = settings.protocol;
+        let (mut username, mut password) = (None, None);
+        if protocol.is_sasl() {
+            let missing = |what| KafkaSecurityError::Missing { protocol, what };
+            if settings.sasl_mechanism.is_none() {
+                return Err(missing(
+                    "sasl-mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
+                ));
+            }
+            username = env(ENV_SASL_USERNAME)
+                .or_else(|| settings.sasl_username.clone())
+                .filter(|u| !u.is_empty());
+            if username.is_none() {
+                return Err(missing(
+                    "a user name (sasl-username or VMR_KAFKA_SASL_USERNAME)",
+                ));
+            }
+            password = match (env(ENV_SASL_PASSWORD), &settings.sasl_password_file) {
+                (Some(p), _) => Some(p),
+                (None, Some(path)) => {
+                    check_file("sasl-password-file", path)?;
+                    let text =
+                        std::fs::read_to_string(path).map_err(|e| KafkaSecurityError::File {
+                            what: "sasl-password-file",
+                            path: path.display().to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    Some(text.strip_suffix('\r').unwrap_or(text).to_string())
+                }
+                (None, None) => None,
+            }
+            .filter(|p| !p.is_empty())
+            .map(Secret);
+            if password.is_none() {
+                return Err(missing(
+                    "a password (sasl-password-file or VMR_KAFKA_SASL_PASSWORD)",
+                ));
+            }
+        } else {
+            let unused = [
+                ("sasl-mechanism", settings.sasl_mechanism.is_some()),
+                ("sasl-username", settings.sasl_username.is_some()),
+                ("sasl-password-file", settings.sasl_password_file.is_some()),
+            ];
+            if let Some((what, _)) = unused.iter().find(|(_, set)| *set) {
+                return Err(KafkaSecurityError::Unused {
+                    protocol,
+                    what,
+                    needs: "SASL_PLAINTEXT or SASL_SSL",
+                });
+            }
+        }
+        let files = [
+            ("ssl-ca-file", &settings.ssl_ca_file),
+            ("ssl-cert-file", &settings.ssl_cert_file),
+            ("ssl-key-file", &settings.ssl_key_file),
+        ];
+        if protocol.is_tls() {
+            if settings.ssl_cert_file.is_some() != settings.ssl_key_file.is_some() {
+                return Err(KafkaSecurityError::CertWithoutKey);
+            }
+            for (what, path) in files {
+                if let Some(path) = path {
+                    check_file(what, path)?;
+                }
+            }
+        } else if let Some((what, _)) = files.iter().find(|(_, p)| p.is_some()) {
+            return Err(KafkaSecurityError::Unused {
+                protocol,
+                what,
+                needs: "SSL or SASL_SSL",
+            });
+        }
+        Ok(Self {
+            settings,
+            username,
+            password,
+        })
+    }
+
+    /// The settings this was made from (to change some and
+    /// [`KafkaSecurity::resolve`] again).
+    pub fn settings(&self) -> &KafkaSecuritySettings {
+        &self.settings
+    }
+
+    /// The security protocol.
+    pub fn protocol(&self) -> SecurityProtocol {
+        self.settings.protocol
+    }
+
+    /// The SASL user name in use (SASL protocols only).
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    /// The librdkafka properties to set on every client (producer, consumer,
+    /// admin) after `bootstrap.servers`: `security.protocol`, and the
+    /// `sasl.*` and `ssl.*` properties the protocol uses. `sasl.password`
+    /// holds the password itself: pass the list to the client and never log
+    /// it.
+    pub fn client_properties(&self) -> Vec<(&'static str, String)> {
+        let s = &self.settings;
+        let mut out = vec![("security.protocol", s.protocol.as_librdkafka().to_string())];
+        if s.protocol.is_sasl() {
+            if let Some(m) = s.sasl_mechanism {
+                out.push(("sasl.mechanism", m.name().to_string()));
+            }
+            if let Some(u) = &self.username {
+                out.push(("sasl.username", u.clone()));
+            }
+            if let Some(p) = &self.password {
+                out.push(("sasl.password", p.expose().to_string()));
+            }
+        }
+        if s.protocol.is_tls() {
+            let files = [
+                ("ssl.ca.location", &s.ssl_ca_file),
+                ("ssl.certificate.location", &s.ssl_cert_file),
+                ("ssl.key.location", &s.ssl_key_file),
+            ];
+            for (key, path) in files {
+                if let Some(p) = path {
+                    out.push((key, p.display().to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +523,247 @@ mod tests {
             .with_env(|k| (k == "VMR_OBJECT_STORE_URL").then(|| "s3://bucket/snaps".to_string()));
         assert_eq!(e.object_store_url, "s3://bucket/snaps");
         e.validate().unwrap();
+    }
+
+    /// A directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("vmr-proto-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("the temp dir is writable");
+            Self(d)
+        }
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).expect("the temp dir is writable");
+            p
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn plaintext_is_the_default_and_sets_only_the_protocol() {
+        let s = KafkaSecurity::default();
+        assert_eq!(s.protocol(), SecurityProtocol::Plaintext);
+        assert_eq!(
+            s.client_properties(),
+            vec![("security.protocol", "plaintext".to_string())]
+        );
+        assert_eq!(Endpoints::default().kafka_security, s);
+    }
+
+    #[test]
+    fn sasl_ssl_gives_librdkafka_every_property() {
+        let d = TempDir::new("sasl-ssl");
+        let settings = KafkaSecuritySettings {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            sasl_username: Some("vmr".into()),
+            sasl_password_file: Some(d.file("password", "s3cret-pw\n")),
+            ssl_ca_file: Some(d.file("ca.crt", "pem")),
+            ssl_cert_file: Some(d.file("tls.crt", "pem")),
+            ssl_key_file: Some(d.file("tls.key", "pem")),
+        };
+        let s = KafkaSecurity::resolve(settings, no_env).unwrap();
+        let path = |n: &str| d.0.join(n).display().to_string();
+        assert_eq!(
+            s.client_properties(),
+            vec![
+                ("security.protocol", "sasl_ssl".to_string()),
+                ("sasl.mechanism", "SCRAM-SHA-512".to_string()),
+                ("sasl.username", "vmr".to_string()),
+                ("sasl.password", "s3cret-pw".to_string()),
+                ("ssl.ca.location", path("ca.crt")),
+                ("ssl.certificate.location", path("tls.crt")),
+                ("ssl.key.location", path("tls.key")),
+            ]
+        );
+        // The password never shows in Debug output.
+        let debug = format!("{s:?} {:?}", s.settings());
+        assert!(!debug.contains("s3cret-pw"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_file_settings() {
+        let d = TempDir::new("env");
+        let settings = KafkaSecuritySettings {
+            protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            sasl_username: Some("from-file".into()),
+            sasl_password_file: Some(d.file("password", "file-pw")),
+            ..Default::default()
+        };
+        let env = |k: &str| match k {
+            ENV_SASL_USERNAME => Some("from-env".to_string()),
+            ENV_SASL_PASSWORD => Some("env-pw".to_string()),
+            _ => None,
+        };
+        let s = KafkaSecurity::resolve(settings.clone(), env).unwrap();
+        let props = s.client_properties();
+        assert!(props.contains(&("sasl.username", "from-env".into())));
+        assert!(props.contains(&("sasl.password", "env-pw".into())));
+        assert!(props.contains(&("security.protocol", "sasl_plaintext".into())));
+        assert!(props.contains(&("sasl.mechanism", "PLAIN".into())));
+        assert!(!props.iter().any(|(k, _)| k.starts_with("ssl.")));
+        // A password from the environment needs no file at all.
+        let only_env = KafkaSecuritySettings {
+            sasl_password_file: None,
+            ..settings
+        };
+        let s = KafkaSecurity::resolve(only_env, env).unwrap();
+        assert_eq!(s.username(), Some("from-env"));
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_refused_by_name() {
+        let settings = KafkaSecuritySettings {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha256),
+            sasl_username: Some("vmr".into()),
+            ssl_ca_file: Some("/nonexistent/kafka/ca.crt".into()),
+            ..Default::default()
+        };
+        let env = |k: &str| (k == ENV_SASL_PASSWORD).then(|| "pw-0123".to_string());
+        let e = KafkaSecurity::resolve(settings, env).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("ssl-ca-file /nonexistent/kafka/ca.crt cannot be read: "),
+            "{msg}"
+        );
+        assert!(!msg.contains("pw-0123"));
+        let d = TempDir::new("dir");
+        let e = check_file("ssl-ca-file", &d.0).unwrap_err();
+        assert!(e.to_string().ends_with("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn sasl_needs_a_mechanism_a_user_and_a_password() {
+        let base = KafkaSecuritySettings {
+            protocol: SecurityProtocol::SaslSsl,
+            ..Default::default()
+        };
+        let e = KafkaSecurity::resolve(base.clone(), no_env).unwrap_err();
+        assert!(e.to_string().contains("needs sasl-mechanism"), "{e}");
+        let with_mech = KafkaSecuritySettings {
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            ..base
+        };
+        let e = KafkaSecurity::resolve(with_mech.clone(), no_env).unwrap_err();
+        assert!(e.to_string().contains("needs a user name"), "{e}");
+        let with_user = KafkaSecuritySettings {
+            sasl_username: Some("vmr".into()),
+            ..with_mech
+        };
+        let e = KafkaSecurity::resolve(with_user.clone(), no_env).unwrap_err();
+        assert!(e.to_string().contains("needs a password"), "{e}");
+        // An empty password file is no password.
+        let d = TempDir::new("empty");
+        let empty = KafkaSecuritySettings {
+            sasl_password_file: Some(d.file("password", "\n")),
+            ..with_user
+        };
+        let e = KafkaSecurity::resolve(empty, no_env).unwrap_err();
+        assert!(e.to_string().contains("needs a password"), "{e}");
+    }
+
+    #[test]
+    fn settings_the_protocol_does_not_use_are_refused() {
+        let sasl_on_plaintext = KafkaSecuritySettings {
+            sasl_username: Some("vmr".into()),
+            ..Default::default()
+        };
+        let e = KafkaSecurity::resolve(sasl_on_plaintext, no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sasl-username is set but Kafka security protocol PLAINTEXT does not use it \
+             (use SASL_PLAINTEXT or SASL_SSL)"
+        );
+        let ca_without_tls = KafkaSecuritySettings {
+            protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            sasl_username: Some("vmr".into()),
+            ssl_ca_file: Some("/etc/ca.crt".into()),
+            ..Default::default()
+        };
+        let env = |k: &str| (k == ENV_SASL_PASSWORD).then(|| "pw".to_string());
+        let e = KafkaSecurity::resolve(ca_without_tls, env).unwrap_err();
+        assert!(e.to_string().starts_with("ssl-ca-file is set"), "{e}");
+        let d = TempDir::new("cert");
+        let cert_only = KafkaSecuritySettings {
+            protocol: SecurityProtocol::Ssl,
+            ssl_cert_file: Some(d.file("tls.crt", "pem")),
+            ..Default::default()
+        };
+        assert_eq!(
+            KafkaSecurity::resolve(cert_only, no_env),
+            Err(KafkaSecurityError::CertWithoutKey)
+        );
+    }
+
+    #[test]
+    fn the_security_table_parses_in_kebab_and_snake_case() {
+        let d = TempDir::new("toml");
+        let ca = d.file("ca.crt", "pem");
+        let pw = d.file("pw", "secret-from-file");
+        let text = format!(
+            "[endpoints]\nbootstrap-servers = \"k:9093\"\n\
+             [endpoints.kafka-security]\nprotocol = \"SASL_SSL\"\n\
+             sasl-mechanism = \"SCRAM-SHA-256\"\nsasl-username = \"vmr\"\n\
+             sasl-password-file = {pw:?}\nssl-ca-file = {ca:?}\n"
+        );
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            endpoints: Endpoints,
+        }
+        let f: File = toml::from_str(&text).unwrap();
+        let props = f.endpoints.kafka_security.client_properties();
+        assert!(props.contains(&("sasl.mechanism", "SCRAM-SHA-256".into())));
+        assert!(props.contains(&("ssl.ca.location", ca.display().to_string())));
+        assert!(!format!("{f:?}").contains("secret-from-file"));
+
+        let snake = format!("protocol = \"SSL\"\nssl_ca_file = {ca:?}\n");
+        let s: KafkaSecurity = toml::from_str(&snake).unwrap();
+        assert_eq!(s.protocol(), SecurityProtocol::Ssl);
+
+        for bad in [
+            "protocol = \"TLS\"",
+            "protocol = \"SASL_SSL\"\nsasl-mechanism = \"GSSAPI\"",
+            "protocl = \"SSL\"",
+            "protocol = \"SSL\"\nssl-ca-file = \"/nonexistent/ca.crt\"",
+        ] {
+            assert!(toml::from_str::<KafkaSecurity>(bad).is_err(), "{bad}");
+        }
+        let e = toml::from_str::<KafkaSecurity>(
+            "protocol = \"SSL\"\nssl-ca-file = \"/nonexistent/ca.crt\"",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ssl-ca-file /nonexistent/ca.crt cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_parse_case_insensitively() {
+        assert_eq!("sasl_ssl".parse(), Ok(SecurityProtocol::SaslSsl));
+        assert_eq!("SSL".parse(), Ok(SecurityProtocol::Ssl));
+        assert_eq!("scram-sha-512".parse(), Ok(SaslMechanism::ScramSha512));
+        assert!(matches!(
+            "tls".parse::<SecurityProtocol>(),
+            Err(KafkaSecurityError::UnknownProtocol(_))
+        ));
+        assert!("GSSAPI".parse::<SaslMechanism>().is_err());
     }
 }
