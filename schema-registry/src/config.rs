@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use vmr_proto::config::{KafkaSecurity, KafkaSecurityError};
 
 /// Errors loading the settings.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,12 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// The Kafka security settings are unusable.
+    #[error("invalid Kafka security settings")]
+    Security(#[from] KafkaSecurityError),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Settings of a registry instance.
@@ -43,6 +50,10 @@ pub struct RegistryConfig {
     /// Largest request body accepted, bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// How the Kafka clients encrypt and authenticate (`[kafka_security]`);
+    /// PLAINTEXT when absent.
+    #[serde(default)]
+    pub kafka_security: KafkaSecurity,
 }
 
 fn default_listen() -> SocketAddr {
@@ -70,7 +81,26 @@ impl RegistryConfig {
             topic: default_topic(),
             timeout_ms: default_timeout_ms(),
             max_body_bytes: default_max_body(),
+            kafka_security: KafkaSecurity::default(),
         }
+    }
+
+    /// Checks values the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.bootstrap_servers.trim().is_empty() {
+            return bad("bootstrap_servers must not be empty".into());
+        }
+        if self.topic.trim().is_empty() {
+            return bad("topic must not be empty".into());
+        }
+        if self.timeout_ms == 0 {
+            return bad("timeout_ms must be positive".into());
+        }
+        if self.max_body_bytes == 0 {
+            return bad("max_body_bytes must be positive".into());
+        }
+        Ok(())
     }
 
     /// Parses TOML text.

@@ -64,6 +64,7 @@ pub async fn serve(
         bootstrap_servers: config.bootstrap_servers.clone(),
         topic: config.topic.clone(),
         timeout: config.timeout(),
+        security: config.kafka_security.clone(),
     })?;
     let registry = Arc::new(registry::Registry::new(log));
     let mut attempt = 0u32;

@@ -48,6 +48,55 @@ pub struct LogConfig {
     pub topic: String,
     /// How long a write, or a read up to the end of the log, may take.
     pub timeout: Duration,
+    /// Security of the Kafka clients.
+    pub security: vmr_proto::config::KafkaSecurity,
+}
+
+/// The producer's client settings (no client is created).
+pub fn producer_config(config: &LogConfig) -> ClientConfig {
+    let mut c = client_config(config);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set(
+            "message.timeout.ms",
+            config.timeout.as_millis().max(1000).to_string(),
+        );
+    c
+}
+
+/// The consumer's client settings (no client is created).
+pub fn consumer_config(config: &LogConfig) -> ClientConfig {
+    let mut c = client_config(config);
+    c.set("group.id", "schema-registry")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.partition.eof", "false");
+    c
+}
+
+fn client_config(config: &LogConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers);
+    for (key, value) in config.security.client_properties() {
+        c.set(key, value);
+    }
+    c
+}
+
+/// Hands the producer's and the consumer's settings to librdkafka, which
+/// checks every property name and value, without creating a client or
+/// reaching a broker.
+pub fn check_client_configs(config: &LogConfig) -> Result<(), LogError> {
+    for (what, c) in [
+        ("producer", producer_config(config)),
+        ("consumer", consumer_config(config)),
+    ] {
+        c.create_native_config()
+            .map_err(|source| LogError::Client { what, source })?;
+    }
+    Ok(())
 }
 
 struct Shared {
@@ -75,15 +124,7 @@ impl std::fmt::Debug for SchemaLog {
 }
 
 fn producer(config: &LogConfig) -> Result<FutureProducer, LogError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .set(
-            "message.timeout.ms",
-            config.timeout.as_millis().max(1000).to_string(),
-        )
+    producer_config(config)
         .create()
         .map_err(|source| LogError::Client {
             what: "producer",
@@ -96,18 +137,13 @@ impl SchemaLog {
     /// Returns at once; call [`SchemaLog::sync`] to wait for the backlog.
     /// Must be called within a Tokio runtime (the tail runs as a task).
     pub fn start(config: LogConfig) -> Result<Self, LogError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", "schema-registry")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "100")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(|source| LogError::Client {
-                what: "consumer",
-                source,
-            })?;
+        let consumer: StreamConsumer =
+            consumer_config(&config)
+                .create()
+                .map_err(|source| LogError::Client {
+                    what: "consumer",
+                    source,
+                })?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&config.topic, 0, Offset::Beginning)
             .map_err(|source| LogError::Client {

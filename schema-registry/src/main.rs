@@ -1,5 +1,7 @@
 //! `schema-registry`: the Confluent-compatible Schema Registry server, and a
 //! command that registers vmreplay's topic schemas in a running registry.
+//! `--check-config` checks the flags, the configuration file and the
+//! environment of either command, and exits without reaching a broker.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,12 +9,19 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use schema_registry::client::RegistryClient;
+use schema_registry::log::{check_client_configs, LogConfig};
 use schema_registry::RegistryConfig;
+use vmr_proto::config::{KafkaSecurity, SaslMechanism, SecurityProtocol};
 
 /// Confluent-compatible Schema Registry persisted in a Kafka topic.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    /// Check the flags, the configuration file and the environment (Kafka
+    /// security files and the SASL password included), then exit 0, or
+    /// with an error that says what is wrong; no broker is contacted.
+    #[arg(long, global = true)]
+    check_config: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,9 +63,45 @@ struct ServeArgs {
     /// Largest request body, bytes.
     #[arg(long, env = "VMR_REGISTRY_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    #[arg(long)]
+    kafka_security_protocol: Option<SecurityProtocol>,
+    /// SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long)]
+    kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name (VMR_KAFKA_SASL_USERNAME wins over it).
+    #[arg(long)]
+    kafka_sasl_username: Option<String>,
+    /// File holding the SASL password (VMR_KAFKA_SASL_PASSWORD wins over it).
+    #[arg(long)]
+    kafka_sasl_password_file: Option<PathBuf>,
+    /// PEM CA certificates of the brokers (SSL, SASL_SSL).
+    #[arg(long)]
+    kafka_ssl_ca_file: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS).
+    #[arg(long)]
+    kafka_ssl_cert_file: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long)]
+    kafka_ssl_key_file: Option<PathBuf>,
 }
 
+impl ServeArgs {
+    fn has_security_flags(&self) -> bool {
+        self.kafka_security_protocol.is_some()
+            || self.kafka_sasl_mechanism.is_some()
+            || self.kafka_sasl_username.is_some()
+            || self.kafka_sasl_password_file.is_some()
+            || self.kafka_ssl_ca_file.is_some()
+            || self.kafka_ssl_cert_file.is_some()
+            || self.kafka_ssl_key_file.is_some()
+    }
+}
+
+/// The settings: the file (whose Kafka security table must be valid on its
+/// own), then the flags and environment over it.
 fn settings(args: ServeArgs) -> anyhow::Result<RegistryConfig> {
+    let security_flags = args.has_security_flags();
     let mut config = match &args.config {
         Some(path) => RegistryConfig::load(path)?,
         None => RegistryConfig::new(
@@ -80,7 +125,60 @@ fn settings(args: ServeArgs) -> anyhow::Result<RegistryConfig> {
     if let Some(v) = args.max_body_bytes {
         config.max_body_bytes = v;
     }
+    if security_flags {
+        let mut s = config.kafka_security.settings().clone();
+        if let Some(v) = args.kafka_security_protocol {
+            s.protocol = v;
+        }
+        if let Some(v) = args.kafka_sasl_mechanism {
+            s.sasl_mechanism = Some(v);
+        }
+        if let Some(v) = args.kafka_sasl_username {
+            s.sasl_username = Some(v);
+        }
+        if let Some(v) = args.kafka_sasl_password_file {
+            s.sasl_password_file = Some(v);
+        }
+        if let Some(v) = args.kafka_ssl_ca_file {
+            s.ssl_ca_file = Some(v);
+        }
+        if let Some(v) = args.kafka_ssl_cert_file {
+            s.ssl_cert_file = Some(v);
+        }
+        if let Some(v) = args.kafka_ssl_key_file {
+            s.ssl_key_file = Some(v);
+        }
+        config.kafka_security = KafkaSecurity::resolve(s, |k| std::env::var(k).ok())
+            .context("invalid Kafka security flags")?;
+    }
+    config.validate()?;
     Ok(config)
+}
+
+/// What `--check-config` prints: the settings without the password.
+fn describe(config: &RegistryConfig) -> String {
+    let sec = &config.kafka_security;
+    let mut out = format!(
+        "bootstrap_servers={} listen={} topic={} timeout_ms={} max_body_bytes={} \
+         kafka_security={}",
+        config.bootstrap_servers,
+        config.listen,
+        config.topic,
+        config.timeout_ms,
+        config.max_body_bytes,
+        sec.protocol()
+    );
+    if let Some(m) = sec
+        .settings()
+        .sasl_mechanism
+        .filter(|_| sec.protocol().is_sasl())
+    {
+        out += &format!(
+            " sasl_mechanism={m} sasl_username={}",
+            sec.username().unwrap_or("")
+        );
+    }
+    out
 }
 
 async fn shutdown_signal() {
@@ -104,13 +202,34 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Serve(args) => {
+            let source = args
+                .config
+                .as_ref()
+                .map_or("flags".to_string(), |p| p.display().to_string());
             let config = settings(args)?;
+            if cli.check_config {
+                check_client_configs(&LogConfig {
+                    bootstrap_servers: config.bootstrap_servers.clone(),
+                    topic: config.topic.clone(),
+                    timeout: config.timeout(),
+                    security: config.kafka_security.clone(),
+                })
+                .context("librdkafka refused the client settings")?;
+                println!("{source}: configuration is valid");
+                println!("{}", describe(&config));
+                return Ok(());
+            }
             schema_registry::serve(config, |_| {}, shutdown_signal()).await?;
         }
         Command::Register { registry } => {
             let client = RegistryClient::new(&registry)?;
+            if cli.check_config {
+                println!("registry url {registry}: valid");
+                return Ok(());
+            }
             for t in client.register_vmr_schemas().await? {
                 println!(
                     "{}\t{}\tid={}\tmessage_indexes={:?}",

@@ -515,6 +515,7 @@ async fn conflicting_records_are_rejected_alike_by_every_instance() {
         bootstrap_servers: broker.bootstrap(),
         topic: vmr_proto::topics::SCHEMAS.to_string(),
         timeout: Duration::from_secs(10),
+        security: Default::default(),
     };
     let value = |subject: &str, id: i32, schema: &str| SchemaValue {
         subject: subject.to_string(),
