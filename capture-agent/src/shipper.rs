@@ -452,6 +452,9 @@ impl<S: RecordSource> Shipper<S> {
                 (self.opts.config.request_timeout_secs * 1000).to_string(),
             )
             .set_log_level(RDKafkaLogLevel::Warning);
+        for (key, value) in self.opts.endpoints.kafka_security.client_properties() {
+            c.set(key, value);
+        }
         c
     }
 
