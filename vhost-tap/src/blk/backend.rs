@@ -588,13 +588,17 @@ pub fn block_features(read_only: bool, num_queues: usize) -> u64 {
     f
 }
 
-/// Protocol features offered by both backends.
+/// Protocol features offered by both backends (with the `postcopy` feature,
+/// also `PAGEFAULT`, so a front-end can restore guest memory lazily).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+    let f = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::LOG_SHMFD
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    #[cfg(feature = "postcopy")]
+    let f = f | VhostUserProtocolFeatures::PAGEFAULT;
+    f
 }
 
 impl VhostUserBackend for BlockBackend {
