@@ -7,15 +7,21 @@ use std::time::Duration;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use vmr_proto::config::KafkaSecurity;
+
 use crate::error::{CliError, CliResult};
 
 /// Partitions of each topic the broker reported.
 pub type TopicPartitions = BTreeMap<String, i32>;
 
-/// A consumer of `bootstrap` that never commits offsets and logs nothing.
-pub fn consumer(bootstrap: &str) -> CliResult<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+/// A consumer of `bootstrap` with the Kafka `security` settings that never
+/// commits offsets and logs nothing.
+pub fn consumer(bootstrap: &str, security: &KafkaSecurity) -> CliResult<BaseConsumer> {
+    let mut c = ClientConfig::new();
+    for (key, value) in security.client_properties() {
+        c.set(key, value);
+    }
+    c.set("bootstrap.servers", bootstrap)
         .set("group.id", "vmr-cli")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

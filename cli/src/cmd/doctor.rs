@@ -206,7 +206,7 @@ fn qemu_check(timeout: Duration) -> (Check, Option<String>) {
 
 fn broker_check(cfg: &Config, timeout: Duration) -> Check {
     let bs = &cfg.endpoints.bootstrap_servers;
-    let consumer = match crate::kafka::consumer(bs) {
+    let consumer = match crate::kafka::consumer(bs, &cfg.endpoints.kafka_security) {
         Ok(c) => c,
         Err(e) => return check("broker", Status::Fail, e.message, e.hint),
     };

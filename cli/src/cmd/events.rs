@@ -373,7 +373,7 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
     }
     let timeout = Duration::from_secs_f64(a.timeout);
     let bs = &cfg.endpoints.bootstrap_servers;
-    let consumer = crate::kafka::consumer(bs)?;
+    let consumer = crate::kafka::consumer(bs, &cfg.endpoints.kafka_security)?;
     let have = crate::kafka::topics(&consumer, bs, timeout)?;
     let kinds: Vec<Kind> = if a.kind.is_empty() {
         vec![Kind::Block, Kind::Net, Kind::Env, Kind::Lifecycle]
