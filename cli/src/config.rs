@@ -24,6 +24,14 @@ pub struct CliSection {
     /// directories holding them (env `VMR_IMAGE_PATH`, `:`-separated).
     #[serde(default)]
     pub image_path: Vec<PathBuf>,
+    /// The replayer's gRPC address (env `VMR_REPLAYER_URL`; default
+    /// `http://127.0.0.1:7300`).
+    pub replayer_url: Option<String>,
+    /// The capture agent's gRPC address (env `VMR_AGENT_URL`; default
+    /// `http://127.0.0.1:7200`).
+    pub agent_url: Option<String>,
+    /// Bearer token sent to the services (env `VMR_TOKEN`).
+    pub token: Option<String>,
 }
 
 /// Values given as flags, which win over the file and the environment.
@@ -34,6 +42,9 @@ pub struct Overrides {
     pub object_store_url: Option<String>,
     pub event_partitions: Option<i32>,
     pub data_dir: Option<PathBuf>,
+    pub replayer_url: Option<String>,
+    pub agent_url: Option<String>,
+    pub token: Option<String>,
 }
 
 /// Where each endpoint value came from.
@@ -71,6 +82,31 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Extra image locations.
     pub image_path: Vec<PathBuf>,
+    /// The replayer's gRPC URL.
+    pub replayer_url: String,
+    /// The capture agent's gRPC URL.
+    pub agent_url: String,
+    /// Bearer token for the services.
+    pub token: Option<String>,
+    /// Whether the object store was configured (file, env or flag) rather
+    /// than left at its default.
+    pub store_configured: bool,
+}
+
+/// The replayer's default gRPC URL.
+pub const DEFAULT_REPLAYER_URL: &str = "http://127.0.0.1:7300";
+/// The capture agent's default gRPC URL.
+pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:7200";
+
+fn check_url(what: &str, v: &str) -> CliResult<()> {
+    if v.starts_with("http://") || v.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(
+            CliError::usage(format!("{what} {v:?} is not an http:// or https:// URL"))
+                .hint("write it as http://HOST:PORT"),
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +136,7 @@ impl Config {
         let mut endpoints = Endpoints::default();
         let mut cli = CliSection::default();
         let mut broker_source = Source::Default;
+        let mut store_configured = false;
         if let Some(path) = &file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 CliError::usage(format!(
@@ -115,6 +152,7 @@ impl Config {
             let tables: FileTables = toml::from_str(&text).map_err(|e| bad("not TOML", &e))?;
             if let Some(v) = tables.endpoints {
                 let has_broker = v.get("bootstrap-servers").is_some();
+                store_configured = v.get("object-store-url").is_some();
                 endpoints = v.try_into().map_err(|e| bad("[endpoints]", &e))?;
                 if has_broker {
                     broker_source = Source::File;
@@ -126,6 +164,9 @@ impl Config {
         }
         if env("VMR_BOOTSTRAP_SERVERS").is_some() {
             broker_source = Source::Env;
+        }
+        if env("VMR_OBJECT_STORE_URL").is_some() || flags.object_store_url.is_some() {
+            store_configured = true;
         }
         if let Some(v) = env("VMR_EVENT_PARTITIONS") {
             if v.parse::<i32>().is_err() {
@@ -165,6 +206,26 @@ impl Config {
         if let Some(v) = env("VMR_IMAGE_PATH") {
             image_path.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
         }
+        let replayer_url = flags
+            .replayer_url
+            .clone()
+            .or_else(|| env("VMR_REPLAYER_URL"))
+            .or(cli.replayer_url)
+            .unwrap_or_else(|| DEFAULT_REPLAYER_URL.to_string());
+        check_url("the replayer URL", &replayer_url)?;
+        let agent_url = flags
+            .agent_url
+            .clone()
+            .or_else(|| env("VMR_AGENT_URL"))
+            .or(cli.agent_url)
+            .unwrap_or_else(|| DEFAULT_AGENT_URL.to_string());
+        check_url("the agent URL", &agent_url)?;
+        let token = flags
+            .token
+            .clone()
+            .or_else(|| env("VMR_TOKEN"))
+            .or(cli.token)
+            .filter(|t| !t.is_empty());
         Ok(Self {
             file,
             endpoints,
@@ -172,6 +233,10 @@ impl Config {
             data_dir,
             cache_dir,
             image_path,
+            replayer_url,
+            agent_url,
+            token,
+            store_configured,
         })
     }
 

@@ -9,8 +9,10 @@
 pub mod cmd;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod kafka;
 pub mod output;
+pub mod progress;
 pub mod util;
 
 use std::path::PathBuf;
@@ -61,6 +63,17 @@ pub struct Global {
     /// $VMR_DATA_DIR).
     #[arg(long, global = true, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The replayer's gRPC URL (overrides [cli] replayer-url and
+    /// $VMR_REPLAYER_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    pub replayer_url: Option<String>,
+    /// The capture agent's gRPC URL (overrides [cli] agent-url and
+    /// $VMR_AGENT_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    pub agent_url: Option<String>,
+    /// Bearer token for the services (overrides [cli] token and $VMR_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
 }
 
 /// The subcommands.
@@ -77,6 +90,17 @@ pub enum Command {
     /// The local stack: broker, topics, schema registry, filesystem object store.
     #[command(subcommand)]
     Stack(cmd::stack::StackCommand),
+    /// Replays: clones of recorded instances, steered and watched.
+    #[command(subcommand)]
+    Replay(cmd::replay::ReplayCommand),
+    /// Recorded instances on a capture agent.
+    #[command(subcommand)]
+    Instance(cmd::instance::InstanceCommand),
+    /// Snapshots of recorded instances.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCommand),
+    /// Draw an instance's recorded events, snapshots, crash and replay (SVG, PNG).
+    Timeline(cmd::timeline::TimelineArgs),
     /// Print a shell completion script.
     Completions(cmd::completions::CompletionsArgs),
 }
@@ -104,6 +128,9 @@ fn dispatch(cli: &Cli, out: &output::Out) -> CliResult {
         object_store_url: g.object_store_url.clone(),
         event_partitions: g.event_partitions,
         data_dir: g.data_dir.clone(),
+        replayer_url: g.replayer_url.clone(),
+        agent_url: g.agent_url.clone(),
+        token: g.token.clone(),
     };
     let cfg = config::Config::load(g.config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
     match &cli.command {
@@ -111,6 +138,10 @@ fn dispatch(cli: &Cli, out: &output::Out) -> CliResult {
         Command::Image(c) => cmd::image::run(&cfg, c, out),
         Command::Events(c) => cmd::events::run(&cfg, c, out),
         Command::Stack(c) => cmd::stack::run(&cfg, c, out),
+        Command::Replay(c) => cmd::replay::run(&cfg, c, out),
+        Command::Instance(c) => cmd::instance::run(&cfg, c, out),
+        Command::Snapshot(c) => cmd::snapshot::run(&cfg, c, out),
+        Command::Timeline(a) => cmd::timeline::run(&cfg, a, out),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }

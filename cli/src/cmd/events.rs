@@ -43,7 +43,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn topic(self) -> &'static str {
+    /// The topic of this kind.
+    pub fn topic(self) -> &'static str {
         match self {
             Kind::Block => topics::BLOCK,
             Kind::Net => topics::NET,
@@ -504,6 +505,76 @@ fn tail(cfg: &Config, a: &TailArgs, out: &Out) -> CliResult {
         out.progress(&format!("{printed} events, {skipped} skipped records"));
     }
     Ok(())
+}
+
+/// Every decodable event of `instance` the topics of `kinds` hold now
+/// (oldest first per topic), with its topic; records that do not decode are
+/// counted, not returned. Each wait is bounded by `timeout`.
+pub fn read_instance(
+    cfg: &Config,
+    instance: &str,
+    kinds: &[Kind],
+    timeout: Duration,
+) -> CliResult<(Vec<(String, Event)>, u64)> {
+    let bs = &cfg.endpoints.bootstrap_servers;
+    let consumer = crate::kafka::consumer(bs, &cfg.endpoints.kafka_security)?;
+    let have = crate::kafka::topics(&consumer, bs, timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for k in kinds {
+        let topic = k.topic();
+        let Some(&n) = have.get(topic) else {
+            return Err(CliError::precondition(format!(
+                "topic {topic} does not exist on the broker at {bs}"
+            ))
+            .hint("create the topics with `vmr stack up` (local stack); see `vmr doctor`"));
+        };
+        let p = topics::partition_for(instance, n);
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| {
+            CliError::unavailable(format!(
+                "the broker at {bs} did not give the offsets of {topic}[{p}]: {e}"
+            ))
+        })?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+                .map_err(|e| CliError::other(format!("assigning {topic}[{p}]: {e}")))?;
+            ends.insert((topic.to_string(), p), high);
+        }
+    }
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    if ends.is_empty() {
+        return Ok((out, skipped));
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| CliError::other(format!("assigning partitions: {e}")))?;
+    let mut last_progress = Instant::now();
+    while !ends.is_empty() {
+        if last_progress.elapsed() > timeout {
+            return Err(CliError::unavailable(format!(
+                "no records arrived from the broker at {bs} for {:.0}s before the end of the topics",
+                timeout.as_secs_f64()
+            )));
+        }
+        let Some(res) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let Ok(msg) = res else { continue };
+        last_progress = Instant::now();
+        let key = (msg.topic().to_string(), msg.partition());
+        if let Some(&end) = ends.get(&key) {
+            if msg.offset() + 1 >= end {
+                ends.remove(&key);
+            }
+        }
+        match msg.payload().map(decode) {
+            Some(Ok(e)) if e.instance.as_str() == instance => out.push((key.0, e)),
+            Some(Ok(_)) => {}
+            _ => skipped += 1,
+        }
+    }
+    Ok((out, skipped))
 }
 
 /// Runs an `events` subcommand.
