@@ -208,6 +208,7 @@ fn from_kafka(items: &[SourceItem]) -> (u64, Duration) {
         topics: Default::default(),
         window: Default::default(),
         fetch_timeout: Duration::from_secs(30),
+        security: Default::default(),
     };
     let start = Instant::now();
     let mut n = 0;

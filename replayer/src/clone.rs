@@ -100,6 +100,7 @@ pub struct ClonePlan {
     pub blk_bin: PathBuf,
     pub net_bin: PathBuf,
     pub bootstrap_servers: String,
+    pub kafka_security: vmr_proto::config::KafkaSecurity,
     pub fetch_timeout: Duration,
     pub kinds: KindSet,
     pub window: Window,
@@ -282,6 +283,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         SourceConfig::from_manifest(plan.bootstrap_servers.clone(), &plan.manifest, plan.kinds);
     cfg.until_seq = plan.until_seq;
     cfg.fetch_timeout = plan.fetch_timeout;
+    cfg.security = plan.kafka_security.clone();
     let source = EventSource::open(cfg.clone())?;
     let recorded = if plan.kinds.contains(Kind::Net) {
         collect_net_frames(cfg, &plan)?

@@ -88,6 +88,7 @@ fn ten_x_replays_two_seconds_of_recorded_guest_time_in_a_fifth_of_a_second() {
         topics: Default::default(),
         window: Default::default(),
         fetch_timeout: Duration::from_secs(10),
+        security: Default::default(),
     };
     cfg.kinds = Filter::default().kinds_to_read();
     // Read everything first, so the measured run is the clock's alone.

@@ -25,6 +25,7 @@ fn config(rec: &Recording, instance: &str, seq_at_cut: u64, kinds: KindSet) -> S
         topics: TopicNames::default(),
         window: Default::default(),
         fetch_timeout: Duration::from_secs(10),
+        security: Default::default(),
     }
 }
 

@@ -81,6 +81,10 @@ pub struct KafkaConfig {
     /// Longest wait for one broker answer, seconds.
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout_secs: u64,
+    /// How the Kafka clients encrypt and authenticate (`[kafka.security]`);
+    /// PLAINTEXT when absent.
+    #[serde(default)]
+    pub security: vmr_proto::config::KafkaSecurity,
 }
 
 fn default_fetch_timeout() -> u64 {

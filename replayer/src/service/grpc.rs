@@ -520,6 +520,7 @@ impl Replayer {
             blk_bin: self.state.blk_bin.clone(),
             net_bin: self.state.net_bin.clone(),
             bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+            kafka_security: cfg.kafka.security.clone(),
             fetch_timeout: Duration::from_secs(cfg.kafka.fetch_timeout_secs),
             kinds,
             window,

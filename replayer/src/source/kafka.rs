@@ -64,7 +64,11 @@ impl TopicReader {
     ) -> Result<Self, SourceError> {
         let topic = start.topic.clone();
         let timeout = config.fetch_timeout;
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        for (key, value) in config.security.client_properties() {
+            client.set(key, value);
+        }
+        let consumer: BaseConsumer = client
             .set("bootstrap.servers", &config.bootstrap_servers)
             .set("client.id", format!("vmr-replayer-{}", config.instance))
             // Needed by rdkafka for `assign`; the group is never joined and

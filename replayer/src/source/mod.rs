@@ -98,6 +98,8 @@ pub struct SourceConfig {
     /// Longest wait for one broker answer (metadata, watermarks) or for a
     /// record the high watermark says exists.
     pub fetch_timeout: Duration,
+    /// Security of the Kafka clients.
+    pub security: vmr_proto::config::KafkaSecurity,
 }
 
 impl SourceConfig {
@@ -118,6 +120,7 @@ impl SourceConfig {
             topics: TopicNames::default(),
             window: MergeWindow::default(),
             fetch_timeout: Duration::from_secs(10),
+            security: Default::default(),
         }
     }
 }
