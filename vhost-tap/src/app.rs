@@ -72,6 +72,11 @@ pub struct CommonArgs {
     /// full; drop: records are dropped and a GAP event written.
     #[arg(long, default_value = "block")]
     pub capture_policy: Policy,
+    /// With `--capture-policy block`: the longest the capture waits for a
+    /// full spool (ms; 0: as long as it takes). Past it, records are
+    /// dropped with a GAP event until the spool takes records again.
+    #[arg(long, default_value_t = 0)]
+    pub capture_block_max_ms: u64,
     /// Capacity (records) of the queue in front of the sink.
     #[arg(long, default_value_t = 4096)]
     pub capture_queue: usize,
@@ -225,6 +230,8 @@ fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppE
     cfg.capacity = c.capture_queue;
     cfg.max_bytes = c.capture_queue_mib.saturating_mul(1 << 20);
     cfg.policy = c.capture_policy;
+    cfg.block_bound =
+        (c.capture_block_max_ms > 0).then(|| Duration::from_millis(c.capture_block_max_ms));
     cfg.state = Some(companion(path, spool, "state"));
     let seq: Arc<dyn SeqSource> = seq;
     Ok(Some(Tee::start(cfg, sink, seq, metrics.clone())?))

@@ -8,6 +8,9 @@
 //!   kinds take `"direction":"rx"|"tx"`) → `{"ok":true}`
 //! - `{"cmd":"clear-faults"}` → `{"ok":true}`
 //! - `{"cmd":"inject","frame":"<hex>"}` (net in replay mode) → `{"ok":true}`
+//! - `{"cmd":"set-filter","filter":{"kind":"block","ops":"write,flush"}}` or
+//!   `{"cmd":"set-filter","filter":{"kind":"net","directions":"rx","port":80}}`
+//!   → `{"ok":true}` (see [`crate::filter::RuntimeFilter`])
 //!
 //! Errors answer `{"ok":false,"error":"..."}`.
 
@@ -53,6 +56,10 @@ pub enum Command {
     ClearFaults,
     /// Queue a frame (hex) for the guest.
     Inject { frame: String },
+    /// Replace the capture filter (see [`crate::filter::RuntimeFilter`]).
+    SetFilter {
+        filter: crate::filter::RuntimeFilter,
+    },
 }
 
 /// What the control socket acts on.
@@ -75,6 +82,7 @@ impl ControlTargets {
         };
         match cmd {
             Command::Metrics => json!({"ok": true, "metrics": self.metrics.snapshot()}),
+            Command::SetFilter { filter } => crate::filter::control_set_filter(&filter),
             Command::Fault { rule } => match &self.faults {
                 None => json!({"ok": false, "error": "faults are only accepted in replay mode"}),
                 Some(f) => match f.add(rule) {

@@ -1,6 +1,10 @@
 //! Capture filters: which requests and frames are recorded.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::RwLock;
+
+use serde::Deserialize;
 
 use vmr_proto::pb;
 
@@ -55,10 +59,23 @@ impl BlockFilter {
         Ok(Self { ops })
     }
 
-    /// Whether `op` is recorded.
+    /// Whether `op` is recorded: by the process's runtime filter if one
+    /// was set (see [`set_runtime`]), else by this filter.
     #[inline]
     pub fn matches(&self, op: pb::BlockOp) -> bool {
-        self.ops & op_bit(op) != 0
+        self.matches_in(&RUNTIME, op)
+    }
+
+    /// Whether `op` is recorded, with `rt`'s block filter in force if set.
+    #[inline]
+    pub fn matches_in(&self, rt: &RuntimeFilters, op: pb::BlockOp) -> bool {
+        let o = rt.block.load(Ordering::Relaxed);
+        let ops = if o & RUNTIME_SET != 0 {
+            o as u8
+        } else {
+            self.ops
+        };
+        ops & op_bit(op) != 0
     }
 }
 
@@ -110,8 +127,25 @@ pub fn parse_directions(list: &str) -> Result<Option<pb::Direction>, FilterError
 }
 
 impl NetFilter {
-    /// Whether a frame in `dir` is recorded.
+    /// Whether a frame in `dir` is recorded: by the process's runtime
+    /// filter if one was set (see [`set_runtime`]), else by this filter.
     pub fn matches(&self, dir: pb::Direction, frame: &[u8]) -> bool {
+        self.matches_in(&RUNTIME, dir, frame)
+    }
+
+    /// Whether a frame in `dir` is recorded, with `rt`'s net filter in force
+    /// if set.
+    pub fn matches_in(&self, rt: &RuntimeFilters, dir: pb::Direction, frame: &[u8]) -> bool {
+        if rt.net_set.load(Ordering::Acquire) {
+            let f = rt.net.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = f.as_ref() {
+                return f.matches_own(dir, frame);
+            }
+        }
+        self.matches_own(dir, frame)
+    }
+
+    fn matches_own(&self, dir: pb::Direction, frame: &[u8]) -> bool {
         if self.direction.is_some_and(|d| d != dir) {
             return false;
         }
@@ -142,6 +176,120 @@ impl NetFilter {
             }
         }
         true
+    }
+}
+
+/// Set in [`BLOCK_RUNTIME`] when a runtime block filter is in force; the
+/// low byte holds its operation bits.
+const RUNTIME_SET: u16 = 1 << 8;
+
+/// Filters set at runtime that replace the ones given at start.
+#[derive(Debug)]
+pub struct RuntimeFilters {
+    block: AtomicU16,
+    net_set: AtomicBool,
+    net: RwLock<Option<NetFilter>>,
+}
+
+impl RuntimeFilters {
+    /// None set.
+    pub const fn new() -> Self {
+        Self {
+            block: AtomicU16::new(0),
+            net_set: AtomicBool::new(false),
+            net: RwLock::new(None),
+        }
+    }
+
+    /// Puts `f` in force.
+    pub fn set(&self, f: &RuntimeFilter) -> Result<(), RuntimeFilterError> {
+        match f {
+            RuntimeFilter::Block { ops } => {
+                let b = BlockFilter::parse(ops)?;
+                self.block
+                    .store(RUNTIME_SET | u16::from(b.ops), Ordering::Relaxed);
+            }
+            RuntimeFilter::Net {
+                directions,
+                mac,
+                ip,
+                port,
+            } => {
+                let n = NetFilter {
+                    direction: parse_directions(directions.as_deref().unwrap_or("rx,tx"))?,
+                    mac: mac.as_deref().map(parse_mac).transpose()?,
+                    ip: ip
+                        .as_deref()
+                        .map(|s| s.parse().map_err(|_| RuntimeFilterError::Ip(s.into())))
+                        .transpose()?,
+                    port: *port,
+                };
+                *self.net.write().unwrap_or_else(|p| p.into_inner()) = Some(n);
+                self.net_set.store(true, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for RuntimeFilters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The process's runtime filters ([`BlockFilter::matches`] and
+/// [`NetFilter::matches`] consult them).
+static RUNTIME: RuntimeFilters = RuntimeFilters::new();
+
+/// A filter sent over the control socket (`set-filter`), in the same
+/// syntax as the backends' flags: `{"kind":"block","ops":"read,write"}` or
+/// `{"kind":"net","directions":"rx","mac":null,"ip":"10.0.0.1","port":80}`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RuntimeFilter {
+    /// `--capture-ops`.
+    Block { ops: String },
+    /// `--capture-directions`, `--capture-mac`, `--capture-ip`,
+    /// `--capture-port`.
+    Net {
+        #[serde(default)]
+        directions: Option<String>,
+        #[serde(default)]
+        mac: Option<String>,
+        #[serde(default)]
+        ip: Option<String>,
+        #[serde(default)]
+        port: Option<u16>,
+    },
+}
+
+/// Errors of a runtime filter.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuntimeFilterError {
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("invalid IP address {0:?}")]
+    Ip(String),
+}
+
+/// Replaces, for every backend of this process, the filter given at start
+/// with `f` (a backend process serves one device, so this is that
+/// device's filter). Requests and frames seen after the call are filtered
+/// by it.
+pub fn set_runtime(f: &RuntimeFilter) -> Result<(), RuntimeFilterError> {
+    RUNTIME.set(f)
+}
+
+/// The `set-filter` control command: applies `f`, answers the reply
+/// object.
+pub fn control_set_filter(f: &RuntimeFilter) -> serde_json::Value {
+    match set_runtime(f) {
+        Ok(()) => {
+            tracing::info!(filter = ?f, "capture filter changed");
+            serde_json::json!({"ok": true})
+        }
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
     }
 }
 
@@ -194,6 +342,40 @@ mod tests {
         f[34..36].copy_from_slice(&sport.to_be_bytes());
         f[36..38].copy_from_slice(&dport.to_be_bytes());
         f
+    }
+
+    #[test]
+    fn runtime_filter_replaces_the_start_filter() {
+        let rt = RuntimeFilters::new();
+        let start = BlockFilter::all();
+        assert!(start.matches_in(&rt, pb::BlockOp::Read));
+        rt.set(&RuntimeFilter::Block {
+            ops: "write".into(),
+        })
+        .unwrap();
+        assert!(!start.matches_in(&rt, pb::BlockOp::Read));
+        assert!(start.matches_in(&rt, pb::BlockOp::Write));
+        let f = udp4([10, 0, 0, 1], [10, 0, 0, 2], 1000, 53);
+        let net = NetFilter::default();
+        assert!(net.matches_in(&rt, pb::Direction::Rx, &f));
+        let json = r#"{"kind":"net","directions":"tx","port":53}"#;
+        rt.set(&serde_json::from_str(json).unwrap()).unwrap();
+        assert!(!net.matches_in(&rt, pb::Direction::Rx, &f));
+        assert!(net.matches_in(&rt, pb::Direction::Tx, &f));
+        let bad: RuntimeFilter = serde_json::from_str(r#"{"kind":"block","ops":"erase"}"#).unwrap();
+        assert_eq!(
+            rt.set(&bad).unwrap_err().to_string(),
+            "unknown block operation \"erase\""
+        );
+        assert!(rt
+            .set(&RuntimeFilter::Net {
+                directions: None,
+                mac: None,
+                ip: Some("x".into()),
+                port: None
+            })
+            .is_err());
+        assert!(serde_json::from_str::<RuntimeFilter>(r#"{"kind":"block","opz":"x"}"#).is_err());
     }
 
     #[test]

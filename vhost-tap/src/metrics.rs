@@ -23,6 +23,9 @@ pub struct Metrics {
     pub spool_dropped: AtomicU64,
     /// Milliseconds the sink waited for a full spool (policy `block`).
     pub spool_blocked_ms: AtomicU64,
+    /// Times the sink waited for a full spool up to the block bound and
+    /// then dropped records with a GAP.
+    pub spool_bound_hits: AtomicU64,
     /// Times the capture was made durable (FLUSH barriers and shutdown).
     pub syncs: AtomicU64,
     /// Descriptor chains refused as malformed.
@@ -47,6 +50,7 @@ pub struct MetricsSnapshot {
     pub spool_full: u64,
     pub spool_dropped: u64,
     pub spool_blocked_ms: u64,
+    pub spool_bound_hits: u64,
     pub syncs: u64,
     pub malformed: u64,
     pub io_errors: u64,
@@ -74,6 +78,7 @@ impl Metrics {
             spool_full: l(&self.spool_full),
             spool_dropped: l(&self.spool_dropped),
             spool_blocked_ms: l(&self.spool_blocked_ms),
+            spool_bound_hits: l(&self.spool_bound_hits),
             syncs: l(&self.syncs),
             malformed: l(&self.malformed),
             io_errors: l(&self.io_errors),
@@ -97,6 +102,7 @@ impl MetricsSnapshot {
             spool_full = self.spool_full,
             spool_dropped = self.spool_dropped,
             spool_blocked_ms = self.spool_blocked_ms,
+            spool_bound_hits = self.spool_bound_hits,
             syncs = self.syncs,
             malformed = self.malformed,
             io_errors = self.io_errors,

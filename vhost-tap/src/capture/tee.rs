@@ -66,6 +66,13 @@ pub struct TeeConfig {
     pub state: Option<PathBuf>,
     /// Longest wait of [`Tee::sync`].
     pub sync_timeout: Duration,
+    /// Under [`Policy::Block`], the longest time the sink waits for room in
+    /// a full spool (None: as long as it takes). Past it the records that
+    /// do not fit are dropped and covered by a GAP event, and so is every
+    /// record after them until the spool takes records again; the guest
+    /// then waits no longer than this bound (plus the time to drain the
+    /// queue).
+    pub block_bound: Option<Duration>,
 }
 
 impl TeeConfig {
@@ -80,6 +87,7 @@ impl TeeConfig {
             hash: ContentHashKind::Xxh3_128,
             state: None,
             sync_timeout: Duration::from_secs(60),
+            block_bound: None,
         }
     }
 }
@@ -330,6 +338,7 @@ impl Tee {
                     popped: floor,
                     state,
                     last_error: None,
+                    overflowing: false,
                 }
                 .run()
             })
@@ -623,6 +632,9 @@ struct SinkLoop<'a> {
     state: Option<DeviceState>,
     /// When the last sink error happened (retries back off).
     last_error: Option<Instant>,
+    /// The spool stayed full past the block bound: records that do not
+    /// fit are dropped at once until it takes records again.
+    overflowing: bool,
 }
 
 impl SinkLoop<'_> {
@@ -753,6 +765,10 @@ impl SinkLoop<'_> {
             match self.sink.submit(&self.batch[start..]) {
                 Ok(()) => {
                     self.last_error = None;
+                    if self.overflowing {
+                        self.overflowing = false;
+                        tracing::info!("capture spool takes records again");
+                    }
                     break;
                 }
                 Err(SinkError {
@@ -760,14 +776,36 @@ impl SinkLoop<'_> {
                     error: CaptureError::Full,
                 }) => {
                     start += written;
+                    if written > 0 {
+                        self.overflowing = false;
+                    }
                     let since = *blocked.get_or_insert_with(|| {
                         Metrics::add(&m.spool_full, 1);
                         tracing::warn!("capture spool full: waiting for the shipper to commit");
                         Instant::now()
                     });
                     let give_up = stopping && since.elapsed() > STOP_WAIT;
-                    if self.s.config.policy == Policy::Drop || give_up {
-                        let n = self.lose(start, "spool full");
+                    let past_bound = self.overflowing
+                        || self
+                            .s
+                            .config
+                            .block_bound
+                            .is_some_and(|b| since.elapsed() >= b);
+                    if past_bound && !self.overflowing {
+                        self.overflowing = true;
+                        Metrics::add(&m.spool_bound_hits, 1);
+                        tracing::warn!(
+                            bound_ms = self.s.config.block_bound.map_or(0, |b| b.as_millis() as u64),
+                            "capture spool full past the block bound: dropping records with a GAP until it takes records again"
+                        );
+                    }
+                    if self.s.config.policy == Policy::Drop || give_up || past_bound {
+                        let reason = if past_bound {
+                            "spool full past the block bound"
+                        } else {
+                            "spool full"
+                        };
+                        let n = self.lose(start, reason);
                         Metrics::add(&m.spool_dropped, n);
                         break;
                     }
