@@ -127,8 +127,16 @@ pub struct BlkArgs {
     #[arg(long)]
     pub image: PathBuf,
     /// Copy-on-write overlay (created if missing); the image stays untouched.
+    /// It is the writable top of the disk's layer chain; after a
+    /// `checkpoint` the chain is recorded in `<overlay>.chain`, which a
+    /// restart with the same flags follows.
     #[arg(long)]
     pub overlay: Option<PathBuf>,
+    /// A read-only layer under the overlay (repeat, bottom first): an
+    /// overlay frozen by a checkpoint or a packed layer from a snapshot.
+    /// Without `--overlay` the disk is read-only.
+    #[arg(long = "layer")]
+    pub layers: Vec<PathBuf>,
     /// Offer a read-only disk.
     #[arg(long)]
     pub read_only: bool,
@@ -196,7 +204,9 @@ fn companion(capture: &std::path::Path, spool: bool, name: &str) -> PathBuf {
     }
 }
 
-fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppError> {
+type Recording = Option<(Tee, Arc<dyn SeqSource>)>;
+
+fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Recording, AppError> {
     vmr_proto::InstanceId::new(c.instance_id.clone()).map_err(|e| AppError::Arg(e.to_string()))?;
     let Some(path) = &c.capture else {
         return Ok(None);
@@ -234,7 +244,8 @@ fn start_tee(c: &CommonArgs, metrics: &Arc<Metrics>) -> Result<Option<Tee>, AppE
         (c.capture_block_max_ms > 0).then(|| Duration::from_millis(c.capture_block_max_ms));
     cfg.state = Some(companion(path, spool, "state"));
     let seq: Arc<dyn SeqSource> = seq;
-    Ok(Some(Tee::start(cfg, sink, seq, metrics.clone())?))
+    let tee = Tee::start(cfg, sink, seq.clone(), metrics.clone())?;
+    Ok(Some((tee, seq)))
 }
 
 /// Blocks SIGUSR1, SIGTERM and SIGINT in this thread (and threads it
@@ -305,7 +316,11 @@ pub fn run_blk(a: BlkArgs) -> Result<(), AppError> {
     crate::blk::backend::check_mode(c.mode, a.overlay.is_some())?;
     let device = c.device.clone().unwrap_or_else(|| "vda".into());
     let metrics = Arc::new(Metrics::default());
-    let disk = Disk::open(&a.image, a.overlay.as_deref(), a.read_only)?;
+    let disk = Disk::open_chain(&a.image, &a.layers, a.overlay.as_deref(), a.read_only)?;
+    let (frozen, top) = disk.layer_paths();
+    if top.is_some() || !frozen.is_empty() {
+        tracing::info!(layers = frozen.len(), top = ?top, "disk layer chain open");
+    }
     let mut cfg = BlockConfig::new(device.clone());
     cfg.num_queues = a.num_queues;
     cfg.queue_size = c.queue_size;
@@ -317,7 +332,7 @@ pub fn run_blk(a: BlkArgs) -> Result<(), AppError> {
         cfg.filter = BlockFilter::parse(ops).map_err(|e| AppError::Arg(e.to_string()))?;
     }
     let faults = (c.mode == Mode::Replay).then(|| Arc::new(RuleFaults::new()));
-    let tee = start_tee(c, &metrics)?;
+    let (tee, seq) = start_tee(c, &metrics)?.unzip();
     let backend = BlockBackend::new(
         cfg,
         disk,
@@ -332,6 +347,10 @@ pub fn run_blk(a: BlkArgs) -> Result<(), AppError> {
                 metrics: metrics.clone(),
                 faults,
                 source: None,
+                checkpoint: Some(Arc::new(crate::checkpoint::BlockCheckpoint {
+                    backend: backend.clone(),
+                    seq,
+                })),
             },
         )?),
         None => None,
@@ -391,7 +410,7 @@ pub fn run_net(a: NetArgs) -> Result<(), AppError> {
         None
     };
     let faults = replay.then(|| Arc::new(RuleFaults::new()));
-    let tee = start_tee(c, &metrics)?;
+    let (tee, seq) = start_tee(c, &metrics)?.unzip();
     let backend = NetBackend::new(
         cfg,
         tap,
@@ -407,6 +426,10 @@ pub fn run_net(a: NetArgs) -> Result<(), AppError> {
                 metrics: metrics.clone(),
                 faults,
                 source,
+                checkpoint: Some(Arc::new(crate::checkpoint::NetCheckpoint {
+                    backend: backend.clone(),
+                    seq,
+                })),
             },
         )?),
         None => None,

@@ -11,6 +11,8 @@
 //! - `{"cmd":"set-filter","filter":{"kind":"block","ops":"write,flush"}}` or
 //!   `{"cmd":"set-filter","filter":{"kind":"net","directions":"rx","port":80}}`
 //!   → `{"ok":true}` (see [`crate::filter::RuntimeFilter`])
+//! - `{"cmd":"checkpoint","next_layer":"<path>"}` → `{"ok":true,"seq":..,"frozen_layer":..,"clusters":..}`
+//!   (see [`crate::checkpoint`])
 //!
 //! Errors answer `{"ok":false,"error":"..."}`.
 
@@ -60,6 +62,8 @@ pub enum Command {
     SetFilter {
         filter: crate::filter::RuntimeFilter,
     },
+    /// Drain, sync the capture, read the seq, freeze the disk layer.
+    Checkpoint { next_layer: Option<PathBuf> },
 }
 
 /// What the control socket acts on.
@@ -71,6 +75,8 @@ pub struct ControlTargets {
     pub faults: Option<Arc<RuleFaults>>,
     /// Replay source to inject into (None: inject refused).
     pub source: Option<Arc<ChannelReplaySource>>,
+    /// Checkpoints for the snapshot cut (None: refused).
+    pub checkpoint: Option<Arc<dyn crate::checkpoint::Checkpoint>>,
 }
 
 impl ControlTargets {
@@ -95,6 +101,9 @@ impl ControlTargets {
                     f.clear();
                 }
                 json!({"ok": true})
+            }
+            Command::Checkpoint { next_layer } => {
+                crate::checkpoint::handle(self.checkpoint.as_deref(), next_layer.as_deref())
             }
             Command::Inject { frame } => match (&self.source, decode_hex(&frame)) {
                 (None, _) => json!({"ok": false, "error": "this backend has no replay source"}),
@@ -251,6 +260,7 @@ mod tests {
                 metrics: Arc::default(),
                 faults: Some(faults.clone()),
                 source: Some(source.clone()),
+                checkpoint: None,
             },
         )
         .unwrap();

@@ -12,7 +12,10 @@
 //!   instance, from a durable lease.
 //! - [`server`]: the accept loop that serves one front-end after another on a
 //!   socket, in-process or from the binaries.
-//! - [`control`]: the control socket (metrics, faults, frame injection).
+//! - [`control`]: the control socket (metrics, faults, frame injection,
+//!   checkpoints).
+//! - [`checkpoint`]: the backend's part of a snapshot cut: drain, durable
+//!   capture, `seq`, and freezing the disk's copy-on-write layer.
 //!
 //! Everything a benchmark or test needs to start a backend in-process is
 //! public: build a [`blk::BlockBackend`] or [`net::NetBackend`] and hand it to
@@ -21,6 +24,7 @@
 pub mod app;
 pub mod blk;
 pub mod capture;
+pub mod checkpoint;
 pub mod control;
 pub mod fault;
 pub mod filter;

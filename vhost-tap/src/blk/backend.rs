@@ -181,6 +181,18 @@ impl BlockBackend {
         self.inner.tee.as_ref()
     }
 
+    /// Runs `f` while no queue worker is processing a batch (every request
+    /// popped so far has completed and none is started until `f` returns).
+    pub fn quiesce<R>(&self, f: impl FnOnce(&Disk, Option<&Tee>) -> R) -> R {
+        let _held: Vec<_> = self
+            .inner
+            .workers
+            .iter()
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        f(&self.inner.disk, self.inner.tee.as_ref())
+    }
+
     /// The virtio-blk configuration space.
     pub fn config_space(&self) -> [u8; 60] {
         let c = &self.inner.config;

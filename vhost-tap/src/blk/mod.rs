@@ -5,4 +5,4 @@ pub mod disk;
 pub mod request;
 
 pub use backend::{BlockBackend, BlockConfig, BlockError};
-pub use disk::{Disk, DiskError};
+pub use disk::{pack_layer, Checkpointed, Disk, DiskError, Packed};

@@ -152,6 +152,13 @@ impl NetBackend {
         })
     }
 
+    /// Runs `f` while the device thread is not moving frames (every frame
+    /// delivered so far is numbered and none is started until `f` returns).
+    pub fn quiesce<R>(&self, f: impl FnOnce(Option<&Tee>) -> R) -> R {
+        let _held = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(self.inner.tee.as_ref())
+    }
+
     /// The metrics of this backend.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
