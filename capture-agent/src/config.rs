@@ -4,6 +4,7 @@
 //! file is a valid configuration. `config/capture-agent.example.toml` shows
 //! every key with its default and is parsed by a test.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,6 +41,12 @@ pub struct AgentConfig {
     /// Which host sensors are read, and how often.
     #[serde(default)]
     pub sensors: SensorsConfig,
+    /// The gRPC service, the metrics endpoint and where instances live.
+    #[serde(default)]
+    pub agent: ServiceConfig,
+    /// How devices record by default (a launch request may override it).
+    #[serde(default)]
+    pub capture: CaptureConfig,
 }
 
 impl AgentConfig {
@@ -73,7 +80,138 @@ impl AgentConfig {
         self.endpoints.validate()?;
         self.shipper.validate()?;
         self.sensors.validate()?;
+        self.agent.validate()?;
+        self.capture.validate()?;
         Ok(())
+    }
+}
+
+/// Settings of `capture-agent serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ServiceConfig {
+    /// Address of the gRPC service (`vmr.v1.CaptureAgent`, health,
+    /// reflection).
+    pub listen: SocketAddr,
+    /// Address of the HTTP endpoint serving Prometheus `/metrics`.
+    pub metrics_listen: SocketAddr,
+    /// Data directory; instance `<id>` lives in `<data-dir>/<id>/` (its
+    /// disks, spools, sequence file, backend logs). Not on tmpfs: the
+    /// sequence file must survive a host restart.
+    pub data_dir: PathBuf,
+    /// Directories holding machine images: image `<name>` is
+    /// `<dir>/<name>/image.toml`, the first directory that has it wins.
+    pub image_dirs: Vec<PathBuf>,
+    /// Directory holding `vhost-tap-blk` and `vhost-tap-net` (default: next
+    /// to the agent's executable, then `$PATH`).
+    pub backend_dir: Option<PathBuf>,
+    /// QEMU binary (default: the driver's, `qemu-system-x86_64` on `$PATH`).
+    pub qemu_binary: Option<PathBuf>,
+    /// How long a stopping guest may take to power off before it is killed
+    /// (seconds).
+    pub stop_grace_secs: u64,
+    /// How long a stopping instance waits for its shippers to ship what
+    /// the spools hold (seconds); the rest stays in the spools.
+    pub drain_timeout_secs: u64,
+    /// Most instances this agent runs at once.
+    pub max_instances: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir: PathBuf::from("/var/lib/vmreplay/instances"),
+            image_dirs: vec![PathBuf::from("/var/lib/vmreplay/images")],
+            backend_dir: None,
+            qemu_binary: None,
+            stop_grace_secs: 10,
+            drain_timeout_secs: 30,
+            max_instances: 64,
+        }
+    }
+}
+
+impl ServiceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("agent: {m}")));
+        if self.image_dirs.is_empty() {
+            return bad("image-dirs must name at least one directory");
+        }
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            return bad("listen and metrics-listen must differ");
+        }
+        if self.max_instances == 0 {
+            return bad("max-instances must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What a device does when its spool is full because shipping stalls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpoolFull {
+    /// The guest's I/O waits, at most `block-bound-ms`; past it records
+    /// are dropped with a GAP event until the spool takes records again.
+    Block,
+    /// Records that do not fit are dropped at once, with a GAP event.
+    Drop,
+}
+
+impl SpoolFull {
+    /// The backends' `--capture-policy` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+/// Default capture policy of the devices.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct CaptureConfig {
+    /// block or drop.
+    pub spool_full: SpoolFull,
+    /// Under `block`, the longest one guest request waits for a full spool
+    /// (ms).
+    pub block_bound_ms: u64,
+    /// Most MiB each device's spool holds.
+    pub spool_retain_mib: u64,
+    /// Size of one spool segment, MiB.
+    pub spool_segment_mib: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            spool_full: SpoolFull::Block,
+            block_bound_ms: 5000,
+            spool_retain_mib: 256,
+            spool_segment_mib: 16,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Checks the values (also those of a launch request's policy).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("capture: {m}")));
+        if self.block_bound_ms == 0 {
+            return bad("block-bound-ms must be positive");
+        }
+        if self.spool_segment_mib == 0 || self.spool_retain_mib < 2 * self.spool_segment_mib {
+            return bad("spool-retain-mib must hold at least two segments of spool-segment-mib");
+        }
+        Ok(())
+    }
+
+    /// `block-bound-ms` as a duration.
+    pub fn block_bound(&self) -> Duration {
+        Duration::from_millis(self.block_bound_ms)
     }
 }
 
@@ -308,6 +446,8 @@ mod tests {
         let c = AgentConfig::parse("").unwrap();
         assert_eq!(c.shipper, ShipperConfig::default());
         assert_eq!(c.sensors, SensorsConfig::default());
+        assert_eq!(c.agent, ServiceConfig::default());
+        assert_eq!(c.capture, CaptureConfig::default());
     }
 
     #[test]
@@ -317,5 +457,11 @@ mod tests {
         assert!(AgentConfig::parse("[shipper]\nmax-in-flight-records = 0").is_err());
         assert!(AgentConfig::parse("[[sensors.trigger]]\nsensor = \"x\"").is_err());
         assert!(AgentConfig::parse("[sensors]\nkinds = [\"gpu\"]").is_err());
+        assert!(AgentConfig::parse("[agent]\nlisten = \"nowhere\"").is_err());
+        assert!(AgentConfig::parse("[agent]\nimage-dirs = []").is_err());
+        assert!(AgentConfig::parse("[agent]\nport = 1").is_err());
+        assert!(AgentConfig::parse("[capture]\nspool-full = \"wait\"").is_err());
+        assert!(AgentConfig::parse("[capture]\nblock-bound-ms = 0").is_err());
+        assert!(AgentConfig::parse("[capture]\nspool-retain-mib = 16").is_err());
     }
 }

@@ -11,6 +11,7 @@
 //! [`crate::shipper::Shipper`] over a [`crate::source::SpoolSource`].
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost_tap::capture::Record;
@@ -60,6 +61,21 @@ pub struct EventLog {
     seq: Arc<dyn SeqSource>,
     sink: SpoolSink,
     order: Mutex<()>,
+    counters: EventCounters,
+}
+
+/// What an [`EventLog`] recorded.
+#[derive(Debug, Default)]
+pub struct EventCounters {
+    /// Lifecycle events written (GAP events included).
+    pub lifecycle: AtomicU64,
+    /// GAP events written.
+    pub gaps: AtomicU64,
+    /// Sensor samples written.
+    pub env_samples: AtomicU64,
+    /// Events that could not be written (each also becomes a GAP, if the
+    /// spool takes it).
+    pub write_errors: AtomicU64,
 }
 
 /// Wall-clock and monotonic time, nanoseconds.
@@ -102,7 +118,18 @@ impl EventLog {
             seq,
             sink,
             order: Mutex::new(()),
+            counters: EventCounters::default(),
         })
+    }
+
+    /// What the log recorded so far.
+    pub fn counters(&self) -> &EventCounters {
+        &self.counters
+    }
+
+    /// The instance's sequence counter (shared with its backends).
+    pub fn seq(&self) -> &Arc<dyn SeqSource> {
+        &self.seq
     }
 
     /// The instance.
@@ -137,6 +164,9 @@ impl EventLog {
         let written = match self.sink.submit(&records) {
             Ok(()) => records.len(),
             Err(e) => {
+                self.counters
+                    .write_errors
+                    .fetch_add((records.len() - e.written) as u64, Ordering::Relaxed);
                 let lost = seqs[e.written];
                 // The numbers not written become a GAP event, as in the
                 // backends: no number is silently lost.
@@ -151,6 +181,21 @@ impl EventLog {
         self.sink
             .sync()
             .map_err(|source| EventsError::Write { seq: first, source })?;
+        for r in &records {
+            let c = &self.counters;
+            match &r.event().payload {
+                Some(pb::event::Payload::Lifecycle(l)) => {
+                    c.lifecycle.fetch_add(1, Ordering::Relaxed);
+                    if l.kind == pb::LifecycleKind::Gap as i32 {
+                        c.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(pb::event::Payload::Env(_)) => {
+                    c.env_samples.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
         Ok(seqs)
     }
 
@@ -176,8 +221,14 @@ impl EventLog {
                 ..Default::default()
             })),
         });
-        if let Err(e) = self.sink.submit(std::slice::from_ref(&rec)) {
-            tracing::error!(instance = %self.instance, first, count, error = %e.error, "cannot record a GAP for lost agent events");
+        match self.sink.submit(std::slice::from_ref(&rec)) {
+            Ok(()) => {
+                self.counters.lifecycle.fetch_add(1, Ordering::Relaxed);
+                self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(instance = %self.instance, first, count, error = %e.error, "cannot record a GAP for lost agent events");
+            }
         }
         let _ = self.sink.sync();
     }

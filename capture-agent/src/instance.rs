@@ -1,31 +1,43 @@
 //! A recorded instance: its supervised device backends, one shipper per
-//! spool, the agent's event log, and the guest under a hypervisor driver.
+//! spool, the agent's event log, host sensors, and the guest under a
+//! hypervisor driver.
 //!
 //! [`RecordedInstance::launch`] starts, in order: the backends (through the
 //! [`Supervisor`]), a [`Shipper`] per device spool and one over the agent's
-//! [`EventLog`] spool, the guest, and a thread that forwards the driver's
-//! lifecycle events into the event log. [`RecordedInstance::stop`] tears it
-//! down the other way round: guest, forwarder, backends, then the shippers
-//! once they have shipped what the spools hold (bounded).
+//! [`EventLog`] spool, the sensor loop, the guest, and a thread that
+//! forwards the driver's lifecycle events into the event log.
+//! [`RecordedInstance::shutdown`] tears it down the other way round: guest,
+//! forwarder, sensors, backends, then the shippers once they have shipped
+//! what the spools hold (bounded).
+//!
+//! A running instance is shared (`Arc<RecordedInstance>`): every method
+//! takes `&self`, so the service, the metrics endpoint and the snapshot
+//! engine can use it at the same time.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vhost_tap::capture::{SpoolItem, SpoolReader};
 use vhost_tap::seq::{FileSeq, SeqSource};
 use vmr_hypervisor::image::{DiskSource, MachineImage};
-use vmr_hypervisor::{Accel, DriverError, ExitInfo, Instance};
+use vmr_hypervisor::{Accel, DriverError, ExitInfo, Instance, RunState};
 use vmr_proto::domain::LifecycleKind;
 use vmr_proto::InstanceId;
 
-use crate::config::ShipperConfig;
+use crate::config::{SensorsConfig, ShipperConfig};
 use crate::events::{EventLog, EventLogConfig, EventsError};
 use crate::metrics::{MetricsSnapshot, ShipperMetrics};
+use crate::sensors::{Inventory, Schedule, SensorLoop, Sensors};
 use crate::shipper::{display_chain, Shipper, ShipperHandle, ShipperOptions};
 use crate::source::{SourceError, SpoolSource};
-use crate::supervisor::{BackendKind, BackendSpec, Supervisor, SupervisorConfig, SupervisorError};
+use crate::supervisor::{
+    BackendKind, BackendSpec, BackendStatus, CaptureFilter, InstanceDirs, Supervisor,
+    SupervisorConfig, SupervisorError,
+};
 use vmr_proto::config::Endpoints;
 
 /// Errors of a recorded instance.
@@ -37,6 +49,9 @@ pub enum InstanceError {
     /// The driver refused or failed.
     #[error("driver")]
     Driver(#[source] DriverError),
+    /// A device setting names no device of the image, or does not fit it.
+    #[error("{field}: {reason}")]
+    Device { field: String, reason: String },
     /// The backends could not be started.
     #[error("backends")]
     Backends(#[from] SupervisorError),
@@ -62,16 +77,46 @@ pub enum InstanceError {
     /// A thread could not be started.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    /// The instance was stopped.
+    #[error("the instance is stopped")]
+    Stopped,
 }
 
+/// Settings of one device of the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// What it records (`None`: everything).
+    pub filter: Option<CaptureFilter>,
+    /// NICs only: the TAP name (default `<tap_prefix><index>`).
+    pub tap: Option<String>,
+}
+
+/// A lifecycle change of a recorded instance, as the agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceNote {
+    /// The guest event (`None` for agent steps without one: launched,
+    /// stopped).
+    pub kind: Option<LifecycleKind>,
+    /// What happened.
+    pub detail: String,
+    /// `seq` of the lifecycle event recorded for it (0: none).
+    pub seq: u64,
+    /// Wall-clock time, ns since the Unix epoch.
+    pub wall_time_ns: u64,
+}
+
+/// Called with every [`InstanceNote`] of an instance, from the instance's
+/// own threads.
+pub type NoteHook = Arc<dyn Fn(&InstanceId, &InstanceNote) + Send + Sync>;
+
 /// How to launch a recorded instance.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LaunchOptions {
     /// The machine image directory (with `image.toml`).
     pub image_dir: PathBuf,
     /// The instance.
     pub instance: InstanceId,
-    /// Driver name (`qemu`).
+    /// Driver name (`qemu`, `microvm`).
     pub driver: String,
     /// Data directory; the instance lives in `<data>/<instance>/`.
     pub data_dir: PathBuf,
@@ -79,12 +124,16 @@ pub struct LaunchOptions {
     pub netns: Option<String>,
     /// TAP name per NIC: `<tap_prefix><index>` (default `vmrtap`).
     pub tap_prefix: String,
+    /// Per-device settings, by device name.
+    pub devices: BTreeMap<String, DeviceOptions>,
     /// Kafka and Schema Registry.
     pub endpoints: Endpoints,
     /// Shipper settings (one shipper per spool).
     pub shipper: ShipperConfig,
-    /// Backend supervision settings.
+    /// Backend supervision and capture policy settings.
     pub supervisor: SupervisorConfig,
+    /// Host sensors recorded into the instance's env topic (`None`: none).
+    pub sensors: Option<SensorsConfig>,
     /// QEMU acceleration.
     pub accel: Accel,
     /// QEMU binary (default: the driver's).
@@ -93,6 +142,20 @@ pub struct LaunchOptions {
     pub stop_grace: Duration,
     /// How long `stop` waits for the shippers to ship what the spools hold.
     pub drain_timeout: Duration,
+    /// Told about every lifecycle change.
+    pub on_note: Option<NoteHook>,
+}
+
+impl std::fmt::Debug for LaunchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchOptions")
+            .field("image_dir", &self.image_dir)
+            .field("instance", &self.instance)
+            .field("driver", &self.driver)
+            .field("data_dir", &self.data_dir)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LaunchOptions {
@@ -110,13 +173,16 @@ impl LaunchOptions {
             data_dir: data_dir.into(),
             netns: None,
             tap_prefix: "vmrtap".into(),
+            devices: BTreeMap::new(),
             endpoints: Endpoints::default(),
             shipper: ShipperConfig::default(),
             supervisor: SupervisorConfig::default(),
+            sensors: None,
             accel: Accel::default(),
             qemu_binary: None,
             stop_grace: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            on_note: None,
         }
     }
 }
@@ -130,17 +196,52 @@ pub struct StopReport {
     pub shippers: Vec<(String, MetricsSnapshot)>,
 }
 
+/// One device of a running instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device name.
+    pub name: String,
+    /// What its backend serves.
+    pub kind: BackendKind,
+    /// Its spool directory.
+    pub spool: PathBuf,
+}
+
+/// Shipping progress of one spool now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStatus {
+    /// Source name: a device, or `agent`.
+    pub source: String,
+    /// Bytes of the spool's files.
+    pub spool_bytes: u64,
+    /// Wall time (ns) of the oldest record not committed as shipped, if
+    /// the spool holds one.
+    pub oldest_unshipped_wall_ns: Option<u64>,
+    /// The shipper's counters.
+    pub shipper: MetricsSnapshot,
+}
+
 /// A running recorded instance. Dropping it stops it.
 pub struct RecordedInstance {
     instance: InstanceId,
-    guest: Option<Arc<dyn Instance>>,
-    supervisor: Option<Supervisor>,
-    shippers: Vec<(String, ShipperHandle)>,
+    driver: String,
+    image: MachineImage,
+    dirs: InstanceDirs,
+    devices: Vec<DeviceInfo>,
+    guest: Mutex<Option<Arc<dyn Instance>>>,
+    supervisor: Mutex<Option<Supervisor>>,
+    shippers: Mutex<Vec<(String, ShipperHandle)>>,
+    shipper_metrics: Vec<(String, Arc<ShipperMetrics>)>,
     events: Arc<EventLog>,
+    sensors: Mutex<Option<SensorLoop>>,
+    inventory: Option<Inventory>,
     forward_stop: Arc<AtomicBool>,
-    forwarder: Option<JoinHandle<()>>,
+    forwarder: Mutex<Option<JoinHandle<()>>>,
+    stopped: AtomicBool,
+    teardown_lock: Mutex<()>,
     stop_grace: Duration,
     drain_timeout: Duration,
+    on_note: Option<NoteHook>,
 }
 
 /// Driver events that become lifecycle events in the agent's log.
@@ -171,6 +272,45 @@ fn make_disk(source: &DiskSource, path: &Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes of the regular files in `dir` (not recursive).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .filter(std::fs::Metadata::is_file)
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Wall time of the first event after the committed position of the spool
+/// in `dir`, if there is one.
+pub fn oldest_unshipped(dir: &Path) -> Option<u64> {
+    let committed = vhost_tap::capture::spool::read_committed(dir).ok()?;
+    let mut r = SpoolReader::from_position(dir, committed.as_ref());
+    for _ in 0..64 {
+        match r.next_item() {
+            Ok(Some(SpoolItem::Event { event, .. })) => return Some(event.wall_time_ns),
+            Ok(Some(SpoolItem::Skipped { .. })) => continue,
+            Ok(None) | Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn now_wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 impl RecordedInstance {
     /// Launches the instance; on failure, whatever was started is stopped.
     pub fn launch(opts: LaunchOptions) -> Result<Self, InstanceError> {
@@ -182,39 +322,77 @@ impl RecordedInstance {
                 PathBuf::new()
             })
             .map_err(InstanceError::Image)?;
-        let dirs = crate::supervisor::InstanceDirs::new(&opts.data_dir, &opts.instance);
+        for (name, d) in &opts.devices {
+            let field = format!("devices[{name}]");
+            let kind = if image.disks.iter().any(|x| &x.name == name) {
+                "block"
+            } else if image.nics.iter().any(|x| &x.name == name) {
+                "net"
+            } else {
+                return Err(InstanceError::Device {
+                    field,
+                    reason: format!("the image {} has no device {name:?}", image.name),
+                });
+            };
+            if let Some(f) = &d.filter {
+                if f.kind() != kind {
+                    return Err(InstanceError::Device {
+                        field: format!("{field}.filter"),
+                        reason: format!("{name} is a {kind} device; give a {kind} filter"),
+                    });
+                }
+            }
+            if d.tap.is_some() && kind != "net" {
+                return Err(InstanceError::Device {
+                    field: format!("{field}.tap"),
+                    reason: format!("{name} is not a NIC"),
+                });
+            }
+        }
+        let dirs = InstanceDirs::new(&opts.data_dir, &opts.instance);
         std::fs::create_dir_all(&dirs.root).map_err(|source| InstanceError::Disk {
             path: dirs.root.clone(),
             source,
         })?;
-        let mut devices = Vec::new();
+        let dev_opts = |name: &str| opts.devices.get(name).cloned().unwrap_or_default();
+        let mut specs = Vec::new();
         for d in &image.disks {
             let path = dirs.root.join(format!("{}.img", d.name));
             make_disk(&d.source, &path).map_err(|source| InstanceError::Disk {
                 path: path.clone(),
                 source,
             })?;
-            devices.push(BackendSpec {
+            specs.push(BackendSpec {
                 device: d.name.clone(),
                 kind: BackendKind::Blk { image: path },
                 extra_args: Vec::new(),
+                filter: dev_opts(&d.name).filter,
             });
         }
         for (i, n) in image.nics.iter().enumerate() {
-            devices.push(BackendSpec {
+            let o = dev_opts(&n.name);
+            specs.push(BackendSpec {
                 device: n.name.clone(),
                 kind: BackendKind::Net {
-                    tap: format!("{}{i}", opts.tap_prefix),
+                    tap: o.tap.unwrap_or_else(|| format!("{}{i}", opts.tap_prefix)),
                     netns: opts.netns.clone(),
                 },
                 extra_args: Vec::new(),
+                filter: o.filter,
             });
         }
-        let device_names: Vec<String> = devices.iter().map(|d| d.device.clone()).collect();
+        let devices: Vec<DeviceInfo> = specs
+            .iter()
+            .map(|s| DeviceInfo {
+                name: s.device.clone(),
+                kind: s.kind.clone(),
+                spool: dirs.spool(&s.device),
+            })
+            .collect();
         let supervisor = Supervisor::start(
             opts.instance.clone(),
             &opts.data_dir,
-            devices,
+            specs,
             opts.supervisor.clone(),
         )?;
         let seq_path = dirs.seq_file();
@@ -226,26 +404,46 @@ impl RecordedInstance {
             seq,
             EventLogConfig::new(dirs.agent_spool()),
         )?);
-        let mut me = RecordedInstance {
+        let names: Vec<String> = devices
+            .iter()
+            .map(|d| d.name.clone())
+            .chain(std::iter::once("agent".to_string()))
+            .collect();
+        let shipper_metrics: Vec<(String, Arc<ShipperMetrics>)> = names
+            .iter()
+            .map(|n| (n.clone(), Arc::new(ShipperMetrics::default())))
+            .collect();
+        let sensors = opts
+            .sensors
+            .as_ref()
+            .filter(|c| c.enabled)
+            .map(|c| (Sensors::probe(c), c.clone()));
+        let me = RecordedInstance {
             instance: opts.instance.clone(),
-            guest: None,
-            supervisor: Some(supervisor),
-            shippers: Vec::new(),
+            driver: opts.driver.clone(),
+            image: image.clone(),
+            dirs: dirs.clone(),
+            devices,
+            guest: Mutex::new(None),
+            supervisor: Mutex::new(Some(supervisor)),
+            shippers: Mutex::new(Vec::new()),
+            shipper_metrics,
             events,
+            sensors: Mutex::new(None),
+            inventory: sensors.as_ref().map(|(s, _)| s.describe().clone()),
             forward_stop: Arc::new(AtomicBool::new(false)),
-            forwarder: None,
+            forwarder: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+            teardown_lock: Mutex::new(()),
             stop_grace: opts.stop_grace,
             drain_timeout: opts.drain_timeout,
+            on_note: opts.on_note.clone(),
         };
-        for name in device_names
-            .iter()
-            .cloned()
-            .chain(std::iter::once("agent".to_string()))
-        {
+        for (name, metrics) in &me.shipper_metrics {
             let dir = if name == "agent" {
                 dirs.agent_spool()
             } else {
-                dirs.spool(&name)
+                dirs.spool(name)
             };
             let source =
                 SpoolSource::open(&dir).map_err(|e| InstanceError::Spool(dir.clone(), e))?;
@@ -257,11 +455,17 @@ impl RecordedInstance {
                     opts.shipper.clone(),
                 ),
                 source,
-                Arc::new(ShipperMetrics::default()),
+                metrics.clone(),
             )
             .map_err(|e| InstanceError::Shipper(name.clone(), e))?;
             let handle = ShipperHandle::spawn(shipper).map_err(InstanceError::Thread)?;
-            me.shippers.push((name, handle));
+            lock(&me.shippers).push((name.clone(), handle));
+        }
+        if let Some((s, cfg)) = sensors {
+            let poll = Duration::from_millis(cfg.poll_ms);
+            let lp = SensorLoop::spawn(Schedule::new(s, &cfg), me.events.clone(), poll)
+                .map_err(InstanceError::Thread)?;
+            *lock(&me.sensors) = Some(lp);
         }
         let work = dirs.root.join("work");
         std::fs::create_dir_all(&work).map_err(|source| InstanceError::Disk {
@@ -280,10 +484,11 @@ impl RecordedInstance {
         let guest: Arc<dyn Instance> =
             Arc::from(driver.launch(&spec).map_err(InstanceError::Driver)?);
         let sub = guest.subscribe();
-        me.guest = Some(guest);
+        *lock(&me.guest) = Some(guest);
         let log = me.events.clone();
         let stop = me.forward_stop.clone();
         let id = opts.instance.clone();
+        let hook = me.on_note.clone();
         let forwarder = std::thread::Builder::new()
             .name("lifecycle-forward".into())
             .spawn(move || loop {
@@ -293,8 +498,24 @@ impl RecordedInstance {
                         if !forwarded(kind) {
                             continue;
                         }
-                        if let Err(e) = log.lifecycle(kind, &ev.lifecycle.detail) {
-                            tracing::warn!(instance = %id, ?kind, error = %display_chain(&e), "cannot record a lifecycle event");
+                        let seq = match log.lifecycle(kind, &ev.lifecycle.detail) {
+                            Ok(seq) => seq,
+                            Err(e) => {
+                                tracing::warn!(instance = %id, ?kind, error = %display_chain(&e), "cannot record a lifecycle event");
+                                0
+                            }
+                        };
+                        tracing::info!(instance = %id, ?kind, seq, detail = %ev.lifecycle.detail, "lifecycle");
+                        if let Some(h) = &hook {
+                            h(
+                                &id,
+                                &InstanceNote {
+                                    kind: Some(kind),
+                                    detail: ev.lifecycle.detail.clone(),
+                                    seq,
+                                    wall_time_ns: ev.wall_time_ns,
+                                },
+                            );
                         }
                     }
                     None if stop.load(Ordering::Acquire) => break,
@@ -302,8 +523,8 @@ impl RecordedInstance {
                 }
             })
             .map_err(InstanceError::Thread)?;
-        me.forwarder = Some(forwarder);
-        tracing::info!(instance = %me.instance, driver = %opts.driver, "recorded instance running");
+        *lock(&me.forwarder) = Some(forwarder);
+        tracing::info!(instance = %me.instance, driver = %opts.driver, image = %me.image.name, "recorded instance running");
         Ok(me)
     }
 
@@ -312,14 +533,91 @@ impl RecordedInstance {
         &self.instance
     }
 
-    /// The guest, while it runs.
-    pub fn guest(&self) -> Option<&Arc<dyn Instance>> {
-        self.guest.as_ref()
+    /// The driver's name.
+    pub fn driver(&self) -> &str {
+        &self.driver
     }
 
-    /// The backend supervisor, while it runs.
-    pub fn supervisor(&self) -> Option<&Supervisor> {
-        self.supervisor.as_ref()
+    /// The machine image it was launched from.
+    pub fn image(&self) -> &MachineImage {
+        &self.image
+    }
+
+    /// Its directories under the data directory.
+    pub fn dirs(&self) -> &InstanceDirs {
+        &self.dirs
+    }
+
+    /// Its devices.
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    /// The guest, while it runs.
+    pub fn guest(&self) -> Option<Arc<dyn Instance>> {
+        lock(&self.guest).clone()
+    }
+
+    /// The guest's run state (`None` once the instance is stopped).
+    pub fn run_state(&self) -> Option<RunState> {
+        if self.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.guest().and_then(|g| g.query().ok()).map(|i| i.state)
+    }
+
+    /// Whether [`Self::shutdown`] ran.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Pauses the guest.
+    pub fn pause(&self) -> Result<(), InstanceError> {
+        self.guest()
+            .ok_or(InstanceError::Stopped)?
+            .pause()
+            .map_err(InstanceError::Driver)
+    }
+
+    /// Resumes the guest.
+    pub fn resume(&self) -> Result<(), InstanceError> {
+        self.guest()
+            .ok_or(InstanceError::Stopped)?
+            .resume()
+            .map_err(InstanceError::Driver)
+    }
+
+    /// Each backend's state (empty once stopped).
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        lock(&self.supervisor)
+            .as_ref()
+            .map(Supervisor::status)
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` with the backend supervisor, while the instance runs.
+    pub fn with_supervisor<T>(
+        &self,
+        f: impl FnOnce(&Supervisor) -> Result<T, SupervisorError>,
+    ) -> Result<T, InstanceError> {
+        let s = lock(&self.supervisor);
+        let s = s.as_ref().ok_or(InstanceError::Stopped)?;
+        f(s).map_err(InstanceError::Backends)
+    }
+
+    /// Changes what `device` records, now and for later backend restarts.
+    pub fn set_filter(&self, device: &str, filter: CaptureFilter) -> Result<(), InstanceError> {
+        self.with_supervisor(|s| s.set_filter(device, filter))
+    }
+
+    /// The filter `device` records with (`None`: everything).
+    pub fn filter(&self, device: &str) -> Result<Option<CaptureFilter>, InstanceError> {
+        self.with_supervisor(|s| s.filter(device))
+    }
+
+    /// A backend's counters (vhost-tap `metrics` JSON), if it answers.
+    pub fn backend_metrics(&self, device: &str) -> Option<serde_json::Value> {
+        self.with_supervisor(|s| s.backend_metrics(device)).ok()
     }
 
     /// The agent's event log.
@@ -327,43 +625,98 @@ impl RecordedInstance {
         &self.events
     }
 
+    /// What the host sensor probe found (`None`: sensors off).
+    pub fn sensors(&self) -> Option<&Inventory> {
+        self.inventory.as_ref()
+    }
+
     /// Each shipper's counters now, by source.
     pub fn shipper_metrics(&self) -> Vec<(String, MetricsSnapshot)> {
-        self.shippers
+        self.shipper_metrics
             .iter()
-            .map(|(n, h)| (n.clone(), h.metrics().snapshot()))
+            .map(|(n, m)| (n.clone(), m.snapshot()))
             .collect()
     }
 
-    /// Stops the guest (`stop_grace`), the lifecycle forwarder, the
-    /// backends, and then the shippers once they have read and acknowledged
-    /// what the spools hold (at most `drain_timeout`; what is left stays in
-    /// the spools for the next run).
-    pub fn stop(mut self) -> StopReport {
-        self.teardown()
+    /// Each spool's shipping progress now (devices, then `agent`).
+    pub fn spools(&self) -> Vec<SpoolStatus> {
+        self.shipper_metrics
+            .iter()
+            .map(|(n, m)| {
+                let dir = if n == "agent" {
+                    self.dirs.agent_spool()
+                } else {
+                    self.dirs.spool(n)
+                };
+                SpoolStatus {
+                    source: n.clone(),
+                    spool_bytes: dir_bytes(&dir),
+                    oldest_unshipped_wall_ns: oldest_unshipped(&dir),
+                    shipper: m.snapshot(),
+                }
+            })
+            .collect()
     }
 
-    fn teardown(&mut self) -> StopReport {
-        let exit = match self.guest.take() {
+    /// Records an agent step (no guest event) for the note hook.
+    pub fn note(&self, detail: &str) {
+        if let Some(h) = &self.on_note {
+            h(
+                &self.instance,
+                &InstanceNote {
+                    kind: None,
+                    detail: detail.to_string(),
+                    seq: 0,
+                    wall_time_ns: now_wall_ns(),
+                },
+            );
+        }
+    }
+
+    /// Stops the instance; see [`Self::shutdown`].
+    pub fn stop(self) -> StopReport {
+        self.shutdown()
+    }
+
+    /// Stops the guest (`stop_grace`), the lifecycle forwarder, the
+    /// sensors, the backends, and then the shippers once they have read and
+    /// acknowledged what the spools hold (at most `drain_timeout`; what is
+    /// left stays in the spools for the next run). A second call returns
+    /// at once with an empty report.
+    pub fn shutdown(&self) -> StopReport {
+        let _one = lock(&self.teardown_lock);
+        if self.stopped.load(Ordering::Acquire) {
+            return StopReport {
+                exit: Err(DriverError::Gone("the instance was already stopped".into())),
+                shippers: Vec::new(),
+            };
+        }
+        let guest = lock(&self.guest).take();
+        let exit = match guest {
             Some(g) => g.stop(self.stop_grace),
             None => Err(DriverError::Gone("the guest was never launched".into())),
         };
         // Let the forwarder take the final events (Shutdown, Crash) first.
         self.forward_stop.store(true, Ordering::Release);
-        if let Some(f) = self.forwarder.take() {
+        if let Some(f) = lock(&self.forwarder).take() {
             let _ = f.join();
         }
-        if let Some(s) = self.supervisor.take() {
+        if let Some(s) = lock(&self.sensors).take() {
+            s.stop();
+        }
+        if let Some(s) = lock(&self.supervisor).take() {
             s.stop();
         }
         self.drain();
         let mut shippers = Vec::new();
-        for (name, h) in self.shippers.drain(..) {
+        for (name, h) in lock(&self.shippers).drain(..) {
             let m = h.metrics().clone();
             h.stop();
             shippers.push((name, m.snapshot()));
         }
+        self.stopped.store(true, Ordering::Release);
         tracing::info!(instance = %self.instance, "recorded instance stopped");
+        self.note("stopped");
         StopReport { exit, shippers }
     }
 
@@ -373,10 +726,10 @@ impl RecordedInstance {
         let quiet_for = Duration::from_millis(1500);
         let deadline = Instant::now() + self.drain_timeout;
         let read = |s: &Self| -> Vec<(u64, u64)> {
-            s.shippers
+            s.shipper_metrics
                 .iter()
-                .map(|(_, h)| {
-                    let m = h.metrics().snapshot();
+                .map(|(_, m)| {
+                    let m = m.snapshot();
                     (m.records_read, m.in_flight)
                 })
                 .collect()
@@ -399,8 +752,8 @@ impl RecordedInstance {
 
 impl Drop for RecordedInstance {
     fn drop(&mut self) {
-        if self.guest.is_some() || self.supervisor.is_some() || !self.shippers.is_empty() {
-            let _ = self.teardown();
+        if !self.stopped.load(Ordering::Acquire) {
+            let _ = self.shutdown();
         }
     }
 }

@@ -205,6 +205,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     opts.accel = a.accel.parse().context("--accel")?;
     opts.supervisor.bin_dir = a.backend_dir;
     install_signals();
+    opts.sensors = Some(cfg.sensors.clone());
+    opts.supervisor.spool_full = cfg.capture.spool_full;
+    opts.supervisor.block_bound = Some(cfg.capture.block_bound());
+    opts.supervisor.retain_mib = cfg.capture.spool_retain_mib;
+    opts.supervisor.segment_mib = cfg.capture.spool_segment_mib;
     let inst = RecordedInstance::launch(opts).map_err(|e| anyhow::anyhow!(display_chain(&e)))?;
     while !STOP.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));

@@ -55,6 +55,137 @@ pub enum SupervisorError {
     /// A device name that cannot be a directory name.
     #[error("device name {0:?} is not a plain name")]
     BadDeviceName(String),
+    /// No device of that name.
+    #[error("no device {0:?}")]
+    UnknownDevice(String),
+    /// A filter of the other kind (a net filter for a disk, ...).
+    #[error("device {device} is a {kind} device; give a {kind} filter")]
+    FilterKind { device: String, kind: &'static str },
+    /// The backend's control socket failed or refused the command.
+    #[error("backend of device {device}: {reason}")]
+    Control { device: String, reason: String },
+}
+
+/// What a device records; `None` fields do not restrict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureFilter {
+    /// Block operations recorded (empty: every operation).
+    Block {
+        /// The operations.
+        ops: Vec<vmr_proto::pb::BlockOp>,
+    },
+    /// Frames recorded.
+    Net {
+        /// One direction only (`None`: both).
+        direction: Option<vmr_proto::pb::Direction>,
+        /// Only frames from or to this MAC.
+        mac: Option<[u8; 6]>,
+        /// Only IP packets from or to this address.
+        ip: Option<std::net::IpAddr>,
+        /// Only TCP/UDP packets from or to this port.
+        port: Option<u16>,
+    },
+}
+
+fn op_name(op: vmr_proto::pb::BlockOp) -> &'static str {
+    use vmr_proto::pb::BlockOp as O;
+    match op {
+        O::Read => "read",
+        O::Write => "write",
+        O::Flush => "flush",
+        O::Discard => "discard",
+        O::WriteZeroes => "write-zeroes",
+        O::GetId => "get-id",
+        O::Unspecified => "",
+    }
+}
+
+const ALL_OPS: &str = "read,write,flush,discard,write-zeroes,get-id";
+
+fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl CaptureFilter {
+    /// `block` or `net`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Block { .. } => "block",
+            Self::Net { .. } => "net",
+        }
+    }
+
+    fn ops_list(ops: &[vmr_proto::pb::BlockOp]) -> String {
+        let names: Vec<&str> = ops
+            .iter()
+            .map(|&o| op_name(o))
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() {
+            ALL_OPS.to_string()
+        } else {
+            names.join(",")
+        }
+    }
+
+    fn directions(d: Option<vmr_proto::pb::Direction>) -> &'static str {
+        match d {
+            Some(vmr_proto::pb::Direction::Rx) => "rx",
+            Some(vmr_proto::pb::Direction::Tx) => "tx",
+            _ => "rx,tx",
+        }
+    }
+
+    /// The backend flags that set this filter at start.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Self::Block { ops } => vec!["--capture-ops".into(), Self::ops_list(ops)],
+            Self::Net {
+                direction,
+                mac,
+                ip,
+                port,
+            } => {
+                let mut a = vec![
+                    "--capture-directions".to_string(),
+                    Self::directions(*direction).to_string(),
+                ];
+                if let Some(m) = mac {
+                    a.extend(["--capture-mac".into(), mac_text(m)]);
+                }
+                if let Some(ip) = ip {
+                    a.extend(["--capture-ip".into(), ip.to_string()]);
+                }
+                if let Some(p) = port {
+                    a.extend(["--capture-port".into(), p.to_string()]);
+                }
+                a
+            }
+        }
+    }
+
+    /// The control-socket form (`set-filter`).
+    pub fn runtime(&self) -> vhost_tap::filter::RuntimeFilter {
+        match self {
+            Self::Block { ops } => vhost_tap::filter::RuntimeFilter::Block {
+                ops: Self::ops_list(ops),
+            },
+            Self::Net {
+                direction,
+                mac,
+                ip,
+                port,
+            } => vhost_tap::filter::RuntimeFilter::Net {
+                directions: Some(Self::directions(*direction).to_string()),
+                mac: mac.as_ref().map(mac_text),
+                ip: ip.map(|i| i.to_string()),
+                port: *port,
+            },
+        }
+    }
 }
 
 /// What a backend serves.
@@ -83,6 +214,18 @@ pub struct BackendSpec {
     pub kind: BackendKind,
     /// Extra arguments passed to the backend as they are.
     pub extra_args: Vec<String>,
+    /// What it records (`None`: everything).
+    pub filter: Option<CaptureFilter>,
+}
+
+impl BackendKind {
+    /// `block` or `net`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Blk { .. } => "block",
+            Self::Net { .. } => "net",
+        }
+    }
 }
 
 /// Settings of a [`Supervisor`].
@@ -107,6 +250,13 @@ pub struct SupervisorConfig {
     pub stop_grace: Duration,
     /// Refuse a sequence file on tmpfs.
     pub refuse_tmpfs_seq: bool,
+    /// What a device does when its spool is full (`--capture-policy`).
+    pub spool_full: crate::config::SpoolFull,
+    /// Under `block`, the longest a guest request waits for a full spool
+    /// (`--capture-block-max-ms`; `None`: as long as it takes).
+    pub block_bound: Option<Duration>,
+    /// How long a control-socket command may take.
+    pub control_timeout: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -121,6 +271,9 @@ impl Default for SupervisorConfig {
             restart_reset_after: Duration::from_secs(30),
             stop_grace: Duration::from_secs(5),
             refuse_tmpfs_seq: true,
+            spool_full: crate::config::SpoolFull::Block,
+            block_bound: Some(Duration::from_secs(5)),
+            control_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -154,6 +307,10 @@ impl InstanceDirs {
     /// A device's backend log (appended to across restarts).
     pub fn log(&self, device: &str) -> PathBuf {
         self.root.join(format!("{device}.backend.log"))
+    }
+    /// A device's backend control socket.
+    pub fn control(&self, device: &str) -> PathBuf {
+        self.root.join(format!("{device}.ctl"))
     }
     /// The agent's event-log spool.
     pub fn agent_spool(&self) -> PathBuf {
@@ -253,7 +410,18 @@ impl Shared {
             .arg("--capture-recycle")
             .arg("committed")
             .arg("--seq-file")
-            .arg(self.dirs.seq_file());
+            .arg(self.dirs.seq_file())
+            .arg("--control")
+            .arg(self.dirs.control(&spec.device))
+            .arg("--capture-policy")
+            .arg(self.cfg.spool_full.as_arg())
+            .arg("--capture-block-max-ms")
+            .arg(
+                self.cfg
+                    .block_bound
+                    .map_or(0, |b| b.as_millis().max(1) as u64)
+                    .to_string(),
+            );
         match &spec.kind {
             BackendKind::Blk { image } => {
                 cmd.arg("--image").arg(image);
@@ -264,6 +432,9 @@ impl Shared {
                     cmd.arg("--netns").arg(ns);
                 }
             }
+        }
+        if let Some(f) = &spec.filter {
+            cmd.args(f.args());
         }
         cmd.args(&spec.extra_args)
             .env("NO_COLOR", "1")
@@ -463,6 +634,120 @@ impl Supervisor {
             .collect()
     }
 
+    /// Each device's name and kind.
+    pub fn devices(&self) -> Vec<(String, BackendKind)> {
+        self.shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned")
+            .iter()
+            .map(|s| (s.spec.device.clone(), s.spec.kind.clone()))
+            .collect()
+    }
+
+    /// The filter a device records with now (`None`: everything).
+    pub fn filter(&self, device: &str) -> Result<Option<CaptureFilter>, SupervisorError> {
+        self.shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned")
+            .iter()
+            .find(|s| s.spec.device == device)
+            .map(|s| s.spec.filter.clone())
+            .ok_or_else(|| SupervisorError::UnknownDevice(device.to_string()))
+    }
+
+    /// Sends one control command to a device's backend and returns its
+    /// reply (an `{"ok":false}` reply is an error).
+    pub fn control(
+        &self,
+        device: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, SupervisorError> {
+        use std::io::{BufRead, BufReader, Write};
+        let err = |reason: String| SupervisorError::Control {
+            device: device.to_string(),
+            reason,
+        };
+        if !self
+            .shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned")
+            .iter()
+            .any(|s| s.spec.device == device)
+        {
+            return Err(SupervisorError::UnknownDevice(device.to_string()));
+        }
+        let path = self.shared.dirs.control(device);
+        let stream = std::os::unix::net::UnixStream::connect(&path)
+            .map_err(|e| err(format!("cannot connect to {}: {e}", path.display())))?;
+        let t = Some(self.shared.cfg.control_timeout);
+        stream
+            .set_read_timeout(t)
+            .and_then(|()| stream.set_write_timeout(t))
+            .map_err(|e| err(e.to_string()))?;
+        (&stream)
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(|e| err(format!("send: {e}")))?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .map_err(|e| err(format!("no reply: {e}")))?;
+        let reply: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))?;
+        if reply["ok"] != serde_json::Value::Bool(true) {
+            return Err(err(reply["error"]
+                .as_str()
+                .unwrap_or("refused")
+                .to_string()));
+        }
+        Ok(reply)
+    }
+
+    /// The backend's counters (vhost-tap `metrics`), as JSON.
+    pub fn backend_metrics(&self, device: &str) -> Result<serde_json::Value, SupervisorError> {
+        let r = self.control(device, &serde_json::json!({"cmd": "metrics"}))?;
+        Ok(r["metrics"].clone())
+    }
+
+    /// Changes what `device` records, in the running backend (through its
+    /// control socket) and for every later restart of it.
+    pub fn set_filter(&self, device: &str, filter: CaptureFilter) -> Result<(), SupervisorError> {
+        let kind = {
+            let slots = self
+                .shared
+                .slots
+                .lock()
+                .expect("supervisor lock is never poisoned");
+            let slot = slots
+                .iter()
+                .find(|s| s.spec.device == device)
+                .ok_or_else(|| SupervisorError::UnknownDevice(device.to_string()))?;
+            slot.spec.kind.name()
+        };
+        if kind != filter.kind() {
+            return Err(SupervisorError::FilterKind {
+                device: device.to_string(),
+                kind,
+            });
+        }
+        let cmd = serde_json::json!({"cmd": "set-filter", "filter": filter.runtime()});
+        self.control(device, &cmd)?;
+        if let Some(slot) = self
+            .shared
+            .slots
+            .lock()
+            .expect("supervisor lock is never poisoned")
+            .iter_mut()
+            .find(|s| s.spec.device == device)
+        {
+            slot.spec.filter = Some(filter);
+        }
+        tracing::info!(instance = %self.shared.instance, device, "capture filter changed");
+        Ok(())
+    }
+
     /// Stops every backend: SIGTERM, then SIGKILL after the grace period.
     /// Call it after the guest stopped.
     pub fn stop(mut self) {
@@ -524,6 +809,7 @@ mod tests {
                 image: PathBuf::from("disk.img"),
             },
             extra_args: Vec::new(),
+            filter: None,
         }
     }
 
@@ -541,6 +827,46 @@ mod tests {
         assert!(err(vec![blk("../x")], cfg.clone()).contains("not a plain name"));
         assert!(err(vec![blk("agent")], cfg.clone()).contains("not a plain name"));
         assert!(err(vec![blk("vda"), blk("vda")], cfg).contains("given twice"));
+    }
+
+    #[test]
+    fn filters_become_backend_flags() {
+        use vmr_proto::pb::{BlockOp, Direction};
+        let b = CaptureFilter::Block {
+            ops: vec![BlockOp::Write, BlockOp::Flush],
+        };
+        assert_eq!(b.args(), ["--capture-ops", "write,flush"]);
+        let all = CaptureFilter::Block { ops: vec![] };
+        assert_eq!(all.args()[1], ALL_OPS);
+        let n = CaptureFilter::Net {
+            direction: Some(Direction::Rx),
+            mac: Some([2, 0, 0, 0, 0, 0xab]),
+            ip: Some("10.0.0.1".parse().unwrap()),
+            port: Some(80),
+        };
+        assert_eq!(
+            n.args(),
+            [
+                "--capture-directions",
+                "rx",
+                "--capture-mac",
+                "02:00:00:00:00:ab",
+                "--capture-ip",
+                "10.0.0.1",
+                "--capture-port",
+                "80"
+            ]
+        );
+        let rt =
+            serde_json::to_value(serde_json::json!({"f": format!("{:?}", n.runtime())})).unwrap();
+        assert!(rt["f"].as_str().unwrap().contains("02:00:00:00:00:ab"));
+        // The runtime form is what the backend parses.
+        vhost_tap::filter::RuntimeFilters::new()
+            .set(&n.runtime())
+            .unwrap();
+        vhost_tap::filter::RuntimeFilters::new()
+            .set(&b.runtime())
+            .unwrap();
     }
 
     #[test]

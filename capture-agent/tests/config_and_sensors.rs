@@ -21,6 +21,16 @@ fn the_example_config_parses_and_check_config_accepts_it() {
     assert_eq!(cfg.sensors.kinds, SensorKind::ALL.to_vec());
     assert_eq!(cfg.sensors.triggers.len(), 2);
     assert_eq!(cfg.endpoints.bootstrap_servers, "127.0.0.1:19092");
+    assert_eq!(cfg.agent.listen.to_string(), "127.0.0.1:50061");
+    assert_eq!(cfg.agent.metrics_listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(cfg.agent.image_dirs.len(), 1);
+    assert_eq!(
+        cfg.capture.spool_full,
+        capture_agent::config::SpoolFull::Block
+    );
+    assert_eq!(cfg.capture.block_bound_ms, 5000);
+    assert_eq!(cfg.agent, capture_agent::config::ServiceConfig::default());
+    assert_eq!(cfg.capture, capture_agent::config::CaptureConfig::default());
     let bin = env!("CARGO_BIN_EXE_capture-agent");
     let out = Command::new(bin)
         .arg("--check-config")

@@ -247,9 +247,8 @@ fn recorded_demo_linux_ships_gap_free_and_survives_a_backend_kill() {
         .unwrap();
 
     // kill -9 the disk backend: the supervisor restarts it.
-    let sup = rec.supervisor().expect("running");
-    let before = sup
-        .status()
+    let before = rec
+        .backends()
         .into_iter()
         .find(|s| s.device == "vda")
         .unwrap();
@@ -258,8 +257,8 @@ fn recorded_demo_linux_ships_gap_free_and_survives_a_backend_kill() {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
     let end = Instant::now() + Duration::from_secs(30);
     let after = loop {
-        let s = sup
-            .status()
+        let s = rec
+            .backends()
             .into_iter()
             .find(|s| s.device == "vda")
             .unwrap();
