@@ -2,7 +2,13 @@
 """Render helm/vmreplay with the Helm engine (helm-python-sdk embeds Helm's
 Go library), lint it, check that values.schema.json refuses bad values,
 validate every object against the Kubernetes API schemas, and run the real
-binaries' configuration checks on the rendered configs.
+binaries' configuration checks on the rendered configs and command lines.
+
+The Kafka security settings are checked the way a pod would see them: the
+files of the Secret volumes are created at the rendered mount paths (under a
+temporary root), the Secret-backed environment variables are set, and each
+binary's --check-config must accept the result; with the CA file or the user
+name taken away it must refuse it and say why. No broker is involved.
 
 Usage: test_chart.py --bin-dir target/debug
 Exit status 0 when every check passed; the failures are printed otherwise.
@@ -13,7 +19,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 
 try:
     import yaml
@@ -38,7 +43,7 @@ VALUE_SETS = {
         "topics": {"create": True},
         "kafka": {"securityProtocol": "SASL_SSL",
                   "sasl": {"existingSecret": "kafka-user"},
-                  "tls": {"caSecret": "kafka-ca"}},
+                  "tls": {"caSecret": "kafka-ca", "clientCertSecret": "kafka-client"}},
         "replayer": {"tokens": TOKENS, "antiAffinity": "hard"},
         "agent": {"hugepages": {"enabled": True, "size": "1Gi"},
                   "deviceResources": {"devices.kubevirt.io/kvm": 1}},
@@ -47,7 +52,19 @@ VALUE_SETS = {
         "networkPolicy": {"enabled": True},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "topics": {"create": True},
+        "kafka": {"securityProtocol": "SASL_SSL",
+                  "sasl": {"mechanism": "SCRAM-SHA-256", "existingSecret": "kafka-user",
+                           "usernameKey": "user", "passwordKey": "pass"},
+                  "tls": {"caSecret": "kafka-ca", "caKey": "ca.pem"}},
         "replayer": {"tokens": TOKENS},
+    },
+    "mtls": {
+        "kafka": {"securityProtocol": "SSL",
+                  "tls": {"caSecret": "kafka-ca", "clientCertSecret": "kafka-client"}},
+    },
+    "sasl-plaintext": {
+        "kafka": {"securityProtocol": "SASL_PLAINTEXT",
+                  "sasl": {"mechanism": "PLAIN", "existingSecret": "kafka-user"}},
     },
 }
 BAD_VALUES = [
@@ -56,7 +73,14 @@ BAD_VALUES = [
     ("unknown top-level key", {"agnet": {"enabled": True}}),
     ("bad enum", {"agent": {"shipper": {"compression": "gzip"}}}),
     ("short token", {"replayer": {"tokens": [{"token": "short", "tenant": "x"}]}}),
+    ("unknown Kafka protocol", {"kafka": {"securityProtocol": "TLS"}}),
+    ("unknown SASL mechanism", {"kafka": {"securityProtocol": "SASL_SSL",
+                                          "sasl": {"mechanism": "GSSAPI", "existingSecret": "s"}}}),
+    ("SASL without a Secret", {"kafka": {"securityProtocol": "SASL_SSL"}}),
+    ("unknown TLS key", {"kafka": {"tls": {"caFile": "/ca.crt"}}}),
 ]
+# Where the chart mounts the Kafka security Secrets.
+KAFKA_MOUNTS = "/etc/vmreplay-kafka/"
 
 failures = []
 
@@ -102,13 +126,83 @@ def check_args(binary, args, what):
             check(a.split("=")[0] in flags, f"{what}: flag {a} is accepted")
 
 
-def run_check(argv, what):
-    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+def run_check(argv, what, env=None, expect_error=None, secrets=()):
+    """Runs a configuration check; it must pass, or with `expect_error` fail
+    with a message that contains it. No secret value may appear in its output."""
+    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0", **(env or {}))
+    for k in ("VMR_KAFKA_SASL_USERNAME", "VMR_KAFKA_SASL_PASSWORD"):
+        if k not in (env or {}) and k in os.environ:
+            del env[k]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
-    ok = out.returncode == 0
-    check(ok, f"{what}: {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))}")
+    text = out.stdout + out.stderr
+    shown = ' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))
+    if expect_error is None:
+        ok = out.returncode == 0
+        check(ok, f"{what}: {shown}")
+    else:
+        ok = out.returncode != 0 and expect_error in text and "panicked" not in text
+        check(ok, f"{what}: refused with \"{expect_error}\": {shown}")
     if not ok:
-        print(out.stdout + out.stderr)
+        print(text)
+    leaked = [s for s in secrets if s in text]
+    check(not leaked, f"{what}: no secret value in the output")
+
+
+def pod_secrets(pod, container, root):
+    """Creates under `root` the files the pod's Secret volumes put at the
+    container's mount paths, and returns the environment the container gets
+    (Secret references get a made-up value) and the secret values made up."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    secrets = []
+    for m in container.get("volumeMounts", []):
+        sec = vols[m["name"]].get("secret")
+        if not sec or not m["name"].startswith("kafka-"):
+            continue  # the replayer's own config Secret is written by the caller
+        check("items" in sec, f"{container['name']}: Secret volume {m['name']} lists the keys it mounts")
+        for item in sec.get("items", []):
+            path = root + os.path.join(m["mountPath"], item["path"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            value = f"{sec['secretName']}.{item['key']}-value-0123"
+            secrets.append(value)
+            with open(path, "w") as f:
+                f.write(value + "\n")
+    env = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            env[e["name"]] = f"{ref['name']}.{ref['key']}-env-0123"
+        elif "value" in e:
+            env[e["name"]] = e["value"]
+    return env, [s for s in secrets if ".password" in s or ".pass" in s or ".tls.key" in s]
+
+
+def kafka_checks(argv_for, text, pod, container, d, what, values):
+    """Runs the binary's check on a rendered config (`text`) that names
+    Kafka security files under KAFKA_MOUNTS, with the pod's Secrets in
+    place; then without the CA file and without the SASL user name."""
+    root = os.path.join(d, "root-" + container["name"])
+    env, secrets = pod_secrets(pod, container, root)
+    local = text.replace(KAFKA_MOUNTS, root + KAFKA_MOUNTS)
+    cfg = os.path.join(d, container["name"] + ".toml")
+    with open(cfg, "w") as f:
+        f.write(local)
+    argv = argv_for(cfg)
+    run_check(argv, what, env=env, secrets=secrets)
+    k = {**{"securityProtocol": "PLAINTEXT", "tls": {}}, **values.get("kafka", {})}
+    proto = k["securityProtocol"]
+    named = re.findall(r'"(' + re.escape(root + KAFKA_MOUNTS) + r'[^"]+)"', local)
+    check(all(os.path.isfile(p) for p in named),
+          f"{what}: every Kafka file the config names is mounted from a Secret ({len(named)} files)")
+    if proto.endswith("SSL") and k["tls"].get("caSecret"):
+        ca = os.path.join(root + KAFKA_MOUNTS, "ca", k["tls"].get("caKey", "ca.crt"))
+        os.rename(ca, ca + ".gone")
+        run_check(argv, what + " without the CA file", env=env,
+                  expect_error=f"ssl-ca-file {ca} cannot be read", secrets=secrets)
+        os.rename(ca + ".gone", ca)
+    if proto.startswith("SASL_"):
+        no_user = {n: v for n, v in env.items() if n != "VMR_KAFKA_SASL_USERNAME"}
+        run_check(argv, what + " without the SASL user name", env=no_user,
+                  expect_error=f"Kafka security protocol {proto} needs a user name", secrets=secrets)
 
 
 def main():
@@ -122,7 +216,6 @@ def main():
             return 2
 
     chart = Chart.load(CHART)
-    registry_keys = set(tomllib.load(open(os.path.join(ROOT, "schema-registry", "registry.example.toml"), "rb")))
 
     for name, values in VALUE_SETS.items():
         print(f"== value set {name}")
@@ -162,29 +255,40 @@ def main():
         paths = {v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
         check({"/dev/kvm", "/dev/net/tun"} <= paths, f"{name}: agent mounts /dev/kvm and /dev/net/tun")
 
+        for path, text in sorted(rendered.items()):
+            floats = re.findall(r"\b\d\.\d+e\+\d+\b", text)
+            check(not floats, f"{name}: {os.path.basename(path)} renders no number in float notation {floats}")
+
         with tempfile.TemporaryDirectory() as d:
             def write(fname, text):
                 p = os.path.join(d, fname)
                 open(p, "w").write(text)
                 return p
-            agent_cfg = write("capture-agent.toml", by[("ConfigMap", "capture-agent")]["data"]["capture-agent.toml"])
-            run_check([bins["capture-agent"], "--check-config", agent_cfg], f"{name}: agent config")
+            agent_pod = by[("DaemonSet", "capture-agent")]["spec"]["template"]["spec"]
+            agent_text = by[("ConfigMap", "capture-agent")]["data"]["capture-agent.toml"]
+            kafka_checks(lambda cfg: [bins["capture-agent"], "--check-config", cfg], agent_text,
+                         agent_pod, ds["containers"][0], d, f"{name}: agent config", values)
             check_args(bins["capture-agent"], ds["containers"][0]["args"], f"{name}: agent command line")
-            cli_cfg = write("vmreplay.toml", by[("ConfigMap", "cli")]["data"]["vmreplay.toml"])
             # The CLI reads the services' format; its [endpoints] table is the agent's.
-            run_check([bins["capture-agent"], "--check-config", cli_cfg], f"{name}: vmr config")
-            rp_cfg = write("replayer.toml", by[("Secret", "replayer")]["stringData"]["replayer.toml"])
-            rp = by[("Deployment", "replayer")]["spec"]["template"]["spec"]["containers"][0]
+            # On an operator's machine the Secrets sit where the agent pods mount them.
+            cli_text = by[("ConfigMap", "cli")]["data"]["vmreplay.toml"]
+            kafka_checks(lambda cfg: [bins["capture-agent"], "--check-config", cfg], cli_text,
+                         agent_pod, dict(ds["containers"][0], name="cli"), d, f"{name}: vmr config", values)
+            rp_pod = by[("Deployment", "replayer")]["spec"]["template"]["spec"]
+            rp = rp_pod["containers"][0]
+            rp_text = by[("Secret", "replayer")]["stringData"]["replayer.toml"]
             # The rendered command line, with the mounted config at its local path.
-            local = [rp_cfg if a == "/etc/vmreplay/replayer.toml" else a for a in rp["args"]]
-            run_check([bins["replayer"]] + local + ["--check-config"], f"{name}: replayer config")
+            kafka_checks(lambda cfg: [bins["replayer"]] + [cfg if a == "/etc/vmreplay/replayer.toml" else a
+                                                         for a in rp["args"]] + ["--check-config"],
+                         rp_text, rp_pod, rp, d, f"{name}: replayer config", values)
             check_args(bins["replayer"], rp["args"], f"{name}: replayer command line")
             if not ext:
-                text = by[("ConfigMap", "schema-registry")]["data"]["registry.toml"]
-                keys = set(tomllib.loads(text))
-                # schema-registry has no --check-config: its keys are compared with the example's.
-                check(keys <= registry_keys, f"{name}: registry config keys {sorted(keys - registry_keys)} all known")
-                reg = by[("Deployment", "schema-registry")]["spec"]["template"]["spec"]["containers"][0]
+                reg_pod = by[("Deployment", "schema-registry")]["spec"]["template"]["spec"]
+                reg = reg_pod["containers"][0]
+                reg_text = by[("ConfigMap", "schema-registry")]["data"]["registry.toml"]
+                kafka_checks(lambda cfg: [bins["schema-registry"]] + [cfg if a == "/etc/vmreplay/registry.toml" else a
+                                                                for a in reg["args"]] + ["--check-config"],
+                             reg_text, reg_pod, reg, d, f"{name}: registry config", values)
                 check_args(bins["schema-registry"], reg["args"], f"{name}: registry command line")
 
     print("== the command-line check catches drift")
