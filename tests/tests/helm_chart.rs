@@ -2,6 +2,11 @@
 //! against the Kubernetes API schemas and the real binaries' configuration
 //! checks, by `helm/tests/test_chart.py`.
 //!
+//! The value sets cover PLAINTEXT, SSL with a client certificate,
+//! SASL_PLAINTEXT and SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512): each
+//! binary's `--check-config` must accept its rendered config with the pod's
+//! Secrets in place, and refuse it, naming the file, when the CA file is gone.
+//!
 //! Needs `python3` with the packages of `helm/tests/requirements.txt`
 //! (`scripts/setup.sh` installs them) and the workspace's binaries
 //! (`cargo build --workspace --bins`); a missing one fails the test by name.
@@ -79,6 +84,34 @@ fn chart_renders_validates_and_matches_the_binaries() {
         out.rsplit("failure(s)").next().unwrap_or(&out)
     );
     let oks = out.lines().filter(|l| l.starts_with("ok ")).count();
-    assert!(oks > 100, "only {oks} checks ran:\n{out}");
+    assert!(oks > 300, "only {oks} checks ran:\n{out}");
     assert!(out.contains("== 0 failure(s)"), "no summary line:\n{out}");
+    // Every binary's real check ran on the rendered config, and refused it
+    // once the Secret-mounted CA file was gone.
+    for what in [
+        "agent config",
+        "vmr config",
+        "replayer config",
+        "registry config",
+    ] {
+        for case in [
+            ": ",
+            " without the CA file: refused",
+            " without the SASL user name: refused",
+        ] {
+            let line = format!("{what}{case}");
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("ok ") && l.contains(&line)),
+                "no passing check \"{line}\":\n{out}"
+            );
+        }
+    }
+    for set in ["default", "external-registry", "netpol-servicemonitor"] {
+        assert!(
+            out.contains(&format!("ok   {set}: helm lint --strict")),
+            "helm lint did not pass for {set}:\n{out}"
+        );
+    }
+    println!("{oks} chart checks passed");
 }
