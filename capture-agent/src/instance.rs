@@ -205,6 +205,13 @@ pub struct DeviceInfo {
     pub kind: BackendKind,
     /// Its spool directory.
     pub spool: PathBuf,
+    /// Its backend's control socket.
+    pub control: PathBuf,
+    /// A disk (else a NIC).
+    pub disk: bool,
+    /// Directory of the disk's copy-on-write layers, when the backend runs
+    /// with a layer chain (`None`: a plain disk file).
+    pub layers: Option<PathBuf>,
 }
 
 /// Shipping progress of one spool now.
@@ -226,6 +233,7 @@ pub struct RecordedInstance {
     instance: InstanceId,
     driver: String,
     image: MachineImage,
+    endpoints: Endpoints,
     dirs: InstanceDirs,
     devices: Vec<DeviceInfo>,
     guest: Mutex<Option<Arc<dyn Instance>>>,
@@ -362,10 +370,20 @@ impl RecordedInstance {
                 path: path.clone(),
                 source,
             })?;
+            // The disk is the image under a chain of copy-on-write layers,
+            // so a snapshot can freeze the top one (crate::snapshot).
+            let layers = dirs.root.join(format!("{}.layers", d.name));
+            std::fs::create_dir_all(&layers).map_err(|source| InstanceError::Disk {
+                path: layers.clone(),
+                source,
+            })?;
             specs.push(BackendSpec {
                 device: d.name.clone(),
                 kind: BackendKind::Blk { image: path },
-                extra_args: Vec::new(),
+                extra_args: vec![
+                    "--overlay".into(),
+                    layers.join("base").display().to_string(),
+                ],
                 filter: dev_opts(&d.name).filter,
             });
         }
@@ -387,6 +405,9 @@ impl RecordedInstance {
                 name: s.device.clone(),
                 kind: s.kind.clone(),
                 spool: dirs.spool(&s.device),
+                control: dirs.control(&s.device),
+                disk: matches!(s.kind, BackendKind::Blk { .. }),
+                layers: None,
             })
             .collect();
         let supervisor = Supervisor::start(
@@ -422,6 +443,7 @@ impl RecordedInstance {
             instance: opts.instance.clone(),
             driver: opts.driver.clone(),
             image: image.clone(),
+            endpoints: opts.endpoints.clone(),
             dirs: dirs.clone(),
             devices,
             guest: Mutex::new(None),
@@ -543,6 +565,11 @@ impl RecordedInstance {
         &self.image
     }
 
+    /// The Kafka cluster and Schema Registry it ships to.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
     /// Its directories under the data directory.
     pub fn dirs(&self) -> &InstanceDirs {
         &self.dirs
@@ -636,6 +663,14 @@ impl RecordedInstance {
             .iter()
             .map(|(n, m)| (n.clone(), m.snapshot()))
             .collect()
+    }
+
+    /// The live counters of one source's shipper (a device, or `agent`).
+    pub fn shipper_metrics_full(&self, source: &str) -> Option<Arc<ShipperMetrics>> {
+        self.shipper_metrics
+            .iter()
+            .find(|(n, _)| n == source)
+            .map(|(_, m)| m.clone())
     }
 
     /// Each spool's shipping progress now (devices, then `agent`).
