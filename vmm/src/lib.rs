@@ -16,7 +16,8 @@
 //!   loaders.
 //! - [`serial`]: the 16550 UART on 0x3f8.
 //! - [`snapshot`]: the snapshot file format (versioned, checksummed,
-//!   size-capped) and the memory file (full or incremental).
+//!   size-capped), the memory file (full or incremental) and lazy restore of
+//!   shared memory over [`uffd`] (userfaultfd).
 //! - [`devices`], [`acpi`], [`gdb`]: virtio-mmio devices, ACPI tables and the
 //!   gdb stub.
 
@@ -31,5 +32,6 @@ pub mod probe;
 pub mod serial;
 pub mod snapshot;
 pub mod supervise;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;

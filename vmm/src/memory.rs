@@ -81,6 +81,8 @@ pub struct RegionInfo {
 /// [`GuestMemoryMmap`] handle can be cloned too (its regions are
 /// reference-counted).
 pub struct VmMemory {
+    // Dropped first: its threads stop before the mapping goes away.
+    lazy: Option<crate::snapshot::lazy::LazyOwner>,
     mem: GuestMemoryMmap,
     file: Arc<File>,
     size: u64,
@@ -93,6 +95,7 @@ impl std::fmt::Debug for VmMemory {
             .field("size", &self.size)
             .field("backing", &self.backing)
             .field("fd", &self.file.as_raw_fd())
+            .field("lazy", &self.lazy)
             .finish()
     }
 }
@@ -157,11 +160,32 @@ impl VmMemory {
             GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::BadSize(size))?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?;
         Ok(VmMemory {
+            lazy: None,
             mem,
             file,
             size,
             backing,
         })
+    }
+
+    /// Hands the memory to a lazy populator (restore only).
+    pub(crate) fn set_lazy(&mut self, owner: crate::snapshot::lazy::LazyOwner) {
+        self.lazy = Some(owner);
+    }
+
+    /// The lazy populator, when this memory was restored lazily
+    /// ([`crate::snapshot::RestoreMemory::SharedLazy`] or
+    /// [`crate::snapshot::RestoreMemory::SharedOnDemand`]).
+    pub fn lazy(&self) -> Option<&crate::snapshot::lazy::LazyMemory> {
+        self.lazy.as_ref().map(|o| o.handle())
+    }
+
+    /// Starts the background prefetch of a lazily restored memory (a no-op
+    /// when it runs already or the memory is not lazy).
+    pub fn start_prefetch(&self) {
+        if let Some(o) = &self.lazy {
+            o.start_prefetch();
+        }
     }
 
     /// The `vm-memory` handle (for loaders, virtqueues, ACPI tables).

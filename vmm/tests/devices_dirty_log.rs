@@ -67,6 +67,7 @@ fn backend_writes_land_in_the_shared_dirty_log() {
             irqchip: false,
             regions: vec![mem.region()],
             dirty_log: Some(log.clone()),
+            lazy: None,
         },
     )
     .expect("backend is listening");

@@ -29,7 +29,7 @@ use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::serial::SharedBuffer;
-use vmr_vmm::snapshot::MemoryKind;
+use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
 use vmr_vmm::vm::BootSource;
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
@@ -339,6 +339,9 @@ fn snapshot_clone_continues_and_replays_the_crash() {
         &b.blk_sock,
         &b.net_sock,
         Some(Arc::new(DirtyLog::new(MEM).expect("memfd"))),
+        // The product's default for clones with devices: lazy, with both
+        // binaries taking part in postcopy.
+        RestoreMemory::SharedLazy,
     );
     assert_eq!(restored.len(), 2);
     clone.resume().expect("clone runs");
@@ -372,6 +375,11 @@ fn snapshot_clone_continues_and_replays_the_crash() {
         .expect("the poison request stops the clone");
     assert_eq!(crash_b.kind, LifecycleKind::TripleFault);
     assert_eq!(crash_b.regs, crash_a.regs, "same faulting state");
+    let lazy = clone.memory().lazy().cloned().expect("restored lazily");
+    lazy.wait_populated(WAIT)
+        .expect("every page of the clone is populated");
+    let stats = lazy.stats();
+    assert!(stats.complete && stats.error.is_none(), "{stats:?}");
 }
 
 /// Frames of the test guest's protocol in one direction.

@@ -155,6 +155,7 @@ fn driver_handshake_requests_save_serialize_restore() {
         irqchip: false,
         regions: vec![mem.region()],
         dirty_log: None,
+        lazy: None,
     };
     let sock1 = socket(&dir, "a.sock");
     let t1 = serve(&sock1);
@@ -296,6 +297,7 @@ fn missing_backend_is_an_error() {
             irqchip: false,
             regions: vec![],
             dirty_log: None,
+            lazy: None,
         },
     )
     .expect_err("nothing listens there");
@@ -321,6 +323,7 @@ fn odd_guest_accesses_are_ignored_without_panicking() {
             irqchip: false,
             regions: vec![mem.region()],
             dirty_log: None,
+            lazy: None,
         },
     )
     .expect("backend is listening");

@@ -7,6 +7,12 @@
 //! frames: its disk sector and reply must equal the original's byte for
 //! byte, and its triple fault must come with the same registers.
 //!
+//! The clone is made twice: once with its memory copied in before it runs
+//! (`SharedCopy`) and once restored lazily (`SharedLazy`: pages come in on
+//! first access by a vCPU or a backend, both backends taking part in
+//! postcopy, while a background thread copies the rest). Both must behave
+//! like the original.
+//!
 //! `devices_e2e` runs the same scenario against the `vhost-tap` binaries.
 
 mod common;
@@ -31,7 +37,7 @@ use vmr_vmm::devices::dirty_log::DirtyLog;
 use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::serial::SharedBuffer;
-use vmr_vmm::snapshot::MemoryKind;
+use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
 use vmr_vmm::vm::BootSource;
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
@@ -115,6 +121,7 @@ impl VhostUserBackendMut for NicBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::PAGEFAULT
     }
     fn set_event_idx(&mut self, _enabled: bool) {}
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -281,12 +288,11 @@ fn clone_continues_like_the_original_and_crashes_the_same() {
     vm.pause().expect("pause");
     let snap = dir.join("snap");
     vm.snapshot(&snap, MemoryKind::Full).expect("snapshot");
-    std::fs::copy(dir.join("a.overlay"), dir.join("b.overlay")).expect("overlay copy");
-    std::fs::copy(
-        map_path(&dir.join("a.overlay")),
-        map_path(&dir.join("b.overlay")),
-    )
-    .expect("map copy");
+    for clone in ["b", "c"] {
+        let overlay = dir.join(format!("{clone}.overlay"));
+        std::fs::copy(dir.join("a.overlay"), &overlay).expect("overlay copy");
+        std::fs::copy(map_path(&dir.join("a.overlay")), map_path(&overlay)).expect("map copy");
+    }
     vm.resume().expect("resume");
 
     let req2 = request(b"request 2: after the snapshot");
@@ -305,27 +311,63 @@ fn clone_continues_like_the_original_and_crashes_the_same() {
     let write_a = sector(&dir.join("a.overlay"), &image, 3);
     assert_eq!(&write_a[..7], &[b'R', b'E', b'Q', 2, 0, 0, 0]);
 
-    // The clone.
-    let blk_b = serve_blk(&image, &dir.join("b.overlay"), &dir.join("b-blk.sock"));
-    let nic_b = serve_nic(&dir.join("b-net.sock"));
+    for (name, memory) in [
+        ("b", RestoreMemory::SharedCopy),
+        ("c", RestoreMemory::SharedLazy),
+    ] {
+        run_clone(
+            dir,
+            &image,
+            &snap,
+            name,
+            memory,
+            &req2,
+            &poison,
+            &reply_a,
+            &write_a,
+            &crash_a.regs,
+        );
+    }
+}
+
+/// Restores clone `name` with `memory`, gives it request 2 and the poison
+/// frame, and checks it does what the original did.
+#[allow(clippy::too_many_arguments)]
+fn run_clone(
+    dir: &Path,
+    image: &Path,
+    snap: &Path,
+    name: &str,
+    memory: RestoreMemory,
+    req2: &[u8],
+    poison: &[u8],
+    reply_a: &[u8],
+    write_a: &[u8],
+    regs_a: &[vmr_proto::VcpuRegs],
+) {
+    let overlay = dir.join(format!("{name}.overlay"));
+    let blk_sock = dir.join(format!("{name}-blk.sock"));
+    let net_sock = dir.join(format!("{name}-net.sock"));
+    let blk_b = serve_blk(image, &overlay, &blk_sock);
+    let nic_b = serve_nic(&net_sock);
+    let t0 = Instant::now();
     let common::Restored {
         vm: clone,
         serial: serial_b,
         devices: restored,
-    } = common::restore_clone(
-        &snap,
-        &dir.join("b-blk.sock"),
-        &dir.join("b-net.sock"),
-        None,
-    );
+    } = common::restore_clone(snap, &blk_sock, &net_sock, None, memory);
     assert_eq!(restored.len(), 2);
     assert_eq!(
-        sector(&dir.join("b.overlay"), &image, 3),
+        sector(&overlay, image, 3),
         vec![0u8; 512],
         "sector 3 is not written at the cut"
     );
     clone.resume().expect("clone runs");
-    nic_b.push(&req2);
+    eprintln!(
+        "{memory:?}: restore with 2 devices to running in {:?}",
+        t0.elapsed()
+    );
+    nic_b.push(req2);
     wait_serial(&serial_b, &done_line(2));
     let start = Instant::now();
     while nic_b.sent().is_empty() {
@@ -334,20 +376,27 @@ fn clone_continues_like_the_original_and_crashes_the_same() {
     }
     assert_eq!(
         nic_b.sent(),
-        vec![reply_a],
-        "the clone's reply equals the original's"
+        vec![reply_a.to_vec()],
+        "{memory:?}: the clone's reply equals the original's"
     );
-    nic_b.push(&poison);
+    nic_b.push(poison);
     let crash_b = clone
         .wait_for_stop(WAIT)
         .expect("the poison request stops the clone");
     assert_eq!(crash_b.kind, LifecycleKind::TripleFault);
-    assert_eq!(crash_b.regs, crash_a.regs, "same faulting registers");
+    assert_eq!(crash_b.regs, regs_a, "{memory:?}: same faulting registers");
+    if let Some(lazy) = clone.memory().lazy() {
+        lazy.wait_populated(WAIT)
+            .expect("every page of the lazy clone is populated");
+        let stats = lazy.stats();
+        eprintln!("{memory:?}: {stats:?}");
+        assert!(stats.complete && stats.error.is_none(), "{stats:?}");
+    }
     drop(clone);
     let _ = blk_b.stop();
     assert_eq!(
-        sector(&dir.join("b.overlay"), &image, 3),
+        sector(&overlay, image, 3),
         write_a,
-        "the clone's disk write equals the original's"
+        "{memory:?}: the clone's disk write equals the original's"
     );
 }

@@ -173,3 +173,130 @@ fn restored_clone_reads_through_the_saved_virtqueue() {
     drop(clone);
     let _ = server_b.stop();
 }
+
+/// Whether the page at host address `addr` is in memory (for shared memory:
+/// in the memfd's page cache).
+fn resident(addr: u64) -> bool {
+    let mut v = [0u8; 1];
+    // SAFETY: mincore only reads the page tables for one page of a live
+    // mapping and writes one byte into `v`.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, 4096, v.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    v[0] & 1 != 0
+}
+
+#[test]
+// Heavy: needs /dev/kvm and userfaultfd.
+fn a_backend_write_into_an_untouched_page_keeps_the_rest_of_it() {
+    require_kvm();
+    let elf = guest_elf();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 256 << 10]).expect("temp dir is writable");
+
+    let (server_a, _) = serve(&image, &dir.join("a.overlay"), &dir.join("a.sock"));
+    let mut vm = Vm::new(VmConfig {
+        mem_size: MEM,
+        ..Default::default()
+    })
+    .expect("VM creation");
+    let ports = TestPorts::new();
+    ports.attach(&vm.pio_bus()).expect("ports free");
+    devices::attach(
+        &vm,
+        VirtioSpec {
+            kind: DeviceKind::Block,
+            socket: dir.join("a.sock"),
+            local_config: DeviceKind::Block.local_config(0, [0; 6]),
+        },
+        Some(Arc::new(DirtyLog::new(MEM).expect("memfd"))),
+    )
+    .expect("backend reachable");
+    vm.load(&BootSource::Elf(elf.clone())).expect("guest loads");
+    vm.start().expect("vCPUs start");
+    // The self-test writes "BLKT..." to sector 1.
+    ports.push_commands(&[CMD_BLK_SELFTEST]);
+    assert!(
+        ports.wait(WAIT, |s| !s.done.is_empty()),
+        "self-test did not finish"
+    );
+    vm.pause().expect("pause");
+    // The guest's 4 KiB block buffer (page aligned): a sector read fills
+    // its first 512 bytes. Give the other 3584 a pattern the snapshot holds.
+    let buf = symbol(&elf, "blk_data");
+    assert_eq!(buf % 4096, 0, "blk_data is page aligned");
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        vm.memory()
+            .guest_memory()
+            .write_slice(&pattern[512..], GuestAddress(buf + 512))
+            .expect("in RAM");
+    }
+    let snap = dir.join("snap");
+    vm.snapshot(&snap, MemoryKind::Full).expect("snapshot");
+    std::fs::copy(dir.join("a.overlay"), dir.join("b.overlay")).expect("overlay copy");
+    std::fs::copy(
+        map_path(&dir.join("a.overlay")),
+        map_path(&dir.join("b.overlay")),
+    )
+    .expect("map copy");
+    drop(vm);
+    let _ = server_a.stop();
+
+    // On demand: no background prefetch, so only accesses bring pages in.
+    let (server_b, _) = serve(&image, &dir.join("b.overlay"), &dir.join("b.sock"));
+    let (clone, states) = Vm::restore(
+        &snap,
+        RestoreOptions {
+            memory: RestoreMemory::SharedOnDemand,
+            ..Default::default()
+        },
+    )
+    .expect("restore");
+    let ports_b = TestPorts::new();
+    ports_b.attach(&clone.pio_bus()).expect("ports free");
+    devices::restore(
+        &clone,
+        &states,
+        |_, _| dir.join("b.sock"),
+        Some(Arc::new(DirtyLog::new(MEM).expect("memfd"))),
+    )
+    .expect("device reconnects (and joins postcopy)");
+    let mem = clone.memory();
+    let lazy = mem.lazy().cloned().expect("restored lazily");
+    let host = mem.host_base() as u64 + buf;
+    assert!(!resident(host), "nothing touched the buffer page yet");
+    clone.resume().expect("clone runs");
+    ports_b.push_commands(&[CMD_BLK_READ | (1 << 8)]);
+    assert!(
+        ports_b.wait(WAIT, |s| !s.done.is_empty()),
+        "clone read did not finish"
+    );
+    ports_b.with(|s| {
+        assert_eq!(s.done, vec![0], "read result");
+        assert_eq!(s.values, vec![u32::from_le_bytes(*b"BLKT")]);
+    });
+    clone.pause().expect("pause the clone");
+    let stats = lazy.stats();
+    assert!(
+        stats.backend_faults > 0,
+        "the backend's accesses were served: {stats:?}"
+    );
+    assert!(stats.error.is_none(), "{stats:?}");
+    let mut page = vec![0u8; 4096];
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        mem.guest_memory()
+            .read_slice(&mut page, GuestAddress(buf))
+            .expect("in RAM");
+    }
+    assert_eq!(&page[..4], b"BLKT", "the backend's 512 bytes are there");
+    assert!(
+        page[512..] == pattern[512..],
+        "the rest of the page keeps the snapshot's contents"
+    );
+    drop(clone);
+    let _ = server_b.stop();
+}

@@ -152,7 +152,14 @@ pub enum MmioError {
     /// The dirty log could not be created.
     #[error(transparent)]
     DirtyLog(#[from] super::dirty_log::DirtyLogError),
+    /// Lazily restored memory could not be populated for a backend.
+    #[error(transparent)]
+    Lazy(#[from] crate::snapshot::lazy::LazyError),
 }
+
+/// How long a device whose backend cannot take part in lazy restore waits
+/// for guest memory to be fully populated before it starts.
+pub const POPULATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where a device sits and what it talks to.
 #[derive(Debug, Clone)]
@@ -233,6 +240,8 @@ pub struct VmResources {
     pub regions: Vec<SharedRegion>,
     /// Dirty log shared with backends that support it.
     pub dirty_log: Option<Arc<DirtyLog>>,
+    /// Lazily restored guest memory (`None`: the memory is populated).
+    pub lazy: Option<crate::snapshot::lazy::LazyMemory>,
 }
 
 impl std::fmt::Debug for VmResources {
@@ -242,6 +251,7 @@ impl std::fmt::Debug for VmResources {
             .field("irqchip", &self.irqchip)
             .field("regions", &self.regions)
             .field("dirty_log", &self.dirty_log.is_some())
+            .field("lazy", &self.lazy.is_some())
             .finish()
     }
 }
@@ -289,6 +299,8 @@ pub struct VirtioMmioDevice {
     relay: Option<InterruptRelay>,
     activated: bool,
     logging: bool,
+    /// The backend's id with the lazy memory once it joined postcopy.
+    postcopy_peer: Option<u64>,
 }
 
 impl std::fmt::Debug for VirtioMmioDevice {
@@ -355,6 +367,7 @@ impl VirtioMmioDevice {
             relay: None,
             activated: false,
             logging: false,
+            postcopy_peer: None,
         })
     }
 
@@ -592,7 +605,7 @@ impl VirtioMmioDevice {
     fn activate(&mut self, bases: Option<&[u16]>) -> Result<(), MmioError> {
         let logging = self.res.dirty_log.is_some() && self.conn.supports_dirty_log();
         self.conn.set_features(self.driver_features, logging)?;
-        self.conn.set_mem_table(&self.res.regions)?;
+        self.share_memory()?;
         if let (true, Some(log)) = (logging, self.res.dirty_log.as_ref()) {
             self.conn.set_log_base(log.fd(), log.size())?;
         }
@@ -630,6 +643,58 @@ impl VirtioMmioDevice {
         for rt in self.runtime.iter().filter(|rt| rt.started) {
             let _ = rt.kick.write(1);
         }
+        Ok(())
+    }
+
+    /// `SET_MEM_TABLE`. While lazily restored memory is still being
+    /// populated, a backend that offers `PAGEFAULT` joins postcopy (its
+    /// faults are served from the snapshot); one that does not waits until
+    /// every page is present, so it never sees a page before its contents.
+    fn share_memory(&mut self) -> Result<(), MmioError> {
+        let Some(lazy) = self.res.lazy.clone().filter(|l| !l.is_complete()) else {
+            self.conn.set_mem_table(&self.res.regions)?;
+            return Ok(());
+        };
+        if !self.conn.supports_postcopy() {
+            warn!(
+                socket = %self.conn.socket().display(),
+                "backend lacks the PAGEFAULT protocol feature; populating all guest memory before it starts"
+            );
+            lazy.populate_all(POPULATE_TIMEOUT)?;
+            self.conn.set_mem_table(&self.res.regions)?;
+            return Ok(());
+        }
+        let Some(hs) = lazy.handshake() else {
+            // Population ended meanwhile.
+            self.conn.set_mem_table(&self.res.regions)?;
+            return Ok(());
+        };
+        let peer = match self.postcopy_peer {
+            Some(p) => p,
+            None => {
+                let uffd = self.conn.postcopy_listen()?;
+                let name = self.conn.socket().display().to_string();
+                let p = hs.add_peer(&name, uffd, Box::new(self.conn.postcopy_ender()));
+                self.postcopy_peer = Some(p);
+                p
+            }
+        };
+        let bases = self.conn.set_mem_table_postcopy(&self.res.regions)?;
+        hs.set_regions(
+            peer,
+            self.res
+                .regions
+                .iter()
+                .zip(bases)
+                .map(|(r, b)| crate::snapshot::lazy::PeerRegion {
+                    local_base: b,
+                    size: r.size,
+                    guest_phys_addr: r.guest_phys_addr,
+                })
+                .collect(),
+        );
+        self.conn.postcopy_ack()?;
+        debug!(socket = %self.conn.socket().display(), "backend joined lazy restore (postcopy)");
         Ok(())
     }
 

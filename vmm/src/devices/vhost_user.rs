@@ -22,7 +22,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::PAGEFAULT);
 
 /// `VHOST_VRING_F_LOG`: the backend logs writes to the used ring.
 const VRING_F_LOG: u32 = 1;
@@ -280,8 +281,61 @@ impl VhostUserConnection {
         req("SET_FEATURES", self.frontend.set_features(features))
     }
 
+    /// Whether the backend takes part in lazy restore (`PAGEFAULT`: it
+    /// registers its mapping with a userfaultfd it hands over).
+    pub fn supports_postcopy(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::PAGEFAULT)
+    }
+
+    /// `POSTCOPY_ADVISE` then `POSTCOPY_LISTEN`: returns the backend's
+    /// userfaultfd; from now on the backend registers every mapping of guest
+    /// memory with it.
+    pub fn postcopy_listen(&mut self) -> Result<std::os::fd::OwnedFd, VhostUserError> {
+        let file = req("POSTCOPY_ADVISE", self.frontend.postcopy_advise())?;
+        req("POSTCOPY_LISTEN", self.frontend.postcopy_listen())?;
+        Ok(file.into())
+    }
+
+    /// `SET_MEM_TABLE` while postcopy listens: returns where the backend
+    /// mapped each region. The backend does not use the memory until
+    /// [`VhostUserConnection::postcopy_ack`].
+    pub fn set_mem_table_postcopy(
+        &mut self,
+        regions: &[SharedRegion],
+    ) -> Result<Vec<u64>, VhostUserError> {
+        let bases = self.set_mem_table_inner(regions)?;
+        bases.ok_or(VhostUserError::MissingFeature(
+            "postcopy mapping bases in the SET_MEM_TABLE reply",
+        ))
+    }
+
+    /// Tells the backend the frontend can serve faults on the regions of the
+    /// last `SET_MEM_TABLE`.
+    pub fn postcopy_ack(&mut self) -> Result<(), VhostUserError> {
+        req(
+            "SET_MEM_TABLE (postcopy ack)",
+            self.frontend
+                .postcopy_ack_mem_regions(vhost::vhost_user::message::FrontendReq::SET_MEM_TABLE),
+        )
+    }
+
+    /// A function that sends `POSTCOPY_END` on this connection (from another
+    /// thread; requests are serialized with the device's own).
+    pub fn postcopy_ender(&self) -> impl FnMut() -> Result<(), String> + Send + 'static {
+        let mut f = self.frontend.clone();
+        move || f.postcopy_end().map_err(|e| e.to_string())
+    }
+
     /// Shares guest memory with the backend.
     pub fn set_mem_table(&mut self, regions: &[SharedRegion]) -> Result<(), VhostUserError> {
+        self.set_mem_table_inner(regions).map(|_| ())
+    }
+
+    fn set_mem_table_inner(
+        &mut self,
+        regions: &[SharedRegion],
+    ) -> Result<Option<Vec<u64>>, VhostUserError> {
         let infos: Vec<VhostUserMemoryRegionInfo> = regions
             .iter()
             .map(|r| VhostUserMemoryRegionInfo {
@@ -292,7 +346,7 @@ impl VhostUserConnection {
                 mmap_handle: r.fd,
             })
             .collect();
-        req("SET_MEM_TABLE", self.frontend.set_mem_table(&infos)).map(|_| ())
+        req("SET_MEM_TABLE", self.frontend.set_mem_table(&infos))
     }
 
     /// Shares the dirty-page log with the backend.

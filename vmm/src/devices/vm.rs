@@ -35,7 +35,7 @@ pub enum VirtioVmError {
     #[error(transparent)]
     Bus(#[from] BusError),
     /// Guest memory is a private mapping a backend cannot share.
-    #[error("guest memory is not shareable; create the VM with shared memory (restore with RestoreMemory::SharedCopy)")]
+    #[error("guest memory is not shareable; create the VM with shared memory (restore with RestoreMemory::SharedLazy or SharedCopy)")]
     MemoryNotShared,
     /// A saved state could not be decoded.
     #[error("saved state of {id} is not a virtio-mmio state")]
@@ -131,6 +131,7 @@ pub fn vm_resources(vm: &Vm, log: Option<Arc<DirtyLog>>) -> Result<VmResources, 
         irqchip: vm.has_irqchip(),
         regions,
         dirty_log: log,
+        lazy: vm.memory().lazy().cloned(),
     })
 }
 

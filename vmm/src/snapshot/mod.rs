@@ -15,6 +15,7 @@
 //! `docs/snapshot-format.md`.
 
 pub mod format;
+pub mod lazy;
 pub mod memfile;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,9 @@ pub enum SnapshotError {
     /// Guest memory cannot be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Lazy restore cannot be set up.
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
     /// An incremental snapshot's parent directory cannot be found.
     #[error("snapshot {snapshot} names parent {parent}, which cannot be opened")]
     MissingParent {
@@ -398,9 +402,33 @@ pub enum RestoreMemory {
     /// CPU-only clones (no vhost-user devices).
     #[default]
     PrivateLazy,
-    /// A fresh memfd filled from the files: costs a copy of the non-zero
-    /// pages, but backends can share it. Required when devices are attached.
+    /// A fresh memfd filled from the files before the VM runs (eager): costs
+    /// a copy of the non-zero pages, but backends can share it. The fallback
+    /// for hosts without userfaultfd.
     SharedCopy,
+    /// A fresh memfd, filled lazily: every page is copied in from the files
+    /// on its first access (vCPU, VMM or a vhost-user backend that offers
+    /// the `PAGEFAULT` protocol feature) through userfaultfd, and a
+    /// background thread copies the rest. Backends can share it; restore
+    /// time does not grow with memory size. See [`lazy`].
+    SharedLazy,
+    /// As [`RestoreMemory::SharedLazy`] without the background prefetch:
+    /// pages are only filled when accessed (until
+    /// [`crate::memory::VmMemory::start_prefetch`], or a backend without
+    /// `PAGEFAULT` is attached, which fills everything first).
+    SharedOnDemand,
+}
+
+impl RestoreMemory {
+    /// The shared mode to restore a VM with devices in: `SharedLazy`, or
+    /// `SharedCopy` when the environment variable `VMR_RESTORE_MEMORY` is
+    /// `copy` (the eager fallback).
+    pub fn shared_default() -> Self {
+        match std::env::var("VMR_RESTORE_MEMORY").as_deref() {
+            Ok("copy") => RestoreMemory::SharedCopy,
+            _ => RestoreMemory::SharedLazy,
+        }
+    }
 }
 
 /// The memory files of a snapshot's chain, base first. Each link's
@@ -490,6 +518,19 @@ pub fn restore_memory(dir: &Path, mode: RestoreMemory) -> Result<VmMemory, Snaps
             // backend; this is the only reference.
             memfile::read_full_into(base, unsafe { m.as_mut_slice() })?;
             m
+        }
+        RestoreMemory::SharedLazy | RestoreMemory::SharedOnDemand => {
+            let mut m = VmMemory::new_shared(*mem_size)?;
+            // Nothing has touched the new mapping: register it before
+            // anything does. The chain's diffs are sources, not applied.
+            let owner = lazy::LazyOwner::start(
+                m.host_base() as u64,
+                *mem_size,
+                &chain,
+                mode == RestoreMemory::SharedLazy,
+            )?;
+            m.set_lazy(owner);
+            return Ok(m);
         }
     };
     for (diff, _, _) in &chain[1..] {
@@ -673,10 +714,15 @@ mod tests {
             .store(&b)
             .expect("stores");
         memfile::write_diff(&b.join(DIFF_MEMORY_FILE), &img, &dirty).expect("writes");
-        for mode in [RestoreMemory::PrivateLazy, RestoreMemory::SharedCopy] {
+        for mode in [
+            RestoreMemory::PrivateLazy,
+            RestoreMemory::SharedCopy,
+            RestoreMemory::SharedLazy,
+            RestoreMemory::SharedOnDemand,
+        ] {
             let m = restore_memory(&b, mode).expect("restores");
             // SAFETY: no guest uses this memory.
-            assert_eq!(unsafe { m.as_slice() }, &img[..]);
+            assert_eq!(unsafe { m.as_slice() }, &img[..], "{mode:?}");
         }
         // The base file is untouched by a private restore.
         let base = std::fs::read(a.join(FULL_MEMORY_FILE)).expect("readable");

@@ -185,21 +185,22 @@ pub struct Restored {
     pub devices: Vec<std::sync::Arc<vmr_vmm::devices::VirtioSnapshotDevice>>,
 }
 
-/// Restores the snapshot in `snap` with its memory as a shared copy (so
-/// vhost-user backends can map it), attaches the test ports, and reconnects
-/// the block and net devices to the backends on `blk` and `net`.
+/// Restores the snapshot in `snap` with its memory shared as `memory` says
+/// (so vhost-user backends can map it), attaches the test ports, and
+/// reconnects the block and net devices to the backends on `blk` and `net`.
 pub fn restore_clone(
     snap: &std::path::Path,
     blk: &std::path::Path,
     net: &std::path::Path,
     dirty_log: Option<std::sync::Arc<vmr_vmm::devices::dirty_log::DirtyLog>>,
+    memory: vmr_vmm::snapshot::RestoreMemory,
 ) -> Restored {
     use vmr_vmm::devices::mmio::DeviceKind;
     let serial = SharedBuffer::default();
     let (vm, states) = Vm::restore(
         snap,
         vmr_vmm::vm::RestoreOptions {
-            memory: vmr_vmm::snapshot::RestoreMemory::SharedCopy,
+            memory,
             serial_out: Some(Box::new(serial.clone())),
             dirty_log: true,
         },
