@@ -3,7 +3,7 @@
 # is the one the workspace is tested with.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -19,7 +19,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # creates TAP devices.
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends qemu-system-x86 iproute2 ca-certificates libcurl4 \
+ && apt-get install -y --no-install-recommends qemu-system-x86 iproute2 ca-certificates libcurl4 libssl3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/capture-agent /out/vhost-tap-blk /out/vhost-tap-net /usr/local/bin/
 COPY config/capture-agent.example.toml /etc/vmreplay/capture-agent.toml

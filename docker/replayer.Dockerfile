@@ -3,7 +3,7 @@
 # is the one the workspace is tested with.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -17,7 +17,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # runs as root in the container with the capabilities the chart lists.
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 ca-certificates libcurl4 \
+ && apt-get install -y --no-install-recommends iproute2 ca-certificates libcurl4 libssl3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/replayer /out/vhost-tap-blk /out/vhost-tap-net /usr/local/bin/
 EXPOSE 7300 7301

@@ -3,7 +3,7 @@
 # is the one the workspace is tested with.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -16,7 +16,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # mounted at /etc/vmreplay (VMR_CONFIG).
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libcurl4 \
+ && apt-get install -y --no-install-recommends ca-certificates libcurl4 libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd -g 65532 vmreplay && useradd -u 65532 -g 65532 -M -s /usr/sbin/nologin vmreplay
 COPY --from=build /out/vmr /usr/local/bin/

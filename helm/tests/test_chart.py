@@ -14,6 +14,8 @@ Usage: test_chart.py --bin-dir target/debug
 Exit status 0 when every check passed; the failures are printed otherwise.
 """
 import argparse
+import glob
+import json
 import os
 import re
 import subprocess
@@ -290,6 +292,32 @@ def main():
                                                                 for a in reg["args"]] + ["--check-config"],
                              reg_text, reg_pod, reg, d, f"{name}: registry config", values)
                 check_args(bins["schema-registry"], reg["args"], f"{name}: registry command line")
+
+    print("== the Dockerfiles' commands and the configs they ship")
+    for df in sorted(glob.glob(os.path.join(ROOT, "docker", "*.Dockerfile"))):
+        fname, text = os.path.basename(df), open(df).read()
+        ep = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+        cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
+        check(ep is not None and cmd is not None, f"{fname}: has an ENTRYPOINT and a CMD")
+        if ep is None or cmd is None:
+            continue
+        binary, args = os.path.basename(json.loads(ep.group(1))[0]), json.loads(cmd.group(1))
+        copies = {dst: os.path.join(ROOT, src)
+                  for src, dst in re.findall(r"^COPY (?!--from)(\S+) (\S+)$", text, re.M)
+                  if dst.startswith("/etc/")}
+        if binary not in bins:
+            check(args == ["--help"], f"{fname}: {binary} (not checked here) only prints its help")
+            continue
+        if args != ["--help"]:
+            check_args(bins[binary], args, f"{fname}: CMD")
+            if all(a in copies for a in args if a.startswith("/etc/")):
+                run_check([bins[binary]] + [copies.get(a, a) for a in args] + ["--check-config"],
+                          f"{fname}: CMD with the config the image ships")
+            else:
+                print(f"     {fname}: CMD names a config the image does not ship (the chart mounts it)")
+        for dst, src in copies.items():
+            if binary == "capture-agent":
+                run_check([bins[binary], "--check-config", src], f"{fname}: shipped {dst}")
 
     print("== the command-line check catches drift")
     before = len(failures)
