@@ -8,6 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 APT_PACKAGES=(
     build-essential cmake pkg-config protobuf-compiler libcurl4-openssl-dev
+    # librdkafka is built with OpenSSL (Kafka TLS, SASL SCRAM); openssl makes test certificates.
+    libssl-dev openssl
     qemu-system-x86 qemu-utils acpica-tools gdb
     busybox-static cpio iproute2 jq curl strace time python3
     chromium chromium-driver
