@@ -260,3 +260,44 @@ fn check_config_refuses_bad_values_and_unknown_keys() {
     );
     assert!(ok, "{out}");
 }
+
+/// Against the real (PLAINTEXT-only) broker: an explicit PLAINTEXT table
+/// reads the topic, and the same client with SASL_PLAINTEXT does not, so the
+/// settings reach the live clients rather than only the configuration.
+#[tokio::test]
+async fn the_settings_reach_the_live_clients() {
+    use schema_registry::log::SchemaLog;
+    use vmr_testkit::broker::Broker;
+
+    let broker = Broker::start().expect("start the Tansu broker");
+    let plaintext: KafkaSecurity = toml::from_str("protocol = \"PLAINTEXT\"").unwrap();
+    let mut config = log_config(plaintext);
+    config.bootstrap_servers = broker.bootstrap();
+    config.timeout = Duration::from_secs(10);
+    let log = SchemaLog::start(config.clone()).unwrap();
+    log.sync().await.expect("PLAINTEXT reads the schemas topic");
+    drop(log);
+
+    let settings = KafkaSecuritySettings {
+        protocol: SecurityProtocol::SaslPlaintext,
+        sasl_mechanism: Some(SaslMechanism::Plain),
+        sasl_username: Some("vmr".into()),
+        ..Default::default()
+    };
+    config.security = KafkaSecurity::resolve(settings, |k| {
+        (k == vmr_proto::config::ENV_SASL_PASSWORD).then(|| "pw".to_string())
+    })
+    .unwrap();
+    config.timeout = Duration::from_secs(3);
+    let log = SchemaLog::start(config).unwrap();
+    let started = std::time::Instant::now();
+    let err = log
+        .sync()
+        .await
+        .expect_err("a SASL client must not read from a PLAINTEXT-only broker");
+    println!(
+        "SASL_PLAINTEXT against Tansu: {err} (after {:?})",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
