@@ -28,6 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the gRPC API (vmr.v1.CaptureAgent, health, reflection) and
+    /// Prometheus /metrics until SIGTERM or SIGINT; then stop every
+    /// instance.
+    Serve(ServeArgs),
     /// Ship one spool to Kafka until SIGTERM or SIGINT.
     Ship(ShipArgs),
     /// Run one recorded instance (backends, shippers, guest) until SIGTERM or SIGINT.
@@ -76,6 +80,28 @@ struct ShipArgs {
     /// How often the metrics file is written (ms).
     #[arg(long, default_value_t = 500)]
     metrics_interval_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides `[agent] listen`).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Metrics listen address (overrides `[agent] metrics-listen`).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Data directory (overrides `[agent] data-dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Machine image directory (repeat; overrides `[agent] image-dirs`).
+    #[arg(long = "image-dir")]
+    image_dirs: Vec<PathBuf>,
+    /// Emit logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -219,14 +245,66 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = load(a.config.as_ref())?;
+    cfg.endpoints = cfg.endpoints.with_env(|k| std::env::var(k).ok());
+    if let Some(l) = a.listen {
+        cfg.agent.listen = l;
+    }
+    if let Some(l) = a.metrics_listen {
+        cfg.agent.metrics_listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        cfg.agent.data_dir = d;
+    }
+    if !a.image_dirs.is_empty() {
+        cfg.agent.image_dirs = a.image_dirs;
+    }
+    cfg.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+            tracing::info!("shutdown requested");
+        };
+        capture_agent::service::serve(cfg, None, shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!(display_chain(&e)))
+    })
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = matches!(&cli.command, Some(Command::Serve(a)) if a.log_json);
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(path) = cli.check_config {
         let cfg = AgentConfig::load(&path)?;
         println!("{}: valid", path.display());
@@ -234,6 +312,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     match cli.command {
+        Some(Command::Serve(a)) => serve(a),
         Some(Command::Ship(a)) => ship(a),
         Some(Command::Run(a)) => run(a),
         Some(Command::Sensors {
@@ -264,7 +343,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            anyhow::bail!("nothing to do: give a command (ship, run, sensors) or --check-config")
+            anyhow::bail!(
+                "nothing to do: give a command (serve, ship, run, sensors) or --check-config"
+            )
         }
     }
 }

@@ -8,6 +8,8 @@ macro_rules! metrics {
         #[derive(Debug, Default)]
         pub struct ShipperMetrics {
             $( $(#[$doc])* pub $name: AtomicU64, )+
+            /// Acknowledged events and value bytes per event topic.
+            pub per_topic: TopicCounters,
         }
 
         /// A copy of [`ShipperMetrics`] at one moment.
@@ -65,9 +67,46 @@ metrics! {
     committed_seq,
     /// Gauge: highest `seq` acknowledged.
     acked_seq,
+    /// Gauge: highest `seq` read from the source.
+    read_seq,
     /// Gauge: 1 while the shipper is connected and shipping, 0 while it
     /// waits to retry.
     up,
+}
+
+/// Acknowledged events and value bytes per event topic (in the order of
+/// [`vmr_proto::topics::EVENT_TOPICS`]).
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    events: [AtomicU64; 4],
+    bytes: [AtomicU64; 4],
+}
+
+impl TopicCounters {
+    pub(crate) fn acked(&self, topic: &str, bytes: u64) {
+        if let Some(i) = vmr_proto::topics::EVENT_TOPICS
+            .iter()
+            .position(|t| *t == topic)
+        {
+            self.events[i].fetch_add(1, Ordering::Relaxed);
+            self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// `(topic, events, bytes)` for each event topic.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64, u64)> {
+        vmr_proto::topics::EVENT_TOPICS
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                (
+                    *t,
+                    self.events[i].load(Ordering::Relaxed),
+                    self.bytes[i].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
 }
 
 impl ShipperMetrics {

@@ -781,6 +781,7 @@ impl<S: RecordSource> Shipper<S> {
                         }
                     };
                     ShipperMetrics::add(&m.records_read, 1);
+                    ShipperMetrics::max(&m.read_seq, event.seq);
                     let settle = |pending: &mut VecDeque<Pending>| {
                         pending.push_back(Pending {
                             position: position.clone(),
@@ -929,6 +930,9 @@ impl<S: RecordSource> Shipper<S> {
                         ShipperMetrics::add(&m.records_acked, 1);
                         ShipperMetrics::add(&m.bytes_acked, p.bytes);
                         ShipperMetrics::max(&m.acked_seq, p.seq);
+                        if let Some(t) = p.topic {
+                            m.per_topic.acked(t, p.bytes);
+                        }
                     }
                     Err(detail) => {
                         ShipperMetrics::add(&m.delivery_errors, 1);
@@ -1003,6 +1007,9 @@ impl<S: RecordSource> Shipper<S> {
                             ShipperMetrics::add(&self.metrics.records_acked, 1);
                             ShipperMetrics::add(&self.metrics.bytes_acked, p.bytes);
                             ShipperMetrics::max(&self.metrics.acked_seq, p.seq);
+                            if let Some(t) = p.topic {
+                                self.metrics.per_topic.acked(t, p.bytes);
+                            }
                         }
                         Err(_) => {
                             ShipperMetrics::add(&self.metrics.delivery_errors, 1);
