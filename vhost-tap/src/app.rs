@@ -8,17 +8,22 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::blk::{BlockBackend, BlockConfig, Disk};
+use crate::capture::replay::{Expectations, Outputs, ReplayClock};
 use crate::capture::{
     CaptureSink, FileSink, Policy, Recycle, SpoolConfig, SpoolSink, Tee, TeeConfig,
 };
-use crate::control::{ControlServer, ControlTargets};
+use crate::control::{ControlLimits, ControlServer, ControlTargets};
 use crate::fault::{FaultHook, RuleFaults};
 use crate::filter::{parse_directions, parse_mac, BlockFilter, NetFilter};
 use crate::metrics::Metrics;
+use crate::net::replay::SourceConfig;
 use crate::net::{ChannelReplaySource, NetBackend, NetConfig, ReplaySource, Tap};
 use crate::seq::{FileSeq, SeqSource};
 use crate::server::{Serve, Server};
 use crate::Mode;
+
+/// Most original block records a replay backend holds for comparison.
+const EXPECT_LIMIT: usize = 4 << 20;
 
 /// Errors running a backend binary.
 #[derive(Debug, thiserror::Error)]
@@ -331,7 +336,14 @@ pub fn run_blk(a: BlkArgs) -> Result<(), AppError> {
     if let Some(ops) = &a.capture_ops {
         cfg.filter = BlockFilter::parse(ops).map_err(|e| AppError::Arg(e.to_string()))?;
     }
-    let faults = (c.mode == Mode::Replay).then(|| Arc::new(RuleFaults::new()));
+    let replay = c.mode == Mode::Replay;
+    let faults = replay.then(|| Arc::new(RuleFaults::new()));
+    let outputs = replay.then(|| Arc::new(Outputs::new()));
+    let expect = replay.then(|| Arc::new(Expectations::new(EXPECT_LIMIT)));
+    let clock = replay.then(|| Arc::new(ReplayClock::new()));
+    cfg.outputs = outputs.clone();
+    cfg.expect = expect.clone();
+    cfg.clock = clock.clone();
     let (tee, seq) = start_tee(c, &metrics)?.unzip();
     let backend = BlockBackend::new(
         cfg,
@@ -351,6 +363,10 @@ pub fn run_blk(a: BlkArgs) -> Result<(), AppError> {
                     backend: backend.clone(),
                     seq,
                 })),
+                clock,
+                outputs,
+                expect,
+                limits: ControlLimits::default(),
             },
         )?),
         None => None,
@@ -404,12 +420,19 @@ pub fn run_net(a: NetArgs) -> Result<(), AppError> {
     } else {
         None
     };
+    let faults = replay.then(|| Arc::new(RuleFaults::new()));
+    let outputs = replay.then(|| Arc::new(Outputs::new()));
+    cfg.outputs = outputs.clone();
     let source = if replay {
-        Some(Arc::new(ChannelReplaySource::new()?))
+        let mut sc = SourceConfig::new(device.clone());
+        sc.faults = faults.clone().map(|f| f as Arc<dyn FaultHook>);
+        sc.outputs = outputs.clone();
+        sc.metrics = metrics.clone();
+        Some(Arc::new(ChannelReplaySource::with_config(sc)?))
     } else {
         None
     };
-    let faults = replay.then(|| Arc::new(RuleFaults::new()));
+    let clock = source.as_ref().map(|s| s.clock().clone());
     let (tee, seq) = start_tee(c, &metrics)?.unzip();
     let backend = NetBackend::new(
         cfg,
@@ -430,6 +453,10 @@ pub fn run_net(a: NetArgs) -> Result<(), AppError> {
                     backend: backend.clone(),
                     seq,
                 })),
+                clock,
+                outputs,
+                expect: None,
+                limits: ControlLimits::default(),
             },
         )?),
         None => None,

@@ -9,7 +9,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::VhostUserFrontend;
 use vhost_tap::capture::{MemorySink, Tee, TeeConfig};
-use vhost_tap::fault::{FaultRule, RuleFaults};
+use vhost_tap::fault::{FaultKind, FaultRule, RuleFaults};
 use vhost_tap::metrics::Metrics;
 use vhost_tap::net::{ChannelReplaySource, NetBackend, NetConfig, ReplaySource};
 use vhost_tap::seq::AtomicSeq;
@@ -82,10 +82,7 @@ fn replay_mode_injects_frames_and_records_transmissions() {
 
     // Frames pushed before the guest posts buffers wait for them.
     faults
-        .add(FaultRule::Duplicate {
-            direction: "rx".into(),
-            count: 1,
-        })
+        .add(FaultRule::frame(FaultKind::Duplicate, "rx", 1))
         .unwrap();
     source.push(frame(1, 60));
     source.push(frame(2, 1514));
@@ -120,10 +117,7 @@ fn replay_mode_injects_frames_and_records_transmissions() {
 
     // Transmit: header + frame split over two descriptors; one dropped by a fault.
     faults
-        .add(FaultRule::Drop {
-            direction: "tx".into(),
-            count: 1,
-        })
+        .add(FaultRule::frame(FaultKind::Drop, "tx", 1))
         .unwrap();
     for tag in [7u8, 8] {
         let hdr = ram.alloc(12).unwrap();
@@ -156,7 +150,11 @@ fn replay_mode_injects_frames_and_records_transmissions() {
         (1..=5).collect::<Vec<_>>()
     );
     let m = metrics.snapshot();
-    assert_eq!((m.injected, m.faults, m.malformed), (3, 2, 1));
+    assert_eq!(
+        (m.injected, m.faults, m.malformed),
+        (4, 2, 1),
+        "a duplicated frame is delivered twice"
+    );
 }
 
 /// Runs a command, failing the test with its output if it fails.

@@ -36,8 +36,9 @@ use vmr_proto::pb;
 
 use super::disk::{Disk, DiskError};
 use super::request::{self, Limits, Request, RequestType, Segment};
+use crate::capture::replay::{self, Expectations, Output, Outputs, ReplayClock};
 use crate::capture::Tee;
-use crate::fault::{BlockFault, FaultHook};
+use crate::fault::{BlockFault, FaultCtx, FaultHook};
 use crate::filter::BlockFilter;
 use crate::metrics::Metrics;
 use crate::{GuestMem, GuestMemAtomic, Mode};
@@ -74,6 +75,12 @@ pub struct BlockConfig {
     pub filter: BlockFilter,
     /// Request limits.
     pub limits: Limits,
+    /// Replay mode: the live output stream of the clone's requests.
+    pub outputs: Option<Arc<Outputs>>,
+    /// Replay mode: the original's records each request is compared with.
+    pub expect: Option<Arc<Expectations>>,
+    /// Replay mode: the clock that time-based fault rules wait for.
+    pub clock: Option<Arc<ReplayClock>>,
 }
 
 impl BlockConfig {
@@ -88,6 +95,9 @@ impl BlockConfig {
             mode: Mode::Capture,
             filter: BlockFilter::all(),
             limits: Limits::default(),
+            outputs: None,
+            expect: None,
+            clock: None,
         }
     }
 }
@@ -99,6 +109,10 @@ struct Worker {
     iov: request::IoVecs,
     buf: Vec<u8>,
     scratch: Vec<u8>,
+    /// Replay mode, for the request being handled: the hash of the data
+    /// written or read, and the clone's record number.
+    note_hash: Option<[u8; 16]>,
+    note_seq: Option<u64>,
 }
 
 struct Inner {
@@ -137,6 +151,10 @@ impl BlockBackend {
         if config.serial.len() > request::ID_LEN as usize {
             return Err(BlockError::Serial);
         }
+        // A clone's writes must never reach the image it was cloned from.
+        if config.mode == Mode::Replay && disk.writes_in_place() {
+            return Err(BlockError::ReplayNeedsOverlay);
+        }
         let workers = (0..config.num_queues)
             .map(|_| {
                 Mutex::new(Worker {
@@ -144,6 +162,8 @@ impl BlockBackend {
                     iov: request::IoVecs::default(),
                     buf: Vec::new(),
                     scratch: Vec::new(),
+                    note_hash: None,
+                    note_seq: None,
                 })
             })
             .collect();
@@ -301,9 +321,14 @@ impl BlockBackend {
                 return 0;
             }
         };
+        w.note_hash = None;
+        w.note_seq = None;
         let (status, written) = self.execute(mem, &req, q, w);
         if mem.write_obj(status as u8, req.status).is_err() {
             return 0;
+        }
+        if inner.config.mode == Mode::Replay {
+            self.replay_done(&req, status, w);
         }
         Metrics::add(&inner.metrics.requests, 1);
         if status == VIRTIO_BLK_S_IOERR {
@@ -316,7 +341,48 @@ impl BlockBackend {
     /// the disk without a copy.
     fn writes_from_guest(&self, op: pb::BlockOp) -> bool {
         let inner = &*self.inner;
-        inner.disk.writes_in_place() && (inner.tee.is_none() || !inner.config.filter.matches(op))
+        inner.config.mode == Mode::Capture
+            && inner.disk.writes_in_place()
+            && (inner.tee.is_none() || !inner.config.filter.matches(op))
+    }
+
+    fn clock_ns(&self) -> u64 {
+        self.inner.config.clock.as_ref().map_or(0, |c| c.now_ns())
+    }
+
+    /// Replay mode, after a request completed: compares it with the
+    /// original's record and reports it on the output stream.
+    fn replay_done(&self, req: &Request, status: u32, w: &Worker) {
+        let inner = &*self.inner;
+        if matches!(req.rtype, RequestType::Unsupported(_)) {
+            return;
+        }
+        let op = req.rtype.op();
+        let st = block_status(status);
+        let outcome = inner
+            .config
+            .expect
+            .as_ref()
+            .map(|e| e.complete(op, req.sector, req.data_len, w.note_hash, st));
+        let Some(o) = inner.config.outputs.as_ref().filter(|o| o.active()) else {
+            return;
+        };
+        let data = (op == pb::BlockOp::Write && o.wants_data() && w.note_hash.is_some())
+            .then(|| w.buf[..req.data_len as usize].to_vec());
+        o.emit(Output::Block {
+            device: inner.config.device.clone(),
+            op: replay::op_name(op),
+            sector: req.sector,
+            len: req.data_len,
+            status: replay::status_name(st),
+            hash: w.note_hash.map(|h| h.to_vec()),
+            answers: outcome.and_then(|o| o.answers),
+            matched: outcome.and_then(|o| o.matched),
+            clock_ns: self.clock_ns(),
+            mono_ns: crate::now_ns().1,
+            clone_seq: w.note_seq,
+            data,
+        });
     }
 
     /// Runs a request; returns the status and bytes written to the guest
@@ -325,13 +391,35 @@ impl BlockBackend {
         let inner = &*self.inner;
         let op = req.rtype.op();
         let len = req.data_len;
-        if let Some(f) = &inner.faults {
-            if !matches!(req.rtype, RequestType::Unsupported(_))
-                && f.block(op, req.sector, len) == BlockFault::IoError
-            {
-                Metrics::add(&inner.metrics.faults, 1);
-                self.record(q, op, req.sector, len, None, None, VIRTIO_BLK_S_IOERR);
-                return (VIRTIO_BLK_S_IOERR, 0);
+        let replay = inner.config.mode == Mode::Replay;
+        if let Some(f) = inner.faults.as_ref().filter(|_| replay) {
+            if !matches!(req.rtype, RequestType::Unsupported(_)) {
+                let ctx = FaultCtx {
+                    device: &inner.config.device,
+                    seq: inner
+                        .config
+                        .expect
+                        .as_ref()
+                        .and_then(|e| e.peek(op, req.sector, len)),
+                    clock_ns: self.clock_ns(),
+                };
+                let fired = f.block(&ctx, op, req.sector, len);
+                if fired.fault == BlockFault::IoError {
+                    Metrics::add(&inner.metrics.faults, 1);
+                    if let Some(o) = inner.config.outputs.as_ref().filter(|o| o.active()) {
+                        o.emit(Output::Fault {
+                            device: inner.config.device.clone(),
+                            rule: fired.rule,
+                            kind: "io-error",
+                            target: "block",
+                            seq: ctx.seq,
+                            clock_ns: ctx.clock_ns,
+                        });
+                    }
+                    w.note_seq =
+                        self.record(q, op, req.sector, len, None, None, VIRTIO_BLK_S_IOERR);
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
             }
         }
         let off = req.sector.checked_mul(512);
@@ -347,7 +435,10 @@ impl BlockBackend {
                             (VIRTIO_BLK_S_IOERR, 0)
                         } else {
                             Metrics::add(&inner.metrics.bytes, u64::from(len));
-                            self.record(
+                            if replay {
+                                w.note_hash = Some(replay::hash128(&w.buf[..len as usize]));
+                            }
+                            w.note_seq = self.record(
                                 q,
                                 op,
                                 req.sector,
@@ -379,13 +470,15 @@ impl BlockBackend {
                 };
                 return (self.write_status(r, req.sector, len), 0);
             }
-            RequestType::Out if inner.tee.is_some() && inner.config.filter.matches(op) => {
+            RequestType::Out
+                if !replay && inner.tee.is_some() && inner.config.filter.matches(op) =>
+            {
                 // Copied once into the record's buffer; the disk is written
                 // from that copy.
                 let tee = inner.tee.as_ref().expect("checked above");
                 let segs = &w.segs;
                 let scratch = &mut w.scratch;
-                let status =
+                let (status, _) =
                     tee.record_block_with(&inner.config.device, q, op, req.sector, len, |data| {
                         let gathered =
                             request::gather(mem, segs, u64::from(request::HEADER_LEN), data);
@@ -413,7 +506,13 @@ impl BlockBackend {
                     }
                     _ => Err(DiskError::OutOfRange),
                 };
-                return (self.write_status(r, req.sector, len), 0);
+                let status = self.write_status(r, req.sector, len);
+                if replay {
+                    // A clone's write is recorded from the bytes its disk got.
+                    w.note_hash = Some(replay::hash128(&w.buf[..len as usize]));
+                    self.record_buffer(q, op, req.sector, len, status, w);
+                }
+                return (status, 0);
             }
             RequestType::Flush => {
                 // Write ahead: the records before this FLUSH are durable
@@ -473,7 +572,7 @@ impl BlockBackend {
             }
             RequestType::Unsupported(_) => return (VIRTIO_BLK_S_UNSUPP, 0),
         };
-        self.record(q, op, req.sector, len, None, None, status);
+        w.note_seq = self.record(q, op, req.sector, len, None, None, status);
         (status, written)
     }
 
@@ -503,7 +602,7 @@ impl BlockBackend {
         w: &mut Worker,
     ) {
         let data = std::mem::take(&mut w.buf);
-        self.record(
+        w.note_seq = self.record(
             q,
             op,
             sector,
@@ -526,11 +625,11 @@ impl BlockBackend {
         data: Option<&[u8]>,
         read: Option<&[u8]>,
         status: u32,
-    ) {
+    ) -> Option<u64> {
         let inner = &*self.inner;
-        let Some(tee) = &inner.tee else { return };
+        let tee = inner.tee.as_ref()?;
         if !inner.config.filter.matches(op) {
-            return;
+            return None;
         }
         tee.record_block(
             &inner.config.device,
@@ -541,7 +640,7 @@ impl BlockBackend {
             data,
             read,
             block_status(status),
-        );
+        )
     }
 }
 

@@ -6,6 +6,8 @@
 //!   barrier ([`Tee::sync`]) and the restart record of a device.
 //! - [`file`]: [`FileSink`], one capture file that a restarted backend
 //!   appends to.
+//! - [`replay`]: the replay clock, the live output stream of a clone and
+//!   the comparison of its block requests with the original's records.
 //! - [`spool`]: [`SpoolSink`], a rolling spool of segment files that
 //!   recycles a segment only after the shipper committed past it, and the
 //!   API the shipper uses ([`SpoolReader`], [`spool::commit`]).
@@ -18,6 +20,7 @@ use std::sync::Mutex;
 use vmr_proto::pb;
 
 pub mod file;
+pub mod replay;
 pub mod spool;
 pub mod tee;
 

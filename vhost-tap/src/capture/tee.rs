@@ -406,7 +406,8 @@ impl Tee {
     }
 
     /// Records one block request. `data` is the payload of writes; `read` is
-    /// the data a read returned (hashed, not stored).
+    /// the data a read returned (hashed, not stored). Returns the record's
+    /// `seq` (None: dropped by the policy).
     #[allow(clippy::too_many_arguments)]
     pub fn record_block(
         &self,
@@ -418,7 +419,7 @@ impl Tee {
         data: Option<&[u8]>,
         read: Option<&[u8]>,
         status: pb::BlockStatus,
-    ) {
+    ) -> Option<u64> {
         let mut rec = self.take_record();
         let mut io = reuse_block(&mut rec.event, device, queue, op, sector, len, status);
         if let Some(d) = data {
@@ -432,14 +433,15 @@ impl Tee {
             } as i32;
         }
         rec.event.payload = Some(pb::event::Payload::Block(io));
-        self.push(rec);
+        self.push(rec)
     }
 
     /// Records a write whose payload `fill` produces: it gets the record's
     /// own buffer, `len` bytes long, copies the guest's data into it once,
     /// writes the disk from it and returns the status. The record then holds
     /// exactly the bytes the disk got, whatever the guest does to its
-    /// buffers afterwards.
+    /// buffers afterwards. Returns the status and the record's `seq` (None:
+    /// dropped by the policy).
     pub fn record_block_with(
         &self,
         device: &str,
@@ -448,7 +450,7 @@ impl Tee {
         sector: u64,
         len: u32,
         fill: impl FnOnce(&mut [u8]) -> pb::BlockStatus,
-    ) -> pb::BlockStatus {
+    ) -> (pb::BlockStatus, Option<u64>) {
         let mut rec = self.take_record();
         // Keep the bytes a pooled buffer already holds: no zero fill unless
         // it grows.
@@ -480,12 +482,18 @@ impl Tee {
         io.data = data;
         io.status = status as i32;
         rec.event.payload = Some(pb::event::Payload::Block(io));
-        self.push(rec);
-        status
+        (status, self.push(rec))
     }
 
-    /// Records one frame (without the virtio-net header).
-    pub fn record_frame(&self, device: &str, queue: u16, direction: pb::Direction, frame: &[u8]) {
+    /// Records one frame (without the virtio-net header); returns its `seq`
+    /// (None: dropped by the policy).
+    pub fn record_frame(
+        &self,
+        device: &str,
+        queue: u16,
+        direction: pb::Direction,
+        frame: &[u8],
+    ) -> Option<u64> {
         let mut rec = self.take_record();
         let mut f = match rec.event.payload.take() {
             Some(pb::event::Payload::Net(f)) => f,
@@ -498,7 +506,7 @@ impl Tee {
         f.frame.clear();
         f.frame.extend_from_slice(frame);
         rec.event.payload = Some(pb::event::Payload::Net(f));
-        self.push(rec);
+        self.push(rec)
     }
 
     /// Records a lifecycle event (boot, shutdown, ...).
@@ -509,7 +517,7 @@ impl Tee {
             detail: detail.to_owned(),
             ..Default::default()
         }));
-        self.push(rec);
+        let _ = self.push(rec);
     }
 
     /// Hashes `data` with the configured algorithm.
@@ -533,8 +541,9 @@ impl Tee {
         rec
     }
 
-    /// Numbers and queues `rec`; `false` when the policy dropped it.
-    fn push(&self, mut rec: Record) -> bool {
+    /// Numbers and queues `rec`; returns its `seq`, or None when the
+    /// policy dropped it.
+    fn push(&self, mut rec: Record) -> Option<u64> {
         let s = &*self.shared;
         let size = payload_bytes(&rec.event);
         // Whether `size` more bytes fit the budget (an empty queue takes any record).
@@ -556,6 +565,7 @@ impl Tee {
         let _order = s.order.lock().unwrap_or_else(|p| p.into_inner());
         let ev = &mut rec.event;
         ev.seq = s.seq.next();
+        let seq = ev.seq;
         let (wall, mono) = crate::now_ns();
         ev.wall_time_ns = wall;
         ev.mono_time_ns = mono;
@@ -573,12 +583,12 @@ impl Tee {
                     }
                 }
                 Metrics::add(&s.metrics.recorded, 1);
-                true
+                Some(seq)
             }
             Policy::Drop => match try_push(rec) {
                 Ok(()) => {
                     Metrics::add(&s.metrics.recorded, 1);
-                    true
+                    Some(seq)
                 }
                 Err(back) => {
                     Metrics::add(&s.metrics.dropped, 1);
@@ -586,7 +596,7 @@ impl Tee {
                     s.pool.recycle(back);
                     let mut gaps = s.gaps.lock().unwrap_or_else(|p| p.into_inner());
                     add_gap(&mut gaps, seq, 1, "capture queue full");
-                    false
+                    None
                 }
             },
         }

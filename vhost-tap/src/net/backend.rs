@@ -8,8 +8,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -25,12 +25,13 @@ use vmm_sys_util::event::{
 };
 use vmr_proto::pb;
 
-use super::replay::ReplaySource;
+use super::replay::{HeldTx, Injected, ReplaySource};
 use super::tap::Tap;
 use crate::blk::backend::protocol_features;
 use crate::blk::request::{self, Segment};
+use crate::capture::replay::{Output, Outputs};
 use crate::capture::Tee;
-use crate::fault::{FaultHook, FrameFault};
+use crate::fault::{FaultCtx, FaultHook, Fired, FrameFault};
 use crate::filter::NetFilter;
 use crate::metrics::Metrics;
 use crate::{GuestMem, GuestMemAtomic, Mode};
@@ -72,6 +73,9 @@ pub struct NetConfig {
     pub mode: Mode,
     /// Which frames are recorded.
     pub filter: NetFilter,
+    /// Replay mode: the live output stream (deliveries, transmissions,
+    /// faults).
+    pub outputs: Option<Arc<Outputs>>,
 }
 
 impl NetConfig {
@@ -84,6 +88,7 @@ impl NetConfig {
             queue_size: 256,
             mode: Mode::Capture,
             filter: NetFilter::default(),
+            outputs: None,
         }
     }
 }
@@ -104,6 +109,19 @@ struct Inner {
     tee: Option<Tee>,
     faults: Option<Arc<dyn FaultHook>>,
     metrics: Arc<Metrics>,
+    /// The last original `seq` delivered to the guest, plus one (0: none).
+    last_seq: AtomicU64,
+}
+
+/// What became of a frame offered to the receive queue.
+enum Delivery {
+    /// The guest has no receive buffer: the frame was not consumed.
+    NoBuffer,
+    /// Written into a buffer and put in the used ring; the clone's record
+    /// number, if recorded.
+    Delivered(Option<u64>),
+    /// The buffer was malformed or too small: the frame is lost.
+    Refused,
 }
 
 /// The virtio-net vhost-user backend. Cheap to clone (shared state).
@@ -148,6 +166,7 @@ impl NetBackend {
                 tee,
                 faults,
                 metrics,
+                last_seq: AtomicU64::new(0),
             }),
         })
     }
@@ -180,13 +199,80 @@ impl NetBackend {
         cfg
     }
 
-    fn record(&self, dir: pb::Direction, frame: &[u8]) {
+    fn record(&self, dir: pb::Direction, frame: &[u8]) -> Option<u64> {
         let inner = &*self.inner;
-        if let Some(tee) = &inner.tee {
-            if inner.config.filter.matches(dir, frame) {
-                let q = if dir == pb::Direction::Rx { RX } else { TX };
-                tee.record_frame(&inner.config.device, q, dir, frame);
+        let tee = inner.tee.as_ref()?;
+        if !inner.config.filter.matches(dir, frame) {
+            return None;
+        }
+        let q = if dir == pb::Direction::Rx { RX } else { TX };
+        tee.record_frame(&inner.config.device, q, dir, frame)
+    }
+
+    /// The last original `seq` delivered to the guest.
+    pub fn last_delivered_seq(&self) -> Option<u64> {
+        self.inner.last_seq.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    fn clock_ns(&self) -> u64 {
+        self.inner.source.as_ref().map_or(0, |s| s.clock_ns())
+    }
+
+    fn outputs(&self) -> Option<&Arc<Outputs>> {
+        self.inner.config.outputs.as_ref().filter(|o| o.active())
+    }
+
+    fn fault_ctx(&self, seq: Option<u64>) -> FaultCtx<'_> {
+        FaultCtx {
+            device: &self.inner.config.device,
+            seq,
+            clock_ns: self.clock_ns(),
+        }
+    }
+
+    fn frame_fault(&self, dir: pb::Direction, seq: Option<u64>, frame: &[u8]) -> FrameFault {
+        let Some(f) = &self.inner.faults else {
+            return FrameFault::Pass;
+        };
+        let ctx = self.fault_ctx(seq);
+        let Fired { fault, rule } = f.frame(&ctx, dir, frame);
+        if fault != FrameFault::Pass {
+            Metrics::add(&self.inner.metrics.faults, 1);
+            if let Some(o) = self.outputs() {
+                o.emit(Output::Fault {
+                    device: self.inner.config.device.clone(),
+                    rule,
+                    kind: fault.name(),
+                    target: if dir == pb::Direction::Rx { "rx" } else { "tx" },
+                    seq,
+                    clock_ns: ctx.clock_ns,
+                });
             }
+        }
+        fault
+    }
+
+    /// Records, forwards and reports one transmitted frame.
+    fn transmitted(&self, payload: &[u8], after_seq: Option<u64>) {
+        let inner = &*self.inner;
+        Metrics::add(&inner.metrics.requests, 1);
+        Metrics::add(&inner.metrics.bytes, payload.len() as u64);
+        let clone_seq = self.record(pb::Direction::Tx, payload);
+        if let Some(tap) = &inner.tap {
+            if let Err(error) = tap.write_frame(payload) {
+                tracing::debug!(%error, "tap write failed");
+                Metrics::add(&inner.metrics.io_errors, 1);
+            }
+        }
+        if let Some(o) = self.outputs() {
+            o.emit(Output::Tx {
+                device: inner.config.device.clone(),
+                after_seq,
+                clock_ns: self.clock_ns(),
+                mono_ns: crate::now_ns().1,
+                clone_seq,
+                frame: payload.to_vec(),
+            });
         }
     }
 
@@ -198,17 +284,18 @@ impl NetBackend {
         rx: &VringRwLock<GuestMemAtomic>,
         segs: &mut Vec<Segment>,
         frame: &[u8],
-    ) -> io::Result<bool> {
+    ) -> io::Result<Delivery> {
         let inner = &*self.inner;
         let mut vs = rx.get_mut();
         let queue = vs.get_queue_mut();
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return Ok(false);
+            return Ok(Delivery::NoBuffer);
         };
         let head = chain.head_index();
         let room = chain_segments(chain, true, segs);
         let total = NET_HDR_LEN + frame.len();
         let mut used = 0u32;
+        let mut result = Delivery::Refused;
         if !room.is_some_and(|r| !segs.is_empty() && r >= total as u64) {
             // Malformed, or too small for this frame: drop the frame, return
             // the buffer.
@@ -223,7 +310,7 @@ impl NetBackend {
                 Metrics::add(&inner.metrics.bytes, frame.len() as u64);
                 // Numbered before the guest can see it: a snapshot cut taken
                 // after GET_VRING_BASE never holds a frame numbered later.
-                self.record(pb::Direction::Rx, frame);
+                result = Delivery::Delivered(self.record(pb::Direction::Rx, frame));
             } else {
                 Metrics::add(&inner.metrics.malformed, 1);
             }
@@ -232,7 +319,56 @@ impl NetBackend {
         if queue.needs_notification(mem).map_err(io::Error::other)? {
             vs.signal_used_queue()?;
         }
+        Ok(result)
+    }
+
+    /// Delivers an injected frame (its faults were decided when it became
+    /// ready) and reports the delivery. Returns false if the guest has no
+    /// receive buffer (the frame is not consumed).
+    fn deliver_injected(
+        &self,
+        mem: &GuestMem,
+        rx: &VringRwLock<GuestMemAtomic>,
+        segs: &mut Vec<Segment>,
+        f: &Injected,
+    ) -> io::Result<bool> {
+        let inner = &*self.inner;
+        let clone_seq = match self.deliver(mem, rx, segs, &f.frame)? {
+            Delivery::NoBuffer => return Ok(false),
+            Delivery::Refused => return Ok(true),
+            Delivery::Delivered(s) => s,
+        };
+        if let Some(seq) = f.seq {
+            inner.last_seq.fetch_max(seq + 1, Ordering::AcqRel);
+        }
+        if let Some(o) = self.outputs() {
+            let clock_ns = self.clock_ns();
+            o.emit(Output::Delivered {
+                device: inner.config.device.clone(),
+                seq: f.seq,
+                at_ns: f.at_ns,
+                clock_ns,
+                mono_ns: crate::now_ns().1,
+                late_ns: f.at_ns.map_or(0, |at| clock_ns as i64 - at as i64),
+                clone_seq,
+                len: f.frame.len(),
+            });
+        }
         Ok(true)
+    }
+
+    /// Whether the guest has posted a receive buffer.
+    fn rx_buffer_ready(
+        &self,
+        mem: &GuestMem,
+        rx: &VringRwLock<GuestMemAtomic>,
+    ) -> io::Result<bool> {
+        let mut vs = rx.get_mut();
+        let q = vs.get_queue_mut();
+        let avail = q
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(io::Error::other)?;
+        Ok(avail.0 != q.next_avail())
     }
 
     /// Delivers a host frame to the guest, applying receive faults.
@@ -244,35 +380,28 @@ impl NetBackend {
         frame: &[u8],
     ) -> io::Result<bool> {
         // Decide faults only for frames that have somewhere to go.
-        {
-            let mut vs = rx.get_mut();
-            let q = vs.get_queue_mut();
-            let avail = q
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .map_err(io::Error::other)?;
-            if avail.0 == q.next_avail() {
-                return Ok(false);
-            }
+        if !self.rx_buffer_ready(mem, rx)? {
+            return Ok(false);
         }
-        let fault = self
-            .inner
-            .faults
-            .as_ref()
-            .map_or(FrameFault::Pass, |f| f.frame(pb::Direction::Rx, frame));
-        match fault {
-            FrameFault::Pass => self.deliver(mem, rx, segs, frame),
-            FrameFault::Drop => {
-                Metrics::add(&self.inner.metrics.faults, 1);
-                Ok(true)
-            }
+        let consumed = |d: Delivery| !matches!(d, Delivery::NoBuffer);
+        match self.frame_fault(pb::Direction::Rx, None, frame) {
+            FrameFault::Pass => Ok(consumed(self.deliver(mem, rx, segs, frame)?)),
+            FrameFault::Drop => Ok(true),
             FrameFault::Delay(d) => {
-                Metrics::add(&self.inner.metrics.faults, 1);
-                std::thread::sleep(d.min(Duration::from_secs(10)));
-                self.deliver(mem, rx, segs, frame)
+                // The scheduler holds it; this thread never sleeps.
+                let held = self
+                    .inner
+                    .source
+                    .as_ref()
+                    .is_some_and(|s| s.delay_rx(Injected::now(frame.to_vec()), d));
+                if held {
+                    Ok(true)
+                } else {
+                    Ok(consumed(self.deliver(mem, rx, segs, frame)?))
+                }
             }
             FrameFault::Duplicate => {
-                Metrics::add(&self.inner.metrics.faults, 1);
-                let first = self.deliver(mem, rx, segs, frame)?;
+                let first = consumed(self.deliver(mem, rx, segs, frame)?);
                 if first {
                     let _ = self.deliver(mem, rx, segs, frame)?;
                 }
@@ -298,15 +427,36 @@ impl NetBackend {
             }
         }
         if let Some(source) = &inner.source {
+            let decided = source.decides_faults();
             while let Some(f) = source.pop() {
-                Metrics::add(&inner.metrics.injected, 1);
-                if !self.deliver_with_faults(mem, rx, segs, &f)? {
+                if !decided && !self.rx_buffer_ready(mem, rx)? {
                     source.unpop(f);
-                    inner
-                        .metrics
-                        .injected
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
+                }
+                let copies = if decided {
+                    1
+                } else {
+                    match self.frame_fault(pb::Direction::Rx, f.seq, &f.frame) {
+                        FrameFault::Pass => 1,
+                        FrameFault::Drop => 0,
+                        FrameFault::Duplicate => 2,
+                        FrameFault::Delay(d) => {
+                            if source.delay_rx(f.clone(), d) {
+                                0
+                            } else {
+                                1
+                            }
+                        }
+                    }
+                };
+                for i in 0..copies {
+                    if !self.deliver_injected(mem, rx, segs, &f)? {
+                        if i == 0 {
+                            source.unpop(f);
+                        }
+                        return Ok(());
+                    }
+                    Metrics::add(&inner.metrics.injected, 1);
                 }
             }
         }
@@ -346,32 +496,26 @@ impl NetBackend {
                 continue;
             }
             let payload = &frame[NET_HDR_LEN..len];
-            let fault = inner
-                .faults
-                .as_ref()
-                .map_or(FrameFault::Pass, |f| f.frame(pb::Direction::Tx, payload));
-            let copies = match fault {
+            let after_seq = self.last_delivered_seq();
+            let copies = match self.frame_fault(pb::Direction::Tx, after_seq, payload) {
                 FrameFault::Pass => 1,
                 FrameFault::Drop => 0,
                 FrameFault::Delay(d) => {
-                    std::thread::sleep(d.min(Duration::from_secs(10)));
-                    1
+                    // Held by the scheduler, recorded and forwarded when
+                    // the delay is over (see `process_held_tx`).
+                    let held = HeldTx {
+                        frame: payload.to_vec(),
+                        after_seq,
+                    };
+                    match &inner.source {
+                        Some(s) if s.delay_tx(held, d) => 0,
+                        _ => 1,
+                    }
                 }
                 FrameFault::Duplicate => 2,
             };
-            if fault != FrameFault::Pass {
-                Metrics::add(&inner.metrics.faults, 1);
-            }
             for _ in 0..copies {
-                Metrics::add(&inner.metrics.requests, 1);
-                Metrics::add(&inner.metrics.bytes, payload.len() as u64);
-                self.record(pb::Direction::Tx, payload);
-                if let Some(tap) = &inner.tap {
-                    if let Err(error) = tap.write_frame(payload) {
-                        tracing::debug!(%error, "tap write failed");
-                        Metrics::add(&inner.metrics.io_errors, 1);
-                    }
-                }
+                self.transmitted(payload, after_seq);
             }
             queue.add_used(mem, head, 0).map_err(io::Error::other)?;
         }
@@ -517,6 +661,9 @@ impl VhostUserBackend for NetBackend {
                 if device_event == REPLAY_EVENT {
                     if let Some(s) = &self.inner.source {
                         s.clear_event();
+                        while let Some(t) = s.pop_tx() {
+                            self.transmitted(&t.frame, t.after_seq);
+                        }
                     }
                 }
                 if ready(rx) {
