@@ -133,6 +133,20 @@ fn dispatch(cli: &Cli, out: &output::Out) -> CliResult {
         token: g.token.clone(),
     };
     let cfg = config::Config::load(g.config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+    let needs = |broker, store| cmd::stack::Needs { broker, store };
+    let need = match &cli.command {
+        Command::Events(_) => Some(needs(true, false)),
+        Command::Timeline(_) => Some(needs(true, true)),
+        Command::Snapshot(cmd::snapshot::SnapshotCommand::List(a)) if !a.agent => {
+            Some(needs(false, true))
+        }
+        Command::Snapshot(cmd::snapshot::SnapshotCommand::Show(_)) => Some(needs(false, true)),
+        _ => None,
+    };
+    let cfg = match need {
+        Some(n) => cmd::stack::embedded_default(&cfg, n, out)?,
+        None => cfg,
+    };
     match &cli.command {
         Command::Doctor(a) => cmd::doctor::run(&cfg, a, out),
         Command::Image(c) => cmd::image::run(&cfg, c, out),

@@ -201,31 +201,26 @@ pub fn run(cfg: &Config, c: &StackCommand, out: &Out) -> CliResult {
                 "down"
             };
             if verb == "up" {
-                std::fs::create_dir_all(l.dir.join("objects")).map_err(|e| {
-                    CliError::precondition(format!("cannot create {}: {e}", l.dir.display()))
-                        .hint("choose a writable --data-dir")
+                start(cfg, &l, out)?;
+            } else {
+                let mut cmd = script(cfg, &l, verb)?;
+                let r = util::run_bounded(&mut cmd, UP_TIMEOUT).map_err(|e| {
+                    CliError::unavailable(format!("stack {verb}: {e}"))
+                        .hint(format!("see the logs in {}", l.dir.display()))
                 })?;
-            }
-            let mut cmd = script(cfg, &l, verb)?;
-            let r = util::run_bounded(&mut cmd, UP_TIMEOUT).map_err(|e| {
-                CliError::unavailable(format!("stack {verb}: {e}"))
-                    .hint(format!("see the logs in {}", l.dir.display()))
-            })?;
-            if !out.quiet {
-                for line in r.stderr.lines() {
-                    eprintln!("{line}");
+                if !out.quiet {
+                    for line in r.stderr.lines() {
+                        eprintln!("{line}");
+                    }
                 }
-            }
-            if !r.success {
-                let last = r.stderr.lines().last().unwrap_or("").to_string();
-                return Err(CliError::unavailable(format!(
-                    "stack {verb} failed ({}): {last}",
-                    r.status
-                ))
-                .hint(format!(
-                    "see the logs in {}; `vmr doctor` checks the prerequisites",
-                    l.dir.display()
-                )));
+                if !r.success {
+                    let last = r.stderr.lines().last().unwrap_or("").to_string();
+                    return Err(CliError::unavailable(format!(
+                        "stack {verb} failed ({}): {last}",
+                        r.status
+                    ))
+                    .hint(format!("see the logs in {}", l.dir.display())));
+                }
             }
             if verb == "up" {
                 env_exports(&l, out);
@@ -237,4 +232,69 @@ pub fn run(cfg: &Config, c: &StackCommand, out: &Out) -> CliResult {
             Ok(())
         }
     }
+}
+
+/// Which shared services a command needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    pub broker: bool,
+    pub store: bool,
+}
+
+/// The embedded default: when the command needs the broker and none is
+/// configured (file, env or flag) and nothing answers at the default
+/// address, starts the local stack (as `vmr stack up`) and says so; when it
+/// needs the object store and none is configured, uses the local stack's
+/// filesystem store. Returns the configuration to run the command with.
+pub fn embedded_default(cfg: &Config, needs: Needs, out: &Out) -> CliResult<Config> {
+    let mut cfg = cfg.clone();
+    let local = cfg.broker_source == Source::Default;
+    if needs.store && !cfg.store_configured {
+        if let Ok(l) = layout(&cfg) {
+            cfg.endpoints.object_store_url = l.object_store_url.clone();
+        }
+    }
+    if !(needs.broker && local) {
+        return Ok(cfg);
+    }
+    let l = layout(&cfg)?;
+    if util::connect(&l.bootstrap, Duration::from_millis(500)).is_ok() {
+        return Ok(cfg);
+    }
+    out.progress(&format!(
+        "no broker configured and none at {}: starting the local stack in {} (stop it with `vmr stack down`)",
+        l.bootstrap,
+        l.dir.display()
+    ));
+    start(&cfg, &l, out)?;
+    Ok(cfg)
+}
+
+fn start(cfg: &Config, l: &Layout, out: &Out) -> CliResult {
+    std::fs::create_dir_all(l.dir.join("objects")).map_err(|e| {
+        CliError::precondition(format!("cannot create {}: {e}", l.dir.display()))
+            .hint("choose a writable --data-dir")
+    })?;
+    let mut cmd = script(cfg, l, "up")?;
+    let r = util::run_bounded(&mut cmd, UP_TIMEOUT).map_err(|e| {
+        CliError::unavailable(format!("stack up: {e}"))
+            .hint(format!("see the logs in {}", l.dir.display()))
+    })?;
+    if !out.quiet {
+        for line in r.stderr.lines() {
+            eprintln!("{line}");
+        }
+    }
+    if !r.success {
+        let last = r.stderr.lines().last().unwrap_or("").to_string();
+        return Err(CliError::unavailable(format!(
+            "stack up failed ({}): {last}",
+            r.status
+        ))
+        .hint(format!(
+            "see the logs in {}; `vmr doctor` checks the prerequisites",
+            l.dir.display()
+        )));
+    }
+    Ok(())
 }

@@ -71,7 +71,8 @@ pub struct SnapMark {
 pub struct CrashMark {
     /// Recorded time it is drawn at.
     pub time_ns: u64,
-    /// The crash event's seq (original) or the last seq applied (clone).
+    /// The crash event's seq (original), or the last input the clone was
+    /// given before it crashed (clone).
     pub seq: u64,
     pub detail: String,
 }
@@ -106,6 +107,9 @@ pub struct Timeline {
     pub clone: Option<CloneTrack>,
     /// seq -> recorded time of every event.
     pub seq_times: BTreeMap<u64, u64>,
+    /// seq -> recorded time of the inputs (block, net, env events): what a
+    /// clone is fed.
+    pub input_times: BTreeMap<u64, u64>,
     /// Events per topic.
     pub per_topic: BTreeMap<String, u64>,
 }
@@ -185,6 +189,7 @@ impl Timeline {
             };
             if let Some(l) = lane {
                 t.lanes.entry(l).or_default().push((at, e.seq));
+                t.input_times.insert(e.seq, at);
             }
         }
         t
@@ -204,6 +209,15 @@ impl Timeline {
     /// The recorded time of `seq`, or of the nearest earlier event.
     pub fn time_of_seq(&self, seq: u64) -> Option<u64> {
         self.seq_times.range(..=seq).next_back().map(|(_, &t)| t)
+    }
+
+    /// The last input at or before `seq` (its seq and recorded time): where
+    /// a clone whose replay had applied up to `seq` got its last input.
+    pub fn last_input_at(&self, seq: u64) -> Option<(u64, u64)> {
+        self.input_times
+            .range(..=seq)
+            .next_back()
+            .map(|(&s, &t)| (s, t))
     }
 
     /// The recorded time span (first, last), with crash and snapshots.
@@ -306,11 +320,13 @@ pub fn read_replay_log(path: &Path, t: &mut Timeline) -> CliResult {
         }
         if let Some(lc) = &l.lifecycle {
             if is_crash_word(&lc.kind) && track.crash.is_none() {
-                let at = t.time_of_seq(lc.last_seq_applied).unwrap_or(0);
+                let (seq, at) = t
+                    .last_input_at(lc.last_seq_applied)
+                    .unwrap_or((lc.last_seq_applied, 0));
                 track.crash = Some((
                     CrashMark {
                         time_ns: at,
-                        seq: lc.last_seq_applied,
+                        seq,
                         detail: format!("{} {}", lc.kind, lc.detail).trim().to_string(),
                     },
                     lc.wall_time_ns,
@@ -540,7 +556,7 @@ pub fn render_svg(t: &Timeline) -> String {
         let x = axis.x(c.time_ns);
         let _ = write!(
             s,
-            r##"<g id="crash-clone" class="crash" data-time-ns="{}" data-seq="{}" data-clone-wall-ns="{wall}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ff5a00" stroke-width="2.5" stroke-dasharray="5,3"/><text x="{:.1}" y="{:.1}" fill="#ff5a00" font-weight="bold" text-anchor="end">clone crashed after seq {}</text><title>{}</title></g>"##,
+            r##"<g id="crash-clone" class="crash" data-time-ns="{}" data-seq="{}" data-clone-wall-ns="{wall}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ff5a00" stroke-width="2.5" stroke-dasharray="5,3"/><text x="{:.1}" y="{:.1}" fill="#ff5a00" font-weight="bold" text-anchor="end">clone crashed after input seq {}</text><title>{}</title></g>"##,
             c.time_ns,
             c.seq,
             ly + LANE_H,
@@ -698,11 +714,13 @@ pub fn build(cfg: &Config, a: &TimelineArgs, out: &Out) -> CliResult<Timeline> {
         track.replayed_seq = c.replayed_seq;
         track.divergences = u64::from(c.divergences);
         if track.state == "crashed" {
-            let at = t.time_of_seq(c.replayed_seq).unwrap_or(0);
+            let (seq, at) = t
+                .last_input_at(c.replayed_seq)
+                .unwrap_or((c.replayed_seq, 0));
             track.crash = Some((
                 CrashMark {
                     time_ns: at,
-                    seq: c.replayed_seq,
+                    seq,
                     detail: c.detail.clone(),
                 },
                 0,
