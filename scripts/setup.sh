@@ -12,6 +12,8 @@ APT_PACKAGES=(
     libssl-dev openssl
     qemu-system-x86 qemu-utils acpica-tools gdb
     busybox-static cpio iproute2 jq curl strace time python3
+    # The fonts `vmr timeline` renders its PNG labels with.
+    fonts-dejavu-core
     chromium chromium-driver
     # bindgen (userfaultfd-sys, for vhost-tap's postcopy support) loads libclang.
     libclang-dev
