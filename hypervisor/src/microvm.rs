@@ -482,7 +482,9 @@ impl Driver for MicrovmDriver {
                 memory: if devices.is_empty() {
                     RestoreMemory::PrivateLazy
                 } else {
-                    RestoreMemory::SharedCopy
+                    // Lazy (userfaultfd + vhost-user postcopy); eager copy
+                    // with VMR_RESTORE_MEMORY=copy.
+                    RestoreMemory::shared_default()
                 },
                 serial_out: Some(Box::new(open_console(spec, &shared.console)?)),
                 dirty_log: true,
