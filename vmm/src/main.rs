@@ -58,10 +58,15 @@ enum Command {
         /// Write the serial console here instead of stdout.
         #[arg(long)]
         serial_out: Option<PathBuf>,
-        /// Copy memory into a shared memfd instead of mapping the files
-        /// privately (needed when vhost-user backends attach).
+        /// Back memory with a shared memfd instead of mapping the files
+        /// privately (needed when vhost-user backends attach); it is filled
+        /// lazily through userfaultfd unless `--eager-copy` is given.
         #[arg(long)]
         shared_memory: bool,
+        /// With `--shared-memory`: copy every page in before the VM runs
+        /// (the fallback for hosts without userfaultfd).
+        #[arg(long, requires = "shared_memory")]
+        eager_copy: bool,
         /// As for `run`.
         #[arg(long)]
         snapshot_on_signal: Option<PathBuf>,
@@ -146,15 +151,16 @@ fn main() -> Result<()> {
             snapshot,
             serial_out: out,
             shared_memory,
+            eager_copy,
             snapshot_on_signal,
         } => {
             let (vm, devices) = Vm::restore(
                 &snapshot,
                 RestoreOptions {
-                    memory: if shared_memory {
-                        RestoreMemory::SharedCopy
-                    } else {
-                        RestoreMemory::PrivateLazy
+                    memory: match (shared_memory, eager_copy) {
+                        (false, _) => RestoreMemory::PrivateLazy,
+                        (true, false) => RestoreMemory::SharedLazy,
+                        (true, true) => RestoreMemory::SharedCopy,
                     },
                     serial_out: Some(serial_out(&out)?),
                     ..Default::default()
