@@ -95,14 +95,20 @@ pub struct ClonePlan {
     pub disks: Vec<(String, PathBuf)>,
     pub nics: Vec<NicPlan>,
     pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory_mib: u32,
+    pub vcpus: u8,
+    /// Extra QEMU `-device` entries.
+    pub qemu_devices: Vec<String>,
     pub blk_bin: PathBuf,
     pub net_bin: PathBuf,
     pub bootstrap_servers: String,
     pub kafka_security: vmr_proto::config::KafkaSecurity,
     pub fetch_timeout: Duration,
     pub kinds: KindSet,
+    /// Which events to deliver (its kinds are `kinds`).
+    pub filter: Filter,
     pub window: Window,
     pub until_seq: Option<u64>,
     pub speed: Speed,
@@ -112,6 +118,30 @@ pub struct ClonePlan {
     pub faults: Vec<faults::FaultRule>,
     /// Seed of the fault decisions.
     pub seed: u64,
+    /// How often this clone was switched to another cut before.
+    pub switches: u32,
+    /// How the operator reaches the guest.
+    pub access: AccessPlan,
+    /// A directory of the clone's (the materialised snapshot) removed on
+    /// teardown besides `work_dir`.
+    pub owned_dir: Option<PathBuf>,
+}
+
+/// The guest's addresses, for a live clone.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPlan {
+    /// `192.168.77.2` (without the prefix).
+    pub guest_ip: Option<String>,
+    /// The prefix length of the guest's network.
+    pub prefix: u8,
+    /// The recorded peer's address, which a live namespace takes.
+    pub peer_ip: Option<String>,
+    pub service_port: Option<u16>,
+}
+
+/// The name of the namespace interface (a TAP) towards NIC number `i`.
+fn live_tap(i: usize) -> String {
+    format!("vmrlive{i}")
 }
 
 /// State of a clone as the service reports it.
@@ -123,6 +153,8 @@ pub struct Status {
     pub detail: String,
     pub speed: Speed,
     pub divergences: Vec<pb::Divergence>,
+    /// Recorded events of the window the filter kept back.
+    pub filtered_out: u64,
 }
 
 type Listener = Box<dyn Fn(pb::ReplayProgress) + Send + Sync>;
@@ -137,6 +169,11 @@ struct Shared {
     clock: ClockControl,
     started: AtomicBool,
     ended: AtomicBool,
+    /// Every fault injected, in order.
+    faults_log: Mutex<Vec<pb::InjectedFault>>,
+    seed: u64,
+    switches: u32,
+    access: Mutex<pb::CloneAccess>,
 }
 
 impl Shared {
@@ -152,6 +189,12 @@ impl Shared {
             delivered: s.delivered,
             seq_at_cut: self.seq_at_cut,
             divergences: s.divergences.len() as u32,
+            access: Some(self.access.lock().expect("access lock").clone()),
+            filtered: s.filtered_out > 0,
+            filtered_out: s.filtered_out,
+            seed: self.seed,
+            faults_injected: self.faults_log.lock().expect("faults log lock").len() as u32,
+            switches: self.switches,
         }
     }
 
@@ -187,6 +230,31 @@ impl Shared {
         (self.listener)(p);
     }
 
+    /// Reports an injected fault: in the list that repeats the run and as
+    /// a divergence of kind `INJECTED_FAULT`.
+    fn report_fault(&self, fault: &faults::Injected, seed: u64) {
+        let description = format!("injected fault: {fault} (seed {seed})");
+        self.faults_log
+            .lock()
+            .expect("faults log lock")
+            .push(pb::InjectedFault {
+                seq: fault.seq,
+                device: fault.device.clone(),
+                kind: fault.action.kind() as i32,
+                description: description.clone(),
+                seed,
+                guest_time_ns: fault.guest_ns,
+            });
+        self.add_divergence(pb::Divergence {
+            seq: fault.seq,
+            device: fault.device.clone(),
+            description,
+            expected: None,
+            observed: None,
+            kind: pb::DivergenceKind::InjectedFault as i32,
+        });
+    }
+
     fn add_divergence(&self, d: pb::Divergence) {
         self.status
             .lock()
@@ -220,6 +288,10 @@ pub struct CloneRuntime {
     source: Mutex<Option<EventSource>>,
     control_sockets: HashMap<String, PathBuf>,
     blk_captures: Vec<(String, PathBuf)>,
+    /// Disk name → its backend's control socket (fault rules).
+    blk_controls: Vec<(String, PathBuf)>,
+    /// The recorded peer's MAC (a live namespace interface takes it).
+    peer_mac: Option<[u8; 6]>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     clock_slot: Mutex<Option<ReplayClock>>,
     expected_writes: Mutex<Vec<Event>>,
@@ -229,6 +301,8 @@ pub struct CloneRuntime {
     stop: Arc<AtomicBool>,
     torn_down: AtomicBool,
     debugger: Option<String>,
+    /// The replay clock is paused because a debugger stopped the guest.
+    debugger_held: AtomicBool,
 }
 
 impl std::fmt::Debug for CloneRuntime {
@@ -308,11 +382,22 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             detail: String::new(),
             speed: plan.speed,
             divergences: Vec::new(),
+            filtered_out: 0,
         }),
         listener,
         clock: clock.control(),
         started: AtomicBool::new(false),
         ended: AtomicBool::new(false),
+        faults_log: Mutex::new(Vec::new()),
+        seed: plan.seed,
+        switches: plan.switches,
+        access: Mutex::new(pb::CloneAccess {
+            netns: format!("vmr-{}", plan.clone_id),
+            guest_ip: plan.access.guest_ip.clone().unwrap_or_default(),
+            peer_ip: plan.access.peer_ip.clone().unwrap_or_default(),
+            service_port: plan.access.service_port.map_or(0, u32::from),
+            ..Default::default()
+        }),
     });
     std::fs::create_dir_all(&plan.work_dir).map_err(|e| setup("work directory", e))?;
     let netns = format!("vmr-{}", plan.clone_id);
@@ -324,6 +409,16 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         source: Mutex::new(Some(source)),
         control_sockets: HashMap::new(),
         blk_captures: Vec::new(),
+        blk_controls: Vec::new(),
+        peer_mac: recorded
+            .values()
+            .flatten()
+            .find(|f| f.direction == crate::net::Direction::ToGuest && f.data.len() >= 12)
+            .map(|f| {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(&f.data[6..12]);
+                m
+            }),
         threads: Mutex::new(Vec::new()),
         clock_slot: Mutex::new(Some(clock)),
         expected_writes: Mutex::new(Vec::new()),
@@ -332,11 +427,24 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         stop: Arc::new(AtomicBool::new(false)),
         torn_down: AtomicBool::new(false),
         debugger: None,
+        debugger_held: AtomicBool::new(false),
         plan,
     };
     // From here on, a failure tears down what was started (drop).
     run_ip(&["netns", "add", &netns])?;
     run_ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+    // The namespace's own stack stays silent towards the clone (no IPv6
+    // autoconfiguration on its interfaces) until the operator goes live.
+    for key in ["all", "default"] {
+        run_ip(&[
+            "netns",
+            "exec",
+            &netns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+        ])?;
+    }
 
     let work = rt.plan.work_dir.clone();
     let mut sockets = Vec::new();
@@ -345,15 +453,18 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         work.join("vm"),
         BootSpec::Kernel {
             kernel: rt.plan.kernel.clone(),
-            initrd: None,
+            initrd: rt.plan.initrd.clone(),
             cmdline: rt.plan.cmdline.clone(),
         },
     );
     std::fs::create_dir_all(work.join("vm")).map_err(|e| setup("work directory", e))?;
     spec.memory_mib = rt.plan.memory_mib;
+    spec.vcpus = rt.plan.vcpus;
+    spec.qemu.devices = rt.plan.qemu_devices.clone();
     for (dev, image) in rt.plan.disks.clone() {
         let sock = work.join(format!("{dev}.blk.sock"));
         let capture = work.join(format!("{dev}.blk.events"));
+        let blk_ctl = work.join(format!("{dev}.blk.ctl"));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &netns])
             .arg(&rt.plan.blk_bin)
@@ -372,20 +483,24 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
                 &dev,
             ])
             .arg("--capture")
-            .arg(&capture);
+            .arg(&capture)
+            .arg("--control")
+            .arg(&blk_ctl);
         rt.spawn(
             &format!("vhost-tap-blk {dev}"),
             &mut cmd,
             &work.join(format!("{dev}.blk.log")),
         )?;
         sockets.push(sock.clone());
+        sockets.push(blk_ctl.clone());
+        rt.blk_controls.push((dev.clone(), blk_ctl));
         rt.blk_captures.push((dev.clone(), capture));
         spec.disks.push(DiskSpec {
             name: dev,
             socket: sock,
         });
     }
-    for nic in rt.plan.nics.clone() {
+    for (nic_index, nic) in rt.plan.nics.clone().into_iter().enumerate() {
         let sock = work.join(format!("{}.net.sock", nic.name));
         let ctl = work.join(format!("{}.net.ctl", nic.name));
         let mut cmd = Command::new("ip");
@@ -405,7 +520,12 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             .arg("--capture")
             .arg(work.join(format!("{}.net.events", nic.name)))
             .arg("--control")
-            .arg(&ctl);
+            .arg(&ctl)
+            // A TAP inside the clone's namespace, silent until the clone
+            // goes live (no address, no IPv6): nothing the clone sends
+            // leaves the namespace.
+            .arg("--forward")
+            .args(["--tap", &live_tap(nic_index)]);
         rt.spawn(
             &format!("vhost-tap-net {}", nic.name),
             &mut cmd,
@@ -609,6 +729,7 @@ impl CloneRuntime {
             ..Default::default()
         };
         if !crashed {
+            self.debugger_hold(&ev);
             self.shared.emit(lifecycle);
             return;
         }
@@ -624,6 +745,40 @@ impl CloneRuntime {
             st.state = pb::CloneState::Crashed;
             st.detail = format!("the guest crashed ({kind:?}) after seq {last}");
         });
+    }
+
+    /// A debugger attached to the running guest stops it outside the
+    /// driver: the replay clock pauses with it, and resumes when the
+    /// debugger lets the guest run again (unless the operator paused).
+    fn debugger_hold(&self, ev: &DriverEvent) {
+        if !self.plan.gdb || self.shared.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let detail = &ev.lifecycle.detail;
+        match ev.kind() {
+            LifecycleKind::Pause
+                if detail.contains("outside the driver")
+                    && self.shared.clock.status().mode != ClockMode::Paused =>
+            {
+                self.debugger_held.store(true, Ordering::SeqCst);
+                self.shared.clock.pause();
+                tracing::info!(clone = %self.shared.id, "a debugger holds the guest; the replay pauses");
+                self.shared.update(|s| {
+                    s.detail = "paused: a debugger holds the guest".into();
+                });
+            }
+            LifecycleKind::Resume
+                if !detail.contains("pausing again")
+                    && self.debugger_held.swap(false, Ordering::SeqCst) =>
+            {
+                self.shared.clock.resume();
+                tracing::info!(clone = %self.shared.id, "the debugger let the guest run; the replay resumes");
+                self.shared.update(|s| {
+                    s.detail = "the debugger let the guest run; replaying".into();
+                });
+            }
+            _ => {}
+        }
     }
 
     /// Starts the replay: running, or with `step` events then paused, or
@@ -679,10 +834,7 @@ impl CloneRuntime {
                 return;
             }
         };
-        let filter = Filter {
-            kinds: self.plan.kinds,
-            ..Filter::default()
-        };
+        let filter = self.plan.filter.clone();
         // The clock whose control the service holds.
         let mut clock = self.take_clock();
         let tail_stop = Arc::new(AtomicBool::new(false));
@@ -711,10 +863,12 @@ impl CloneRuntime {
             BeforeWindow::Skip,
             &filter,
             &mut clock,
-            |e, _d| {
+            |e, d| {
                 if self.stop.load(Ordering::SeqCst) {
                     return Err(DeliverError("the clone is being removed".into()));
                 }
+                let guest_ns = d.map_or(0, |d| d.guest_offset.as_nanos() as u64);
+                self.event_faults(&e.event, guest_ns)?;
                 if let Payload::Net(n) = &e.event.payload {
                     if n.direction == Direction::Rx {
                         let nic = self
@@ -724,7 +878,13 @@ impl CloneRuntime {
                             .ok_or_else(|| {
                                 DeliverError(format!("no NIC for device {}", n.device))
                             })?;
-                        nic.deliver_due(e.event.seq, &self.stop, &self.faults, &self.shared)?;
+                        nic.deliver_due(
+                            e.event.seq,
+                            guest_ns,
+                            &self.stop,
+                            &self.faults,
+                            &self.shared,
+                        )?;
                     }
                 }
                 if let Payload::Block(b) = &e.event.payload {
@@ -756,7 +916,8 @@ impl CloneRuntime {
         match result {
             Ok(report) => {
                 self.shared.update(|s| {
-                    if s.state != pb::CloneState::Crashed {
+                    s.filtered_out = report.filter.removed_total();
+                    if s.state != pb::CloneState::Crashed && s.state != pb::CloneState::Live {
                         s.state = pb::CloneState::Finished;
                         s.detail = format!(
                             "{} events delivered, {} gaps, {} undecodable records",
@@ -764,6 +925,17 @@ impl CloneRuntime {
                             report.gaps.len(),
                             report.poison.len()
                         );
+                        if report.filter.is_filtered() {
+                            let f = &report.filter;
+                            s.detail.push_str(&format!(
+                                "; the stream was filtered: {} recorded events not delivered (block {}, net {}, env {}, lifecycle {})",
+                                f.removed_total(),
+                                f.removed_of(Kind::Block),
+                                f.removed_of(Kind::Net),
+                                f.removed_of(Kind::Env),
+                                f.removed_of(Kind::Lifecycle)
+                            ));
+                        }
                         let f = self.faults.lock().expect("faults lock");
                         if !f.is_empty() {
                             s.detail.push_str(&format!(
@@ -796,6 +968,13 @@ impl CloneRuntime {
             .expect("clock lock")
             .take()
             .unwrap_or_else(|| ReplayClock::new(self.plan.speed))
+    }
+
+    /// Marks the replay failed (for example after a switch that could not
+    /// build the new guest).
+    pub fn fail_with(&self, detail: String) {
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.fail(detail);
     }
 
     fn fail(&self, detail: String) {
@@ -875,9 +1054,144 @@ impl CloneRuntime {
         }
     }
 
+    /// Decides the event faults (I/O errors, synthetic frames) for a
+    /// delivered recorded event and applies them: an I/O error rule is
+    /// armed in the disk's block backend (which fails the clone's next
+    /// matching requests), a synthetic frame is injected into the NIC.
+    fn event_faults(&self, e: &Event, guest_ns: u64) -> Result<(), DeliverError> {
+        let (fault, seed) = {
+            let mut f = self.faults.lock().expect("faults lock");
+            if !f.has_event_rules() {
+                return Ok(());
+            }
+            let dev = match &e.payload {
+                Payload::Block(b) => Some(b.device.as_str()),
+                _ => None,
+            };
+            (f.apply_event(e.seq, dev, guest_ns), f.seed())
+        };
+        let Some(fault) = fault else { return Ok(()) };
+        match &fault.action {
+            faults::FaultAction::IoError {
+                op,
+                sector_start,
+                sector_end,
+                count,
+            } => {
+                let rule = format!(
+                    "{{\"kind\":\"io-error\",{}\"sector_start\":{sector_start},\"sector_end\":{sector_end},\"count\":{count}}}",
+                    op.map(|o| format!("\"op\":\"{}\",", faults::op_name(o)))
+                        .unwrap_or_default()
+                );
+                let ctl = self
+                    .blk_controls
+                    .iter()
+                    .find(|(d, _)| *d == fault.device)
+                    .or_else(|| self.blk_controls.first())
+                    .ok_or_else(|| DeliverError("the clone has no disk for an I/O error".into()))?;
+                control_request(&ctl.1, &format!("{{\"cmd\":\"fault\",\"rule\":{rule}}}"))?;
+            }
+            faults::FaultAction::Synthetic(frame) => {
+                let nic = self
+                    .peers
+                    .get(&fault.device)
+                    .or_else(|| self.peers.values().next())
+                    .ok_or_else(|| {
+                        DeliverError("the clone has no NIC for a synthetic frame".into())
+                    })?;
+                nic.inject(frame)?;
+            }
+            _ => return Ok(()),
+        }
+        tracing::info!(clone = %self.shared.id, fault = %fault, "fault injected");
+        self.shared.report_fault(&fault, seed);
+        Ok(())
+    }
+
+    /// Every fault injected so far, in order.
+    pub fn injected_faults(&self) -> Vec<pb::InjectedFault> {
+        self.shared
+            .faults_log
+            .lock()
+            .expect("faults log lock")
+            .clone()
+    }
+
+    /// The fault seed.
+    pub fn seed(&self) -> u64 {
+        self.shared.seed
+    }
+
+    /// Stops replaying and keeps the guest running for interactive use:
+    /// the namespace's interface towards each NIC takes the recorded
+    /// peer's MAC and address and comes up, so the guest's service is
+    /// reachable from inside the namespace (see [`pb::CloneAccess`]).
+    pub fn go_live(&self) -> Result<(), CloneError> {
+        if self.shared.ended.load(Ordering::SeqCst) || self.is_over() {
+            return Err(CloneError::State(format!(
+                "the replay has ended ({}); only a replaying, paused or finished clone can go live",
+                self.shared.status.lock().expect("status lock").detail
+            )));
+        }
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared.clock.stop();
+        // The replay thread ends at the stopped clock; its net tailers too.
+        let tap = live_tap(0);
+        if let Some(mac) = self.peer_mac {
+            run_ip(&[
+                "-n",
+                &self.netns,
+                "link",
+                "set",
+                "dev",
+                &tap,
+                "address",
+                &mac_str(&mac),
+            ])?;
+        }
+        let a = &self.plan.access;
+        if let Some(peer) = &a.peer_ip {
+            run_ip(&[
+                "-n",
+                &self.netns,
+                "addr",
+                "add",
+                &format!("{peer}/{}", a.prefix),
+                "dev",
+                &tap,
+            ])?;
+        }
+        run_ip(&["-n", &self.netns, "link", "set", "dev", &tap, "up"])?;
+        if let Some(i) = self.instance() {
+            let st = i.query()?.state;
+            if st == RunState::Paused || st == RunState::Created {
+                i.resume()?;
+            }
+        }
+        let hint = match (&a.guest_ip, a.service_port) {
+            (Some(ip), Some(port)) => format!("ip netns exec {} nc {ip} {port}", self.netns),
+            (Some(ip), None) => format!("ip netns exec {} ping {ip}", self.netns),
+            _ => format!("ip netns exec {} ip link show {tap}", self.netns),
+        };
+        {
+            let mut acc = self.shared.access.lock().expect("access lock");
+            acc.interface = tap.clone();
+            acc.hint = hint.clone();
+        }
+        self.shared.update(|s| {
+            s.state = pb::CloneState::Live;
+            s.detail = format!(
+                "live after seq {}: reach the guest with `{hint}`",
+                s.replayed_seq
+            );
+        });
+        Ok(())
+    }
+
     /// Pauses the replay and the guest.
     pub fn pause(&self) -> Result<(), CloneError> {
         self.live()?;
+        self.debugger_held.store(false, Ordering::SeqCst);
         self.shared.clock.pause();
         self.guest(RunState::Running, |i| i.pause())?;
         self.shared.update(|_| {});
@@ -1008,6 +1322,9 @@ impl CloneRuntime {
             tracing::warn!(clone = %self.shared.id, %error, "removing the namespace failed");
         }
         let _ = std::fs::remove_dir_all(&self.plan.work_dir);
+        if let Some(d) = &self.plan.owned_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -1038,6 +1355,30 @@ fn stop_child(name: &str, child: &mut Child) {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct DeliverError(String);
+
+/// One request on a backend's control socket; an error unless it answers
+/// `"ok":true`.
+fn control_request(path: &Path, line: &str) -> Result<String, DeliverError> {
+    let s = UnixStream::connect(path)
+        .map_err(|e| DeliverError(format!("control socket {}: {e}", path.display())))?;
+    s.set_read_timeout(Some(CONTROL_TIMEOUT))
+        .map_err(|e| DeliverError(e.to_string()))?;
+    s.set_write_timeout(Some(CONTROL_TIMEOUT))
+        .map_err(|e| DeliverError(e.to_string()))?;
+    let mut r = BufReader::new(s);
+    writeln!(r.get_mut(), "{line}")
+        .map_err(|e| DeliverError(format!("control socket write: {e}")))?;
+    let mut answer = String::new();
+    r.read_line(&mut answer)
+        .map_err(|e| DeliverError(format!("control socket read: {e}")))?;
+    if !answer.contains("\"ok\":true") {
+        return Err(DeliverError(format!(
+            "the backend refused {line}: {}",
+            answer.trim()
+        )));
+    }
+    Ok(answer)
+}
 
 struct Injector {
     stream: BufReader<UnixStream>,
@@ -1091,9 +1432,10 @@ fn collect_net_frames(
         .resolve(None)
         .map_err(|e| CloneError::Invalid(format!("window: {e}")))?;
     let mut timeline = Timeline::from_manifest(&plan.manifest);
+    // The peer sees what the replay delivers: the request's filter, net only.
     let filter = Filter {
         kinds: KindSet::empty().with(Kind::Net),
-        ..Filter::default()
+        ..plan.filter.clone()
     };
     let mut clock = ReplayClock::new(Speed::AsFastAsPossible);
     let mut out: HashMap<String, Vec<RecordedFrame>> = HashMap::new();
@@ -1125,6 +1467,7 @@ fn collect_net_frames(
     match r {
         Ok(_) => Ok(out),
         Err(ReplayError::Deliver { source, .. }) => Err(CloneError::Invalid(source.0)),
+        Err(ReplayError::Source(e)) => Err(CloneError::Source(e)),
         Err(e) => Err(CloneError::State(format!(
             "reading the window's net frames: {e}"
         ))),
@@ -1164,6 +1507,7 @@ impl NicPeer {
     fn deliver_due(
         &self,
         seq: u64,
+        guest_ns: u64,
         stop: &AtomicBool,
         faults: &Mutex<faults::FaultInjector>,
         shared: &Shared,
@@ -1173,7 +1517,7 @@ impl NicPeer {
             match p.take() {
                 Some((s, f)) if s <= seq => {
                     drop(p);
-                    self.inject_recorded(s, f, stop, faults, shared)?;
+                    self.inject_recorded(s, guest_ns, f, stop, faults, shared)?;
                     if s == seq {
                         return Ok(());
                     }
@@ -1200,7 +1544,7 @@ impl NicPeer {
                         *self.pending.lock().expect("pending lock") = Some((original_seq, frame));
                         return Ok(());
                     }
-                    self.inject_recorded(original_seq, frame, stop, faults, shared)?;
+                    self.inject_recorded(original_seq, guest_ns, frame, stop, faults, shared)?;
                     if original_seq == seq {
                         return Ok(());
                     }
@@ -1222,9 +1566,11 @@ impl NicPeer {
 
     /// Injects recorded frame `seq`, with the fault the injector decides
     /// for it (reported as it happens).
+    #[allow(clippy::too_many_arguments)]
     fn inject_recorded(
         &self,
         seq: u64,
+        guest_ns: u64,
         mut frame: Vec<u8>,
         stop: &AtomicBool,
         faults: &Mutex<faults::FaultInjector>,
@@ -1232,31 +1578,29 @@ impl NicPeer {
     ) -> Result<(), DeliverError> {
         let (fault, seed) = {
             let mut f = faults.lock().expect("faults lock");
-            if f.is_empty() {
+            if !f.has_frame_rules() {
                 (None, 0)
             } else {
-                (f.apply(seq, &self.device, &mut frame), f.seed())
+                (
+                    f.apply_at(seq, &self.device, guest_ns, &mut frame),
+                    f.seed(),
+                )
             }
         };
         let Some(fault) = fault else {
             return self.inject(&frame);
         };
         tracing::info!(clone = %shared.id, fault = %fault, "fault injected");
-        shared.add_divergence(pb::Divergence {
-            seq,
-            device: self.device.clone(),
-            description: format!("injected fault: {fault} (seed {seed})"),
-            expected: None,
-            observed: None,
-            kind: pb::DivergenceKind::Unspecified as i32,
-        });
+        shared.report_fault(&fault, seed);
         match fault.action {
             faults::FaultAction::Drop => Ok(()),
             faults::FaultAction::Duplicate => {
                 self.inject(&frame)?;
                 self.inject(&frame)
             }
-            faults::FaultAction::Corrupt => self.inject(&frame),
+            faults::FaultAction::Corrupt
+            | faults::FaultAction::IoError { .. }
+            | faults::FaultAction::Synthetic(_) => self.inject(&frame),
             faults::FaultAction::Delay(d) => {
                 let end = Instant::now() + d;
                 while Instant::now() < end {
@@ -1397,8 +1741,10 @@ pub mod faults {
 
     use vmr_proto::pb;
 
-    /// What a fault does to one received frame.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    /// What a fault does: to one received frame (drop, delay, duplicate,
+    /// corrupt), or alongside the recorded events (I/O errors armed in the
+    /// clone's block backend, a synthetic frame injected).
+    #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum FaultAction {
         /// The frame is not delivered.
         Drop,
@@ -1408,6 +1754,55 @@ pub mod faults {
         Duplicate,
         /// One byte after the Ethernet header is inverted before delivery.
         Corrupt,
+        /// The next `count` block requests of `op` (any when `None`) that
+        /// touch `[sector_start, sector_end)` complete with an I/O error.
+        IoError {
+            op: Option<vmr_proto::BlockOp>,
+            sector_start: u64,
+            sector_end: u64,
+            count: u32,
+        },
+        /// This Ethernet frame is injected into the NIC.
+        Synthetic(Vec<u8>),
+    }
+
+    impl FaultAction {
+        /// Whether the action is decided on recorded received frames
+        /// (rather than on every recorded event).
+        pub fn on_frames(&self) -> bool {
+            matches!(
+                self,
+                FaultAction::Drop
+                    | FaultAction::Delay(_)
+                    | FaultAction::Duplicate
+                    | FaultAction::Corrupt
+            )
+        }
+
+        /// The wire kind.
+        pub fn kind(&self) -> pb::FaultKind {
+            match self {
+                FaultAction::Drop => pb::FaultKind::DropFrame,
+                FaultAction::Delay(_) => pb::FaultKind::DelayFrame,
+                FaultAction::Duplicate => pb::FaultKind::DuplicateFrame,
+                FaultAction::Corrupt => pb::FaultKind::CorruptFrame,
+                FaultAction::IoError { .. } => pb::FaultKind::BlockIoerr,
+                FaultAction::Synthetic(_) => pb::FaultKind::SyntheticFrame,
+            }
+        }
+    }
+
+    /// The kebab-case op name the block backend's fault rules use.
+    pub fn op_name(op: vmr_proto::BlockOp) -> &'static str {
+        use vmr_proto::BlockOp as O;
+        match op {
+            O::Read => "read",
+            O::Write => "write",
+            O::Flush => "flush",
+            O::Discard => "discard",
+            O::WriteZeroes => "write-zeroes",
+            O::GetId => "get-id",
+        }
     }
 
     /// One fault rule.
@@ -1423,6 +1818,9 @@ pub mod faults {
         pub probability: f64,
         /// Fires on exactly these `seq`s (besides `probability`).
         pub at_seq: Vec<u64>,
+        /// Fires on the first eligible event at or after each of these
+        /// guest times after the cut (ns).
+        pub at_time_ns: Vec<u64>,
         /// At most this many times (0: no limit).
         pub max_count: u32,
     }
@@ -1445,11 +1843,13 @@ pub mod faults {
         pub action: FaultAction,
         /// For [`FaultAction::Corrupt`]: the offset of the inverted byte.
         pub offset: Option<usize>,
+        /// Guest time after the cut of the event it was decided on (ns).
+        pub guest_ns: u64,
     }
 
     impl std::fmt::Display for Injected {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            match self.action {
+            match &self.action {
                 FaultAction::Drop => write!(f, "dropped received frame seq {}", self.seq),
                 FaultAction::Delay(d) => write!(
                     f,
@@ -1466,14 +1866,33 @@ pub mod faults {
                     self.seq,
                     self.offset.unwrap_or(0)
                 ),
+                FaultAction::IoError {
+                    op,
+                    sector_start,
+                    sector_end,
+                    count,
+                } => {
+                    write!(f, "armed {count} I/O error(s)")?;
+                    if let Some(op) = op {
+                        write!(f, " for {}", op_name(*op))?;
+                    }
+                    if *sector_end != u64::MAX || *sector_start != 0 {
+                        write!(f, " in sectors [{sector_start}, {sector_end})")?;
+                    }
+                    write!(f, " at seq {}", self.seq)
+                }
+                FaultAction::Synthetic(frame) => write!(
+                    f,
+                    "injected a synthetic frame of {} bytes at seq {}",
+                    frame.len(),
+                    self.seq
+                ),
             }?;
             write!(f, " on {}", self.device)
         }
     }
 
-    /// Converts the request's fault specs. Block I/O errors are refused
-    /// ([`FaultError::Unsupported`]): the clone's block backend is started
-    /// without a fault control.
+    /// Converts the request's fault specs.
     pub fn rules_from_specs(specs: &[pb::FaultSpec]) -> Result<Vec<FaultRule>, FaultError> {
         let mut out = Vec::new();
         for (index, s) in specs.iter().enumerate() {
@@ -1490,22 +1909,62 @@ pub mod faults {
                     }
                     FaultAction::Delay(Duration::from_millis(s.delay_ms))
                 }
+                Ok(pb::FaultKind::CorruptFrame) => FaultAction::Corrupt,
                 Ok(pb::FaultKind::BlockIoerr) => {
-                    return Err(FaultError::Unsupported {
-                        index,
-                        reason: "block I/O errors are not supported yet (the clone's block backend has no fault control)".into(),
-                    })
+                    let t = s.target.clone().unwrap_or_default();
+                    let op = match t.op {
+                        0 => None,
+                        v => Some(
+                            vmr_proto::BlockOp::try_from(v)
+                                .map_err(|_| invalid("target.op is not a block op"))?,
+                        ),
+                    };
+                    let (start, end) = match (t.sector_start, t.sector_end) {
+                        (0, 0) => (0, u64::MAX),
+                        (a, b) if b > a => (a, b),
+                        _ => {
+                            return Err(invalid(
+                                "target.sector_end must be after target.sector_start",
+                            ))
+                        }
+                    };
+                    if s.count > 1_000_000 {
+                        return Err(invalid("count must be at most 1000000"));
+                    }
+                    FaultAction::IoError {
+                        op,
+                        sector_start: start,
+                        sector_end: end,
+                        count: s.count.max(1),
+                    }
+                }
+                Ok(pb::FaultKind::SyntheticFrame) => {
+                    if s.frame.len() < 14 || s.frame.len() > 65_550 {
+                        return Err(invalid(
+                            "frame must be an Ethernet frame of 14 to 65550 bytes",
+                        ));
+                    }
+                    FaultAction::Synthetic(s.frame.clone())
                 }
                 _ => return Err(invalid("kind must be set")),
             };
+            if !matches!(action, FaultAction::IoError { .. })
+                && s.target
+                    .as_ref()
+                    .is_some_and(|t| t.op != 0 || t.sector_start != 0 || t.sector_end != 0)
+            {
+                return Err(invalid(
+                    "target.op and the sector range apply to block I/O errors only",
+                ));
+            }
             let t = s.target.clone().unwrap_or_default();
             let sch = s.schedule.clone().unwrap_or_default();
             if !(0.0..=1.0).contains(&sch.probability) {
                 return Err(invalid("schedule.probability must be in [0, 1]"));
             }
-            if sch.probability == 0.0 && sch.at_seq.is_empty() {
+            if sch.probability == 0.0 && sch.at_seq.is_empty() && sch.at_time_ns.is_empty() {
                 return Err(invalid(
-                    "schedule needs a probability above 0 or at_seq values",
+                    "schedule needs a probability above 0, at_seq or at_time_ns values",
                 ));
             }
             if t.to_seq != 0 && t.from_seq > t.to_seq {
@@ -1518,6 +1977,7 @@ pub mod faults {
                 to_seq: t.to_seq,
                 probability: sch.probability,
                 at_seq: sch.at_seq,
+                at_time_ns: sch.at_time_ns,
                 max_count: sch.max_count,
             });
         }
@@ -1531,15 +1991,22 @@ pub mod faults {
         state: u64,
         rules: Vec<FaultRule>,
         fired: Vec<u32>,
+        /// Per rule, how many of its `at_time_ns` have been used.
+        times_used: Vec<usize>,
         injected: Vec<Injected>,
     }
 
     impl FaultInjector {
         pub fn new(seed: u64, rules: Vec<FaultRule>) -> Self {
             let fired = vec![0; rules.len()];
+            let mut rules = rules;
+            for r in &mut rules {
+                r.at_time_ns.sort_unstable();
+            }
             Self {
                 seed,
                 state: seed,
+                times_used: vec![0; rules.len()],
                 rules,
                 fired,
                 injected: Vec::new(),
@@ -1552,6 +2019,17 @@ pub mod faults {
 
         pub fn is_empty(&self) -> bool {
             self.rules.is_empty()
+        }
+
+        /// Whether some rule acts on received frames.
+        pub fn has_frame_rules(&self) -> bool {
+            self.rules.iter().any(|r| r.action.on_frames())
+        }
+
+        /// Whether some rule acts alongside the events (I/O errors,
+        /// synthetic frames).
+        pub fn has_event_rules(&self) -> bool {
+            self.rules.iter().any(|r| !r.action.on_frames())
         }
 
         /// Every fault injected so far, in order.
@@ -1572,14 +2050,71 @@ pub mod faults {
             (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
         }
 
-        /// The fault (if any) for recorded frame `seq` of `device`; a
-        /// corruption is applied to `frame`. The first rule that fires
-        /// wins; each eligible probabilistic rule draws once per frame.
+        /// The fault (if any) for recorded received frame `seq` of
+        /// `device` at guest time `guest_ns`; a corruption is applied to
+        /// `frame`. The first rule that fires wins; each eligible
+        /// probabilistic rule draws once per frame.
         pub fn apply(&mut self, seq: u64, device: &str, frame: &mut [u8]) -> Option<Injected> {
+            self.apply_at(seq, device, 0, frame)
+        }
+
+        /// [`Self::apply`] with the frame's guest time.
+        pub fn apply_at(
+            &mut self,
+            seq: u64,
+            device: &str,
+            guest_ns: u64,
+            frame: &mut [u8],
+        ) -> Option<Injected> {
+            let i = self.decide(seq, device, guest_ns, true, true)?;
+            self.fire(i, seq, device, guest_ns, frame)
+        }
+
+        /// The event faults (I/O errors, synthetic frames) for recorded
+        /// event `seq` of `kind` on `device` (empty for events without a
+        /// device) at guest time `guest_ns`: an I/O error rule is eligible on
+        /// block events of its device (any disk without one), a synthetic
+        /// frame on any event.
+        pub fn apply_event(
+            &mut self,
+            seq: u64,
+            block_device: Option<&str>,
+            guest_ns: u64,
+        ) -> Option<Injected> {
+            let i = self.decide(
+                seq,
+                block_device.unwrap_or(""),
+                guest_ns,
+                false,
+                block_device.is_some(),
+            )?;
+            let mut none = [];
+            self.fire(i, seq, block_device.unwrap_or(""), guest_ns, &mut none)
+        }
+
+        fn decide(
+            &mut self,
+            seq: u64,
+            device: &str,
+            guest_ns: u64,
+            frames: bool,
+            is_block: bool,
+        ) -> Option<usize> {
             let mut hit = None;
             for i in 0..self.rules.len() {
                 let r = &self.rules[i];
-                let eligible = r.device.as_deref().is_none_or(|d| d == device)
+                if r.action.on_frames() != frames {
+                    continue;
+                }
+                let on_block = matches!(r.action, FaultAction::IoError { .. });
+                if on_block && !is_block {
+                    continue;
+                }
+                // A synthetic frame's device is the NIC it goes to, not a
+                // condition on the event.
+                let device_ok = matches!(r.action, FaultAction::Synthetic(_))
+                    || r.device.as_deref().is_none_or(|d| d == device);
+                let eligible = device_ok
                     && seq >= r.from_seq
                     && (r.to_seq == 0 || seq <= r.to_seq)
                     && (r.max_count == 0 || self.fired[i] < r.max_count);
@@ -1587,15 +2122,38 @@ pub mod faults {
                     continue;
                 }
                 let exact = r.at_seq.contains(&seq);
+                let timed = r
+                    .at_time_ns
+                    .get(self.times_used[i])
+                    .is_some_and(|t| guest_ns >= *t);
                 let p = r.probability;
                 let drawn = p > 0.0 && self.unit() < p;
-                if (exact || drawn) && hit.is_none() {
+                if (exact || drawn || timed) && hit.is_none() {
+                    if timed {
+                        // Every time passed is used up by this firing.
+                        let times = &self.rules[i].at_time_ns;
+                        while self.times_used[i] < times.len()
+                            && guest_ns >= times[self.times_used[i]]
+                        {
+                            self.times_used[i] += 1;
+                        }
+                    }
                     hit = Some(i);
                 }
             }
-            let i = hit?;
+            hit
+        }
+
+        fn fire(
+            &mut self,
+            i: usize,
+            seq: u64,
+            device: &str,
+            guest_ns: u64,
+            frame: &mut [u8],
+        ) -> Option<Injected> {
             self.fired[i] += 1;
-            let action = self.rules[i].action;
+            let action = self.rules[i].action.clone();
             let mut offset = None;
             if action == FaultAction::Corrupt {
                 // Past the Ethernet header when there is a payload.
@@ -1606,11 +2164,16 @@ pub mod faults {
                     offset = Some(o);
                 }
             }
+            let device = match &action {
+                FaultAction::Synthetic(_) => self.rules[i].device.clone().unwrap_or_default(),
+                _ => device.to_string(),
+            };
             let inj = Injected {
                 seq,
-                device: device.to_string(),
+                device,
                 action,
                 offset,
+                guest_ns,
             };
             self.injected.push(inj.clone());
             Some(inj)

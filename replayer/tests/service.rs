@@ -111,6 +111,8 @@ fn wait_console(inst: &dyn Instance, needle: &str) {
 /// seq of the frame that crashed the original.
 struct Recorded {
     store_url: String,
+    /// An instance whose snapshot's events the broker's retention deleted.
+    expired_instance: String,
     seq_at_cut: u64,
     poison_seq: u64,
     last_seq: u64,
@@ -254,6 +256,39 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
     // Ship the captures to the topics in seq order, as the agent does.
     let mut all = all_events(&[&blk_cap, &net_cap]);
     all.sort_by_key(|e| e.seq);
+    // First, the same events as another instance's (on another partition),
+    // eight days old: past the topics' seven-day retention, so the broker
+    // deletes them when it restarts, leaving that instance's snapshot
+    // without its events.
+    let home = partition_for(INSTANCE, PARTITIONS);
+    let expired = (0..64)
+        .map(|i| format!("shop-expired-{i}"))
+        .find(|id| partition_for(id, PARTITIONS) != home)
+        .expect("an id on another partition");
+    let old_ms = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as i64)
+        - 8 * 24 * 3600 * 1000;
+    let expired_events: Vec<Event> = all
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.instance = vmr_proto::InstanceId::new(&expired).expect("a valid id");
+            e
+        })
+        .collect();
+    let expired_offsets = rec.send_at(&expired_events, Some(old_ms));
+    // Newer records after them (retention never empties a partition's log).
+    let newer: Vec<Event> = expired_events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.seq += 1_000_000;
+            e
+        })
+        .collect();
+    rec.send(&newer);
     let offsets = rec.send(&all);
     let mut next: HashMap<&str, i64> = HashMap::new();
     for (e, off) in all.iter().zip(&offsets) {
@@ -309,6 +344,54 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
         ))
         .expect("upload the snapshot");
     }
+    // The expired instance's snapshot starts at its first (deleted) records.
+    let mut first: HashMap<&str, i64> = HashMap::new();
+    for (e, off) in expired_events.iter().zip(&expired_offsets) {
+        first.entry(e.topic()).or_insert(*off);
+    }
+    let expired_part = partition_for(&expired, PARTITIONS);
+    // The driver's artifacts name the instance: a copy names the other one.
+    let expired_snap = dir.join("snaps").join("expired");
+    std::fs::create_dir_all(&expired_snap).expect("snapshot dir");
+    for f in std::fs::read_dir(&snap).expect("snapshot dir") {
+        let f = f.expect("entry");
+        std::fs::copy(f.path(), expired_snap.join(f.file_name())).expect("copy snapshot");
+    }
+    let arts = expired_snap.join("artifacts.json");
+    let text = std::fs::read_to_string(&arts).expect("artifacts.json");
+    assert!(text.contains(&format!("\"{INSTANCE}\"")), "{text}");
+    std::fs::write(
+        &arts,
+        text.replace(&format!("\"{INSTANCE}\""), &format!("\"{expired}\"")),
+    )
+    .expect("write artifacts.json");
+    let req = vmr_snapshot::UploadRequest {
+        dir: expired_snap,
+        snapshot_id: "0001".into(),
+        image: "test-guest".into(),
+        seq_at_cut: 0,
+        mono_time_ns: 0,
+        offsets: vmr_proto::topics::EVENT_TOPICS
+            .iter()
+            .map(|t| vmr_snapshot::PartitionOffset {
+                topic: t.to_string(),
+                partition: expired_part,
+                next_offset: first.get(t).copied().unwrap_or(0),
+            })
+            .collect(),
+        disk_layers: vec![vmr_snapshot::DiskLayerFile {
+            device: "vda".into(),
+            position: 0,
+            path: layer.clone(),
+        }],
+        base_snapshot_id: None,
+    };
+    rt.block_on(vmr_snapshot::upload(
+        &store,
+        &req,
+        &vmr_snapshot::no_progress,
+    ))
+    .expect("upload the expired instance's snapshot");
     // Damage snapshot 0002's memory object in the store.
     let mem = walk(&store_dir.join(INSTANCE).join("0002"))
         .into_iter()
@@ -319,9 +402,76 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
     std::fs::write(&mem, bytes).expect("damage the object");
     Recorded {
         store_url,
+        expired_instance: expired,
         seq_at_cut,
         poison_seq,
         last_seq: all.last().map(|e| e.seq).unwrap_or(0),
+    }
+}
+
+/// The service names the reflection service lists.
+async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut c = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let msg = resp
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// The names of the files the reflection service returns for `symbol`.
+async fn reflection_file_of(channel: tonic::transport::Channel, symbol: &str) -> Vec<String> {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut c = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+    };
+    let mut resp = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let msg = resp
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    match msg.message_response {
+        Some(MessageResponse::FileDescriptorResponse(f)) => f
+            .file_descriptor_proto
+            .iter()
+            .map(|b| {
+                prost_types::FileDescriptorProto::decode(b.as_slice())
+                    .expect("a file descriptor")
+                    .name
+                    .unwrap_or_default()
+            })
+            .collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
     }
 }
 
@@ -407,8 +557,11 @@ fn service_clones_replays_and_controls_a_recorded_microvm() {
         .enable_all()
         .build()
         .expect("runtime");
-    let rec = Recording::start();
+    let mut rec = Recording::start();
     let recorded = record(&rec, dir, &elf, &rt);
+    // The broker applies retention when it starts: the expired instance's
+    // records go.
+    rec.broker.restart().expect("the broker restarts");
     assert!(recorded.poison_seq > recorded.seq_at_cut && recorded.last_seq >= recorded.poison_seq);
 
     // The server.
@@ -511,6 +664,14 @@ instances = ["other-1"]
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
 
+        // Reflection lists the services and describes vmr.v1.Replayer.
+        let services = reflection_services(channel.clone()).await;
+        for name in ["vmr.v1.Replayer", "grpc.health.v1.Health"] {
+            assert!(services.iter().any(|s| s == name), "{services:?}");
+        }
+        let file = reflection_file_of(channel.clone(), "vmr.v1.Replayer").await;
+        assert!(file.iter().any(|f| f == "vmr/v1/replayer.proto"), "{file:?}");
+
         let mut c = ReplayerClient::new(channel.clone());
         let create = |snapshot: Option<&str>| pb::CreateCloneRequest {
             instance_id: INSTANCE.into(),
@@ -571,14 +732,65 @@ instances = ["other-1"]
         );
         let fault = |kind: pb::FaultKind, probability: f64, at_seq: Vec<u64>| pb::FaultSpec {
             kind: kind as i32,
-            schedule: Some(pb::FaultSchedule { probability, at_seq, max_count: 0 }),
+            schedule: Some(pb::FaultSchedule { probability, at_seq, max_count: 0, ..Default::default() }),
             ..Default::default()
         };
         let mut bad = create(Some("0001"));
-        bad.faults = vec![fault(pb::FaultKind::BlockIoerr, 0.5, vec![])];
-        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("block I/O errors are refused");
-        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-        assert!(status.message().contains("block I/O errors"), "{status:?}");
+        let mut io = fault(pb::FaultKind::BlockIoerr, 0.5, vec![]);
+        io.target = Some(pb::FaultTarget { sector_start: 8, sector_end: 4, ..Default::default() });
+        bad.faults = vec![io];
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("an empty sector range is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("sector_end"), "{status:?}");
+        // An instance nobody recorded.
+        let mut bad = create(None);
+        bad.instance_id = "shop-unknown".into();
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("no snapshot of an unknown instance");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(status.message().contains("shop-unknown"), "{status:?}");
+        // Another tenant's instance.
+        let mut bad = create(None);
+        bad.instance_id = "other-1".into();
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("another tenant's instance");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("may not see instance other-1"), "{status:?}");
+        // A window past the retained data.
+        let mut bad = create(Some("0001"));
+        bad.window = Some(pb::ReplayWindow { from_seq: 0, to_seq: recorded.last_seq + 1000 });
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("a window past the data");
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(status.message().contains("recorded events end at seq"), "{status:?}");
+        // Events missing from Kafka (retention).
+        let mut bad = create(None);
+        bad.instance_id = recorded.expired_instance.clone();
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("the events are gone");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("events missing from Kafka (retention)"), "{status:?}");
+        // Malformed filters.
+        let mut bad = create(Some("0001"));
+        bad.filter = Some(pb::EventFilter {
+            include_net: true,
+            exclude_net: Some(pb::NetMatch { ports: vec![70000], ..Default::default() }),
+            ..Default::default()
+        });
+        let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("a port above 65535");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("exclude_net"), "{status:?}");
+        let mut bad = create(Some("0001"));
+        bad.filter = Some(pb::EventFilter {
+            include_net: true,
+            net: Some(pb::NetMatch { ips: vec!["10.0.0.300".into()], ..Default::default() }),
+            ..Default::default()
+        });
+        assert_eq!(code(c.create_clone(authed(TOKEN_A, bad)).await), Some(Code::InvalidArgument));
+        // Nothing of these was left behind, and the server is healthy.
+        assert!(!netns_list().contains("vmr-c"), "{}", netns_list());
+        let h = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "vmr.v1.Replayer".into() })
+            .await
+            .expect("health check after bad requests")
+            .into_inner();
+        assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
         let mut bad = create(Some("0001"));
         bad.faults = vec![fault(pb::FaultKind::DropFrame, 2.0, vec![])];
         assert_eq!(code(c.create_clone(authed(TOKEN_A, bad)).await), Some(Code::InvalidArgument));

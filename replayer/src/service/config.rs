@@ -121,11 +121,25 @@ pub struct ImageConfig {
     pub kernel: PathBuf,
     #[serde(default)]
     pub cmdline: String,
+    /// Initial ramdisk (QEMU images such as demo-linux).
+    pub initrd: Option<PathBuf>,
     /// Guest memory, MiB (must match the recorded instance).
     pub memory_mib: u32,
+    /// vCPUs (must match the recorded instance).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Extra QEMU `-device` entries the image needs (`pvpanic`).
+    #[serde(default)]
+    pub qemu_devices: Vec<String>,
     /// NICs, by name, with the recorded MAC address.
     #[serde(default)]
     pub nics: Vec<NicConfig>,
+    /// The guest's service port, reported in a live clone's access hint.
+    pub service_port: Option<u16>,
+}
+
+fn default_vcpus() -> u8 {
+    1
 }
 
 /// A NIC of an image.
@@ -135,6 +149,12 @@ pub struct NicConfig {
     pub name: String,
     /// `52:54:00:12:34:56`.
     pub mac: String,
+    /// The guest's address on this NIC with its prefix (`192.168.77.2/24`),
+    /// reported in a clone's access information.
+    pub ip: Option<String>,
+    /// The recorded peer's address (`192.168.77.1`): a live clone's
+    /// namespace interface takes it, so the guest's routes still fit.
+    pub peer: Option<String>,
 }
 
 /// A bearer token.
@@ -166,6 +186,25 @@ impl TenantConfig {
                 .as_deref()
                 .is_some_and(|p| !p.is_empty() && instance.starts_with(p))
     }
+}
+
+/// Parses `192.168.77.2/24` (a plain address gets /24 for IPv4, /64 for IPv6).
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l.parse::<u8>().map_err(|e| format!("{s:?}: prefix: {e}"))?,
+        None if ip.is_ipv4() => 24,
+        None => 64,
+    };
+    if len > max {
+        return Err(format!("{s:?}: prefix longer than {max}"));
+    }
+    Ok((ip, len))
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -245,8 +284,27 @@ impl Config {
             if img.memory_mib == 0 {
                 return invalid(format!("image {:?}: memory_mib must be positive", img.name));
             }
+            if img.vcpus == 0 {
+                return invalid(format!("image {:?}: vcpus must be positive", img.name));
+            }
             for n in &img.nics {
                 parse_mac(&n.mac)?;
+                if let Some(ip) = &n.ip {
+                    parse_cidr(ip).map_err(|e| {
+                        ConfigError::Invalid(format!(
+                            "image {:?} nic {:?}: ip {e}",
+                            img.name, n.name
+                        ))
+                    })?;
+                }
+                if let Some(p) = &n.peer {
+                    p.parse::<std::net::IpAddr>().map_err(|e| {
+                        ConfigError::Invalid(format!(
+                            "image {:?} nic {:?}: peer {p:?}: {e}",
+                            img.name, n.name
+                        ))
+                    })?;
+                }
             }
         }
         Ok(())

@@ -10,9 +10,10 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use vmr_proto::pb;
 
-use super::config::{parse_mac, TenantConfig};
+use super::config::{parse_cidr, parse_mac, TenantConfig};
 use super::{Entry, State};
 use crate::clone::{self, CloneError, ClonePlan, NicPlan};
+use crate::filter::{Filter, NetMatch};
 use crate::schedule::Speed;
 use crate::source::SourceError;
 use crate::window::Window;
@@ -27,9 +28,8 @@ fn clone_status(e: CloneError) -> Status {
         CloneError::Invalid(_) => Code::InvalidArgument,
         CloneError::Snapshot(_) => Code::DataLoss,
         CloneError::Source(s) => match s {
-            SourceError::Retention { .. }
-            | SourceError::BeyondEnd { .. }
-            | SourceError::RangeBeyondEnd { .. } => Code::FailedPrecondition,
+            SourceError::Retention { .. } => Code::FailedPrecondition,
+            SourceError::BeyondEnd { .. } | SourceError::RangeBeyondEnd { .. } => Code::OutOfRange,
             SourceError::Config(_) => Code::InvalidArgument,
             SourceError::Kafka { .. } | SourceError::Timeout { .. } => Code::Unavailable,
             _ => Code::FailedPrecondition,
@@ -83,15 +83,50 @@ fn speed_of(s: Option<&pb::Speed>) -> Result<Speed, Status> {
     }
 }
 
-fn kinds_of(f: Option<&pb::EventFilter>) -> Result<KindSet, Status> {
-    let Some(f) = f else {
-        return Ok(KindSet::all());
+fn net_match(m: Option<&pb::NetMatch>, field: &str) -> Result<NetMatch, Status> {
+    let Some(m) = m else {
+        return Ok(NetMatch::default());
     };
-    if !f.devices.is_empty() {
-        return Err(Status::unimplemented(
-            "filtering by device is not supported yet",
-        ));
+    let bad = |what: String| Status::invalid_argument(format!("filter.{field}: {what}"));
+    let mut out = NetMatch::default();
+    for mac in &m.macs {
+        out.macs
+            .push(crate::filter::parse_mac(mac).map_err(|e| bad(format!("MAC {mac:?}: {e}")))?);
     }
+    for ip in &m.ips {
+        out.ips.push(
+            ip.parse()
+                .map_err(|e| bad(format!("address {ip:?}: {e}")))?,
+        );
+    }
+    for p in &m.ports {
+        out.ports.push(
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("port {p} is not in 1..=65535")))?,
+        );
+    }
+    Ok(out)
+}
+
+fn block_ops(ops: &[i32], field: &str) -> Result<Vec<vmr_proto::BlockOp>, Status> {
+    ops.iter()
+        .map(|o| {
+            vmr_proto::BlockOp::try_from(*o).map_err(|_| {
+                Status::invalid_argument(format!("filter.{field}: {o} is not a block op"))
+            })
+        })
+        .collect()
+}
+
+/// A request's filter: unset delivers everything; a present one delivers
+/// the kinds it lists (at least one), narrowed by its device, op and
+/// address conditions.
+fn filter_of(f: Option<&pb::EventFilter>) -> Result<Filter, Status> {
+    let Some(f) = f else {
+        return Ok(Filter::default());
+    };
     let mut k = KindSet::empty().with(Kind::Lifecycle);
     if f.include_block {
         k.insert(Kind::Block);
@@ -107,7 +142,65 @@ fn kinds_of(f: Option<&pb::EventFilter>) -> Result<KindSet, Status> {
             "the filter lists no event kind (leave it unset to replay every kind)",
         ));
     }
-    Ok(k)
+    for d in f.devices.iter().chain(&f.exclude_devices) {
+        if !vmr_snapshot::manifest::is_segment(d) {
+            return Err(Status::invalid_argument(format!(
+                "filter: {d:?} is not a valid device name"
+            )));
+        }
+    }
+    Ok(Filter {
+        kinds: k,
+        exclude_kinds: KindSet::empty(),
+        devices: f.devices.clone(),
+        exclude_devices: f.exclude_devices.clone(),
+        block_ops: block_ops(&f.block_ops, "block_ops")?,
+        exclude_block_ops: block_ops(&f.exclude_block_ops, "exclude_block_ops")?,
+        net: net_match(f.net.as_ref(), "net")?,
+        exclude_net: net_match(f.exclude_net.as_ref(), "exclude_net")?,
+    })
+}
+
+fn selector_of(s: Option<pb::SnapshotSelector>) -> Result<vmr_snapshot::Selector, Status> {
+    Ok(match s.and_then(|s| s.pick) {
+        None | Some(pb::snapshot_selector::Pick::Latest(true)) => vmr_snapshot::Selector::Latest,
+        Some(pb::snapshot_selector::Pick::Latest(false)) => {
+            return Err(Status::invalid_argument(
+                "snapshot.latest must be true when set",
+            ))
+        }
+        Some(pb::snapshot_selector::Pick::SnapshotId(id)) => {
+            if !vmr_snapshot::manifest::is_segment(&id) {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot_id {id:?} is not a valid id"
+                )));
+            }
+            vmr_snapshot::Selector::Id(id)
+        }
+        Some(pb::snapshot_selector::Pick::AtOrBeforeNs(t)) => vmr_snapshot::Selector::AtOrBefore(t),
+    })
+}
+
+fn window_of(w: Option<pb::ReplayWindow>) -> Result<pb::ReplayWindow, Status> {
+    let w = w.unwrap_or_default();
+    if w.to_seq != 0 && w.from_seq > w.to_seq {
+        return Err(Status::invalid_argument(format!(
+            "window.from_seq {} is after window.to_seq {}",
+            w.from_seq, w.to_seq
+        )));
+    }
+    Ok(w)
+}
+
+/// What a clone was asked for, kept for a switch to another cut.
+#[derive(Clone)]
+pub(crate) struct Params {
+    pub instance: String,
+    pub speed: Speed,
+    pub filter: Filter,
+    pub gdb: bool,
+    pub faults: Vec<clone::faults::FaultRule>,
+    pub seed: u64,
 }
 
 impl Replayer {
@@ -192,65 +285,42 @@ impl pb::replayer_server::Replayer for Replayer {
             )));
         }
         let speed = speed_of(r.speed.as_ref())?;
-        let kinds = kinds_of(r.filter.as_ref())?;
+        let filter = filter_of(r.filter.as_ref())?;
         let faults = clone::faults::rules_from_specs(&r.faults).map_err(|e| match e {
             clone::faults::FaultError::Unsupported { .. } => Status::unimplemented(e.to_string()),
             clone::faults::FaultError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         })?;
-        let seed = r.seed;
-        let selector = match r.snapshot.and_then(|s| s.pick) {
-            None | Some(pb::snapshot_selector::Pick::Latest(true)) => {
-                vmr_snapshot::Selector::Latest
-            }
-            Some(pb::snapshot_selector::Pick::Latest(false)) => {
-                return Err(Status::invalid_argument(
-                    "snapshot.latest must be true when set",
-                ))
-            }
-            Some(pb::snapshot_selector::Pick::SnapshotId(id)) => {
-                if !vmr_snapshot::manifest::is_segment(&id) {
-                    return Err(Status::invalid_argument(format!(
-                        "snapshot_id {id:?} is not a valid id"
-                    )));
-                }
-                vmr_snapshot::Selector::Id(id)
-            }
-            Some(pb::snapshot_selector::Pick::AtOrBeforeNs(t)) => {
-                vmr_snapshot::Selector::AtOrBefore(t)
-            }
+        let selector = selector_of(r.snapshot)?;
+        let w = window_of(r.window)?;
+        let params = Params {
+            instance: r.instance_id,
+            speed,
+            filter,
+            gdb: r.gdb,
+            faults,
+            seed: r.seed,
         };
-        let w = r.window.unwrap_or_default();
-        if w.to_seq != 0 && w.from_seq > w.to_seq {
-            return Err(Status::invalid_argument(format!(
-                "window.from_seq {} is after window.to_seq {}",
-                w.from_seq, w.to_seq
-            )));
-        }
-        {
-            let n = self.state.clones.lock().expect("clones lock").len();
-            let mut b = self.state.building.lock().expect("building lock");
-            if n + *b >= self.state.config.max_clones {
-                return Err(Status::resource_exhausted(format!(
-                    "{} clones already exist (max_clones)",
-                    self.state.config.max_clones
-                )));
-            }
-            *b += 1;
-        }
+        self.reserve()?;
+        let (tx, _) = tokio::sync::broadcast::channel(4096);
         let res = self
-            .build(
-                &tenant,
-                r.instance_id,
-                selector,
-                w,
-                speed,
-                kinds,
-                r.start_paused,
-                r.gdb,
-                (faults, seed),
-            )
+            .build(&params, selector, w, None, 0, r.start_paused, tx.clone())
             .await;
         *self.state.building.lock().expect("building lock") -= 1;
+        let res = res.map(|rt| {
+            let info = rt.info();
+            tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
+            self.state.clones.lock().expect("clones lock").insert(
+                info.clone_id.clone(),
+                Entry {
+                    tenant: tenant.name.clone(),
+                    runtime: rt,
+                    progress: tx,
+                    params: Arc::new(params),
+                    switches: 0,
+                },
+            );
+            info
+        });
         let counter = if res.is_ok() {
             &self.state.counters.created
         } else {
@@ -293,6 +363,17 @@ impl pb::replayer_server::Replayer for Replayer {
         let (rt, _) = self.entry(&tenant, &r.clone_id)?;
         let action = pb::ControlAction::try_from(r.action)
             .map_err(|_| Status::invalid_argument(format!("unknown action {}", r.action)))?;
+        if action == pb::ControlAction::Switch {
+            let selector = match r.snapshot {
+                None => vmr_snapshot::Selector::Id(rt.info().snapshot_id),
+                s => selector_of(s)?,
+            };
+            let w = window_of(r.window)?;
+            return self
+                .switch(&r.clone_id, selector, w, r.start)
+                .await
+                .map(Response::new);
+        }
         let speed = match action {
             pb::ControlAction::SetSpeed => Some(speed_of(r.speed.as_ref())?),
             _ => None,
@@ -310,6 +391,8 @@ impl pb::replayer_server::Replayer for Replayer {
             pb::ControlAction::RunTo => rt2.run_to(r.run_to_seq),
             pb::ControlAction::SetSpeed => rt2.set_speed(speed.expect("checked above")),
             pb::ControlAction::Stop => rt2.stop_replay(),
+            pb::ControlAction::GoLive => rt2.go_live(),
+            pb::ControlAction::Switch => unreachable!("handled above"),
         })
         .await
         .map_err(|e| Status::internal(format!("control task: {e}")))?;
@@ -321,13 +404,24 @@ impl pb::replayer_server::Replayer for Replayer {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let tenant = self.tenant(&req)?;
-        let (rt, progress) = self.entry(&tenant, &req.get_ref().clone_id)?;
+        let id = req.get_ref().clone_id.clone();
+        let (rt, progress) = self.entry(&tenant, &id)?;
         let mut rx = progress.subscribe();
         let first = pb::ReplayProgress {
             clone: Some(rt.info()),
             ..Default::default()
         };
-        let stream = async_stream(first, rt, move || rx.try_recv());
+        let state = self.state.clone();
+        // A switch replaces the runtime: the stream follows the current one.
+        let current = move || {
+            state
+                .clones
+                .lock()
+                .expect("clones lock")
+                .get(&id)
+                .map(|e| e.runtime.clone())
+        };
+        let stream = async_stream(first, current, move || rx.try_recv());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -339,6 +433,8 @@ impl pb::replayer_server::Replayer for Replayer {
         let (rt, _) = self.entry(&tenant, &req.get_ref().clone_id)?;
         Ok(Response::new(pb::GetDivergencesResponse {
             divergences: rt.divergences(),
+            faults: rt.injected_faults(),
+            seed: rt.seed(),
         }))
     }
 
@@ -364,9 +460,13 @@ impl pb::replayer_server::Replayer for Replayer {
         let e = self.state.clones.lock().expect("clones lock").remove(&id);
         if let Some(e) = e {
             self.state.counters.deleted.fetch_add(1, Ordering::Relaxed);
-            tokio::task::spawn_blocking(move || e.runtime.teardown())
-                .await
-                .map_err(|e| Status::internal(format!("teardown task: {e}")))?;
+            let base = self.state.config.work_dir.join(&id);
+            tokio::task::spawn_blocking(move || {
+                e.runtime.teardown();
+                let _ = std::fs::remove_dir_all(base);
+            })
+            .await
+            .map_err(|e| Status::internal(format!("teardown task: {e}")))?;
         }
         Ok(Response::new(pb::DeleteCloneResponse {}))
     }
@@ -376,7 +476,7 @@ impl pb::replayer_server::Replayer for Replayer {
 /// replay is over (and every message before it was sent) or the clone goes.
 fn async_stream(
     first: pb::ReplayProgress,
-    rt: Arc<clone::CloneRuntime>,
+    current: impl Fn() -> Option<Arc<clone::CloneRuntime>> + Send + 'static,
     mut next: impl FnMut() -> Result<pb::ReplayProgress, tokio::sync::broadcast::error::TryRecvError>
         + Send
         + 'static,
@@ -395,10 +495,11 @@ fn async_stream(
                     }
                 }
                 Err(TryRecvError::Lagged(n)) => {
-                    tracing::debug!(clone = %rt.id(), missed = n, "a watcher fell behind");
+                    tracing::debug!(missed = n, "a watcher fell behind");
                 }
                 Err(TryRecvError::Closed) => return,
                 Err(TryRecvError::Empty) => {
+                    let Some(rt) = current() else { return };
                     if rt.is_over() {
                         let _ = tx
                             .send(Ok(pb::ReplayProgress {
@@ -420,41 +521,113 @@ fn async_stream(
 }
 
 impl Replayer {
+    /// Counts a clone being built against `max_clones`.
+    fn reserve(&self) -> Result<(), Status> {
+        let n = self.state.clones.lock().expect("clones lock").len();
+        let mut b = self.state.building.lock().expect("building lock");
+        if n + *b >= self.state.config.max_clones {
+            return Err(Status::resource_exhausted(format!(
+                "{} clones already exist (max_clones)",
+                self.state.config.max_clones
+            )));
+        }
+        *b += 1;
+        Ok(())
+    }
+
+    /// Restarts clone `id` from another cut: the old guest, backends and
+    /// namespace go, a new one is built under the same id with the same
+    /// parameters, and watchers keep their stream.
+    async fn switch(
+        &self,
+        id: &str,
+        selector: vmr_snapshot::Selector,
+        w: pb::ReplayWindow,
+        start: bool,
+    ) -> Result<pb::Clone, Status> {
+        let (old, params, progress, switches) = {
+            let mut clones = self.state.clones.lock().expect("clones lock");
+            let e = clones
+                .get_mut(id)
+                .ok_or_else(|| Status::not_found(format!("no clone {id}")))?;
+            if e.switches == u32::MAX {
+                return Err(Status::failed_precondition("the clone is being switched"));
+            }
+            let sw = e.switches;
+            e.switches = u32::MAX;
+            (e.runtime.clone(), e.params.clone(), e.progress.clone(), sw)
+        };
+        let old2 = old.clone();
+        tokio::task::spawn_blocking(move || old2.teardown())
+            .await
+            .map_err(|e| Status::internal(format!("teardown task: {e}")))?;
+        let res = self
+            .build(
+                &params,
+                selector,
+                w,
+                Some(id.to_string()),
+                switches + 1,
+                !start,
+                progress,
+            )
+            .await;
+        let mut clones = self.state.clones.lock().expect("clones lock");
+        let e = clones.get_mut(id).ok_or_else(|| {
+            Status::not_found(format!("clone {id} was deleted during the switch"))
+        })?;
+        match res {
+            Ok(rt) => {
+                let info = rt.info();
+                e.runtime = rt;
+                e.switches = switches + 1;
+                tracing::info!(clone = %id, snapshot = %info.snapshot_id, "clone switched");
+                Ok(info)
+            }
+            Err(s) => {
+                e.switches = switches;
+                old.fail_with(format!("switching failed: {}", s.message()));
+                Err(s)
+            }
+        }
+    }
+
+    /// Materialises the snapshot and builds the clone (a new id, or `id`
+    /// when switching).
     #[allow(clippy::too_many_arguments)]
     async fn build(
         &self,
-        tenant: &TenantConfig,
-        instance: String,
+        p: &Params,
         selector: vmr_snapshot::Selector,
         w: pb::ReplayWindow,
-        speed: Speed,
-        kinds: KindSet,
+        id: Option<String>,
+        switches: u32,
         start_paused: bool,
-        gdb: bool,
-        (faults, seed): (Vec<clone::faults::FaultRule>, u64),
-    ) -> Result<pb::Clone, Status> {
+        tx: tokio::sync::broadcast::Sender<pb::ReplayProgress>,
+    ) -> Result<Arc<clone::CloneRuntime>, Status> {
         let cfg = &self.state.config;
-        let clone_id = new_id();
+        let fresh = id.is_none();
+        let clone_id = id.unwrap_or_else(new_id);
         let base = cfg.work_dir.join(&clone_id);
-        let snap_dir = base.join("snapshot");
+        let snap_dir = base.join(format!("snapshot-{switches}"));
+        let run_dir = base.join(format!("run-{switches}"));
+        let cleanup = |s: Status| {
+            if fresh {
+                let _ = std::fs::remove_dir_all(&base);
+            } else {
+                let _ = std::fs::remove_dir_all(&snap_dir);
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+            s
+        };
         let opts = vmr_snapshot::RestoreOptions {
             allow_host_mismatch: cfg.store.allow_host_mismatch,
             host: None,
         };
         let m =
-            vmr_snapshot::materialize(&self.state.store, &instance, &selector, &snap_dir, &opts)
-                .await;
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&base);
-                return Err(restore_status(e));
-            }
-        };
-        let cleanup = |s: Status| {
-            let _ = std::fs::remove_dir_all(&base);
-            s
-        };
+            vmr_snapshot::materialize(&self.state.store, &p.instance, &selector, &snap_dir, &opts)
+                .await
+                .map_err(|e| cleanup(restore_status(e)))?;
         let image = cfg
             .images
             .iter()
@@ -483,11 +656,23 @@ impl Replayer {
             disks.push((l.device.clone(), l.path.clone()));
         }
         let mut nics = Vec::new();
-        for n in &image.nics {
+        let mut access = clone::AccessPlan {
+            service_port: image.service_port,
+            ..Default::default()
+        };
+        for (i, n) in image.nics.iter().enumerate() {
             nics.push(NicPlan {
                 name: n.name.clone(),
                 mac: parse_mac(&n.mac).map_err(|e| cleanup(Status::internal(e.to_string())))?,
             });
+            if i == 0 {
+                if let Some(ip) = &n.ip {
+                    let (ip, prefix) = parse_cidr(ip).map_err(|e| cleanup(Status::internal(e)))?;
+                    access.guest_ip = Some(ip.to_string());
+                    access.prefix = prefix;
+                }
+                access.peer_ip = n.peer.clone();
+            }
         }
         let seq_at_cut = manifest.seq_at_cut;
         let (window, until_seq) = match (w.from_seq, w.to_seq) {
@@ -507,56 +692,45 @@ impl Replayer {
                 )
             }
         };
+        let kinds = p.filter.kinds;
         let plan = ClonePlan {
             clone_id: clone_id.clone(),
-            work_dir: base.join("run"),
+            work_dir: run_dir.clone(),
             snapshot_dir: m.snapshot_dir.clone(),
             manifest,
             disks,
             nics,
             kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
             cmdline: image.cmdline.clone(),
             memory_mib: image.memory_mib,
+            vcpus: image.vcpus,
+            qemu_devices: image.qemu_devices.clone(),
             blk_bin: self.state.blk_bin.clone(),
             net_bin: self.state.net_bin.clone(),
             bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
             kafka_security: cfg.kafka.security.clone(),
             fetch_timeout: Duration::from_secs(cfg.kafka.fetch_timeout_secs),
             kinds,
+            filter: p.filter.clone(),
             window,
             until_seq,
-            speed,
+            speed: p.speed,
             start_paused,
-            gdb,
-            faults,
-            seed,
+            gdb: p.gdb,
+            faults: p.faults.clone(),
+            seed: p.seed,
+            switches,
+            access,
+            owned_dir: Some(snap_dir.clone()),
         };
-        let (tx, _) = tokio::sync::broadcast::channel(4096);
-        let tx2 = tx.clone();
         let listener = Box::new(move |p: pb::ReplayProgress| {
-            let _ = tx2.send(p);
+            let _ = tx.send(p);
         });
         let built = tokio::task::spawn_blocking(move || clone::build(plan, listener))
             .await
             .map_err(|e| Status::internal(format!("build task: {e}")))?;
-        let rt = match built {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&base);
-                return Err(clone_status(e));
-            }
-        };
-        let info = rt.info();
-        tracing::info!(clone = %clone_id, instance = %instance, tenant = %tenant.name, "clone created");
-        self.state.clones.lock().expect("clones lock").insert(
-            clone_id,
-            Entry {
-                tenant: tenant.name.clone(),
-                runtime: rt,
-                progress: tx,
-            },
-        );
-        Ok(info)
+        built.map_err(|e| cleanup(clone_status(e)))
     }
 }
 

@@ -30,6 +30,7 @@ fn state_name(s: i32) -> &'static str {
         pb::CloneState::Crashed => "crashed",
         pb::CloneState::Stopped => "stopped",
         pb::CloneState::Ready => "ready",
+        pb::CloneState::Live => "live",
     }
 }
 

@@ -1,5 +1,6 @@
 //! The replayer's gRPC service (`vmr.v1.Replayer`) with the standard health
-//! service, over the [`clone`](crate::clone) runtime.
+//! and reflection (`grpc.reflection.v1` and `v1alpha`) services, over the
+//! [`clone`](crate::clone) runtime.
 //!
 //! Every call needs `authorization: Bearer <token>`; the configuration maps
 //! tokens to tenants and tenants to the instances they may see. Clones are
@@ -22,6 +23,11 @@ pub use config::{Config, ConfigError};
 
 use crate::clone::CloneRuntime;
 
+/// The encoded `FileDescriptorSet` of `vmr.v1.Replayer` and its imports,
+/// served by the reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/replayer_descriptor.bin"));
+
 /// How long open calls may go on after the shutdown signal.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -38,6 +44,8 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the reflection service cannot be built: {0}")]
+    Reflection(String),
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -47,6 +55,10 @@ pub(crate) struct Entry {
     pub tenant: String,
     pub runtime: Arc<CloneRuntime>,
     pub progress: tokio::sync::broadcast::Sender<vmr_proto::pb::ReplayProgress>,
+    /// What the clone was asked for (a switch rebuilds it with these).
+    pub params: Arc<grpc::Params>,
+    /// Switches so far (`u32::MAX` while one is under way).
+    pub switches: u32,
 }
 
 /// Shared state of the service.
@@ -73,6 +85,7 @@ impl State {
         for e in all {
             tracing::info!(clone = %e.runtime.id(), "removing clone at shutdown");
             e.runtime.teardown();
+            let _ = std::fs::remove_dir_all(self.config.work_dir.join(e.runtime.id()));
         }
     }
 }
@@ -145,6 +158,16 @@ pub async fn serve(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ReplayerServer<grpc::Replayer>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServiceError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServiceError::Reflection(e.to_string()))?;
     let svc = ReplayerServer::new(grpc::Replayer {
         state: state.clone(),
     });
@@ -166,6 +189,8 @@ pub async fn serve(
     }
     let server = builder
         .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
