@@ -52,6 +52,7 @@ pub mod events;
 pub mod instance;
 pub mod metrics;
 pub mod sensors;
+pub mod snapshot;
 pub mod service;
 pub mod shipper;
 pub mod source;

@@ -15,6 +15,8 @@
 //! - [`restore`]: list and select snapshots (by id, latest, latest at or
 //!   before a time), check the host, verify and materialise a snapshot and
 //!   its base chain into a directory for `Driver::restore`.
+//! - [`retention`]: which snapshots a keep-N / time-window policy with
+//!   pins keeps, and deleting one without removing objects others use.
 //!
 //! Layout and formats: `docs/snapshots.md`.
 
@@ -22,6 +24,7 @@ pub mod image;
 pub mod manifest;
 pub mod publish;
 pub mod restore;
+pub mod retention;
 pub mod store;
 pub mod upload;
 
@@ -34,6 +37,7 @@ pub use restore::{
     check_host, list, load_manifest, materialize, select, LayerPath, Materialized, RestoreError,
     RestoreOptions, Selector,
 };
+pub use retention::{Policy, RetentionError};
 pub use store::{S3Config, SnapshotStore, StoreConfig, StoreError};
 pub use upload::{
     no_progress, progress_watch, upload, DiskLayerFile, Progress, UploadError, UploadRequest,
