@@ -110,7 +110,7 @@ async function refreshHealth() {
     dot("h-replayer", h.replayer.ok, h.replayer.error || "ok");
     const was = S.replayerOk;
     S.replayerOk = h.replayer.ok;
-    setProblem("replayer", h.replayer.ok ? null : "Replayer unreachable: " + h.replayer.error);
+    setProblem("replayer", h.replayer.ok ? null : unreachable(h.replayer.error));
     if (h.replayer.ok && was === false) {
       // The replayer is back: pick up what it knows now.
       await refreshClones();
@@ -119,6 +119,11 @@ async function refreshHealth() {
   } catch (e) {
     if (e.code === "console_unreachable") setProblem("console", "The console server is unreachable; retrying");
   }
+}
+
+function unreachable(msg) {
+  return "Replayer unreachable: " + String(msg || "").replace(/^replayer unreachable: /i, "") +
+    ". Replays and controls are unavailable until it answers again; the page checks every 2 s.";
 }
 
 // ---- instances -----------------------------------------------------------
@@ -607,7 +612,7 @@ async function watchClone(id) {
   }
   if (!r.ok) {
     let m = "HTTP " + r.status; try { m = (await r.json()).error; } catch (e) { /* keep */ }
-    if (r.status === 503) setProblem("replayer", "Replayer unreachable: " + m);
+    if (r.status === 503) setProblem("replayer", unreachable(m));
     return;
   }
   setProblem("watch", null);

@@ -307,7 +307,7 @@ async fn health(
                 },
                 Err(e) => Reach {
                     ok: false,
-                    error: Some(e.message),
+                    error: Some(format!("{} ({})", e.message, st.config.replayer_url)),
                 },
             }
         }

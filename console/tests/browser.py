@@ -27,6 +27,7 @@ TOKEN_B = os.environ["TOKEN_B"]
 INSTANCE = os.environ["INSTANCE"]
 CUTS = [int(x) for x in os.environ["CUTS"].split(",")]
 POISON_SEQ = int(os.environ["POISON_SEQ"])
+CRASH_SEQ = int(os.environ["CRASH_SEQ"])
 SHOTS = os.environ["SCREENSHOTS"]
 
 
@@ -169,7 +170,7 @@ def main(d):
     c = el(d, "timeline")
     w = c.size["width"]
     ActionChains(d).move_to_element_with_offset(c, -w // 2 + 122, 0).key_down(Keys.SHIFT).click_and_hold() \
-        .move_by_offset(w - 135, 0).release().key_up(Keys.SHIFT).perform()
+        .move_by_offset(w - 112, 0).release().key_up(Keys.SHIFT).perform()
     rows = wait("events of the selected range",
                 lambda: d.find_elements(By.CSS_SELECTOR, "#events tbody tr"), 30)
     table = text(d, "events")
@@ -212,13 +213,16 @@ def main(d):
     body_keys(d, " ")
     wait("the clone to crash", lambda: shown_clone(d)["state"] == "crashed", 120)
     api = clone_api(cid)
-    if api.get("state") != "CLONE_STATE_CRASHED" or api.get("replayed_seq") != POISON_SEQ:
+    # The last event applied is the poison frame, or the recorded crash
+    # itself (the only event after it) when it was due before the clone's
+    # crash was seen.
+    if api.get("state") != "CLONE_STATE_CRASHED" or api.get("replayed_seq") not in (POISON_SEQ, CRASH_SEQ):
         raise Failed("the clone did not crash at the poison frame (seq %d): %s" % (POISON_SEQ, api))
     wait("the clone's crash marker", lambda: "clone crash" in text(d, "markers"), 20)
     wait("the crashed state on the page", lambda: "crashed" in state_line(d), 10)
     console_out = text(d, "c-console")
-    passed("the clone runs to the same crash (replayed seq %d = the poison frame); the page marks it (console: %d chars)"
-           % (api["replayed_seq"], len(console_out)))
+    passed("the clone runs to the same crash (replayed seq %d; poison frame %d, recorded crash %d); the page marks it (console: %d chars)"
+           % (api["replayed_seq"], POISON_SEQ, CRASH_SEQ, len(console_out)))
     shot(d, "console-replay-crash.png")
     el(d, "c-delete").click()
     wait("the clone to go", lambda: shown_clone(d) is None, 30)
@@ -267,7 +271,7 @@ def main(d):
 
     # A token that stops being accepted during a session.
     d.execute_script("sessionStorage.setItem('vmr.token', 'revoked-token-0000000')")
-    d.get(URL + "/#instance=" + INSTANCE)
+    d.refresh()
     wait("the refused-token message after reload", lambda: visible(d, "signin") and "not accepted" in text(d, "signin-error"))
     sign_in(d, TOKEN_A)
     wait("the timeline after signing in again", lambda: visible(d, "view") and text(d, "inst-title") == INSTANCE)

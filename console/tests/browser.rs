@@ -6,8 +6,8 @@
 //! The recording is a microVM session of the freestanding test guest (the
 //! rig of the replayer's service test): capture-mode `vhost-tap-blk` /
 //! `vhost-tap-net` record it, two snapshots are cut (after two requests and
-//! after a third), then a poison frame crashes the guest with a triple
-//! fault. The events are produced to the broker the way the agent ships
+//! after four more), two more requests follow, then a poison frame crashes
+//! the guest with a triple fault. The events are produced to the broker the way the agent ships
 //! them, with the crash as a `TRIPLE_FAULT` lifecycle event, and the
 //! snapshots are stored with vmr-snapshot. A second tenant's instance
 //! (`other-1`) gets a few synthetic events.
@@ -360,13 +360,14 @@ fn record(kafka: &Kafka, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -
         v.extend(records(&net_cap));
         v
     };
-    // Two requests, a cut, a third request, a second cut, then the poison.
+    // Two requests, a cut, four more, a second cut, two more, then the poison.
     let mut cuts = Vec::new();
     let mut layers = Vec::new();
-    for (id, reqs) in [("0001", 0..2u32), ("0002", 2..3u32)] {
+    for (id, reqs) in [("0001", 0..2u32), ("0002", 2..6u32)] {
         for seq in reqs {
             send(&ns, &request(format!("request {seq}: hello").as_bytes()));
             wait_console(orig.as_ref(), &done_line(seq));
+            std::thread::sleep(Duration::from_millis(300));
         }
         std::thread::sleep(Duration::from_millis(700));
         let snap = dir.join("snaps").join(id);
@@ -386,6 +387,11 @@ fn record(kafka: &Kafka, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -
         layers.push((id, snap, layer));
     }
     std::thread::sleep(Duration::from_millis(700));
+    for seq in 6..8u32 {
+        send(&ns, &request(format!("request {seq}: hello").as_bytes()));
+        wait_console(orig.as_ref(), &done_line(seq));
+        std::thread::sleep(Duration::from_millis(300));
+    }
     send(&ns, &request(b"POISON: crash now"));
     let crash = events
         .wait_for(WAIT, |e| e.kind() == LifecycleKind::TripleFault)
@@ -754,6 +760,7 @@ instances = ["other-1"]
     });
     let start = Instant::now();
     let mut passed = Vec::new();
+    let mut clones = std::collections::BTreeSet::new();
     let mut verdict = None;
     while verdict.is_none() {
         let left = DRIVER_TIMEOUT.saturating_sub(start.elapsed());
@@ -766,7 +773,10 @@ instances = ["other-1"]
         let mut words = line.split_whitespace();
         let answer = match words.next() {
             Some("ACTION") => match (words.next(), words.next()) {
-                (Some("get-clone"), Some(id)) => get_clone(&rt, &replayer.addr, id),
+                (Some("get-clone"), Some(id)) => {
+                    clones.insert(id.to_string());
+                    get_clone(&rt, &replayer.addr, id)
+                }
                 (Some("stop-replayer"), _) => {
                     replayer.stop();
                     "stopped".into()
@@ -809,9 +819,11 @@ instances = ["other-1"]
         ),
     }
     assert!(passed.len() >= 8, "too few checks passed: {passed:#?}");
-    assert!(
-        !netns_list().contains("vmr-"),
-        "a clone's namespace is left: {}",
-        netns_list()
-    );
+    let left = netns_list();
+    for id in &clones {
+        assert!(
+            !left.contains(&format!("vmr-{id}")),
+            "clone {id}'s namespace is left: {left}"
+        );
+    }
 }
