@@ -1,0 +1,330 @@
+//! The snapshot cut of a recorded demo-linux guest under QEMU (TCG), end to
+//! end: the agent's engine pauses the guest, checkpoints both backends,
+//! saves QEMU's migration stream, resumes, packs the frozen disk layer and
+//! uploads it to a `file://` store with the manifest, and publishes the
+//! manifest on `vmr.snapshots.v1`, while a peer keeps the guest's service
+//! busy.
+//!
+//! Checked against the recorded stream in Kafka (the rdkafka consumer of
+//! `common`): every block write with `seq <= seq_at_cut` is in the
+//! snapshot's disk (the restored layer chain, sector by sector, newest
+//! write first), every event after the cut sits at or after the manifest's
+//! offset of its topic, and the snapshot's disk chain (image + packed
+//! layer, downloaded and verified) hashes the same as the original's
+//! frozen chain.
+//!
+//! Heavy: root, qemu-system-x86_64, demo-linux, Tansu and the workspace
+//! binaries (`cargo build -p vhost-tap -p schema-registry --bins`). Run:
+//! `cargo test -p capture-agent --test snapshot_qemu -- --test-threads=1`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capture_agent::config::AgentConfig;
+use capture_agent::instance::{LaunchOptions, RecordedInstance};
+use capture_agent::service::{OperationState, SnapshotRequest};
+use capture_agent::snapshot::{EngineConfig, SnapshotEngine};
+use common::{wait_for_records, Stack};
+use sha2::{Digest, Sha256};
+use vmr_hypervisor::Accel;
+use vmr_proto::{pb, InstanceId};
+use vmr_testkit::qemu::NetNs;
+
+const PEER_CIDR: &str = "192.168.77.1/24";
+const PEER_MAC: &str = "02:00:00:77:00:01";
+const SERVICE: &str = "192.168.77.2:7000";
+
+fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("VMR_GUEST_LINUX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmr_testkit::cache_dir().join("demo-linux"));
+    assert!(
+        dir.join("image.toml").is_file(),
+        "the demo-linux machine image ({}/image.toml) is missing: build it with guest/linux/build.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn qemu_binary() -> PathBuf {
+    let p = std::env::var_os("VMR_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
+    assert!(
+        p.is_file(),
+        "QEMU not found at {}: install qemu-system-x86 (scripts/setup.sh) or set $VMR_QEMU",
+        p.display()
+    );
+    p
+}
+
+fn enter_netns(path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: setns(2) on a valid namespace fd held open by `f`; it changes
+    // only this (test-owned) thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sends one request line to the guest's service from inside `ns`.
+fn request(ns: &NetNs, line: &str) -> Result<String, String> {
+    let path = ns.path();
+    let line = line.to_string();
+    let addr: SocketAddr = SERVICE.parse().expect("a valid address");
+    std::thread::spawn(move || -> Result<String, String> {
+        enter_netns(&path)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        (&stream)
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = String::new();
+        let _ = BufReader::new(&stream).read_line(&mut reply);
+        Ok(reply.trim_end().to_string())
+    })
+    .join()
+    .map_err(|_| "request thread panicked".to_string())?
+}
+
+fn disk_hash(image: &Path, layers: &[PathBuf]) -> (String, vhost_tap::blk::Disk) {
+    let d = vhost_tap::blk::Disk::open_chain(image, layers, None, true).expect("the chain opens");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < d.size() {
+        let n = (d.size() - at).min(buf.len() as u64) as usize;
+        d.read(at, &mut buf[..n]).expect("read the chain");
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    (format!("{:x}", h.finalize()), d)
+}
+
+#[test]
+fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
+    let qemu = qemu_binary();
+    let image = image_dir();
+    let blk_bin = vmr_testkit::workspace_bin("vhost-tap-blk")
+        .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
+    vmr_testkit::workspace_bin("vhost-tap-net")
+        .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
+    let stack = Stack::start();
+    let work = tempfile::tempdir().expect("a temp dir");
+    let w = work.path();
+    let cfg = AgentConfig::load(&stack.config_file(w, "")).expect("the test config parses");
+    let ns = NetNs::create().expect("create a network namespace (needs root and iproute2)");
+    let inst = "vm-snap-1";
+
+    let mut opts = LaunchOptions::new(
+        &image,
+        InstanceId::new(inst).unwrap(),
+        "qemu",
+        w.join("data"),
+    );
+    opts.netns = Some(ns.name().to_string());
+    opts.endpoints = cfg.endpoints.clone();
+    opts.shipper = cfg.shipper.clone();
+    opts.accel = Accel::Tcg;
+    opts.qemu_binary = Some(qemu);
+    opts.supervisor.bin_dir = blk_bin.parent().map(Path::to_path_buf);
+    opts.drain_timeout = Duration::from_secs(30);
+    let rec = Arc::new(
+        RecordedInstance::launch(opts)
+            .unwrap_or_else(|e| panic!("{}", capture_agent::shipper::display_chain(&e))),
+    );
+    ns.wait_for_link("vmrtap0", Duration::from_secs(60))
+        .expect("the TAP appears in the namespace");
+    ns.ip(&["link", "set", "dev", "vmrtap0", "address", PEER_MAC])
+        .expect("set the peer MAC");
+    ns.configure("vmrtap0", PEER_CIDR)
+        .expect("configure the peer");
+    let reply = request(&ns, "PUT warm up").unwrap_or_else(|e| panic!("{e}"));
+    assert!(reply.starts_with("OK "), "first PUT: {reply:?}");
+
+    // Keep the service busy while the snapshot is taken.
+    let stop = Arc::new(AtomicBool::new(false));
+    let puts = Arc::new(AtomicU64::new(0));
+    let busy = {
+        let (stop, puts, nsp) = (stop.clone(), puts.clone(), ns.path());
+        std::thread::spawn(move || {
+            enter_netns(&nsp).expect("enter the namespace");
+            let addr: SocketAddr = SERVICE.parse().unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                i += 1;
+                if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = (&s).write_all(format!("PUT busy{i} v{i}\n").as_bytes());
+                    let mut r = String::new();
+                    let _ = BufReader::new(&s).read_line(&mut r);
+                    if r.starts_with("OK ") {
+                        puts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let t = Instant::now();
+    while puts.load(Ordering::Relaxed) < 3 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        puts.load(Ordering::Relaxed) >= 3,
+        "the busy client got no answers"
+    );
+
+    let store_dir = w.join("store");
+    let engine = SnapshotEngine::new(EngineConfig::local(
+        &store_dir,
+        &w.join("engine"),
+        cfg.endpoints.clone(),
+    ))
+    .expect("the engine starts");
+    let t = Instant::now();
+    let op = engine
+        .take_and_wait(
+            rec.clone(),
+            SnapshotRequest {
+                incremental: false,
+                pin: false,
+            },
+            Duration::from_secs(300),
+        )
+        .expect("the snapshot finishes");
+    eprintln!("snapshot operation in {:?}: {op:?}", t.elapsed());
+    assert_eq!(op.state, OperationState::Succeeded, "{:?}", op.error);
+    let m = engine
+        .manifests(inst)
+        .unwrap()
+        .pop()
+        .expect("a manifest in the store");
+    eprintln!(
+        "snapshot {} seq_at_cut {} pause {} us, offsets {:?}",
+        m.snapshot_id, m.seq_at_cut, m.pause_us, m.offsets
+    );
+    assert!(m.seq_at_cut > 0);
+    assert_eq!(m.driver, "qemu");
+    assert_eq!(m.offsets.len(), 4, "one offset per event topic");
+    let layers = m.disk_layers();
+    assert_eq!(layers.len(), 1, "one frozen layer of vda");
+    let after_puts = puts.load(Ordering::Relaxed);
+    // The guest runs on after the cut.
+    let t = Instant::now();
+    while puts.load(Ordering::Relaxed) < after_puts + 3 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        puts.load(Ordering::Relaxed) >= after_puts + 3,
+        "the guest stopped answering after the snapshot"
+    );
+    stop.store(true, Ordering::Release);
+    busy.join().unwrap();
+
+    // The snapshot's disk, downloaded and verified, equals the original's
+    // disk at the cut (the image under the frozen layer).
+    let dest = w.join("restore");
+    let rt = common::runtime();
+    let mat = rt
+        .block_on(vmr_snapshot::materialize(
+            engine.store(),
+            inst,
+            &vmr_snapshot::Selector::Latest,
+            &dest,
+            &vmr_snapshot::RestoreOptions::default(),
+        ))
+        .expect("the snapshot materialises");
+    // demo-linux's disk is blank: the instance's image file is the zeroed
+    // disk the layers lie on.
+    let image_file = w.join("data").join(inst).join("vda.img");
+    let restored: Vec<PathBuf> = mat.disk_layers.iter().map(|l| l.path.clone()).collect();
+    let (h_snap, snap_disk) = disk_hash(&image_file, &restored);
+    let frozen = w.join("data").join(inst).join("vda.layers").join("base");
+    let (h_orig, _) = disk_hash(&image_file, &[frozen]);
+    eprintln!("disk at the cut: {h_snap}");
+    assert_eq!(
+        h_snap, h_orig,
+        "the snapshot's disk differs from the original's at the cut"
+    );
+
+    let report = rec.shutdown();
+    eprintln!("stop: {:?}", report.exit);
+
+    // The recorded stream.
+    let bootstrap = stack.broker.bootstrap();
+    let got = wait_for_records(&bootstrap, inst, 1, Duration::from_secs(60));
+    let mine: Vec<_> = got.iter().filter(|g| g.key == inst).collect();
+    let offsets: BTreeMap<&str, i64> = m
+        .offsets
+        .iter()
+        .map(|o| (o.topic.as_str(), o.next_offset))
+        .collect();
+    let mut before = 0;
+    let mut after = 0;
+    let mut sectors: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
+    for g in &mine {
+        if g.event.seq > m.seq_at_cut {
+            after += 1;
+            assert!(
+                g.offset >= offsets[g.topic.as_str()],
+                "seq {} after the cut is at {}:{} before the manifest's offset {}",
+                g.event.seq,
+                g.topic,
+                g.offset,
+                offsets[g.topic.as_str()]
+            );
+            continue;
+        }
+        before += 1;
+        if let Some(pb::event::Payload::Block(b)) = &g.event.payload {
+            if b.op == pb::BlockOp::Write as i32 && b.status == pb::BlockStatus::Ok as i32 {
+                for (i, chunk) in b.data.chunks(512).enumerate() {
+                    let s = b.sector + i as u64;
+                    let e = sectors.entry(s).or_insert((0, Vec::new()));
+                    if g.event.seq > e.0 {
+                        *e = (g.event.seq, chunk.to_vec());
+                    }
+                }
+            }
+        }
+    }
+    let snapshot_event = mine.iter().find(|g| {
+        matches!(&g.event.payload,
+        Some(pb::event::Payload::Lifecycle(l)) if l.kind == pb::LifecycleKind::Snapshot as i32)
+    });
+    let snapshot_event = snapshot_event.expect("a Snapshot lifecycle event was recorded");
+    assert!(snapshot_event.event.seq > m.seq_at_cut);
+    eprintln!(
+        "{before} events up to the cut, {after} after; {} sectors written before the cut",
+        sectors.len()
+    );
+    assert!(!sectors.is_empty(), "no block writes before the cut");
+    assert!(after > 0, "no events after the cut");
+    let mut buf = vec![0u8; 512];
+    for (s, (seq, data)) in &sectors {
+        snap_disk.read(s * 512, &mut buf[..data.len()]).unwrap();
+        assert!(
+            buf[..data.len()] == data[..],
+            "sector {s} in the snapshot differs from the write with seq {seq} <= seq_at_cut"
+        );
+    }
+    drop(ns);
+}
