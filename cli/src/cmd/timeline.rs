@@ -153,7 +153,7 @@ impl Timeline {
                     Direction::Rx => format!("{} rx (to guest)", n.device),
                     Direction::Tx => format!("{} tx (from guest)", n.device),
                 }),
-                Payload::Env(s) => Some(format!("env {}", s.sensor)),
+                Payload::Env(_) => Some("env samples (all sensors)".to_string()),
                 Payload::Lifecycle(l) => {
                     match l.kind {
                         LifecycleKind::Crash
@@ -378,7 +378,18 @@ pub fn render_svg(t: &Timeline) -> String {
         left: LEFT,
         width: W - LEFT - RIGHT,
     };
-    let lanes: Vec<(&String, &Vec<(u64, u64)>)> = t.lanes.iter().collect();
+    // Disks first, then NICs, then the host's env samples.
+    let rank = |name: &str| {
+        if name.starts_with("env ") {
+            2
+        } else if name.contains(" rx ") || name.contains(" tx ") {
+            1
+        } else {
+            0
+        }
+    };
+    let mut lanes: Vec<(&String, &Vec<(u64, u64)>)> = t.lanes.iter().collect();
+    lanes.sort_by_key(|(n, _)| (rank(n), n.as_str()));
     let top = 60.0;
     let n_rows = lanes.len() + 2; // + lifecycle + clone
     let panel_bottom = top + n_rows as f64 * LANE_H;
