@@ -39,7 +39,7 @@ use vmr_vmm::devices::mmio::DeviceKind;
 use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::serial::SharedBuffer;
 use vmr_vmm::snapshot::{MemoryKind, RestoreMemory};
-use vmr_vmm::vm::BootSource;
+use vmr_vmm::vm::{BootSource, SnapshotDevice};
 
 /// `CMD_NET_DISK` of `guest/test-guest/workload.h`.
 const CMD_NET_DISK: u32 = 0x10;
@@ -359,6 +359,16 @@ fn run_clone(
         devices: restored,
     } = common::restore_clone(snap, &blk_sock, &net_sock, None, memory);
     assert_eq!(restored.len(), 2);
+    for d in &restored {
+        let joined = d.device().lock().expect("not poisoned").joined_postcopy();
+        // A lazy clone's prefetch of this small guest may be done before
+        // the devices start; on demand, population never ends by itself.
+        match memory {
+            RestoreMemory::SharedCopy => assert!(!joined),
+            RestoreMemory::SharedOnDemand => assert!(joined, "{} joined postcopy", d.id()),
+            _ => {}
+        }
+    }
     assert_eq!(
         sector(&overlay, image, 3),
         vec![0u8; 512],

@@ -435,6 +435,12 @@ impl VirtioMmioDevice {
         self.logging
     }
 
+    /// Whether the backend joined a lazy restore's postcopy (its faults on
+    /// guest memory are served by the VMM).
+    pub fn joined_postcopy(&self) -> bool {
+        self.postcopy_peer.is_some()
+    }
+
     fn selected_queue(&mut self) -> Option<&mut QueueState> {
         self.queues.get_mut(self.queue_sel as usize)
     }
