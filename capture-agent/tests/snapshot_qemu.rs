@@ -11,7 +11,10 @@
 //! write first), every event after the cut sits at or after the manifest's
 //! offset of its topic, and the snapshot's disk chain (image + packed
 //! layer, downloaded and verified) hashes the same as the original's
-//! frozen chain.
+//! frozen chain. Then the snapshot is restored into a new QEMU with its own
+//! backends (the disk on the downloaded layer chain with a private top
+//! layer, the NIC in a namespace of its own) and the clone answers a `GET`
+//! of a key written before the cut.
 //!
 //! Heavy: root, qemu-system-x86_64, demo-linux, Tansu and the workspace
 //! binaries (`cargo build -p vhost-tap -p schema-registry --bins`). Run:
@@ -159,6 +162,11 @@ fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
         .expect("configure the peer");
     let reply = request(&ns, "PUT warm up").unwrap_or_else(|e| panic!("{e}"));
     assert!(reply.starts_with("OK "), "first PUT: {reply:?}");
+    let slot: u32 = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no slot in {reply:?}"));
 
     // Keep the service busy while the snapshot is taken.
     let stop = Arc::new(AtomicBool::new(false));
@@ -327,4 +335,101 @@ fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
         );
     }
     drop(ns);
+
+    // Restore into a new QEMU with its own backends: the disk on the
+    // snapshot's chain with a private top layer, the NIC in a namespace of
+    // its own (the clone keeps the original's address).
+    let cns = NetNs::create().expect("a namespace for the clone");
+    let cdir = w.join("clone");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let spawn = |name: &str, args: Vec<std::ffi::OsString>| {
+        let bin = vmr_testkit::workspace_bin(name).unwrap();
+        let sock = cdir.join(format!("{name}.sock"));
+        let log = std::fs::File::create(cdir.join(format!("{name}.log"))).unwrap();
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--socket")
+            .arg(&sock)
+            .arg("--instance-id")
+            .arg("vm-snap-clone")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut g = vmr_testkit::ChildGuard::spawn(name, &mut cmd).expect("start a backend");
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(
+                g.try_wait().is_none(),
+                "{name} exited; see {}",
+                cdir.display()
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{name} did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        g
+    };
+    let mut blk_args: Vec<std::ffi::OsString> = vec!["--image".into(), image_file.clone().into()];
+    for l in &restored {
+        blk_args.push("--layer".into());
+        blk_args.push(l.clone().into());
+    }
+    blk_args.extend([
+        "--overlay".into(),
+        cdir.join("vda.top").into(),
+        "--device".into(),
+        "vda".into(),
+    ]);
+    let _blk = spawn("vhost-tap-blk", blk_args);
+    let _net = spawn(
+        "vhost-tap-net",
+        [
+            "--tap",
+            "vmrtap0",
+            "--netns",
+            cns.name(),
+            "--device",
+            "net0",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect(),
+    );
+    let machine = vmr_hypervisor::image::MachineImage::load(&image).unwrap();
+    let mut spec = machine
+        .instance_spec("qemu", "vm-snap-clone", &cdir.join("work"), |d| {
+            if d == "vda" {
+                cdir.join("vhost-tap-blk.sock")
+            } else {
+                cdir.join("vhost-tap-net.sock")
+            }
+        })
+        .unwrap();
+    std::fs::create_dir_all(cdir.join("work")).unwrap();
+    spec.qemu.accel = Accel::Tcg;
+    spec.qemu.binary = Some(qemu_binary());
+    let t = Instant::now();
+    let clone = vmr_hypervisor::driver("qemu")
+        .unwrap()
+        .restore(&spec, &mat.snapshot_dir)
+        .unwrap_or_else(|e| panic!("restore: {}", vmr_hypervisor::error_chain(&e)));
+    clone.resume().expect("the clone resumes");
+    eprintln!("clone running {:?} after the restore started", t.elapsed());
+    cns.wait_for_link("vmrtap0", Duration::from_secs(60))
+        .unwrap();
+    cns.ip(&["link", "set", "dev", "vmrtap0", "address", PEER_MAC])
+        .unwrap();
+    cns.configure("vmrtap0", PEER_CIDR).unwrap();
+    let got = request(&cns, &format!("GET {slot}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        got,
+        format!("VAL {slot} warm up"),
+        "the restored guest's answer"
+    );
+    let put = request(&cns, "PUT in clone").unwrap_or_else(|e| panic!("{e}"));
+    assert!(put.starts_with("OK "), "clone PUT: {put:?}");
+    let _ = clone.stop(Duration::from_secs(5));
+    drop(cns);
 }
