@@ -28,7 +28,7 @@ pub struct CliSection {
     /// `http://127.0.0.1:7300`).
     pub replayer_url: Option<String>,
     /// The capture agent's gRPC address (env `VMR_AGENT_URL`; default
-    /// `http://127.0.0.1:7200`).
+    /// `http://127.0.0.1:50061`).
     pub agent_url: Option<String>,
     /// Bearer token sent to the services (env `VMR_TOKEN`).
     pub token: Option<String>,
@@ -96,7 +96,7 @@ pub struct Config {
 /// The replayer's default gRPC URL.
 pub const DEFAULT_REPLAYER_URL: &str = "http://127.0.0.1:7300";
 /// The capture agent's default gRPC URL.
-pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:7200";
+pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:50061";
 
 fn check_url(what: &str, v: &str) -> CliResult<()> {
     if v.starts_with("http://") || v.starts_with("https://") {
