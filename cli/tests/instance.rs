@@ -38,11 +38,8 @@ fn demo_linux() -> PathBuf {
 #[test]
 fn instance_lifecycle_through_the_cli() {
     // SAFETY: geteuid has no preconditions and touches no memory.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces, TAP)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (network namespaces, TAP)");
     let image = demo_linux();
     let agent_bin = workspace_bin("capture-agent").unwrap_or_else(|e| panic!("{e}"));
     for b in ["vhost-tap-blk", "vhost-tap-net"] {
