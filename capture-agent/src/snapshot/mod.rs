@@ -81,6 +81,8 @@ struct Inner {
     busy: Mutex<HashSet<String>>,
     next_op: AtomicU64,
     last_id: Mutex<HashMap<String, String>>,
+    /// Per instance, the staging directories of the current microVM chain.
+    chains: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// The snapshot engine. Cheap to clone.
@@ -134,6 +136,7 @@ impl SnapshotEngine {
                 busy: Mutex::new(HashSet::new()),
                 next_op: AtomicU64::new(1),
                 last_id: Mutex::new(HashMap::new()),
+                chains: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -267,18 +270,32 @@ impl SnapshotEngine {
         };
         let r = cut::take(inst, &self.inner.store, &self.inner.rt, &opts, &progress)
             .map_err(|e| chain(&e));
-        // The newest staging directory stays (a microVM child names it as
-        // its parent); older ones go.
-        let keep = self
-            .inner
+        // QEMU's staging directory goes at once. A microVM chain's stay
+        // while the chain grows (the VMM reads an incremental snapshot's
+        // parent); a full snapshot starts a new chain and the old one goes.
+        let older = {
+            let mut chains = self.inner.chains.lock().unwrap_or_else(|p| p.into_inner());
+            let c = chains.entry(instance.clone()).or_default();
+            let full = memory == MemoryKind::Full;
+            let older = if full && r.is_ok() {
+                std::mem::take(c)
+            } else {
+                Vec::new()
+            };
+            if r.is_ok() {
+                c.push(id.to_string());
+            }
+            older
+        };
+        self.inner
             .last_id
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(instance.clone(), id.to_string());
-        if let Some(old) = keep {
+        for old in older {
             cut::remove_staging(&staging.join(old));
         }
-        if inst.driver() != vmr_hypervisor::microvm::NAME {
+        if inst.driver() != vmr_hypervisor::microvm::NAME || r.is_err() {
             cut::remove_staging(&staging.join(id));
         }
         let r = r?;
