@@ -286,6 +286,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_cli_table_loads_when_uncommented() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/vmreplay.example.toml");
+        let text = std::fs::read_to_string(p).unwrap();
+        let i = text.find("# [cli]").expect("the example has a [cli] table");
+        let uncommented: String = text[..i].to_string()
+            + &text[i..]
+                .lines()
+                .map(|l| l.strip_prefix("# ").unwrap_or(l))
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, uncommented).unwrap();
+        let c = Config::load(Some(&f), no_env, &Overrides::default()).unwrap();
+        assert_eq!(c.replayer_url, "http://127.0.0.1:7300");
+        assert_eq!(c.agent_url, "http://127.0.0.1:50061");
+        assert_eq!(c.token.as_deref(), Some("change-me-shop-token-0001"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/vmreplay/cli"));
+    }
+
+    #[test]
     fn unknown_keys_are_usage_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
