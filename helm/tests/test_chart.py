@@ -61,6 +61,7 @@ VALUE_SETS = {
         "replayer": {"tokens": TOKENS},
     },
     "mtls": {
+        "agent": {"mode": "run"},
         "kafka": {"securityProtocol": "SSL",
                   "tls": {"caSecret": "kafka-ca", "clientCertSecret": "kafka-client"}},
     },
@@ -80,6 +81,7 @@ BAD_VALUES = [
                                           "sasl": {"mechanism": "GSSAPI", "existingSecret": "s"}}}),
     ("SASL without a Secret", {"kafka": {"securityProtocol": "SASL_SSL"}}),
     ("unknown TLS key", {"kafka": {"tls": {"caFile": "/ca.crt"}}}),
+    ("unknown agent mode", {"agent": {"mode": "daemon"}}),
 ]
 # Where the chart mounts the Kafka security Secrets.
 KAFKA_MOUNTS = "/etc/vmreplay-kafka/"
@@ -254,6 +256,26 @@ def main():
         sc = ds["containers"][0]["securityContext"]
         check(sc.get("privileged") is False and sc["capabilities"]["drop"] == ["ALL"],
               f"{name}: agent is unprivileged with capabilities listed")
+        agent = ds["containers"][0]
+        toml_text = by[("ConfigMap", "capture-agent")]["data"]["capture-agent.toml"]
+        if values.get("agent", {}).get("mode", "serve") == "serve":
+            check(agent["args"][0] == "serve", f"{name}: agent runs `capture-agent serve`")
+            listen = re.search(r'^listen = "0\.0\.0\.0:(\d+)"$', toml_text, re.M)
+            port = agent["readinessProbe"]["grpc"]["port"]
+            check(listen is not None and int(listen.group(1)) == port == agent["livenessProbe"]["grpc"]["port"]
+                  and {"name": "grpc", "containerPort": port, "protocol": "TCP"} in agent["ports"],
+                  f"{name}: agent probes and port {port} are the gRPC port of [agent] listen")
+            check(("Service", "capture-agent") in by
+                  and by[("Service", "capture-agent")]["spec"]["clusterIP"] == "None",
+                  f"{name}: headless Service for the agents")
+            if values.get("networkPolicy", {}).get("enabled"):
+                check(("NetworkPolicy", "capture-agent") in by, f"{name}: agent NetworkPolicy rendered")
+            if values.get("serviceMonitor", {}).get("enabled"):
+                check(("ServiceMonitor", "capture-agent") in by, f"{name}: agent ServiceMonitor rendered")
+        else:
+            check(agent["args"][0] == "run" and "readinessProbe" not in agent
+                  and "[agent]" not in toml_text and ("Service", "capture-agent") not in by,
+                  f"{name}: agent runs `capture-agent run` (one instance, no API, no probes)")
         paths = {v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
         check({"/dev/kvm", "/dev/net/tun"} <= paths, f"{name}: agent mounts /dev/kvm and /dev/net/tun")
 
