@@ -238,6 +238,8 @@ pub struct RecordedInstance {
     devices: Vec<DeviceInfo>,
     guest: Mutex<Option<Arc<dyn Instance>>>,
     supervisor: Mutex<Option<Supervisor>>,
+    /// The backends' state when they were stopped.
+    final_backends: Mutex<Vec<BackendStatus>>,
     shippers: Mutex<Vec<(String, ShipperHandle)>>,
     shipper_metrics: Vec<(String, Arc<ShipperMetrics>)>,
     events: Arc<EventLog>,
@@ -284,14 +286,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Bytes of the regular files in `dir` (not recursive).
+/// Disk space the regular files in `dir` take (allocated blocks, so a
+/// recycled segment's unused tail does not count; not recursive).
 pub fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .filter_map(|e| e.metadata().ok())
                 .filter(std::fs::Metadata::is_file)
-                .map(|m| m.len())
+                .map(|m| m.blocks() * 512)
                 .sum()
         })
         .unwrap_or(0)
@@ -448,6 +452,7 @@ impl RecordedInstance {
             devices,
             guest: Mutex::new(None),
             supervisor: Mutex::new(Some(supervisor)),
+            final_backends: Mutex::new(Vec::new()),
             shippers: Mutex::new(Vec::new()),
             shipper_metrics,
             events,
@@ -614,12 +619,13 @@ impl RecordedInstance {
             .map_err(InstanceError::Driver)
     }
 
-    /// Each backend's state (empty once stopped).
+    /// Each backend's state (once stopped: as it was at the stop, without
+    /// pids).
     pub fn backends(&self) -> Vec<BackendStatus> {
-        lock(&self.supervisor)
-            .as_ref()
-            .map(Supervisor::status)
-            .unwrap_or_default()
+        match lock(&self.supervisor).as_ref() {
+            Some(s) => s.status(),
+            None => lock(&self.final_backends).clone(),
+        }
     }
 
     /// Runs `f` with the backend supervisor, while the instance runs.
@@ -740,6 +746,11 @@ impl RecordedInstance {
             s.stop();
         }
         if let Some(s) = lock(&self.supervisor).take() {
+            *lock(&self.final_backends) = s
+                .status()
+                .into_iter()
+                .map(|b| BackendStatus { pid: None, ..b })
+                .collect();
             s.stop();
         }
         self.drain();

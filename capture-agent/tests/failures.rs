@@ -1,5 +1,7 @@
 //! The shipper under failure, as a real process against a real Tansu broker
-//! and our registry: a 35 s broker outage while records keep arriving,
+//! and our registry: a 35 s broker outage while records keep arriving (and
+//! a guest on a full spool under policy `block` waits no longer than the
+//! block bound, then its records are dropped with GAP events),
 //! `kill -9` mid-stream, an unreachable broker or registry at start, a
 //! registry that refuses, a damaged spool frame.
 //!
@@ -24,6 +26,59 @@ fn spool_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// The block bound of the small-spool instance in the outage test.
+const BOUND: Duration = Duration::from_secs(2);
+
+/// A guest's disk on a small spool under policy `block` with [`BOUND`]:
+/// 4 KiB writes, a FLUSH (tee sync) after every 8th, each "request" timed
+/// as the guest would see it (the time its record call, or its FLUSH,
+/// took). Returns the longest, and when it happened.
+struct BoundedGuest {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Device, Vec<(Instant, Duration)>)>>,
+}
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+impl BoundedGuest {
+    fn start(dev: Device, per_sec: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while !s.load(Ordering::Acquire) {
+                let due = start.elapsed().as_secs_f64() * per_sec as f64;
+                if (n as f64) >= due {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                let t = Instant::now();
+                dev.block_write(n);
+                if n % 8 == 7 {
+                    // A FLUSH completes once the writes before it are
+                    // durable or covered by a GAP.
+                    let _ = dev.tee.sync();
+                }
+                lat.push((t, t.elapsed()));
+                n += 1;
+            }
+            (dev, lat)
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (Device, Vec<(Instant, Duration)>) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().expect("guest thread")
+    }
+}
+
 #[test]
 // Heavy: needs Tansu and schema-registry.
 fn a_35_s_broker_outage_loses_and_repeats_nothing() {
@@ -38,6 +93,15 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
     let config = stack.config_file(w, "");
     let mut vda = ShipProcess::start(&config, &w.join("vda"), inst, w, "vda");
     let mut net0 = ShipProcess::start(&config, &w.join("net0"), inst, w, "net0");
+    // A second instance whose disk spool (1 MiB) fills within the outage.
+    let binst = "vm-outage-bound";
+    let bspool = w.join("bound-vda");
+    let bdev = Device::open_bounded(binst, "vda", &bspool, &w.join("bound.seq"), 1 << 20, BOUND);
+    let guest = BoundedGuest::start(bdev, 200);
+    let mut bship = ShipProcess::start(&config, &bspool, binst, w, "bound-vda");
+    bship.wait_metrics("first records shipped", Duration::from_secs(60), |m| {
+        m.records_acked >= 100
+    });
     vda.wait_metrics("first records shipped", Duration::from_secs(60), |m| {
         m.records_acked >= 100
     });
@@ -72,6 +136,7 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
         "the outage is counted: {:?}",
         during.1
     );
+    let outage_end = Instant::now();
     stack.broker.restart().expect("restart the broker");
     let outage_secs = outage.elapsed().as_secs();
     assert!(outage_secs >= 30);
@@ -104,6 +169,108 @@ fn a_35_s_broker_outage_loses_and_repeats_nothing() {
     );
     vda.stop();
     net0.stop();
+
+    // The bounded instance: its guest never waited longer than the bound
+    // (plus scheduling slack) while the broker was away, and what the full
+    // spool could not take is covered by GAP events, nothing twice.
+    let (bdev, lat) = guest.stop();
+    bdev.sync();
+    bdev.shutdown();
+    let during: Vec<Duration> = lat
+        .iter()
+        .filter(|(t, _)| *t >= outage && *t <= outage_end)
+        .map(|(_, d)| *d)
+        .collect();
+    let longest = during.iter().max().copied().unwrap_or_default();
+    let mut sorted = during.clone();
+    sorted.sort_unstable();
+    let p99 = sorted
+        .get(sorted.len() * 99 / 100)
+        .copied()
+        .unwrap_or_default();
+    eprintln!(
+        "bounded guest: {} requests during the outage, longest {longest:?}, p99 {p99:?}, bound {BOUND:?}",
+        during.len()
+    );
+    assert!(
+        during.len() > 1000,
+        "the guest kept writing during the outage"
+    );
+    assert!(
+        longest >= BOUND - Duration::from_millis(200),
+        "the spool filled and the guest waited for it ({longest:?})"
+    );
+    assert!(
+        longest <= BOUND + Duration::from_millis(750),
+        "the guest stalled {longest:?}, longer than the bound {BOUND:?}"
+    );
+    let got = wait_for_records(&stack.broker.bootstrap(), binst, 1, Duration::from_secs(60));
+    let end = Instant::now() + Duration::from_secs(120);
+    let mut last = 0;
+    let got = loop {
+        let m = bship.metrics().unwrap();
+        if (m.in_flight == 0 && m.acked_seq == last && last > 0) || Instant::now() > end {
+            break read_all(&stack.broker.bootstrap(), binst);
+        }
+        last = m.acked_seq;
+        let _ = &got;
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let mut records: Vec<u64> = got.iter().map(|g| g.event.seq).collect();
+    records.sort_unstable();
+    assert!(
+        records.windows(2).all(|w| w[0] < w[1]),
+        "no seq twice in Kafka"
+    );
+    let gaps: Vec<(u64, u64, String)> = got
+        .iter()
+        .filter_map(|g| match &g.event.payload {
+            Some(vmr_proto::pb::event::Payload::Lifecycle(l)) => l
+                .gap
+                .as_ref()
+                .map(|x| (x.first_seq, x.count, x.reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        gaps.iter().any(|g| g.2.contains("past the block bound")),
+        "a GAP names the bound: {gaps:?}"
+    );
+    let mut covered: std::collections::BTreeSet<u64> = records.iter().copied().collect();
+    for (first, count, _) in &gaps {
+        for n in *first..first + count {
+            assert!(covered.insert(n), "seq {n} is both a record and in a GAP");
+        }
+    }
+    let max = *covered.iter().next_back().unwrap();
+    let missing: Vec<u64> = (1..=max)
+        .filter(|n| !covered.contains(n))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "seqs neither shipped nor in a GAP: {missing:?}"
+    );
+    eprintln!(
+        "bounded instance: {} records, {} GAP events covering {} numbers",
+        records.len(),
+        gaps.len(),
+        gaps.iter().map(|g| g.1).sum::<u64>()
+    );
+    bship.stop();
+}
+
+/// Every record of `instance` on the event topics.
+fn read_all(bootstrap: &str, instance: &str) -> Vec<Got> {
+    let mut v = Vec::new();
+    for t in vmr_proto::topics::EVENT_TOPICS {
+        v.extend(
+            read_topic(bootstrap, t, 4)
+                .into_iter()
+                .filter(|g| g.key == instance),
+        );
+    }
+    v
 }
 
 #[test]

@@ -137,6 +137,38 @@ impl Device {
         }
     }
 
+    /// Like [`Device::open_with_capacity`], with policy `block` bounded:
+    /// past `bound` of a full spool, records are dropped with a GAP.
+    pub fn open_bounded(
+        instance: &str,
+        name: &str,
+        spool: &Path,
+        seq: &Path,
+        capacity: u64,
+        bound: Duration,
+    ) -> Self {
+        let seq = Arc::new(FileSeq::open(seq).expect("open the sequence file"));
+        let mut sc = spool_config(spool, instance, seq.epoch());
+        sc.capacity_bytes = capacity;
+        let sink = Arc::new(SpoolSink::open(sc).unwrap());
+        let mut cfg = TeeConfig::new(instance);
+        cfg.policy = Policy::Block;
+        cfg.block_bound = Some(bound);
+        cfg.state = Some(spool.join("device.state"));
+        let tee = Tee::start(
+            cfg,
+            sink,
+            seq,
+            Arc::new(vhost_tap::metrics::Metrics::default()),
+        )
+        .expect("start the tee");
+        Self {
+            tee,
+            name: name.to_owned(),
+            spool: spool.to_owned(),
+        }
+    }
+
     /// A 4 KiB block write.
     pub fn block_write(&self, n: u64) {
         let data = vec![(n % 251) as u8; 4096];
