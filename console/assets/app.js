@@ -291,7 +291,7 @@ function draw() {
   const line = (x, color, label, top) => {
     g.strokeStyle = color; g.lineWidth = 1.5;
     g.beginPath(); g.moveTo(x, top); g.lineTo(x, bottom); g.stroke();
-    if (label) { g.fillStyle = color; g.fillText(label, Math.min(x + 3, w - 70), top + 8); }
+    if (label) { g.fillStyle = color; g.fillText(label, labelX(g, x, label, w), top + 8); }
   };
   for (const s of S.snapshots) {
     if (s.t < r.from || s.t > r.to) continue;
@@ -307,7 +307,11 @@ function draw() {
       cross(g, x, 22, color);
       line(x, color, "crash", 28);
     } else if (m.kind === "snapshot") {
-      // Already drawn from the store's listing.
+      // Drawn from the store's listing when the store has it.
+      if (!S.snapshots.some((s) => m.detail === "snapshot " + s.snapshot_id)) {
+        g.fillStyle = "rgba(37,99,235,.55)";
+        g.beginPath(); g.moveTo(x, 4); g.lineTo(x + 4, 10); g.lineTo(x, 16); g.lineTo(x - 4, 10); g.fill();
+      }
     } else {
       g.fillStyle = color; g.fillRect(x - 1, 18, 3, 10);
     }
@@ -318,12 +322,12 @@ function draw() {
       const x = xOf(S.clone.position_ns, w);
       g.strokeStyle = "#7c3aed"; g.lineWidth = 2; g.setLineDash([4, 3]);
       g.beginPath(); g.moveTo(x, 2); g.lineTo(x, bottom + 4); g.stroke(); g.setLineDash([]);
-      g.fillStyle = "#7c3aed"; g.fillText("clone", Math.min(x + 3, w - 40), bottom + 2);
+      g.fillStyle = "#7c3aed"; g.fillText("clone", labelX(g, x, "clone", w), bottom + 2);
     }
     if (S.cloneCrash && S.cloneCrash.t) {
       const x = xOf(S.cloneCrash.t, w);
       cross(g, x, 10, "#7c3aed");
-      g.fillStyle = "#7c3aed"; g.fillText("clone crash", Math.min(x + 7, w - 70), 14);
+      g.fillStyle = "#7c3aed"; g.fillText("clone crash", labelX(g, x, "clone crash", w), 14);
     }
   }
   // Axis.
@@ -341,6 +345,12 @@ function draw() {
   if (!ls.length) { g.fillStyle = "#6b7280"; g.fillText("no device or sensor events in this range", LABEL_W + 10, TOP + 16); }
 }
 
+// A label beside x, on its left when it would not fit on the right.
+function labelX(g, x, label, w) {
+  const tw = g.measureText(label).width;
+  return x + 8 + tw > w - 4 ? x - 8 - tw : x + 8;
+}
+
 function cross(g, x, y, color) {
   g.strokeStyle = color; g.lineWidth = 2.5;
   g.beginPath(); g.moveTo(x - 5, y - 5); g.lineTo(x + 5, y + 5); g.moveTo(x + 5, y - 5); g.lineTo(x - 5, y + 5); g.stroke();
@@ -352,7 +362,7 @@ function renderMarkers() {
   const items = [];
   for (const s of S.snapshots) items.push({ t: s.t, cls: "m-snapshot", text: `snapshot ${s.snapshot_id} (seq ${s.seq_at_cut})` });
   for (const m of S.tl.markers) {
-    if (m.kind === "snapshot") continue;
+    if (m.kind === "snapshot" && S.snapshots.some((s) => m.detail === "snapshot " + s.snapshot_id)) continue;
     const crash = m.kind === "crash" || m.kind === "triple_fault" || m.kind === "internal_error";
     items.push({ t: m.t, cls: "m-" + m.kind, text: `${crash ? "crash: " : ""}${m.kind} at seq ${m.seq}${m.detail ? " \u2014 " + m.detail : ""}` });
   }

@@ -408,7 +408,14 @@ impl InstanceRollup {
     /// in about `points` buckets.
     pub fn overview(&self, id: &str, from: u64, to: u64, points: u64) -> Overview {
         let (from, to) = if from == 0 && to == 0 {
-            (self.first_ns, self.last_ns.max(self.first_ns + 1))
+            // The whole recording, with a margin so that the first and last
+            // events do not sit on the edges.
+            let span = self.last_ns.saturating_sub(self.first_ns).max(1);
+            let pad = span / 50;
+            (
+                self.first_ns.saturating_sub(pad),
+                self.last_ns.max(self.first_ns + 1) + pad,
+            )
         } else {
             (from, to.max(from + 1))
         };
@@ -622,7 +629,10 @@ mod tests {
                 partition: 2,
                 offset: 100 + i as i64,
             };
-            a.ingest(&ev(i + 1, 50 * S + i * S / 10, net(Direction::Rx)), Some(pos));
+            a.ingest(
+                &ev(i + 1, 50 * S + i * S / 10, net(Direction::Rx)),
+                Some(pos),
+            );
         }
         let idx = &a.instance("vm-1").expect("seen").offsets["vmr.net.v1"];
         assert_eq!(idx.partition, 2);

@@ -130,7 +130,9 @@ impl Config {
             )));
         }
         if self.tokens.is_empty() {
-            return Err(ConfigError::Invalid("no [[tokens]]: nobody could sign in".into()));
+            return Err(ConfigError::Invalid(
+                "no [[tokens]]: nobody could sign in".into(),
+            ));
         }
         for t in &self.tokens {
             if t.token.len() < 16 {
@@ -190,8 +192,10 @@ mod tests {
         };
         assert!(err("").contains("no [[tokens]]"));
         assert!(err("[[tokens]]\ntoken = \"short\"\ntenant = \"a\"\n").contains("shorter"));
-        assert!(err("[[tokens]]\ntoken = \"0123456789abcdef\"\ntenant = \"a\"\n")
-            .contains("no [[tenants]]"));
+        assert!(
+            err("[[tokens]]\ntoken = \"0123456789abcdef\"\ntenant = \"a\"\n")
+                .contains("no [[tenants]]")
+        );
         assert!(err("bogus = 1\n").contains("bogus"));
     }
 }

@@ -95,7 +95,11 @@ fn preview(out: &mut FrameSummary, payload: &[u8]) {
 /// Summarises an Ethernet frame.
 pub fn frame_summary(direction: Direction, frame: &[u8]) -> FrameSummary {
     let mut out = FrameSummary {
-        direction: if direction == Direction::Tx { "tx" } else { "rx" },
+        direction: if direction == Direction::Tx {
+            "tx"
+        } else {
+            "rx"
+        },
         len: frame.len(),
         ..Default::default()
     };
@@ -252,7 +256,9 @@ mod tests {
 
     #[test]
     fn raw_and_short_frames() {
-        let mut f = vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 2, 0, 0, 0, 0, 1, 0x88, 0xb5];
+        let mut f = vec![
+            0x52, 0x54, 0, 0x12, 0x34, 0x56, 2, 0, 0, 0, 0, 1, 0x88, 0xb5,
+        ];
         f.extend_from_slice(b"POISON: crash now");
         let s = frame_summary(Direction::Rx, &f);
         assert_eq!(s.ethertype, "0x88b5");

@@ -28,12 +28,14 @@ pub fn authed<T>(token: &str, msg: T) -> Result<Request<T>, Status> {
 
 /// Whether a status means the replayer could not be reached at all.
 pub fn is_unreachable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
-        && (s.message().contains("transport")
-            || s.message().contains("connect")
-            || s.message().contains("connection")
-            || s.message().contains("tcp")
-            || s.code() == Code::Unavailable)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) && (s.message().contains("transport")
+        || s.message().contains("connect")
+        || s.message().contains("connection")
+        || s.message().contains("tcp")
+        || s.code() == Code::Unavailable)
 }
 
 /// Name of a clone state.
@@ -100,7 +102,11 @@ impl CloneOut {
             } else {
                 None
             },
-            access_hint: c.access.as_ref().map(|a| a.hint.clone()).unwrap_or_default(),
+            access_hint: c
+                .access
+                .as_ref()
+                .map(|a| a.hint.clone())
+                .unwrap_or_default(),
             faults_injected: c.faults_injected,
             switches: c.switches,
         }
@@ -118,16 +124,15 @@ pub struct DivergenceOut {
 
 impl From<&pb::Divergence> for DivergenceOut {
     fn from(d: &pb::Divergence) -> Self {
-        let kind = match pb::DivergenceKind::try_from(d.kind)
-            .unwrap_or(pb::DivergenceKind::Unspecified)
-        {
-            pb::DivergenceKind::BlockWriteData => "block_write_data",
-            pb::DivergenceKind::BlockWriteMissing => "block_write_missing",
-            pb::DivergenceKind::Crash => "crash",
-            pb::DivergenceKind::NetStream => "net_stream",
-            pb::DivergenceKind::InjectedFault => "injected_fault",
-            pb::DivergenceKind::Unspecified => "other",
-        };
+        let kind =
+            match pb::DivergenceKind::try_from(d.kind).unwrap_or(pb::DivergenceKind::Unspecified) {
+                pb::DivergenceKind::BlockWriteData => "block_write_data",
+                pb::DivergenceKind::BlockWriteMissing => "block_write_missing",
+                pb::DivergenceKind::Crash => "crash",
+                pb::DivergenceKind::NetStream => "net_stream",
+                pb::DivergenceKind::InjectedFault => "injected_fault",
+                pb::DivergenceKind::Unspecified => "other",
+            };
         Self {
             seq: d.seq,
             device: d.device.clone(),
@@ -346,7 +351,10 @@ mod tests {
         .expect("valid json");
         let p = c.to_pb().expect("converts");
         assert_eq!(p.window.expect("window").from_seq, 3);
-        assert!(p.filter.as_ref().is_some_and(|f| f.include_net && !f.include_block));
+        assert!(p
+            .filter
+            .as_ref()
+            .is_some_and(|f| f.include_net && !f.include_block));
         assert_eq!(p.faults[0].kind, pb::FaultKind::DropFrame as i32);
         assert!(matches!(
             p.speed.and_then(|s| s.speed),
@@ -363,9 +371,10 @@ mod tests {
         let step: ControlIn = serde_json::from_str(r#"{"action":"step"}"#).expect("json");
         let p = step.to_pb("c1").expect("converts");
         assert_eq!((p.action, p.steps), (pb::ControlAction::Step as i32, 1));
-        let sw: ControlIn =
-            serde_json::from_str(r#"{"action":"switch_snapshot","snapshot_id":"0002","start":true}"#)
-                .expect("json");
+        let sw: ControlIn = serde_json::from_str(
+            r#"{"action":"switch_snapshot","snapshot_id":"0002","start":true}"#,
+        )
+        .expect("json");
         let p = sw.to_pb("c1").expect("converts");
         assert_eq!(p.action, pb::ControlAction::Switch as i32);
         assert!(p.start && p.snapshot.is_some());

@@ -58,6 +58,8 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
+    /// The state of a console; must be called within a Tokio runtime (the
+    /// replayer channel is created there, connecting on first use).
     pub fn new(
         config: Config,
         agg: Arc<RwLock<Aggregator>>,
@@ -121,9 +123,7 @@ impl From<Status> for ApiError {
             Code::PermissionDenied => Self::new(StatusCode::FORBIDDEN, "permission_denied", msg),
             Code::NotFound => Self::new(StatusCode::NOT_FOUND, "not_found", msg),
             Code::InvalidArgument => Self::new(StatusCode::BAD_REQUEST, "invalid_argument", msg),
-            Code::FailedPrecondition => {
-                Self::new(StatusCode::CONFLICT, "failed_precondition", msg)
-            }
+            Code::FailedPrecondition => Self::new(StatusCode::CONFLICT, "failed_precondition", msg),
             Code::Unimplemented => Self::new(StatusCode::NOT_IMPLEMENTED, "unimplemented", msg),
             Code::ResourceExhausted => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "resource_exhausted", msg)
@@ -203,13 +203,10 @@ fn unknown_instance(c: &Caller, id: &str) -> ApiError {
 }
 
 fn client(st: &AppState) -> Result<ReplayerClient<tonic::transport::Channel>, ApiError> {
-    st.channel.clone().map(ReplayerClient::new).map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replayer_unreachable",
-            e,
-        )
-    })
+    st.channel
+        .clone()
+        .map(ReplayerClient::new)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "replayer_unreachable", e))
 }
 
 async fn within<T>(
@@ -232,8 +229,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/index.html", get(index))
-        .route("/app.js", get(|| asset(APP_JS, "text/javascript; charset=utf-8")))
-        .route("/app.css", get(|| asset(APP_CSS, "text/css; charset=utf-8")))
+        .route(
+            "/app.js",
+            get(|| asset(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/app.css",
+            get(|| asset(APP_CSS, "text/css; charset=utf-8")),
+        )
         .route("/favicon.svg", get(|| asset(FAVICON, "image/svg+xml")))
         .route("/api/session", get(session))
         .route("/api/health", get(health))
@@ -548,7 +551,11 @@ async fn list_clones(
 ) -> ApiResult<serde_json::Value> {
     let c = caller(&st, &headers, &q)?;
     let mut cl = client(&st)?;
-    let r = within(&st, cl.list_clones(rp::authed(&c.token, pb::ListClonesRequest {})?)).await?;
+    let r = within(
+        &st,
+        cl.list_clones(rp::authed(&c.token, pb::ListClonesRequest {})?),
+    )
+    .await?;
     let clones: Vec<CloneOut> = r.clones.iter().map(|x| clone_out(&st, x)).collect();
     Ok(Json(json!({ "clones": clones })))
 }
@@ -560,9 +567,8 @@ async fn create_clone(
     body: Result<Json<rp::CreateIn>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<CloneOut> {
     let c = caller(&st, &headers, &q)?;
-    let Json(body) = body.map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text())
-    })?;
+    let Json(body) = body
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text()))?;
     if !c.tenant.allows(&body.instance_id) {
         return Err(unknown_instance(&c, &body.instance_id));
     }
@@ -611,7 +617,10 @@ async fn delete_clone(
     let mut cl = client(&st)?;
     within(
         &st,
-        cl.delete_clone(rp::authed(&c.token, pb::DeleteCloneRequest { clone_id: id })?),
+        cl.delete_clone(rp::authed(
+            &c.token,
+            pb::DeleteCloneRequest { clone_id: id },
+        )?),
     )
     .await?;
     Ok(Json(json!({"deleted": true})))
@@ -625,9 +634,8 @@ async fn control(
     body: Result<Json<rp::ControlIn>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<CloneOut> {
     let c = caller(&st, &headers, &q)?;
-    let Json(body) = body.map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text())
-    })?;
+    let Json(body) = body
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text()))?;
     let req = body
         .to_pb(&id)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string()))?;
@@ -646,7 +654,10 @@ async fn divergences(
     let mut cl = client(&st)?;
     let r = within(
         &st,
-        cl.get_divergences(rp::authed(&c.token, pb::GetDivergencesRequest { clone_id: id })?),
+        cl.get_divergences(rp::authed(
+            &c.token,
+            pb::GetDivergencesRequest { clone_id: id },
+        )?),
     )
     .await?;
     let d: Vec<DivergenceOut> = r.divergences.iter().map(DivergenceOut::from).collect();
@@ -738,7 +749,9 @@ async fn watch(
                 }
                 Ok(None) => {
                     let _ = tx
-                        .send(Ok(SseEvent::default().event("end").data("the replay is over")))
+                        .send(Ok(SseEvent::default()
+                            .event("end")
+                            .data("the replay is over")))
                         .await;
                     return;
                 }

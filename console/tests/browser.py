@@ -127,7 +127,9 @@ def start_replay(d, snapshot, speed=None, paused=False):
 
 
 def main(d):
-    d.set_window_size(1280, 800)
+    # A 1280x800 viewport, as on a small laptop screen.
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False})
 
     # A token the console does not accept: a clear message, then recovery.
     d.get(URL + "/#instance=" + INSTANCE)

@@ -71,7 +71,10 @@ fn require_prerequisites() {
     // SAFETY: geteuid has no preconditions and touches no memory.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(euid, 0, "this test needs root (network namespaces)");
-    for (bin, pkg) in [("chromium", "chromium"), ("chromedriver", "chromium-driver")] {
+    for (bin, pkg) in [
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
+    ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
             .unwrap_or(false);
@@ -401,15 +404,17 @@ fn record(kafka: &Kafka, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -
     orig.stop(Duration::from_secs(5))
         .expect("stop the original");
     let poison_seq = wait_for("the poison frame in the capture", || {
-        records(&net_cap).into_iter().find_map(|e| match &e.payload {
-            Payload::Net(n)
-                if n.direction == Direction::Rx
-                    && n.frame.windows(6).any(|w| w == b"POISON") =>
-            {
-                Some(e.seq)
-            }
-            _ => None,
-        })
+        records(&net_cap)
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::Net(n)
+                    if n.direction == Direction::Rx
+                        && n.frame.windows(6).any(|w| w == b"POISON") =>
+                {
+                    Some(e.seq)
+                }
+                _ => None,
+            })
     });
     blk.stop(Duration::from_secs(5));
     net.stop(Duration::from_secs(5));
@@ -501,7 +506,8 @@ impl Replayer {
         cmd.arg("--config")
             .arg(&self.config)
             .args(["--listen", &self.addr]);
-        self.guard = Some(ChildGuard::spawn("replayer", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
+        self.guard =
+            Some(ChildGuard::spawn("replayer", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
         wait_for("the replayer to listen", || {
             std::net::TcpStream::connect(&self.addr).ok()
         });
@@ -561,10 +567,9 @@ impl Driver {
     fn spawn(cmd: &mut Command) -> Self {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
-        Self(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot start python3 (needed for the browser driver): {e}")),
-        )
+        Self(cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start python3 (needed for the browser driver): {e}")
+        }))
     }
 
     /// Waits up to 30 s for the driver to end, then kills its group.
@@ -764,7 +769,10 @@ instances = ["other-1"]
     let mut verdict = None;
     while verdict.is_none() {
         let left = DRIVER_TIMEOUT.saturating_sub(start.elapsed());
-        assert!(!left.is_zero(), "the browser session took longer than {DRIVER_TIMEOUT:?}; passed so far: {passed:?}");
+        assert!(
+            !left.is_zero(),
+            "the browser session took longer than {DRIVER_TIMEOUT:?}; passed so far: {passed:?}"
+        );
         let line = match rx.recv_timeout(left) {
             Ok(Ok(l)) => l,
             _ => break,
