@@ -53,6 +53,25 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_PEER_FRAMES: usize = 500_000;
 /// Most bytes of recorded net frames a window may hold.
 pub const MAX_PEER_BYTES: usize = 512 << 20;
+/// Most timing samples a replay keeps for its report.
+const TIMING_SAMPLES: usize = 1 << 20;
+
+/// `what p50 X p99 Y max Z (n N)` of lateness samples.
+fn timing_text(what: &str, l: &mut [Duration]) -> Option<String> {
+    if l.is_empty() {
+        return None;
+    }
+    l.sort_unstable();
+    let at = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+    Some(format!(
+        "{what} lateness p50 {:?} p99 {:?} max {:?} over {}",
+        at(0.5),
+        at(0.99),
+        l[l.len() - 1],
+        l.len()
+    ))
+}
+
 /// How often the clone's net capture is read for its transmitted frames.
 const TAIL_PERIOD: Duration = Duration::from_millis(5);
 
@@ -174,6 +193,8 @@ struct Shared {
     seed: u64,
     switches: u32,
     access: Mutex<pb::CloneAccess>,
+    /// The guest's crash, once it happened (for watchers that come later).
+    crash: Mutex<Option<pb::CloneLifecycle>>,
 }
 
 impl Shared {
@@ -398,6 +419,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             service_port: plan.access.service_port.map_or(0, u32::from),
             ..Default::default()
         }),
+        crash: Mutex::new(None),
     });
     std::fs::create_dir_all(&plan.work_dir).map_err(|e| setup("work directory", e))?;
     let netns = format!("vmr-{}", plan.clone_id);
@@ -647,6 +669,11 @@ impl CloneRuntime {
         self.shared.snapshot()
     }
 
+    /// The guest's crash (with the last `seq` applied), once it happened.
+    pub fn crash(&self) -> Option<pb::CloneLifecycle> {
+        self.shared.crash.lock().expect("crash lock").clone()
+    }
+
     /// Divergences found so far.
     pub fn divergences(&self) -> Vec<pb::Divergence> {
         self.shared
@@ -736,6 +763,7 @@ impl CloneRuntime {
         tracing::warn!(clone = %self.shared.id, kind = ?ev.kind(), last_seq = last, "the clone crashed");
         self.shared.ended.store(true, Ordering::SeqCst);
         self.shared.clock.stop();
+        *self.shared.crash.lock().expect("crash lock") = lifecycle.lifecycle.clone();
         self.shared.emit(lifecycle);
         // The block backend's capture trails the guest slightly.
         std::thread::sleep(Duration::from_millis(300));
@@ -856,6 +884,11 @@ impl CloneRuntime {
                 .expect("spawning a thread");
             tailers.push(h);
         }
+        // Timing of the paced dispatches and of the received frames'
+        // injections (acknowledged by the NIC) against their due times.
+        let mut dispatch_late: Vec<Duration> = Vec::new();
+        let mut inject_late: Vec<Duration> = Vec::new();
+        let timed = !matches!(self.plan.speed, Speed::AsFastAsPossible);
         let result = replay::run(
             source,
             &mut timeline,
@@ -864,6 +897,10 @@ impl CloneRuntime {
             &filter,
             &mut clock,
             |e, d| {
+                let released = Instant::now();
+                if let Some(d) = d.filter(|_| timed && dispatch_late.len() < TIMING_SAMPLES) {
+                    dispatch_late.push(d.lateness());
+                }
                 if self.stop.load(Ordering::SeqCst) {
                     return Err(DeliverError("the clone is being removed".into()));
                 }
@@ -885,6 +922,9 @@ impl CloneRuntime {
                             &self.faults,
                             &self.shared,
                         )?;
+                        if let Some(d) = d.filter(|_| timed && inject_late.len() < TIMING_SAMPLES) {
+                            inject_late.push(d.lateness() + released.elapsed());
+                        }
                     }
                 }
                 if let Payload::Block(b) = &e.event.payload {
@@ -935,6 +975,12 @@ impl CloneRuntime {
                                 f.removed_of(Kind::Env),
                                 f.removed_of(Kind::Lifecycle)
                             ));
+                        }
+                        if let Some(t) = timing_text("dispatch", &mut dispatch_late) {
+                            s.detail.push_str(&format!("; timing: {t}"));
+                            if let Some(i) = timing_text("frame injection", &mut inject_late) {
+                                s.detail.push_str(&format!(", {i}"));
+                            }
                         }
                         let f = self.faults.lock().expect("faults lock");
                         if !f.is_empty() {

@@ -407,8 +407,10 @@ impl pb::replayer_server::Replayer for Replayer {
         let id = req.get_ref().clone_id.clone();
         let (rt, progress) = self.entry(&tenant, &id)?;
         let mut rx = progress.subscribe();
+        // A watcher that comes after the crash still gets it.
         let first = pb::ReplayProgress {
             clone: Some(rt.info()),
+            lifecycle: rt.crash(),
             ..Default::default()
         };
         let state = self.state.clone();
