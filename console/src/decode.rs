@@ -33,7 +33,7 @@ pub enum Detail {
         len: u32,
         status: &'static str,
     },
-    Net(FrameSummary),
+    Net(Box<FrameSummary>),
     Env {
         value: f64,
         unit: String,
@@ -200,7 +200,7 @@ pub fn summarize(e: &Event) -> EventSummary {
         Payload::Net(n) => (
             "net",
             n.device.clone(),
-            Detail::Net(frame_summary(n.direction, &n.frame)),
+            Detail::Net(Box::new(frame_summary(n.direction, &n.frame))),
         ),
         Payload::Env(s) => (
             "env",

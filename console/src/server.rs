@@ -48,7 +48,7 @@ pub struct AppState {
     pub consumer: Option<Arc<Mutex<ConsumerStatus>>>,
     pub store: Result<vmr_snapshot::SnapshotStore, String>,
     pub channel: Result<tonic::transport::Channel, String>,
-    snapshots: Mutex<HashMap<String, (Instant, Result<Vec<SnapshotOut>, String>)>>,
+    snapshots: Mutex<HashMap<String, CachedSnapshots>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -82,6 +82,9 @@ impl AppState {
 }
 
 type Shared = Arc<AppState>;
+
+/// A snapshot listing and when it was read.
+type CachedSnapshots = (Instant, Result<Vec<SnapshotOut>, String>);
 
 /// An error answer: `{"error": message, "code": code}`.
 #[derive(Debug)]
