@@ -254,6 +254,10 @@ fn incremental_chain_of_three_restores_from_the_last_link() {
 #[test]
 fn staggered_schedules_and_retention_with_a_pinned_snapshot() {
     require_kvm();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("capture_agent=info")
+        .with_test_writer()
+        .try_init();
     let stack = Stack::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -270,7 +274,7 @@ fn staggered_schedules_and_retention_with_a_pinned_snapshot() {
         keep_within: None,
     };
     let engine = SnapshotEngine::new(ecfg).unwrap();
-    let period = Duration::from_secs(4);
+    let period = Duration::from_secs(10);
     let t0 = std::time::SystemTime::now();
     let sched = Schedule::start(
         engine.clone(),
@@ -295,7 +299,10 @@ fn staggered_schedules_and_retention_with_a_pinned_snapshot() {
     };
     engine.pin(a.id(), &first_a.snapshot_id, true).expect("pin");
     let mut seen: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
-    while t0.elapsed().unwrap() < period * 4 + period / 4 {
+    let enough = |seen: &std::collections::BTreeMap<String, Vec<(String, u64)>>| {
+        seen.len() == 2 && seen.values().all(|v| v.len() >= 4)
+    };
+    while !enough(&seen) && t0.elapsed().unwrap() < period * 7 {
         for r in [&a, &b] {
             for m in engine.manifests(r.id().as_str()).unwrap() {
                 let v = seen.entry(r.id().to_string()).or_default();
@@ -307,8 +314,8 @@ fn staggered_schedules_and_retention_with_a_pinned_snapshot() {
         std::thread::sleep(Duration::from_millis(50));
     }
     sched.stop();
-    // Let a running snapshot finish.
-    std::thread::sleep(Duration::from_secs(3));
+    // Let a running snapshot (and its retention) finish.
+    std::thread::sleep(period);
     let start_ns = t0.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     for (inst, v) in &seen {
         let rel: Vec<f64> = v
@@ -361,10 +368,44 @@ fn staggered_schedules_and_retention_with_a_pinned_snapshot() {
             .map(|s| s.to_string())
             .collect::<Vec<_>>()[..]
     );
-    // Deleted snapshots left nothing in the store; the pinned one restores.
+    // A deleted snapshot's manifest and memory are gone from the store; what
+    // stays under its id is only what a kept snapshot names (a disk layer
+    // the later snapshots took over).
+    let kept_keys: std::collections::BTreeSet<String> = engine
+        .manifests("vm-sched-a")
+        .unwrap()
+        .iter()
+        .flat_map(|m| m.objects.iter().map(|o| o.key.clone()))
+        .collect();
     for (id, _) in &seen["vm-sched-a"] {
         let dir = w.join("store").join("vm-sched-a").join(id);
-        assert_eq!(dir.exists(), left_a.contains(id), "{}", dir.display());
+        if left_a.contains(id) {
+            assert!(dir.join("manifest.json").is_file(), "{}", dir.display());
+            continue;
+        }
+        assert!(!dir.join("manifest.json").exists(), "{}", dir.display());
+        let mut stack = vec![dir.clone()];
+        let mut left = 0;
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                    continue;
+                }
+                let key = e
+                    .path()
+                    .strip_prefix(w.join("store").join("vm-sched-a"))
+                    .unwrap()
+                    .display()
+                    .to_string();
+                assert!(
+                    kept_keys.contains(&key),
+                    "{key} of a deleted snapshot stayed"
+                );
+                left += 1;
+            }
+        }
+        eprintln!("deleted {id}: {left} shared object(s) stay");
     }
     let e = engine.delete(a.id(), &first_a.snapshot_id).unwrap_err();
     assert!(e.to_string().contains("pinned"), "{e}");
