@@ -369,6 +369,35 @@ fn binary(cfg: &SupervisorConfig, name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What a backend's log says of its last error: the final `Error:` report
+/// with its causes (without a backtrace), else the last line logged at
+/// ERROR; shortened.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let found = match text.rfind("Error: ") {
+        Some(at) => {
+            let rest = &text[at..];
+            let end = rest.find("Stack backtrace").unwrap_or(rest.len());
+            rest[..end].split_whitespace().collect::<Vec<_>>().join(" ")
+        }
+        None => text
+            .lines()
+            .rev()
+            .find(|l| l.contains("ERROR"))?
+            .trim()
+            .to_string(),
+    };
+    Some(if found.len() > 400 {
+        let mut end = 400;
+        while !found.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &found[..end])
+    } else {
+        found
+    })
+}
+
 fn valid_device(name: &str) -> bool {
     !name.is_empty()
         && name != "agent"
@@ -463,7 +492,10 @@ impl Shared {
             }
             let reason = match child.try_wait() {
                 Ok(Some(status)) => Some(format!(
-                    "exited ({status}); see {}",
+                    "exited ({status}){}; see {}",
+                    last_error_line(&self.dirs.log(&spec.device))
+                        .map(|l| format!(": {l}"))
+                        .unwrap_or_default(),
                     self.dirs.log(&spec.device).display()
                 )),
                 Ok(None) if start.elapsed() > timeout => Some("timed out".to_string()),

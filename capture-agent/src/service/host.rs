@@ -1001,6 +1001,14 @@ fn launch_error(e: &InstanceError, text: String) -> HostError {
         InstanceError::Device { field, reason } => {
             HostError::invalid(format!("spec.{field}"), reason.clone())
         }
+        InstanceError::Backends(SupervisorError::NotListening { reason, .. })
+            if reason.contains("No space left on device") =>
+        {
+            HostError::ResourceExhausted(text)
+        }
+        InstanceError::Backends(SupervisorError::NotListening { .. }) => {
+            HostError::FailedPrecondition(text)
+        }
         InstanceError::Driver(DriverError::MissingProgram { .. })
         | InstanceError::Backends(SupervisorError::SeqOnTmpfs(_) | SupervisorError::Spawn { .. }) => {
             HostError::FailedPrecondition(text)
