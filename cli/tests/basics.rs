@@ -209,3 +209,37 @@ fn image_build_reuses_the_cached_build_and_reports_progress() {
     );
     assert!(r.stderr.contains("set VMR_ROOT"), "{}", r.stderr);
 }
+
+#[test]
+fn snapshot_list_without_a_store_uses_the_local_stack_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let run = vmr_env(
+        &["--json", "snapshot", "list", "vm-none"],
+        &[("VMR_DATA_DIR", d)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["snapshots"], serde_json::json!([]));
+    assert_eq!(j["source"], format!("file://{d}/stack/objects"));
+    // A configured store is used as it is.
+    let other = format!("file://{d}/elsewhere");
+    let run = vmr_env(
+        &["--json", "snapshot", "list", "vm-none"],
+        &[("VMR_DATA_DIR", d), ("VMR_OBJECT_STORE_URL", &other)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["source"], other);
+    let run = vmr_env(
+        &["snapshot", "show", "vm-none", "0001"],
+        &[("VMR_DATA_DIR", d)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("hint: list the instance's snapshots"),
+        "{run:?}"
+    );
+}

@@ -142,10 +142,11 @@ pub fn manifest_json(m: &Manifest, pinned: Option<bool>) -> Value {
     })
 }
 
-fn print_list(out: &Out, instance: &str, items: &[(Manifest, Option<bool>)]) {
+fn print_list(out: &Out, instance: &str, source: &str, items: &[(Manifest, Option<bool>)]) {
     if out.json {
         out.json_doc(&json!({
             "instance": instance,
+            "source": source,
             "snapshots": items.iter().map(|(m, p)| manifest_json(m, *p)).collect::<Vec<_>>(),
         }));
         return;
@@ -327,7 +328,7 @@ async fn run_async(cfg: &Config, c: &SnapshotCommand, out: &Out) -> CliResult {
                     .await
                     .map_err(|e| restore_error(cfg, e))?;
                 let items: Vec<_> = ms.into_iter().map(|m| (m, None)).collect();
-                print_list(out, &a.instance, &items);
+                print_list(out, &a.instance, &cfg.endpoints.object_store_url, &items);
                 return Ok(());
             }
             let mut c = agent(cfg).await?;
@@ -347,7 +348,7 @@ async fn run_async(cfg: &Config, c: &SnapshotCommand, out: &Out) -> CliResult {
                 items.push((from_proto(s.manifest)?, Some(s.pinned)));
             }
             items.sort_by_key(|(m, _)| m.wall_time_ns);
-            print_list(out, &a.instance, &items);
+            print_list(out, &a.instance, &cfg.agent_url, &items);
             Ok(())
         }
         SnapshotCommand::Show(a) => {
