@@ -724,6 +724,18 @@ mod tests {
             // SAFETY: no guest uses this memory.
             assert_eq!(unsafe { m.as_slice() }, &img[..], "{mode:?}");
         }
+        // Background prefetch alone brings every data page in, then ends.
+        let m = restore_memory(&b, RestoreMemory::SharedLazy).expect("restores");
+        let lazy = m.lazy().expect("lazy").clone();
+        lazy.wait_populated(std::time::Duration::from_secs(30))
+            .expect("populated");
+        let st = lazy.stats();
+        assert!(st.complete && st.error.is_none(), "{st:?}");
+        // Pages 1 (base) and 3 (diff) hold data; the rest are holes.
+        assert_eq!(st.data_pages, 2, "{st:?}");
+        assert_eq!(st.prefetched + st.vmm_faults, 2, "{st:?}");
+        // SAFETY: no guest uses this memory.
+        assert_eq!(unsafe { m.as_slice() }, &img[..]);
         // The base file is untouched by a private restore.
         let base = std::fs::read(a.join(FULL_MEMORY_FILE)).expect("readable");
         assert_eq!(base[3 * 4096], 0);
