@@ -377,7 +377,11 @@ function renderMarkers() {
   if (!items.length) { const li = document.createElement("li"); li.className = "empty"; li.textContent = "No lifecycle markers."; ul.append(li); }
 }
 
-function renderSnapshots() {
+function renderSnapshots(force) {
+  // Rebuilt only when the listing changed, so an open selection stays put.
+  const key = S.instance + "|" + (S.tl.snapshots_error || "") + "|" + S.snapshots.map((s) => s.snapshot_id).join(",");
+  if (!force && key === S.snapshotsKey) return;
+  S.snapshotsKey = key;
   const ul = $("snapshots");
   ul.textContent = "";
   $("snapshots-empty").hidden = S.snapshots.length > 0;
@@ -393,7 +397,7 @@ function renderSnapshots() {
     li.className = "pick" + (s.snapshot_id === chosen ? " sel" : "");
     li.dataset.id = s.snapshot_id;
     li.textContent = `${s.snapshot_id} \u00b7 ${fmtTime(s.t)} \u00b7 seq ${s.seq_at_cut} \u00b7 ${s.memory} \u00b7 ${fmtBytes(s.bytes)}`;
-    li.onclick = () => { sel.value = s.snapshot_id; renderSnapshots(); };
+    li.onclick = () => { sel.value = s.snapshot_id; renderSnapshots(true); };
     ul.append(li);
     const o = document.createElement("option");
     o.value = s.snapshot_id; o.textContent = s.snapshot_id;
@@ -742,6 +746,7 @@ function setupControls() {
       refreshClones();
     } catch (e) { setProblem("control", "delete refused: " + e.message); }
   };
+  $("r-snapshot").addEventListener("change", () => { if (S.tl) renderSnapshots(true); });
   $("replay-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const body = { instance_id: S.instance, start_paused: $("r-paused").checked,
