@@ -13,11 +13,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out && cp target/release/replayer target/release/vhost-tap-blk target/release/vhost-tap-net /out/
 
 # The replayer boots clones (KVM) and starts vhost-tap-blk and vhost-tap-net
-# from its own directory. It needs /dev/kvm, /dev/net/tun and NET_ADMIN, so it
-# runs as root in the container with the capabilities the chart lists.
+# from its own directory, each clone in its own network namespace (iproute2's
+# `ip netns`). Snapshots of the qemu driver are restored by QEMU
+# (qemu-system-x86_64 on PATH), those of the microvm driver in-process. It
+# needs /dev/kvm, /dev/net/tun, NET_ADMIN and SYS_ADMIN (network namespaces),
+# so it runs as root in the container with the capabilities the chart lists.
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 ca-certificates libcurl4 libssl3 \
+ && apt-get install -y --no-install-recommends qemu-system-x86 iproute2 ca-certificates libcurl4 libssl3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/replayer /out/vhost-tap-blk /out/vhost-tap-net /usr/local/bin/
 EXPOSE 7300 7301

@@ -48,10 +48,13 @@ VALUE_SETS = {
                   "tls": {"caSecret": "kafka-ca", "clientCertSecret": "kafka-client"}},
         "replayer": {"tokens": TOKENS, "antiAffinity": "hard"},
         "agent": {"hugepages": {"enabled": True, "size": "1Gi"},
+                  "tolerations": [{"key": "vmreplay.io/vm-host", "operator": "Exists", "effect": "NoSchedule"}],
                   "deviceResources": {"devices.kubevirt.io/kvm": 1}},
     },
     "netpol-servicemonitor": {
-        "networkPolicy": {"enabled": True},
+        "networkPolicy": {"enabled": True,
+                          "replayerFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}]},
+        "imagePullSecrets": [{"name": "regcred"}],
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "topics": {"create": True},
         "kafka": {"securityProtocol": "SASL_SSL",
@@ -82,6 +85,20 @@ BAD_VALUES = [
     ("SASL without a Secret", {"kafka": {"securityProtocol": "SASL_SSL"}}),
     ("unknown TLS key", {"kafka": {"tls": {"caFile": "/ca.crt"}}}),
     ("unknown agent mode", {"agent": {"mode": "daemon"}}),
+    ("mistyped toleration key", {"agent": {"tolerations": [{"key": "k", "effects": "NoSchedule"}]}}),
+    ("unknown NetworkPolicy peer key", {"networkPolicy": {"replayerFrom": [{"podSelectr": {}}]}}),
+    ("pull Secret without a name", {"imagePullSecrets": [{"nmae": "regcred"}]}),
+    ("lower-case capability", {"replayer": {"capabilities": ["net_admin"]}}),
+]
+# The topics and policies of the design's Kafka layout: name,
+# cleanup.policy, partitions (None: kafka.eventPartitions), extra configs.
+TOPICS = [
+    ("vmr.block.v1", "delete", None, ["max.message.bytes=8388608"]),
+    ("vmr.net.v1", "delete", None, []),
+    ("vmr.env.v1", "delete", None, []),
+    ("vmr.lifecycle.v1", "delete", None, []),
+    ("vmr.snapshots.v1", "compact", None, []),
+    ("_schemas", "compact", 1, []),
 ]
 # Where the chart mounts the Kafka security Secrets.
 KAFKA_MOUNTS = "/etc/vmreplay-kafka/"
@@ -276,6 +293,30 @@ def main():
             check(agent["args"][0] == "run" and "readinessProbe" not in agent
                   and "[agent]" not in toml_text and ("Service", "capture-agent") not in by,
                   f"{name}: agent runs `capture-agent run` (one instance, no API, no probes)")
+        rpc = by[("Deployment", "replayer")]["spec"]["template"]["spec"]
+        rsc = rpc["containers"][0]["securityContext"]
+        check(rsc.get("privileged") is False and rsc["capabilities"]["drop"] == ["ALL"]
+              and {"NET_ADMIN", "SYS_ADMIN"} <= set(rsc["capabilities"]["add"])
+              and {"name": "netns", "mountPath": "/run/netns"} in rpc["containers"][0]["volumeMounts"],
+              f"{name}: replayer is unprivileged with NET_ADMIN, SYS_ADMIN and a writable /run/netns (ip netns)")
+        job = by.get(("Job", "topics"))
+        check((job is not None) == bool(values.get("topics", {}).get("create")),
+              f"{name}: topic job rendered only with topics.create")
+        if job is not None:
+            check(job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade",
+                  f"{name}: topic job is a pre-install/pre-upgrade hook")
+            script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+            parts = int(values.get("kafka", {}).get("eventPartitions", 8))
+            for topic, policy, n, extra in TOPICS:
+                line = next((l for l in script.splitlines()
+                             if re.match(r"\s*create --topic " + re.escape(topic) + " ", l)), None)
+                if topic == "_schemas" and ext:
+                    check(line is None, f"{name}: the external registry's _schemas is not created")
+                    continue
+                want = [f"--partitions {n or parts} ", f"--config cleanup.policy={policy}"] + \
+                       [f"--config {e}" for e in extra]
+                check(line is not None and all(w in line for w in want),
+                      f"{name}: topic job creates {topic} ({policy}, {n or parts} partitions {extra})")
         paths = {v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
         check({"/dev/kvm", "/dev/net/tun"} <= paths, f"{name}: agent mounts /dev/kvm and /dev/net/tun")
 
