@@ -111,6 +111,7 @@ async function refreshHealth() {
     const was = S.replayerOk;
     S.replayerOk = h.replayer.ok;
     setProblem("replayer", h.replayer.ok ? null : unreachable(h.replayer.error));
+    if (was !== h.replayer.ok && S.clone) renderClone(true);
     if (h.replayer.ok && was === false) {
       // The replayer is back: pick up what it knows now.
       await refreshClones();
@@ -600,7 +601,8 @@ function renderClone(keepDetail) {
   st.textContent = `${c.state} \u00b7 replayed seq ${c.replayed_seq} \u00b7 ${c.delivered} delivered \u00b7 ${c.divergences} divergences \u00b7 ${c.fast ? "as fast as possible" : (c.speed || 1) + "x"}`;
   if (!keepDetail && c.state !== "gone") $("c-detail").textContent = c.detail || (c.access_hint ? "live: " + c.access_hint : `from snapshot ${c.snapshot_id} (seq ${c.seq_at_cut})`);
   const over = ["crashed", "failed", "stopped", "gone"].includes(c.state);
-  const en = (id, on) => { $(id).disabled = !on; };
+  // Nothing can be asked of a replayer that does not answer.
+  const en = (id, on) => { $(id).disabled = !on || S.replayerOk === false; };
   en("c-start", c.state === "ready");
   en("c-pause", c.state === "replaying");
   en("c-resume", c.state === "paused");
