@@ -868,6 +868,13 @@ fn replay_a_recorded_microvm_through_the_cli() {
         .descendants()
         .any(|n| n.attribute("class") == Some("progress")));
     let png = std::fs::read(svg.with_extension("png")).expect("the PNG exists");
+    // VMR_TEST_TIMELINE_OUT=DIR keeps a copy of the picture for a look.
+    if let Some(keep) = std::env::var_os("VMR_TEST_TIMELINE_OUT") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).expect("the keep directory");
+        std::fs::copy(&svg, keep.join("timeline.svg")).expect("copy the SVG");
+        std::fs::write(keep.join("timeline.png"), &png).expect("copy the PNG");
+    }
     let pm = resvg::tiny_skia::Pixmap::decode_png(&png).expect("the PNG decodes");
     assert_eq!(
         (pm.width(), f64::from(pm.height())),

@@ -394,7 +394,7 @@ pub fn render_svg(t: &Timeline) -> String {
     let n_rows = lanes.len() + 2; // + lifecycle + clone
     let panel_bottom = top + n_rows as f64 * LANE_H;
     let has_progress = t.clone.as_ref().is_some_and(|c| c.progress.len() > 1);
-    let prog_top = panel_bottom + 60.0;
+    let prog_top = panel_bottom + 70.0;
     let prog_h = 160.0;
     let h = if has_progress {
         prog_top + prog_h + 50.0
@@ -539,7 +539,7 @@ pub fn render_svg(t: &Timeline) -> String {
             (x1 - x0).max(1.0),
             LANE_H - 12.0,
             x0 + 3.0,
-            cy + LANE_H + 10.0,
+            cy + 16.0,
             esc(&c.clone_id),
             esc(&c.state),
             c.seq_at_cut,
@@ -552,13 +552,14 @@ pub fn render_svg(t: &Timeline) -> String {
         let x = axis.x(c.time_ns);
         let _ = write!(
             s,
-            r##"<g id="crash-original" class="crash" data-time-ns="{}" data-seq="{}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#d00000" stroke-width="2.5"/><text x="{:.1}" y="{:.1}" fill="#d00000" font-weight="bold">original crashed (seq {})</text><title>{}</title></g>"##,
+            r##"<g id="crash-original" class="crash" data-time-ns="{}" data-seq="{}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#d00000" stroke-width="2.5"/><text x="{:.1}" y="{:.1}" fill="#d00000" font-weight="bold" text-anchor="{}">original crashed (seq {})</text><title>{}</title></g>"##,
             c.time_ns,
             c.seq,
             top - 8.0,
             ly + LANE_H,
-            x - 4.0,
+            if x > W / 2.0 { x + 4.0 } else { x - 4.0 },
             top - 12.0,
+            if x > W / 2.0 { "end" } else { "start" },
             c.seq,
             esc(&c.detail)
         );
@@ -567,13 +568,14 @@ pub fn render_svg(t: &Timeline) -> String {
         let x = axis.x(c.time_ns);
         let _ = write!(
             s,
-            r##"<g id="crash-clone" class="crash" data-time-ns="{}" data-seq="{}" data-clone-wall-ns="{wall}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ff5a00" stroke-width="2.5" stroke-dasharray="5,3"/><text x="{:.1}" y="{:.1}" fill="#ff5a00" font-weight="bold" text-anchor="end">clone crashed after input seq {}</text><title>{}</title></g>"##,
+            r##"<g id="crash-clone" class="crash" data-time-ns="{}" data-seq="{}" data-clone-wall-ns="{wall}" data-x="{x:.2}"><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ff5a00" stroke-width="2.5" stroke-dasharray="5,3"/><text x="{:.1}" y="{:.1}" fill="#ff5a00" font-weight="bold" text-anchor="{}">clone crashed after input seq {}</text><title>{}</title></g>"##,
             c.time_ns,
             c.seq,
             ly + LANE_H,
-            ly + 2.0 * LANE_H,
-            x - 6.0,
-            ly + 2.0 * LANE_H + 12.0,
+            ly + 2.0 * LANE_H + 18.0,
+            if x > W / 2.0 { x - 6.0 } else { x + 6.0 },
+            ly + 2.0 * LANE_H + 30.0,
+            if x > W / 2.0 { "end" } else { "start" },
             c.seq,
             esc(&c.detail)
         );
