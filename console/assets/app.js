@@ -248,12 +248,6 @@ function draw() {
   g.clearRect(0, 0, w, h);
   g.font = "12px system-ui, sans-serif";
   const r = range();
-  // Selection.
-  if (S.selection) {
-    const a = xOf(S.selection.from, w), b = xOf(S.selection.to, w);
-    g.fillStyle = "rgba(37,99,235,.12)";
-    g.fillRect(Math.min(a, b), TOP - 4, Math.abs(b - a), ls.length * LANE_H + 4);
-  }
   // Lanes.
   const res = tl.resolution_ns;
   ls.forEach((lane, i) => {
@@ -288,6 +282,14 @@ function draw() {
     }
   });
   const bottom = TOP + ls.length * LANE_H;
+  // The selected range, over the lanes.
+  if (S.selection) {
+    const a = Math.max(LABEL_W, xOf(S.selection.from, w)), b = Math.min(w - 8, xOf(S.selection.to, w));
+    g.fillStyle = "rgba(37,99,235,.16)";
+    g.fillRect(Math.min(a, b), TOP - 4, Math.abs(b - a), ls.length * LANE_H + 4);
+    g.strokeStyle = "rgba(37,99,235,.6)"; g.lineWidth = 1;
+    g.strokeRect(Math.min(a, b), TOP - 4, Math.abs(b - a), ls.length * LANE_H + 4);
+  }
   // Markers: snapshots and lifecycle.
   const line = (x, color, label, top) => {
     g.strokeStyle = color; g.lineWidth = 1.5;
