@@ -242,11 +242,11 @@ pub fn encode_block_frame_head(
     encode_block_frame_head_salted(event, data, 0, out)
 }
 
-/// [`encode_block_frame_head`] for a file with header salt `salt`.
-pub fn encode_block_frame_head_salted(
+/// Writes a zeroed frame head, the event's fields and the block message
+/// without `data`, then `data`'s key and length (`data_len`).
+fn encode_block_frame_head_fields(
     event: &pb::Event,
-    data: &[u8],
-    salt: u64,
+    data_len: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
@@ -266,8 +266,8 @@ pub fn encode_block_frame_head_salted(
     const BLOCK_TAG: u32 = 10;
     let block_len = block.encoded_len()
         + prost::encoding::key_len(DATA_TAG)
-        + encoded_len_varint(data.len() as u64)
-        + data.len();
+        + encoded_len_varint(data_len as u64)
+        + data_len;
     out.clear();
     out.extend_from_slice(&[0; FRAME_HEAD_LEN]);
     if !event.instance_id.is_empty() {
@@ -289,10 +289,59 @@ pub fn encode_block_frame_head_salted(
         .encode(out)
         .expect("encoding into a Vec cannot run out of space");
     encode_key(DATA_TAG, WireType::LengthDelimited, out);
-    encode_varint(data.len() as u64, out);
+    encode_varint(data_len as u64, out);
+    Ok(())
+}
+
+/// [`encode_block_frame_head`] for a file with header salt `salt`.
+pub fn encode_block_frame_head_salted(
+    event: &pb::Event,
+    data: &[u8],
+    salt: u64,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    encode_block_frame_head_fields(event, data.len(), out)?;
     let mut head = [0u8; FRAME_HEAD_LEN];
     frame_head(salt, &out[FRAME_HEAD_LEN..], data, &mut head)?;
     out[..FRAME_HEAD_LEN].copy_from_slice(&head);
+    Ok(())
+}
+
+/// [`encode_block_frame_head_salted`] for a payload of `data_len` bytes
+/// whose CRC-32 (`crc32fast`, over the payload alone) the caller already
+/// computed, e.g. while copying it: the payload is not read again. The frame
+/// CRC is the CRC of the head's bytes combined with `data_crc`, so a reader
+/// checks exactly what [`encode_block_frame_head_salted`] would have
+/// written. A wrong `data_crc` yields a frame that readers reject.
+pub fn encode_block_frame_head_with_crc(
+    event: &pb::Event,
+    data_len: usize,
+    data_crc: u32,
+    salt: u64,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    // The head depends on the payload's length only, not on its bytes.
+    encode_block_frame_head_fields(event, data_len, out)?;
+    let prefix_len = out.len() - FRAME_HEAD_LEN;
+    let len = prefix_len + data_len;
+    if len > MAX_FRAME_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("event of {len} bytes exceeds the frame limit"),
+        ));
+    }
+    let len_le = (len as u32).to_le_bytes();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    h.update(&len_le);
+    h.update(&out[FRAME_HEAD_LEN..]);
+    h.combine(&crc32fast::Hasher::new_with_initial_len(
+        data_crc,
+        data_len as u64,
+    ));
+    out[0..4].copy_from_slice(&FRAME_MAGIC);
+    out[4..8].copy_from_slice(&len_le);
+    out[8..12].copy_from_slice(&h.finalize().to_le_bytes());
     Ok(())
 }
 
@@ -793,6 +842,22 @@ mod tests {
         assert!(encode_block_frame_head(&whole, &[1], &mut frame).is_err());
         assert!(encode_block_frame_head(&event(1), &[1], &mut frame).is_err());
         assert!(encode_block_frame_head(&head_only, &vec![0; MAX_FRAME_LEN], &mut frame).is_err());
+        // A payload CRC computed beforehand, in chunks, gives the same head;
+        // a wrong one gives a frame the reader rejects.
+        let mut salted = Vec::new();
+        encode_block_frame_head_salted(&head_only, &data, 77, &mut salted).unwrap();
+        let mut h = crc32fast::Hasher::new();
+        for chunk in data.chunks(1000) {
+            h.update(chunk);
+        }
+        let mut with_crc = Vec::new();
+        encode_block_frame_head_with_crc(&head_only, data.len(), h.finalize(), 77, &mut with_crc)
+            .unwrap();
+        assert_eq!(with_crc, salted);
+        let bad_crc = crc32fast::hash(&data) ^ 1;
+        encode_block_frame_head_with_crc(&head_only, data.len(), bad_crc, 0, &mut frame).unwrap();
+        frame.extend_from_slice(&data);
+        assert!(EventReader::new(frame.as_slice()).next().unwrap().is_err());
     }
 
     #[test]

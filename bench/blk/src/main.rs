@@ -40,6 +40,11 @@ struct Args {
     /// vhost-tap-blk binary (default: next to this binary).
     #[arg(long)]
     tap_blk: Option<PathBuf>,
+    /// A second vhost-tap-blk binary (for example a build of an earlier
+    /// commit), run as backend `tap-on-base` with the same tee arguments as
+    /// `tap-on`, so two builds are compared side by side in one run.
+    #[arg(long)]
+    tap_blk_base: Option<PathBuf>,
     /// Arguments of vhost-tap-blk; `{socket}` and `{image}` are substituted.
     #[arg(
         long,
@@ -64,7 +69,8 @@ struct Args {
     /// Skip counting allocations with vmr-bench-blk-alloc.
     #[arg(long)]
     no_alloc: bool,
-    /// Backends to run (comma-separated: qsd, tap-off, tap-on, tap-file).
+    /// Backends to run (comma-separated: qsd, tap-off, tap-on, tap-file,
+    /// tap-on-base with `--tap-blk-base`).
     #[arg(long, default_value = "qsd,tap-off,tap-on,tap-file")]
     backends: String,
     /// Workloads to run: comma-separated prefixes of their names (`4k
@@ -79,6 +85,7 @@ enum Backend {
     TapOff,
     TapOn,
     TapFile,
+    TapOnBase,
 }
 
 impl Backend {
@@ -88,6 +95,7 @@ impl Backend {
             Backend::TapOff => "vhost-tap-blk tee off",
             Backend::TapOn => "vhost-tap-blk tee on",
             Backend::TapFile => "tee on, unbounded file",
+            Backend::TapOnBase => "tee on, --tap-blk-base",
         }
     }
     /// Whether the tee is on (None: not a vhost-tap backend).
@@ -95,7 +103,7 @@ impl Backend {
         match self {
             Backend::Qsd => None,
             Backend::TapOff => Some(false),
-            Backend::TapOn | Backend::TapFile => Some(true),
+            Backend::TapOn | Backend::TapFile | Backend::TapOnBase => Some(true),
         }
     }
     fn target(self) -> Option<f64> {
@@ -103,9 +111,32 @@ impl Backend {
             Backend::Qsd => None,
             Backend::TapOff => Some(1.0),
             Backend::TapOn => Some(0.9),
-            Backend::TapFile => None,
+            Backend::TapFile | Backend::TapOnBase => None,
         }
     }
+}
+
+/// CPU time (ns, from `/proc/PID/task/*/schedstat`) the backend's threads
+/// used so far: all threads, and the capture sink thread alone.
+fn cpu_ns(pid: u32) -> (u64, u64) {
+    let mut total = 0;
+    let mut sink = 0;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let ns: u64 = std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        total += ns;
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim() == "capture-sink" {
+            sink += ns;
+        }
+    }
+    (total, sink)
 }
 
 fn wait_for_socket(path: &Path, guard: &mut ChildGuard, what: &str) -> Result<()> {
@@ -170,8 +201,12 @@ fn start_backend(
             ));
             c
         }
-        Backend::TapOff | Backend::TapOn | Backend::TapFile => {
-            let mut c = Command::new(tap_bin);
+        Backend::TapOff | Backend::TapOn | Backend::TapFile | Backend::TapOnBase => {
+            let bin = match (b, &args.tap_blk_base) {
+                (Backend::TapOnBase, Some(base)) => base.as_path(),
+                _ => tap_bin,
+            };
+            let mut c = Command::new(bin);
             c.args(substitute(
                 &args.tap_args,
                 &[("socket", &socket), ("image", image)],
@@ -179,7 +214,7 @@ fn start_backend(
             let capture = work.join("capture.events");
             remove_capture(&capture);
             match b {
-                Backend::TapOn => {
+                Backend::TapOn | Backend::TapOnBase => {
                     c.args(substitute(&args.tee_args, &[("capture", &capture)]));
                 }
                 Backend::TapFile => {
@@ -211,7 +246,7 @@ fn count_allocations(
     let mut out = Vec::new();
     for b in backends {
         let Some(tee) = b.tee() else { continue };
-        if *b == Backend::TapFile {
+        if matches!(*b, Backend::TapFile | Backend::TapOnBase) {
             // Same code path as tap-on; only the sink's file differs.
             continue;
         }
@@ -276,7 +311,10 @@ fn main() -> Result<()> {
             "tap-off" => Ok(Backend::TapOff),
             "tap-on" => Ok(Backend::TapOn),
             "tap-file" => Ok(Backend::TapFile),
-            other => bail!("unknown backend {other:?} (use qsd, tap-off, tap-on, tap-file)"),
+            "tap-on-base" => Ok(Backend::TapOnBase),
+            other => {
+                bail!("unknown backend {other:?} (use qsd, tap-off, tap-on, tap-file, tap-on-base)")
+            }
         })
         .collect::<Result<_>>()?;
     if !args.qsd.is_file() && backends.contains(&Backend::Qsd) {
@@ -297,6 +335,11 @@ fn main() -> Result<()> {
             "{} not found: build it with `cargo build --release -p vhost-tap`",
             tap_bin.display()
         );
+    }
+    if backends.contains(&Backend::TapOnBase)
+        && !args.tap_blk_base.as_deref().is_some_and(Path::is_file)
+    {
+        bail!("backend tap-on-base needs --tap-blk-base naming a vhost-tap-blk binary");
     }
     let selected: Vec<bool> = WORKLOADS
         .iter()
@@ -334,6 +377,8 @@ fn main() -> Result<()> {
     );
     let mut results = vec![vec![Tally::default(); backends.len()]; WORKLOADS.len()];
     let mut per_round = vec![vec![Vec::<f64>::new(); backends.len()]; WORKLOADS.len()];
+    // CPU ns used by the backend process and by its sink thread, per cell.
+    let mut cpu = vec![vec![(0u64, 0u64); backends.len()]; WORKLOADS.len()];
     for round in 0..args.rounds {
         // Alternate the order each round.
         let order: Vec<usize> = if round % 2 == 0 {
@@ -352,6 +397,7 @@ fn main() -> Result<()> {
                 if !selected[wi] {
                     continue;
                 }
+                let before = cpu_ns(guard.pid());
                 let t = workload::run(
                     &mut dev,
                     *w,
@@ -360,6 +406,10 @@ fn main() -> Result<()> {
                     0x5eed + round as u64,
                 )
                 .with_context(|| format!("{} on {}", w.name, b.label()))?;
+                let after = cpu_ns(guard.pid());
+                let c = &mut cpu[wi][bi];
+                c.0 += after.0.saturating_sub(before.0);
+                c.1 += after.1.saturating_sub(before.1);
                 let r = &mut results[wi][bi];
                 r.ops += t.ops;
                 r.bytes += t.bytes;
@@ -387,8 +437,17 @@ fn main() -> Result<()> {
 
     println!();
     println!(
-        "{:<18} {:<22} {:>10} {:>9} {:>13} {:>8} {:>8} {:>10}  result",
-        "workload", "backend", "IOPS", "MiB/s", "IOPS min-max", "vs qsd", "target", "allocs/req"
+        "{:<18} {:<22} {:>10} {:>9} {:>13} {:>8} {:>8} {:>10} {:>9} {:>9}  result",
+        "workload",
+        "backend",
+        "IOPS",
+        "MiB/s",
+        "IOPS min-max",
+        "vs qsd",
+        "target",
+        "allocs/req",
+        "cpu us/r",
+        "sink us/r"
     );
     let qsd_index = backends.iter().position(|b| *b == Backend::Qsd);
     let mut misses = 0;
@@ -434,8 +493,15 @@ fn main() -> Result<()> {
                 .iter()
                 .find(|(name, tee, _)| name == w.name && Some(*tee) == b.tee())
                 .map_or_else(|| "-".to_string(), |(_, _, n)| format!("{n:.3}"));
+            let (cpu_all, cpu_sink) = cpu[wi][bi];
+            let per_req = |ns: u64| ns as f64 / 1000.0 / t.ops.max(1) as f64;
+            let sink_s = if b.tee() == Some(true) {
+                format!("{:.1}", per_req(cpu_sink))
+            } else {
+                "-".into()
+            };
             println!(
-                "{:<18} {:<22} {:>10.0} {:>9.1} {:>13} {:>8} {:>8} {:>10}  {}",
+                "{:<18} {:<22} {:>10.0} {:>9.1} {:>13} {:>8} {:>8} {:>10} {:>9.1} {:>9}  {}",
                 if bi == 0 { w.name } else { "" },
                 b.label(),
                 iops,
@@ -444,6 +510,8 @@ fn main() -> Result<()> {
                 ratio_s,
                 target_s,
                 alloc_s,
+                per_req(cpu_all),
+                sink_s,
                 verdict
             );
         }
@@ -452,6 +520,10 @@ fn main() -> Result<()> {
     println!(
         "IOPS: total requests / total time over {} rounds of {:.1} s per cell; min-max: per-round IOPS.",
         args.rounds, args.seconds
+    );
+    println!(
+        "cpu us/r: CPU time of all the backend's threads per request (schedstat), sink us/r: of its \
+         capture-sink thread; both independent of what else runs on the machine, unlike IOPS."
     );
     if !allocs.is_empty() {
         println!(

@@ -478,16 +478,24 @@ impl BlockBackend {
                 let tee = inner.tee.as_ref().expect("checked above");
                 let segs = &w.segs;
                 let scratch = &mut w.scratch;
-                let (status, _) =
-                    tee.record_block_with(&inner.config.device, q, op, req.sector, len, |data| {
-                        let gathered =
-                            request::gather(mem, segs, u64::from(request::HEADER_LEN), data);
-                        let r = match (gathered, off) {
-                            (Ok(()), Some(off)) => inner.disk.write(off, data, scratch),
-                            _ => Err(DiskError::OutOfRange),
+                let (status, _) = tee.record_write(
+                    &inner.config.device,
+                    q,
+                    op,
+                    req.sector,
+                    len,
+                    |at, chunk| {
+                        let from = u64::from(request::HEADER_LEN) + at;
+                        request::gather(mem, segs, from, chunk).is_ok()
+                    },
+                    |data| {
+                        let r = match off {
+                            Some(off) => inner.disk.write(off, data, scratch),
+                            None => Err(DiskError::OutOfRange),
                         };
                         block_status(self.write_status(r, req.sector, len))
-                    });
+                    },
+                );
                 return (virtio_status(status), 0);
             }
             RequestType::Out => {

@@ -101,6 +101,9 @@ pub struct Record {
     pub(crate) event: pb::Event,
     /// Written even past the spool's size limit (small GAP events).
     pub(crate) force: bool,
+    /// CRC-32 of a block payload, computed on the device thread chunk by
+    /// chunk while it was copied (None: the sink computes it).
+    pub(crate) data_crc: Option<u32>,
 }
 
 impl Record {
@@ -109,6 +112,7 @@ impl Record {
         Self {
             event,
             force: false,
+            data_crc: None,
         }
     }
 
@@ -221,7 +225,9 @@ pub(crate) fn encode_record<'a>(
     head: &mut Vec<u8>,
     scratch: &mut pb::Event,
 ) -> std::io::Result<Option<&'a [u8]>> {
-    use vmr_proto::framing::{encode_block_frame_head_salted, encode_frame_salted};
+    use vmr_proto::framing::{
+        encode_block_frame_head_salted, encode_block_frame_head_with_crc, encode_frame_salted,
+    };
     let ev = &rec.event;
     let Some(pb::event::Payload::Block(b)) = &ev.payload else {
         encode_frame_salted(ev, salt, pending)?;
@@ -254,6 +260,11 @@ pub(crate) fn encode_record<'a>(
     io.hash_algorithm = b.hash_algorithm;
     io.status = b.status;
     scratch.payload = Some(pb::event::Payload::Block(io));
-    encode_block_frame_head_salted(scratch, &b.data, salt, head)?;
+    match rec.data_crc {
+        // The payload was checksummed while it was copied: combined with
+        // the head's CRC, without reading the payload again.
+        Some(crc) => encode_block_frame_head_with_crc(scratch, b.data.len(), crc, salt, head)?,
+        None => encode_block_frame_head_salted(scratch, &b.data, salt, head)?,
+    }
     Ok(Some(&b.data))
 }
