@@ -297,6 +297,38 @@ fn a_backend_write_into_an_untouched_page_keeps_the_rest_of_it() {
         page[512..] == pattern[512..],
         "the rest of the page keeps the snapshot's contents"
     );
+    // An incremental snapshot of the lazy clone holds the page the backend
+    // wrote (its dirty log), and the chain restores it whole.
+    let inc = clone
+        .snapshot(&dir.join("snap2"), MemoryKind::Incremental)
+        .expect("incremental snapshot of a lazy clone");
+    assert!(
+        inc.dirty_pages.contains(&(buf / 4096)),
+        "page {:#x} is in {:?}",
+        buf / 4096,
+        inc.dirty_pages
+    );
     drop(clone);
     let _ = server_b.stop();
+    let (again, _) = Vm::restore(
+        &dir.join("snap2"),
+        RestoreOptions {
+            memory: RestoreMemory::SharedOnDemand,
+            ..Default::default()
+        },
+    )
+    .expect("restore the chain lazily");
+    let mut back = vec![0u8; 4096];
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        again
+            .memory()
+            .guest_memory()
+            .read_slice(&mut back, GuestAddress(buf))
+            .expect("in RAM");
+    }
+    assert!(
+        back == page,
+        "the chain restores the page as the clone had it"
+    );
 }
