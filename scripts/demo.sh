@@ -254,6 +254,7 @@ tenant = "demo"
 name = "demo"
 instance_prefix = "demo-"
 EOF
+    "$BIN/replayer" --config "$DEMO/replayer.toml" --check-config | sed 's/^/    /'
     "$BIN/replayer" --config "$DEMO/replayer.toml" >"$DEMO/replayer.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PPORT") 2>/dev/null && break; sleep 0.1; done
@@ -287,7 +288,7 @@ echo
 echo "  instance:          $INSTANCE"
 if [ -s "$DEMO/timeline.json" ]; then
     jq -r '.events_per_topic | to_entries[] | "  events in \(.key):  \(.value)"' "$DEMO/timeline.json"
-    jq -r '"  original crash:    " + (if .crash_original then "seq \(.crash_original.seq) (\(.crash_original.detail))" else "none recorded" end)' "$DEMO/timeline.json"
+    jq -r '"  original crash:    " + (if .crash_original then "seq \(.crash_original.seq), after input seq \(.crash_original.after_input_seq) (\(.crash_original.detail | .[0:60])...)" else "none recorded" end)' "$DEMO/timeline.json"
 fi
 if [ -n "$CLONE" ]; then
     "$VMR" --json replay report "$CLONE" >"$DEMO/report.json" 2>/dev/null
@@ -295,7 +296,7 @@ if [ -n "$CLONE" ]; then
            "  clone:             \(.clone.clone_id): \(.clone.state) at seq \(.clone.replayed_seq), \(.clone.delivered) events delivered",
            "  divergences:       \(.divergences | length)"' "$DEMO/report.json"
     jq -r '.divergences[] | "    seq \(.seq) \(.device) \(.kind): \(.description)"' "$DEMO/report.json" | head -10
-    jq -r 'if .crash_clone then "  clone crash:       after input seq \(.crash_clone.seq) (original: seq \(.crash_original.seq // "-"))" else empty end' "$DEMO/timeline.json"
+    jq -r 'if .crash_clone then "  clone crash:       after input seq \(.crash_clone.seq) (the original: after input seq \(.crash_original.after_input_seq // "-"))" else empty end' "$DEMO/timeline.json"
     echo "  replay time:       ${REPLAY_S}s (vmr replay start to the end of the watch)"
 fi
 echo "  demo time:         $(elapsed)"

@@ -107,8 +107,8 @@ pub struct Timeline {
     pub clone: Option<CloneTrack>,
     /// seq -> recorded time of every event.
     pub seq_times: BTreeMap<u64, u64>,
-    /// seq -> recorded time of the inputs (block, net, env events): what a
-    /// clone is fed.
+    /// seq -> recorded time of the guest's inputs: block requests and
+    /// received frames (not sent frames, env samples or lifecycle events).
     pub input_times: BTreeMap<u64, u64>,
     /// Events per topic.
     pub per_topic: BTreeMap<String, u64>,
@@ -187,9 +187,16 @@ impl Timeline {
                     None
                 }
             };
+            let input = match &e.payload {
+                Payload::Block(_) => true,
+                Payload::Net(n) => n.direction == Direction::Rx,
+                _ => false,
+            };
+            if input {
+                t.input_times.insert(e.seq, at);
+            }
             if let Some(l) = lane {
                 t.lanes.entry(l).or_default().push((at, e.seq));
-                t.input_times.insert(e.seq, at);
             }
         }
         t
@@ -782,7 +789,7 @@ pub fn run(cfg: &Config, a: &TimelineArgs, out: &Out) -> CliResult {
             "events_per_topic": t.per_topic,
             "lanes": t.lanes.iter().map(|(k, v)| json!({"lane": k, "events": v.len()})).collect::<Vec<_>>(),
             "snapshots": t.snapshots.iter().map(|s| json!({"id": s.id, "time_ns": s.time_ns, "seq_at_cut": s.seq_at_cut})).collect::<Vec<_>>(),
-            "crash_original": t.crash.as_ref().map(|c| json!({"time_ns": c.time_ns, "seq": c.seq, "detail": c.detail})),
+            "crash_original": t.crash.as_ref().map(|c| json!({"time_ns": c.time_ns, "seq": c.seq, "detail": c.detail, "after_input_seq": t.last_input_at(c.seq.saturating_sub(1)).map(|x| x.0)})),
             "crash_clone": crash_clone.map(|(c, w)| json!({"recorded_time_ns": c.time_ns, "seq": c.seq, "clone_wall_ns": w, "detail": c.detail})),
             "clone": t.clone.as_ref().map(|c| json!({"clone_id": c.clone_id, "state": c.state, "replayed_seq": c.replayed_seq, "progress_points": c.progress.len()})),
         }));
