@@ -110,8 +110,11 @@ pub struct ClonePlan {
     /// The snapshot's manifest.
     pub manifest: vmr_proto::SnapshotManifest,
     /// Disk device name → the snapshot's disk (a raw image the clone's
-    /// private overlay lies on).
+    /// private overlay lies on, or the base image under `disk_layers`).
     pub disks: Vec<(String, PathBuf)>,
+    /// Disk device name → the snapshot's frozen layers, bottom first
+    /// (packed layers of a disk chain; empty for a raw disk at the cut).
+    pub disk_layers: HashMap<String, Vec<PathBuf>>,
     pub nics: Vec<NicPlan>,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -493,8 +496,11 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             .arg("--socket")
             .arg(&sock)
             .arg("--image")
-            .arg(&image)
-            .arg("--overlay")
+            .arg(&image);
+        for l in rt.plan.disk_layers.get(&dev).into_iter().flatten() {
+            cmd.arg("--layer").arg(l);
+        }
+        cmd.arg("--overlay")
             .arg(work.join(format!("{dev}.overlay")))
             .args([
                 "--mode",

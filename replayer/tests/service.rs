@@ -314,7 +314,16 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
     let store =
         vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::new(store_url.clone()))
             .expect("open the store");
-    for id in ["0001", "0002"] {
+    // Snapshot 0003 stores the disk as a chain of two packed layers (the
+    // form the capture agent's snapshots have): clusters of the first half
+    // in position 0, of the second half in position 1, on a blank disk.
+    let raw = std::fs::read(&layer).expect("the disk at the cut");
+    let half = raw.len() / 2;
+    let packed = [
+        pack_layer(&raw, 0..half, &dir.join("vda.0.packed")),
+        pack_layer(&raw, half..raw.len(), &dir.join("vda.1.packed")),
+    ];
+    for id in ["0001", "0002", "0003"] {
         let src = dir.join("snaps").join(id);
         if id != "0001" {
             std::fs::create_dir_all(&src).expect("snapshot dir");
@@ -330,11 +339,23 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
             seq_at_cut,
             mono_time_ns: 0,
             offsets: manifest_offsets.clone(),
-            disk_layers: vec![vmr_snapshot::DiskLayerFile {
-                device: "vda".into(),
-                position: 0,
-                path: layer.clone(),
-            }],
+            disk_layers: if id == "0003" {
+                packed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| vmr_snapshot::DiskLayerFile {
+                        device: "vda".into(),
+                        position: i as u32,
+                        path: p.clone(),
+                    })
+                    .collect()
+            } else {
+                vec![vmr_snapshot::DiskLayerFile {
+                    device: "vda".into(),
+                    position: 0,
+                    path: layer.clone(),
+                }]
+            },
             base_snapshot_id: None,
         };
         rt.block_on(vmr_snapshot::upload(
@@ -473,6 +494,38 @@ async fn reflection_file_of(channel: tonic::transport::Channel, symbol: &str) ->
             .collect(),
         other => panic!("unexpected reflection answer {other:?}"),
     }
+}
+
+/// Writes a packed disk layer (`VMRLAY01`: a 64-byte header, one map bit
+/// per 4 KiB cluster, then the allocated clusters in order from the next
+/// cluster boundary) holding the non-zero clusters of `disk` in `range`.
+fn pack_layer(disk: &[u8], range: std::ops::Range<usize>, out: &Path) -> PathBuf {
+    const CLUSTER: usize = 4096;
+    let clusters = disk.len().div_ceil(CLUSTER);
+    let map_bytes = clusters.div_ceil(8);
+    let data_at = (64 + map_bytes).div_ceil(CLUSTER) * CLUSTER;
+    let mut map = vec![0u8; map_bytes];
+    let mut data = Vec::new();
+    for c in 0..clusters {
+        let (a, b) = (c * CLUSTER, ((c + 1) * CLUSTER).min(disk.len()));
+        if a >= range.start && b <= range.end && disk[a..b].iter().any(|x| *x != 0) {
+            map[c / 8] |= 1 << (c % 8);
+            data.extend_from_slice(&disk[a..b]);
+            data.resize(data.len().div_ceil(CLUSTER) * CLUSTER, 0);
+        }
+    }
+    let n: u64 = map.iter().map(|b| u64::from(b.count_ones())).sum();
+    let mut f = vec![0u8; data_at];
+    f[0..8].copy_from_slice(b"VMRLAY01");
+    f[8..12].copy_from_slice(&1u32.to_le_bytes());
+    f[12..16].copy_from_slice(&(CLUSTER as u32).to_le_bytes());
+    f[16..24].copy_from_slice(&(disk.len() as u64).to_le_bytes());
+    f[24..32].copy_from_slice(&n.to_le_bytes());
+    f[32..40].copy_from_slice(&(data_at as u64).to_le_bytes());
+    f[64..64 + map_bytes].copy_from_slice(&map);
+    f.extend_from_slice(&data);
+    std::fs::write(out, f).expect("write the packed layer");
+    out.to_path_buf()
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -1154,6 +1207,32 @@ instances = ["other-1"]
         eprintln!("clone {tid}: seed 9 dropped seq {}; replay finished without a crash", recorded.poison_seq);
         c.delete_clone(authed(TOKEN_A, pb::DeleteCloneRequest { clone_id: tid.clone() })).await.expect("delete");
         assert!(!netns_list().contains(&format!("vmr-{tid}")));
+
+        // A snapshot whose disk is a chain of packed layers: the clone
+        // reads the same disk and crashes after the same seq.
+        let mut chained = create(Some("0003"));
+        chained.start_paused = false;
+        chained.speed = Some(pb::Speed { speed: Some(pb::speed::Speed::AsFastAsPossible(true)) });
+        let ch = c.create_clone(authed(TOKEN_A, chained)).await.expect("clone of a layer chain").into_inner();
+        let mut w = c.watch(authed(TOKEN_A, pb::WatchRequest { clone_id: ch.clone_id.clone() })).await.expect("watch").into_inner();
+        let deadline = Instant::now() + WAIT;
+        let mut crash = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, w.message()).await.expect("the chained clone's watch ends").expect("watch stream");
+            let Some(m) = m else { break };
+            if let Some(l) = m.lifecycle {
+                if l.lifecycle.as_ref().map(|x| x.kind) == Some(pb::LifecycleKind::TripleFault as i32) {
+                    crash = Some(l);
+                }
+            }
+        }
+        let crash = crash.expect("the chained clone crashed");
+        assert_eq!(crash.last_seq_applied, recorded.poison_seq);
+        let d = c.get_divergences(authed(TOKEN_A, pb::GetDivergencesRequest { clone_id: ch.clone_id.clone() })).await.expect("divergences").into_inner();
+        assert!(d.divergences.is_empty(), "the chained clone wrote what the original wrote: {d:?}");
+        eprintln!("clone {} of a two-layer disk chain: crashed after seq {}", ch.clone_id, crash.last_seq_applied);
+        c.delete_clone(authed(TOKEN_A, pb::DeleteCloneRequest { clone_id: ch.clone_id.clone() })).await.expect("delete");
     });
 
     // Shut the server down with the first clone still there.

@@ -136,6 +136,19 @@ pub struct ImageConfig {
     pub nics: Vec<NicConfig>,
     /// The guest's service port, reported in a live clone's access hint.
     pub service_port: Option<u16>,
+    /// Disks whose base is an image file: a snapshot's layer chain for
+    /// such a disk lies on this file (others lie on a zero file).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A disk of an image with a base image file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub name: String,
+    /// The raw base image the disk's layer chain lies on.
+    pub image: PathBuf,
 }
 
 fn default_vcpus() -> u8 {

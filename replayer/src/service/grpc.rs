@@ -1,6 +1,7 @@
 //! `vmr.v1.Replayer` over the clone runtime: authorization, request checks
 //! and the mapping of errors to gRPC codes.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -642,20 +643,48 @@ impl Replayer {
             })?;
         let manifest = vmr_proto::SnapshotManifest::try_from(m.manifest.to_proto())
             .map_err(|e| cleanup(Status::data_loss(format!("manifest: {e}"))))?;
+        // A disk is either one raw file at the cut (position 0), or a
+        // chain of packed layers on a base image: the image's blank disk,
+        // a zero file of the layers' disk size.
         let mut disks: Vec<(String, std::path::PathBuf)> = Vec::new();
-        for l in &m.disk_layers {
-            if m.disk_layers
-                .iter()
-                .filter(|o| o.device == l.device)
-                .count()
-                > 1
-            {
-                return Err(cleanup(Status::unimplemented(format!(
-                    "disk {} has a chain of layers; the replayer restores single-layer disks only",
-                    l.device
+        let mut disk_layers: HashMap<String, Vec<std::path::PathBuf>> = HashMap::new();
+        let mut devices: Vec<String> = m.disk_layers.iter().map(|l| l.device.clone()).collect();
+        devices.sort();
+        devices.dedup();
+        for dev in devices {
+            let mut chain: Vec<&vmr_snapshot::LayerPath> =
+                m.disk_layers.iter().filter(|l| l.device == dev).collect();
+            chain.sort_by_key(|l| l.position);
+            let sizes: Vec<Option<u64>> = chain.iter().map(|l| packed_disk_size(&l.path)).collect();
+            if chain.len() == 1 && sizes[0].is_none() {
+                disks.push((dev, chain[0].path.clone()));
+                continue;
+            }
+            let Some(Some(size)) = sizes.first().copied() else {
+                return Err(cleanup(Status::data_loss(format!(
+                    "disk {dev}: a chain of {} layers whose bottom is not a packed layer",
+                    chain.len()
+                ))));
+            };
+            if sizes.iter().any(|s| *s != Some(size)) {
+                return Err(cleanup(Status::data_loss(format!(
+                    "disk {dev}: the layers of its chain disagree on the disk size"
                 ))));
             }
-            disks.push((l.device.clone(), l.path.clone()));
+            let base = match image.disks.iter().find(|d| d.name == dev) {
+                Some(d) => d.image.clone(),
+                None => {
+                    let base = snap_dir.join(format!("{dev}.base.img"));
+                    std::fs::File::create(&base)
+                        .and_then(|f| f.set_len(size))
+                        .map_err(|e| {
+                            cleanup(Status::internal(format!("{}: {e}", base.display())))
+                        })?;
+                    base
+                }
+            };
+            disks.push((dev.clone(), base));
+            disk_layers.insert(dev, chain.iter().map(|l| l.path.clone()).collect());
         }
         let mut nics = Vec::new();
         let mut access = clone::AccessPlan {
@@ -701,6 +730,7 @@ impl Replayer {
             snapshot_dir: m.snapshot_dir.clone(),
             manifest,
             disks,
+            disk_layers,
             nics,
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
@@ -734,6 +764,17 @@ impl Replayer {
             .map_err(|e| Status::internal(format!("build task: {e}")))?;
         built.map_err(|e| cleanup(clone_status(e)))
     }
+}
+
+/// The disk size a packed layer file (`VMRLAY01`, version 1: magic, `u32`
+/// version, `u32` cluster size, `u64` disk size, little endian) names;
+/// `None` for any other file.
+fn packed_disk_size(path: &std::path::Path) -> Option<u64> {
+    use std::io::Read;
+    let mut h = [0u8; 24];
+    std::fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
+    (&h[0..8] == b"VMRLAY01" && h[8..12] == 1u32.to_le_bytes())
+        .then(|| u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
 }
 
 fn new_id() -> String {
