@@ -3,7 +3,7 @@
 # is the one the workspace is tested with.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev libssl-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config protobuf-compiler libcurl4-openssl-dev libssl-dev libclang-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
