@@ -203,6 +203,9 @@ pub fn partition_ends(
     Ok(out)
 }
 
+/// A disk's frozen layers after its checkpoint, bottom first.
+type DiskChain = (String, Vec<PathBuf>);
+
 /// Takes one snapshot of `inst` into `store`; `progress` hears each stage.
 pub fn take(
     inst: &RecordedInstance,
@@ -231,7 +234,7 @@ pub fn take(
             .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
     }
     // From here on the guest is resumed whatever happens.
-    let cut = (|| -> Result<(u64, Vec<(String, Vec<PathBuf>)>), CutError> {
+    let cut = (|| -> Result<(u64, Vec<DiskChain>), CutError> {
         progress(Stage::Cut);
         let mut chains = Vec::new();
         for d in inst.devices() {
