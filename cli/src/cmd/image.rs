@@ -344,7 +344,11 @@ fn build(cfg: &Config, a: &BuildArgs, out: &Out) -> CliResult {
     })?;
     let stderr = child.stderr.take().expect("stderr is piped");
     let quiet = out.quiet;
-    // Progress: the script's step lines, numbered, with elapsed time.
+    // On a terminal a spinner shows the current step; otherwise (and above
+    // the spinner) the script's step lines, numbered, with elapsed time.
+    let bar = crate::progress::bar(out, None, false);
+    bar.set_message("building the image");
+    let spinner = crate::progress::enabled(out).then(|| bar.clone());
     let relay = std::thread::spawn(move || {
         let mut tail: Vec<String> = Vec::new();
         for (n, line) in BufReader::new(stderr)
@@ -352,12 +356,18 @@ fn build(cfg: &Config, a: &BuildArgs, out: &Out) -> CliResult {
             .map_while(Result::ok)
             .enumerate()
         {
-            if !quiet {
-                eprintln!(
-                    "[{:>4.0}s] step {}: {line}",
-                    started.elapsed().as_secs_f64(),
-                    n + 1
-                );
+            let text = format!(
+                "[{:>4.0}s] step {}: {line}",
+                started.elapsed().as_secs_f64(),
+                n + 1
+            );
+            match &spinner {
+                Some(pb) => {
+                    pb.println(&text);
+                    pb.set_message(format!("step {}: {line}", n + 1));
+                }
+                None if !quiet => eprintln!("{text}"),
+                None => {}
             }
             tail.push(line);
             if tail.len() > 20 {
@@ -375,6 +385,7 @@ fn build(cfg: &Config, a: &BuildArgs, out: &Out) -> CliResult {
         .wait()
         .map_err(|e| CliError::other(format!("waiting for the image build: {e}")))?;
     let tail = relay.join().unwrap_or_default();
+    bar.finish_and_clear();
     if !status.success() {
         return Err(CliError::other(format!(
             "the image build failed ({status}); last lines:\n{}",
