@@ -315,6 +315,9 @@ function draw() {
         g.fillStyle = "rgba(37,99,235,.55)";
         g.beginPath(); g.moveTo(x, 4); g.lineTo(x + 4, 10); g.lineTo(x, 16); g.lineTo(x - 4, 10); g.fill();
       }
+    } else if (m.kind === "gap") {
+      g.fillStyle = color; g.fillRect(x - 1, 18, 3, 10);
+      line(x, "rgba(217,119,6,.7)", "gap", 20);
     } else {
       g.fillStyle = color; g.fillRect(x - 1, 18, 3, 10);
     }

@@ -61,7 +61,7 @@ fn events(t0: u64) -> impl Iterator<Item = Event> {
         } else if seq % (RATE * 300) == 0 {
             let id = format!("snap-{:04}", seq / (RATE * 300));
             life(LifecycleKind::Snapshot, String::new(), None, Some(id))
-        } else if seq == RATE * 1800 {
+        } else if seq == RATE * 1800 + 1 {
             life(
                 LifecycleKind::Gap,
                 String::new(),
