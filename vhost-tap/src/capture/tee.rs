@@ -152,7 +152,11 @@ const LARGE_BUFFER: usize = 64 << 10;
 const LARGE_KEEP_BYTES: usize = 4 << 20;
 /// Sink batch size.
 const BATCH: usize = 256;
-/// How long shutdown waits for a full spool before it drops what is left.
+/// Chunk size of [`Tee::record_write`]'s copy and checksum: small enough
+/// to stay in the core's cache between the copy and the CRC.
+pub const CRC_CHUNK: usize = 64 << 10;
+/// How long shutdown waits for a full spool before it drops what is left
+/// (also when the sink was already waiting for room when the stop came).
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Payload bytes a record holds.
@@ -167,17 +171,26 @@ fn payload_bytes(ev: &pb::Event) -> usize {
 /// The pools of records and of large payload buffers.
 struct Pools {
     records: ArrayQueue<Record>,
-    large: ArrayQueue<Vec<u8>>,
+    /// Used last in, first out, so the buffers in use stay few and warm in
+    /// the caches instead of cycling through the whole pool.
+    large: Mutex<Vec<Vec<u8>>>,
+    large_cap: usize,
 }
 
 impl Pools {
+    /// The most recently returned large buffer.
+    fn take_large(&self) -> Option<Vec<u8>> {
+        self.large.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
     /// Pools for a queue of `capacity` records and `max_bytes` of payload:
     /// the large buffers held are bounded by the payload budget.
     fn new(capacity: usize, max_bytes: usize) -> Self {
         let large = (max_bytes / LARGE_BUFFER).clamp(1, capacity + BATCH);
         Self {
             records: ArrayQueue::new(capacity + BATCH),
-            large: ArrayQueue::new(large),
+            large: Mutex::new(Vec::with_capacity(large)),
+            large_cap: large,
         }
     }
 
@@ -185,12 +198,16 @@ impl Pools {
     /// pool (or is freed when that is full or the buffer is oversized).
     fn recycle(&self, mut rec: Record) {
         rec.force = false;
+        rec.data_crc = None;
         let ev = &mut rec.event;
         match &mut ev.payload {
             Some(pb::event::Payload::Block(b)) if b.data.capacity() >= LARGE_BUFFER => {
                 let buf = std::mem::take(&mut b.data);
                 if buf.capacity() <= LARGE_KEEP_BYTES {
-                    let _ = self.large.push(buf);
+                    let mut large = self.large.lock().unwrap_or_else(|p| p.into_inner());
+                    if large.len() < self.large_cap {
+                        large.push(buf);
+                    }
                 }
             }
             Some(pb::event::Payload::Net(f)) if f.frame.capacity() > LARGE_KEEP_BYTES => {
@@ -339,6 +356,7 @@ impl Tee {
                     state,
                     last_error: None,
                     overflowing: false,
+                    stop_seen: None,
                 }
                 .run()
             })
@@ -451,6 +469,59 @@ impl Tee {
         len: u32,
         fill: impl FnOnce(&mut [u8]) -> pb::BlockStatus,
     ) -> (pb::BlockStatus, Option<u64>) {
+        self.record_block_inner(device, queue, op, sector, len, |d| (fill(d), None))
+    }
+
+    /// Records a write the way [`Tee::record_block_with`] does, copying the
+    /// payload in chunks of [`CRC_CHUNK`] bytes with `copy(offset, chunk)`
+    /// and checksumming each chunk right after it was copied, while it is
+    /// still in the cache (for payloads the sink writes as split frames);
+    /// `write` then writes the disk from the record's buffer. The sink
+    /// combines that CRC with the frame head's, so the payload is read once
+    /// on this thread and never again for its CRC. A `copy` that fails
+    /// stops the copy and the request gets `IOERR`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_write(
+        &self,
+        device: &str,
+        queue: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        mut copy: impl FnMut(u64, &mut [u8]) -> bool,
+        write: impl FnOnce(&[u8]) -> pb::BlockStatus,
+    ) -> (pb::BlockStatus, Option<u64>) {
+        let n = len as usize;
+        let checksum = n >= super::SPLIT_FRAME_MIN;
+        self.record_block_inner(device, queue, op, sector, len, |data| {
+            let mut h = crc32fast::Hasher::new();
+            let mut pos = 0;
+            while pos < n {
+                let end = (pos + CRC_CHUNK).min(n);
+                if !copy(pos as u64, &mut data[pos..end]) {
+                    return (pb::BlockStatus::Ioerr, None);
+                }
+                if checksum {
+                    h.update(&data[pos..end]);
+                }
+                pos = end;
+            }
+            let status = write(data);
+            (status, checksum.then(|| h.finalize()))
+        })
+    }
+
+    /// Takes a record with a `len`-byte payload buffer, lets `fill` produce
+    /// the payload (and optionally its CRC), and queues it.
+    fn record_block_inner(
+        &self,
+        device: &str,
+        queue: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        fill: impl FnOnce(&mut [u8]) -> (pb::BlockStatus, Option<u32>),
+    ) -> (pb::BlockStatus, Option<u64>) {
         let mut rec = self.take_record();
         // Keep the bytes a pooled buffer already holds: no zero fill unless
         // it grows.
@@ -460,7 +531,7 @@ impl Tee {
             _ => Vec::new(),
         };
         if n >= LARGE_BUFFER && data.capacity() < n {
-            if let Some(big) = self.shared.pool.large.pop() {
+            if let Some(big) = self.shared.pool.take_large() {
                 data = big;
             }
         }
@@ -478,7 +549,8 @@ impl Tee {
         } else {
             data.truncate(n);
         }
-        let status = fill(&mut data);
+        let (status, crc) = fill(&mut data);
+        rec.data_crc = crc;
         io.data = data;
         io.status = status as i32;
         rec.event.payload = Some(pb::event::Payload::Block(io));
@@ -645,6 +717,9 @@ struct SinkLoop<'a> {
     /// The spool stayed full past the block bound: records that do not
     /// fit are dropped at once until it takes records again.
     overflowing: bool,
+    /// When a full spool first kept a shutdown waiting (the wait of the
+    /// whole shutdown is bounded by [`STOP_WAIT`]).
+    stop_seen: Option<Instant>,
 }
 
 impl SinkLoop<'_> {
@@ -766,7 +841,11 @@ impl SinkLoop<'_> {
         n
     }
 
-    /// Writes the batch, applying the policy when the spool is full.
+    /// Writes the batch, applying the policy when the spool is full. A
+    /// shutdown requested while the batch waits for room (`stopping`, or
+    /// the stop flag seen during the wait) drops what still does not fit
+    /// once [`STOP_WAIT`] has passed since the stop was first seen, with a
+    /// GAP event.
     fn write_batch(&mut self, stopping: bool) {
         let m = &self.s.metrics;
         let mut start = 0;
@@ -796,7 +875,11 @@ impl SinkLoop<'_> {
                         tracing::warn!("capture spool full: waiting for the shipper to commit");
                         Instant::now()
                     });
-                    let give_up = stopping && since.elapsed() > STOP_WAIT;
+                    if self.stop_seen.is_none() && (stopping || self.s.stop.load(Ordering::Acquire))
+                    {
+                        self.stop_seen = Some(Instant::now());
+                    }
+                    let give_up = self.stop_seen.is_some_and(|t| t.elapsed() > STOP_WAIT);
                     let past_bound = self.overflowing
                         || self
                             .s
@@ -1183,6 +1266,74 @@ mod tests {
         assert_eq!(got[1].instance_id, "vm-2");
         match &got[2].payload {
             Some(pb::event::Payload::Block(b)) => assert_eq!(b.data, big),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_write_checksummed_while_copied_reads_back_through_the_frame_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cap.events");
+        let sink = Arc::new(FileSink::open(&path, "vm-3", 0).unwrap());
+        let tee = start(TeeConfig::new("vm-3"), sink, Arc::default());
+        let src: Vec<u8> = (0..(1u32 << 20) + 777)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        let mut offsets = Vec::new();
+        let mut on_disk = Vec::new();
+        let (status, seq) = tee.record_write(
+            "vda",
+            0,
+            pb::BlockOp::Write,
+            0,
+            src.len() as u32,
+            |at, chunk| {
+                offsets.push(at);
+                chunk.copy_from_slice(&src[at as usize..at as usize + chunk.len()]);
+                true
+            },
+            |data| {
+                on_disk = data.to_vec();
+                pb::BlockStatus::Ok
+            },
+        );
+        assert_eq!((status, seq), (pb::BlockStatus::Ok, Some(1)));
+        assert_eq!(offsets.len(), src.len().div_ceil(CRC_CHUNK));
+        assert!(offsets.windows(2).all(|w| w[1] - w[0] == CRC_CHUNK as u64));
+        // A copy that fails: IOERR, the disk is not written.
+        let mut wrote = false;
+        let (status, _) = tee.record_write(
+            "vda",
+            0,
+            pb::BlockOp::Write,
+            8,
+            4 * CRC_CHUNK as u32,
+            |at, _| at < CRC_CHUNK as u64,
+            |_| {
+                wrote = true;
+                pb::BlockStatus::Ok
+            },
+        );
+        assert_eq!(status, pb::BlockStatus::Ioerr);
+        assert!(!wrote);
+        tee.shutdown();
+        // The reader checks each frame's CRC: the one combined from the
+        // chunks' CRCs passes, and the payload is what the disk got.
+        let got: Vec<_> = vmr_proto::framing::EventReader::new(File::open(&path).unwrap())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        match &got[0].payload {
+            Some(pb::event::Payload::Block(b)) => {
+                assert_eq!(b.data, src);
+                assert_eq!(b.data, on_disk);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match &got[1].payload {
+            Some(pb::event::Payload::Block(b)) => {
+                assert_eq!(b.status, pb::BlockStatus::Ioerr as i32)
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
