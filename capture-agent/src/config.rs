@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// How devices record by default (a launch request may override it).
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// The snapshot engine of `serve`: store, retention, schedule.
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
 }
 
 impl AgentConfig {
@@ -82,6 +85,93 @@ impl AgentConfig {
         self.sensors.validate()?;
         self.agent.validate()?;
         self.capture.validate()?;
+        self.snapshots.validate()?;
+        Ok(())
+    }
+}
+
+/// The snapshot engine of `capture-agent serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SnapshotsConfig {
+    /// Run the engine at all; `false`: the snapshot RPCs answer
+    /// `UNIMPLEMENTED`.
+    pub enabled: bool,
+    /// The store, `file:///absolute/path` or `s3://bucket[/prefix]`
+    /// (S3 endpoint and credentials from the environment). Unset: the
+    /// `[endpoints] object-store-url` when the file or
+    /// `VMR_OBJECT_STORE_URL` sets it, else
+    /// `file://<data-dir>/.snapshots/store`.
+    pub store_url: Option<String>,
+    /// On a `file://` store, fsync each object before the manifest.
+    pub fsync: bool,
+    /// Where driver snapshots and layers are staged before upload
+    /// (default `<data-dir>/.snapshots/staging`).
+    pub staging_dir: Option<PathBuf>,
+    /// Where pins are kept (default `<data-dir>/.snapshots/state`).
+    pub state_dir: Option<PathBuf>,
+    /// Retention: keep the newest N (unset: no count limit).
+    pub keep_last: Option<usize>,
+    /// Retention: keep those cut within this many seconds (unset: no age
+    /// limit). With neither rule set every snapshot is kept; pinned ones
+    /// always are.
+    pub keep_within_secs: Option<u64>,
+    /// Period of scheduled snapshots of an instance whose launch request
+    /// gives no `snapshot_interval_secs` (seconds; 0: only on demand).
+    pub period_secs: u64,
+    /// How long a device backend may take to answer its checkpoint (s).
+    pub checkpoint_timeout_secs: u64,
+    /// Bound on the broker requests of a snapshot (offsets, publishing; s).
+    pub broker_timeout_secs: u64,
+    /// Publish each manifest on `vmr.snapshots.v1`.
+    pub publish: bool,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store_url: None,
+            fsync: true,
+            staging_dir: None,
+            state_dir: None,
+            keep_last: None,
+            keep_within_secs: None,
+            period_secs: 0,
+            checkpoint_timeout_secs: 10,
+            broker_timeout_secs: 10,
+            publish: true,
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("snapshots: {m}")));
+        if let Some(u) = &self.store_url {
+            if !(u.starts_with("file://") || u.starts_with("s3://")) {
+                return bad("store-url must be file:///absolute/path or s3://bucket[/prefix]");
+            }
+        }
+        if self.keep_last == Some(0) {
+            return bad("keep-last must be positive (leave it out to keep any number)");
+        }
+        if self.keep_within_secs == Some(0) {
+            return bad("keep-within-secs must be positive (leave it out for no age limit)");
+        }
+        if self.checkpoint_timeout_secs == 0 || self.broker_timeout_secs == 0 {
+            return bad("checkpoint-timeout-secs and broker-timeout-secs must be positive");
+        }
+        for (k, d) in [
+            ("staging-dir", &self.staging_dir),
+            ("state-dir", &self.state_dir),
+        ] {
+            if d.as_ref().is_some_and(|d| d.is_relative()) {
+                return Err(ConfigError::Invalid(format!(
+                    "snapshots: {k} must be an absolute path"
+                )));
+            }
+        }
         Ok(())
     }
 }

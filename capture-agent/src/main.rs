@@ -261,11 +261,27 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cfg.agent.image_dirs = a.image_dirs;
     }
     cfg.validate()?;
+    let snapshots: Option<Arc<dyn capture_agent::service::SnapshotControl>> = if cfg
+        .snapshots
+        .enabled
+    {
+        let ecfg = capture_agent::snapshot::EngineConfig::from_agent(&cfg);
+        tracing::info!(store = %ecfg.store.url, staging = %ecfg.staging_dir.display(), "snapshot engine");
+        let engine = capture_agent::snapshot::SnapshotEngine::new(ecfg)
+            .context("cannot start the snapshot engine ([snapshots])")?;
+        Some(Arc::new(engine))
+    } else {
+        tracing::info!("snapshots disabled ([snapshots] enabled = false)");
+        None
+    };
+    // The engine owns a runtime of its own; it is dropped here, outside
+    // the service's runtime.
+    let engine = snapshots.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let r = rt.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
             match (
@@ -282,10 +298,13 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutdown requested");
         };
-        capture_agent::service::serve(cfg, None, shutdown)
+        capture_agent::service::serve(cfg, snapshots, shutdown)
             .await
             .map_err(|e| anyhow::anyhow!(display_chain(&e)))
-    })
+    });
+    drop(rt);
+    drop(engine);
+    r
 }
 
 fn main() -> anyhow::Result<()> {

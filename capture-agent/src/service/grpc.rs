@@ -84,9 +84,14 @@ impl pb::capture_agent_server::CaptureAgent for CaptureAgentService {
         req: Request<pb::LaunchInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
         let req = req.into_inner();
+        let snapshots = self.snapshots.clone();
         let out = self
             .blocking("LaunchInstance", move |h| {
+                let spec = req.spec.clone().unwrap_or_default();
                 let e = h.launch(req)?;
+                if let (Some(s), Some(i)) = (&snapshots, e.running()) {
+                    s.launched(i, &spec);
+                }
                 Ok(h.inspect(&e))
             })
             .await?;
@@ -152,8 +157,12 @@ impl pb::capture_agent_server::CaptureAgent for CaptureAgentService {
         req: Request<pb::StopInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
         let id = req.into_inner().instance_id;
+        let snapshots = self.snapshots.clone();
         let out = self
             .blocking("StopInstance", move |h| {
+                if let Some(s) = &snapshots {
+                    s.stopping(&id);
+                }
                 let e = h.stop(&id)?;
                 Ok(h.inspect(&e))
             })

@@ -120,7 +120,7 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let svc = CaptureAgentServer::new(grpc::CaptureAgentService {
         host: host.clone(),
-        snapshots,
+        snapshots: snapshots.clone(),
     });
     tracing::info!(grpc = %listen, metrics = %metrics_listen, "capture agent serving");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -147,6 +147,14 @@ pub async fn serve(
     let _ = stop_metrics.send(());
     tracing::info!("stopping every instance");
     let h = host.clone();
-    let _ = tokio::task::spawn_blocking(move || h.stop_all()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(s) = &snapshots {
+            for e in h.entries() {
+                s.stopping(e.id().as_str());
+            }
+        }
+        h.stop_all()
+    })
+    .await;
     result.map_err(ServeError::from)
 }

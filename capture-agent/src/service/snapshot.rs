@@ -144,6 +144,14 @@ pub trait SnapshotControl: Send + Sync {
 
     /// Deletes a snapshot's objects and manifest.
     fn delete(&self, instance: &InstanceId, snapshot_id: &str) -> Result<(), SnapshotControlError>;
+
+    /// `instance` was launched from `spec`; an engine may start its
+    /// scheduled snapshots here. The default does nothing.
+    fn launched(&self, _instance: Arc<RecordedInstance>, _spec: &pb::InstanceSpec) {}
+
+    /// The instance named `instance` is about to stop; its scheduled
+    /// snapshots end here. The default does nothing.
+    fn stopping(&self, _instance: &str) {}
 }
 
 impl From<SnapshotControlError> for tonic::Status {

@@ -50,6 +50,9 @@ pub struct EngineConfig {
     pub publish: bool,
     /// Kafka and Schema Registry (offsets at the cut, publishing).
     pub endpoints: vmr_proto::config::Endpoints,
+    /// Period of the scheduled snapshots of an instance launched without
+    /// one of its own (zero: only on demand).
+    pub default_period: Duration,
 }
 
 impl EngineConfig {
@@ -69,6 +72,42 @@ impl EngineConfig {
             broker_timeout: Duration::from_secs(10),
             publish: true,
             endpoints,
+            default_period: Duration::ZERO,
+        }
+    }
+
+    /// The engine `capture-agent serve` runs, from the `[snapshots]` table
+    /// (paths not given go under `<data-dir>/.snapshots/`).
+    pub fn from_agent(cfg: &crate::config::AgentConfig) -> Self {
+        let s = &cfg.snapshots;
+        let base = cfg.agent.data_dir.join(".snapshots");
+        let url = match &s.store_url {
+            Some(u) => u.clone(),
+            None if cfg.endpoints.object_store_url
+                != vmr_proto::config::Endpoints::default().object_store_url =>
+            {
+                cfg.endpoints.object_store_url.clone()
+            }
+            None => format!("file://{}", base.join("store").display()),
+        };
+        let mut store = StoreConfig::new(url);
+        store.fsync = s.fsync;
+        Self {
+            store,
+            staging_dir: s
+                .staging_dir
+                .clone()
+                .unwrap_or_else(|| base.join("staging")),
+            state_dir: s.state_dir.clone().unwrap_or_else(|| base.join("state")),
+            policy: Policy {
+                keep_last: s.keep_last,
+                keep_within: s.keep_within_secs.map(Duration::from_secs),
+            },
+            checkpoint_timeout: Duration::from_secs(s.checkpoint_timeout_secs),
+            broker_timeout: Duration::from_secs(s.broker_timeout_secs),
+            publish: s.publish,
+            endpoints: cfg.endpoints.clone(),
+            default_period: Duration::from_secs(s.period_secs),
         }
     }
 }
@@ -83,6 +122,8 @@ struct Inner {
     last_id: Mutex<HashMap<String, String>>,
     /// Per instance, the staging directories of the current microVM chain.
     chains: Mutex<HashMap<String, Vec<String>>>,
+    /// Per instance, its running schedule.
+    schedules: Mutex<HashMap<String, schedule::Schedule>>,
 }
 
 /// The snapshot engine. Cheap to clone.
@@ -137,6 +178,7 @@ impl SnapshotEngine {
                 next_op: AtomicU64::new(1),
                 last_id: Mutex::new(HashMap::new()),
                 chains: Mutex::new(HashMap::new()),
+                schedules: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -481,6 +523,51 @@ impl SnapshotControl for SnapshotEngine {
             manifest: m.to_proto(),
             pinned,
         })
+    }
+
+    fn launched(&self, instance: Arc<RecordedInstance>, spec: &vmr_proto::pb::InstanceSpec) {
+        let period = match spec.snapshot_interval_secs {
+            0 => self.inner.cfg.default_period,
+            n => Duration::from_secs(n.into()),
+        };
+        if period.is_zero() {
+            return;
+        }
+        let name = instance.id().to_string();
+        let request = SnapshotRequest {
+            incremental: spec.incremental,
+            pin: false,
+        };
+        match schedule::Schedule::start(self.clone(), vec![instance], period, request) {
+            Ok(s) => {
+                tracing::info!(instance = %name, period_s = period.as_secs_f64(), incremental = spec.incremental, "snapshot schedule started");
+                let old = self
+                    .inner
+                    .schedules
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, s);
+                if let Some(old) = old {
+                    old.stop();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "cannot start the snapshot schedule")
+            }
+        }
+    }
+
+    fn stopping(&self, instance: &str) {
+        let s = self
+            .inner
+            .schedules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(instance);
+        if let Some(s) = s {
+            s.stop();
+            tracing::info!(%instance, "snapshot schedule stopped");
+        }
     }
 
     fn delete(&self, instance: &InstanceId, snapshot_id: &str) -> Result<(), SnapshotControlError> {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmr_hypervisor::RunState;
+
 use super::SnapshotEngine;
 use crate::instance::RecordedInstance;
 use crate::service::{SnapshotControl, SnapshotRequest};
@@ -54,6 +56,13 @@ impl Schedule {
                         // skipped, not queued.
                         while slot(period, i, n, next_k[i]) <= now {
                             next_k[i] += 1;
+                        }
+                        // A guest that crashed or exited is not cut.
+                        if !matches!(
+                            inst.run_state(),
+                            Some(RunState::Running | RunState::Paused)
+                        ) {
+                            continue;
                         }
                         let mut req = request.clone();
                         req.incremental &= taken[i];
