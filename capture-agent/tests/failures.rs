@@ -35,8 +35,11 @@ const BOUND: Duration = Duration::from_secs(2);
 /// took). Returns the longest, and when it happened.
 struct BoundedGuest {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(Device, Vec<(Instant, Duration)>)>>,
+    thread: Option<std::thread::JoinHandle<(Device, Latencies)>>,
 }
+
+/// When each request started, and how long it took.
+type Latencies = Vec<(Instant, Duration)>;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,7 +76,7 @@ impl BoundedGuest {
         }
     }
 
-    fn stop(mut self) -> (Device, Vec<(Instant, Duration)>) {
+    fn stop(mut self) -> (Device, Latencies) {
         self.stop.store(true, Ordering::Release);
         self.thread.take().unwrap().join().expect("guest thread")
     }
@@ -223,7 +226,7 @@ fn a_full_spool_under_block_stalls_the_guest_no_longer_than_the_bound() {
         longest <= BOUND + Duration::from_millis(750),
         "the guest stalled {longest:?}, longer than the bound {BOUND:?}"
     );
-    let got = wait_for_records(&stack.broker.bootstrap(), binst, 1, Duration::from_secs(60));
+    wait_for_records(&stack.broker.bootstrap(), binst, 1, Duration::from_secs(60));
     let end = Instant::now() + Duration::from_secs(120);
     let mut last = 0;
     let got = loop {

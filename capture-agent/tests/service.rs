@@ -877,7 +877,7 @@ fn bad_input_gets_clear_statuses_log_lines_and_metrics() {
         "agent",
         &stack.broker.bootstrap(),
         &stack.registry.url(),
-        "register-schemas = true",
+        "register-schemas = true\n\n[snapshots]\nenabled = false",
     );
     let inst = "vm-bad-1";
     rt.block_on(async {
@@ -910,9 +910,10 @@ fn bad_input_gets_clear_statuses_log_lines_and_metrics() {
                 instance_id: "vm-nope".into(),
                 skip_history: false,
             })
-            .await
-            .err()
-            .expect("NOT_FOUND");
+            .await;
+        let Err(e) = e else {
+            panic!("Watch of an unknown instance is NOT_FOUND")
+        };
         assert_eq!(e.code(), Code::NotFound);
         // (3) A malformed image, a missing kernel, bad names and fields.
         for (image, driver, code, needle) in [
@@ -961,7 +962,7 @@ fn bad_input_gets_clear_statuses_log_lines_and_metrics() {
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains("instance_id"), "{e:?}");
-        // Snapshots: no engine in this agent.
+        // Snapshots: this agent runs without an engine ([snapshots] enabled = false).
         let e = c
             .take_snapshot(pb::TakeSnapshotRequest {
                 instance_id: "vm-nope".into(),
