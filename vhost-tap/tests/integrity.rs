@@ -488,12 +488,18 @@ fn a_full_spool_with_policy_block_makes_the_device_wait_for_the_shipper() {
             done.store(true, Ordering::Release);
         })
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Nobody ships yet: the spool fills up (100 records are more than the
+    // spool, the queue and a batch hold) and the device has to wait.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metrics.snapshot().spool_full == 0 {
+        assert!(Instant::now() < deadline, "the spool never filled up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
         !done.load(Ordering::Acquire),
         "the device waits while the spool is full"
     );
-    assert!(metrics.snapshot().spool_full > 0);
     // The device is done once its last record is queued, not written: the
     // shipper goes on until it has shipped every record, so the sink never
     // waits on a full spool at shutdown.
