@@ -55,7 +55,7 @@ use tonic::Request;
 use vmr_hypervisor::image::{DiskSource, MachineImage};
 use vmr_hypervisor::{Driver, Instance, InstanceSpec, SnapshotOptions};
 use vmr_proto::pb::replayer_client::ReplayerClient;
-use vmr_proto::{pb, topics::partition_for, BlockStatus, Direction, Event, LifecycleKind, Payload};
+use vmr_proto::{pb, topics::partition_for, Direction, Event, LifecycleKind, Payload};
 use vmr_testkit::qemu::NetNs;
 use vmr_testkit::{free_port, workspace_bin, ChildGuard};
 
@@ -739,8 +739,9 @@ impl Sniffer {
         Sniffer { child, out }
     }
 
-    /// Stops it; the TCP (source port, destination port) of each frame seen.
-    fn stop(mut self) -> Vec<(u16, u16)> {
+    /// Stops it; the TCP (source port, destination port, payload bytes) of
+    /// each frame seen.
+    fn stop(mut self) -> Vec<(u16, u16, usize)> {
         self.child.stop(Duration::from_secs(5));
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
         text.lines()
@@ -751,20 +752,42 @@ impl Sniffer {
                     .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
                     .collect();
                 // IPv4 over Ethernet, TCP.
-                if f.len() < 14 + 20 + 4 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
+                if f.len() < 14 + 20 + 20 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
                     return None;
                 }
                 let ihl = ((f[14] & 0x0f) as usize) * 4;
+                let total = u16::from_be_bytes([f[16], f[17]]) as usize;
                 let t = 14 + ihl;
-                (f.len() >= t + 4).then(|| {
-                    (
-                        u16::from_be_bytes([f[t], f[t + 1]]),
-                        u16::from_be_bytes([f[t + 2], f[t + 3]]),
-                    )
-                })
+                if f.len() < t + 20 {
+                    return None;
+                }
+                let doff = ((f[t + 12] >> 4) as usize) * 4;
+                Some((
+                    u16::from_be_bytes([f[t], f[t + 1]]),
+                    u16::from_be_bytes([f[t + 2], f[t + 3]]),
+                    total.saturating_sub(ihl + doff),
+                ))
             })
             .collect()
     }
+}
+
+/// The `faults` counter of a block backend's metrics (control socket).
+fn blk_faults(ctl: &Path) -> u64 {
+    let Ok(s) = std::os::unix::net::UnixStream::connect(ctl) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if (&s).write_all(b"{\"cmd\":\"metrics\"}\n").is_err() {
+        return 0;
+    }
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    line.split("\"faults\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn netns_list() -> String {
@@ -914,17 +937,22 @@ instance_prefix = "kv-"
         assert_eq!(clone_sha, r.disk_sha, "the clone's disk before the panic matches the original's");
         let host = host_sniffer.stop();
         let in_orig = orig_sniffer.stop();
-        let clone_flows = |f: &&(u16, u16)| f.0 == 7000 && r.ports_after_b.contains(&f.1);
+        // The clone's answers on the recorded connections: data from port
+        // 7000 to their client ports. (The original's namespace may still
+        // carry resets or retransmissions of those connections between its
+        // client sockets and the rebooted original, which have no data.)
+        let clone_flows =
+            |f: &&(u16, u16, usize)| f.0 == 7000 && r.ports_after_b.contains(&f.1) && f.2 > 0;
         assert!(host.iter().filter(clone_flows).count() == 0, "host saw the clone's frames: {host:?}");
         assert!(in_orig.iter().filter(clone_flows).count() == 0, "the original's network saw the clone's frames: {in_orig:?}");
         assert!(
-            in_orig.iter().any(|f| f.0 == 7000 && f.1 == orig_port),
+            in_orig.iter().any(|f| f.0 == 7000 && f.1 == orig_port && f.2 > 0),
             "the packet socket saw the original's answer (so it captures): {in_orig:?}"
         );
         // The clone did send on those connections, inside its namespace.
         let clone_tx = replayer::clone::read_capture(&work.join(&one.clone_id).join("run-0").join("net0.net.events"));
         assert!(
-            clone_tx.iter().any(|e| matches!(&e.payload, Payload::Net(n) if n.direction == Direction::Tx && n.frame.len() > 38 && r.ports_after_b.contains(&u16::from_be_bytes([n.frame[36], n.frame[37]])))),
+            clone_tx.iter().any(|e| matches!(&e.payload, Payload::Net(n) if n.direction == Direction::Tx && n.frame.len() > 38 && r.ports_after_b.contains(&u16::from_be_bytes([n.frame[36], n.frame[37]])) && n.frame.windows(3).any(|w| w == b"OK "))),
             "the clone answered the recorded connections"
         );
         eprintln!("1x clone: panicked after seq {} like the original; disk sha256 {clone_sha}; {} host frames, none of the clone's", r.last_seq, host.len());
@@ -1105,8 +1133,12 @@ instance_prefix = "kv-"
             let cl = c.create_clone(authed(faulty())).await.expect("faulty clone").into_inner();
             let (_, last) = watch_to_end(&mut c, &cl.clone_id).await;
             let d = divergences(&mut c, &cl.clone_id).await;
-            let blk = replayer::clone::read_capture(&work.join(&cl.clone_id).join("run-0").join("vda.blk.events"));
-            let failed = blk.iter().filter(|e| matches!(&e.payload, Payload::Block(b) if b.status == BlockStatus::IoErr)).count();
+            // The disk backend counts the requests its fault rules failed.
+            let ctl = work.join(&cl.clone_id).join("run-0").join("vda.blk.ctl");
+            let failed = wait_for("the armed I/O error to fail a request", Duration::from_secs(30), || {
+                let n = blk_faults(&ctl);
+                (n >= 1).then_some(n)
+            });
             eprintln!("fault run {n}: {:?}, {} faults, {failed} failed block requests", pb::CloneState::try_from(last.state), d.faults.len());
             assert_eq!(d.seed, 77);
             assert_eq!(last.faults_injected as usize, d.faults.len());
