@@ -287,14 +287,12 @@ fn start(cfg: &Config, l: &Layout, out: &Out) -> CliResult {
     }
     if !r.success {
         let last = r.stderr.lines().last().unwrap_or("").to_string();
-        return Err(CliError::unavailable(format!(
-            "stack up failed ({}): {last}",
-            r.status
-        ))
-        .hint(format!(
-            "see the logs in {}; `vmr doctor` checks the prerequisites",
-            l.dir.display()
-        )));
+        return Err(
+            CliError::unavailable(format!("stack up failed ({}): {last}", r.status)).hint(format!(
+                "see the logs in {}; `vmr doctor` checks the prerequisites",
+                l.dir.display()
+            )),
+        );
     }
     Ok(())
 }
