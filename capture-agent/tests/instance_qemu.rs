@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use capture_agent::config::AgentConfig;
 use capture_agent::instance::{LaunchOptions, RecordedInstance};
-use common::{check_exactly_once, wait_for_records, Got, Stack};
+use common::{analytics_consumer, check_exactly_once, generate_pb2, wait_for_records, Got, Stack};
 use vmr_hypervisor::Accel;
 use vmr_proto::{pb, InstanceId};
 use vmr_testkit::qemu::NetNs;
@@ -237,6 +237,33 @@ fn recorded_demo_linux_ships_gap_free_and_survives_a_backend_kill() {
     // gap-free 1..=max exactly once.
     let max = m.iter().map(|g| g.event.seq).max().unwrap();
     check_exactly_once(&got, inst, max);
+
+    // A stock Confluent consumer (examples/analytics_consumer.py) decodes the
+    // guest's disk writes and received frames with the registry's schemas.
+    let pb2 = tempfile::tempdir().unwrap();
+    generate_pb2(pb2.path());
+    for (topic, n) in [("vmr.block.v1", blk), ("vmr.net.v1", net)] {
+        let lines = analytics_consumer(&stack, topic, n, pb2.path());
+        assert_eq!(lines.len(), n, "{topic}: decoded {} of {n}", lines.len());
+        let mut seqs: Vec<u64> = lines
+            .iter()
+            .map(|l| {
+                assert_eq!(l["event"]["instance_id"], inst, "{topic}: {l}");
+                l["event"]["seq"].as_str().unwrap().parse().unwrap()
+            })
+            .collect();
+        let mut want: Vec<u64> = m
+            .iter()
+            .filter(|g| g.topic == topic)
+            .map(|g| g.event.seq)
+            .collect();
+        seqs.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(
+            seqs, want,
+            "{topic}: the decoded seqs are the recorded ones"
+        );
+    }
     let vda_max = m
         .iter()
         .filter(
