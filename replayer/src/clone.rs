@@ -171,6 +171,10 @@ fn live_tap(i: usize) -> String {
 pub struct Status {
     pub state: pb::CloneState,
     pub replayed_seq: u64,
+    /// The last recorded input (block, net or env event) delivered. A
+    /// recorded lifecycle event (the original's pause, snapshot or crash)
+    /// is not an input, so a crash is reported after this seq.
+    pub last_input_seq: u64,
     pub delivered: u64,
     pub detail: String,
     pub speed: Speed,
@@ -402,6 +406,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         status: Mutex::new(Status {
             state: pb::CloneState::Restoring,
             replayed_seq: plan.manifest.seq_at_cut,
+            last_input_seq: plan.manifest.seq_at_cut,
             delivered: 0,
             detail: String::new(),
             speed: plan.speed,
@@ -752,7 +757,12 @@ impl CloneRuntime {
             ev.kind(),
             LifecycleKind::Crash | LifecycleKind::TripleFault | LifecycleKind::InternalError
         );
-        let last = self.shared.status.lock().expect("status lock").replayed_seq;
+        let last = self
+            .shared
+            .status
+            .lock()
+            .expect("status lock")
+            .last_input_seq;
         let lifecycle = pb::ReplayProgress {
             lifecycle: Some(pb::CloneLifecycle {
                 lifecycle: Some(ev.lifecycle.clone().into()),
@@ -942,8 +952,12 @@ impl CloneRuntime {
                     }
                 }
                 let seq = e.event.seq;
+                let input = !matches!(e.event.payload, Payload::Lifecycle(_));
                 self.shared.update(|s| {
                     s.replayed_seq = seq;
+                    if input {
+                        s.last_input_seq = seq;
+                    }
                     s.delivered += 1;
                 });
                 Ok(())

@@ -3,14 +3,20 @@
 //! namespaces.
 //!
 //! Recording: demo-linux (service vmr-kv-1 on 192.168.77.2:7000) runs
-//! under QEMU on capture-mode `vhost-tap-blk` / `vhost-tap-net`; a peer in
-//! the original's namespace sends ordinary `PUT`s, snapshots A and B are
-//! taken through the driver layer (`Instance::snapshot`, the disk copied at
-//! the same cut) and stored with vmr-snapshot, then the packet of death (a
-//! key over 200 bytes) goes over a TCP connection opened after B, and the
-//! original panics. Its captures are produced to the broker the way the
-//! capture agent ships them. The operator reboots the original, which keeps
-//! serving through the rest of the test.
+//! under the capture agent as a `RecordedInstance` (QEMU, TCG; capture-mode
+//! `vhost-tap-blk` / `vhost-tap-net` supervised by the agent, the disk on a
+//! chain of copy-on-write layers, the captures spooled and shipped to the
+//! broker by the agent's shippers). A peer in the original's namespace
+//! sends ordinary `PUT`s; snapshots A and B are the agent's consistent
+//! cuts, taken on demand through its snapshot engine
+//! (`SnapshotEngine::take_and_wait`, [`take_snapshot`]: pause, checkpoint
+//! of both backends, the driver's snapshot, resume, the frozen disk layers
+//! packed and uploaded with the manifest to a `file://` store), not by the
+//! periodic schedule. Then the packet of death (a key over 200 bytes) goes
+//! over a TCP connection opened after B, and the original panics. The
+//! recorded stream is read back from the broker. The operator reboots the
+//! original (on a flat copy of its disk chain), which keeps serving through
+//! the rest of the test.
 //!
 //! Then, through the `replayer` binary's gRPC API:
 //! 1. a clone of the latest snapshot at 1x panics the same way; Watch
@@ -31,30 +37,33 @@
 //! 5. two runs with seeded frame drops, a block I/O error at the first
 //!    recorded write and a synthetic frame inject the same faults.
 //!
-//! The snapshots are taken through vmr-hypervisor and vmr-snapshot directly
-//! ([`take_snapshot`]); switching to the capture agent's snapshots changes
-//! only that function and the shipping of the captures.
-//!
 //! Heavy: needs qemu-system-x86_64, gdb, python3, root (network
 //! namespaces, TAP devices), the demo-linux image (`guest/linux/build.sh`),
-//! the Tansu broker, the schema-registry and vhost-tap binaries
-//! (`cargo build -p schema-registry -p vhost-tap --bins`). Run with
+//! the Tansu broker, the workspace binaries (`cargo build --workspace
+//! --bins`). Run with
 //! `cargo test -p replayer --test demo_linux`.
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capture_agent::config::AgentConfig;
+use capture_agent::instance::{LaunchOptions, RecordedInstance};
+use capture_agent::service::{OperationState, SnapshotRequest};
+use capture_agent::snapshot::{EngineConfig, SnapshotEngine};
 use common::{Recording, PARTITIONS};
+use replayer::source::{EventSource, SourceConfig, SourceItem};
 use tonic::Request;
-use vmr_hypervisor::image::{DiskSource, MachineImage};
-use vmr_hypervisor::{Driver, Instance, InstanceSpec, SnapshotOptions};
+use vmr_hypervisor::image::MachineImage;
+use vmr_hypervisor::{Accel, Driver, Instance, InstanceSpec};
+use vmr_proto::config::Endpoints;
 use vmr_proto::pb::replayer_client::ReplayerClient;
+use vmr_proto::InstanceId;
 use vmr_proto::{pb, topics::partition_for, Direction, Event, LifecycleKind, Payload};
 use vmr_testkit::qemu::NetNs;
 use vmr_testkit::{free_port, workspace_bin, ChildGuard};
@@ -172,15 +181,6 @@ fn put(ns: &Path, key: &str, value: &str) -> u16 {
     port
 }
 
-fn all_events(paths: &[&Path]) -> Vec<Event> {
-    let mut v: Vec<Event> = paths
-        .iter()
-        .flat_map(|p| replayer::clone::read_capture(p))
-        .collect();
-    v.sort_by_key(|e| e.seq);
-    v
-}
-
 /// A capture-mode backend of the original.
 fn backend(dir: &Path, name: &str, args: &[&str], capture: Option<&Path>) -> ChildGuard {
     let sock = dir.join(format!("{name}.sock"));
@@ -206,8 +206,8 @@ fn backend(dir: &Path, name: &str, args: &[&str], capture: Option<&Path>) -> Chi
 
 /// The original's devices: a disk and a TAP in its namespace.
 struct Devices {
-    blk: ChildGuard,
-    net: ChildGuard,
+    _blk: ChildGuard,
+    _net: ChildGuard,
 }
 
 fn start_devices(dir: &Path, disk: &Path, ns: &NetNs, capture: bool) -> Devices {
@@ -242,7 +242,10 @@ fn start_devices(dir: &Path, disk: &Path, ns: &NetNs, capture: bool) -> Devices 
         ],
         capture.then_some(net_cap.as_path()),
     );
-    Devices { blk, net }
+    Devices {
+        _blk: blk,
+        _net: net,
+    }
 }
 
 fn launch(image: &MachineImage, dir: &Path, ns: &NetNs) -> Box<dyn Instance> {
@@ -273,47 +276,123 @@ fn launch(image: &MachineImage, dir: &Path, ns: &NetNs) -> Box<dyn Instance> {
 
 /// A cut of the original.
 struct Cut {
-    id: &'static str,
-    dir: PathBuf,
-    layer: PathBuf,
+    id: String,
     seq_at_cut: u64,
+    /// The names of the snapshot's disk layers of `vda`, bottom first.
+    layers: Vec<String>,
 }
 
-/// The snapshot cut, through the driver layer: the guest paused (which
-/// drains the vhost-user queues), the driver's snapshot, the disk copied at
-/// the same cut, the last `seq` read from the captures; then resumed.
-fn take_snapshot(
-    orig: &dyn Instance,
-    root: &Path,
-    id: &'static str,
-    disk: &Path,
-    captures: &[&Path],
-) -> Cut {
-    orig.pause().expect("pause for the cut");
-    let dir = root.join(format!("snap-{id}"));
-    std::fs::create_dir_all(&dir).expect("snapshot dir");
-    orig.snapshot(&dir, SnapshotOptions::default())
-        .unwrap_or_else(|e| panic!("snapshot {id}: {e}"));
-    let layer = root.join(format!("vda-{id}.raw"));
-    std::fs::copy(disk, &layer).expect("disk copy at the cut");
-    // The capture sinks write behind the device threads.
-    std::thread::sleep(Duration::from_millis(1000));
-    let seq_at_cut = all_events(captures).last().map_or(0, |e| e.seq);
-    orig.resume().expect("resume after the cut");
+/// The original, launched the way the capture agent runs an instance:
+/// capture-mode backends spooling to its shippers, the disk on a chain of
+/// copy-on-write layers, the NIC's TAP in the peer's namespace.
+fn launch_recorded(rec: &Recording, root: &Path, ns: &NetNs) -> (Arc<RecordedInstance>, Endpoints) {
+    let image_dir = vmr_testkit::guest::demo_linux_dir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg_path = root.join("agent.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[endpoints]\nbootstrap-servers = \"{}\"\nregistry-url = \"{}\"\nevent-partitions = {PARTITIONS}\n\n\
+             [shipper]\nretry-initial-ms = 200\nretry-max-ms = 2000\nrequest-timeout-secs = 10\ncommit-interval-ms = 100\n",
+            rec.bootstrap(),
+            rec.registry.url()
+        ),
+    )
+    .expect("agent config");
+    let cfg = AgentConfig::load(&cfg_path).unwrap_or_else(|e| panic!("agent config: {e}"));
+    let mut opts = LaunchOptions::new(
+        &image_dir,
+        InstanceId::new(INSTANCE).expect("a valid instance id"),
+        "qemu",
+        root.join("data"),
+    );
+    opts.netns = Some(ns.name().to_string());
+    opts.tap_prefix = TAP.trim_end_matches('0').to_string();
+    opts.endpoints = cfg.endpoints.clone();
+    opts.shipper = cfg.shipper.clone();
+    opts.accel = Accel::Tcg;
+    opts.qemu_binary = Some(vmr_testkit::qemu::qemu_binary().unwrap_or_else(|e| panic!("{e}")));
+    opts.supervisor.bin_dir = bin("vhost-tap-blk").parent().map(Path::to_path_buf);
+    opts.drain_timeout = Duration::from_secs(30);
+    let inst = Arc::new(RecordedInstance::launch(opts).unwrap_or_else(|e| {
+        panic!(
+            "launching demo-linux: {}",
+            capture_agent::shipper::display_chain(&e)
+        )
+    }));
+    let guest = inst.guest().expect("the original's guest");
+    let console = guest.query().expect("query").console_file;
+    wait_for("VMR-SERVICE-READY on the console", GUEST_WAIT, || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("VMR-SERVICE-READY")
+            .then_some(())
+    });
+    ns.wait_for_link(TAP, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = ns.ip(&["link", "set", "dev", TAP, "address", PEER_MAC]);
+    let _ = ns.configure(TAP, "192.168.77.1/24");
+    (inst, cfg.endpoints)
+}
+
+/// The capture agent's consistent cut, on demand through its snapshot
+/// engine: pause, checkpoint of both backends (the disk's top layer
+/// frozen), the driver's snapshot, resume, then the frozen layers packed
+/// and uploaded with the manifest (the `seq` at the cut and the offsets of
+/// the shipped stream).
+fn take_snapshot(engine: &SnapshotEngine, inst: &Arc<RecordedInstance>, name: &str) -> Cut {
+    let op = engine
+        .take_and_wait(
+            inst.clone(),
+            SnapshotRequest {
+                incremental: false,
+                pin: false,
+            },
+            Duration::from_secs(300),
+        )
+        .unwrap_or_else(|e| panic!("snapshot {name}: {e}"));
+    assert_eq!(
+        op.state,
+        OperationState::Succeeded,
+        "snapshot {name}: {:?}",
+        op.error
+    );
+    let m = engine
+        .manifests(INSTANCE)
+        .unwrap_or_else(|e| panic!("manifests: {e}"))
+        .pop()
+        .expect("a manifest in the store");
+    let mut layers: Vec<(u32, String)> = m
+        .disk_layers()
+        .iter()
+        .filter_map(|o| {
+            o.disk
+                .as_ref()
+                .filter(|d| d.device == "vda")
+                .map(|d| (d.position, o.name.clone()))
+        })
+        .collect();
+    layers.sort();
+    eprintln!(
+        "snapshot {name}: {} at seq {}, pause {} us",
+        m.snapshot_id, m.seq_at_cut, m.pause_us
+    );
     Cut {
-        id,
-        dir,
-        layer,
-        seq_at_cut,
+        id: m.snapshot_id.clone(),
+        seq_at_cut: m.seq_at_cut,
+        layers: layers.into_iter().map(|l| l.1).collect(),
     }
 }
 
 /// What the recording left.
 struct Recorded {
     store_url: String,
+    snap_a: String,
+    snap_b: String,
+    /// The names of snapshot B's disk layers, bottom first.
+    layers_b: Vec<String>,
     cut_a: u64,
     cut_b: u64,
-    /// The original's last recorded `seq` (it panicked after it).
+    /// The original's last recorded device `seq` (it panicked after it).
     last_seq: u64,
     /// The recorded frame that carried the packet of death.
     poison_seq: u64,
@@ -327,38 +406,82 @@ struct Recorded {
     first_write_after_b: u64,
 }
 
-fn record(
-    rec: &Recording,
-    image: &MachineImage,
-    root: &Path,
-    ns: &NetNs,
-    rt: &tokio::runtime::Runtime,
-) -> (Recorded, PathBuf) {
-    let disk = root.join("orig.raw");
-    match &image.disks[0].source {
-        DiskSource::Blank(n) => std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(*n))
-            .expect("blank disk"),
-        DiskSource::File(f) => {
-            std::fs::copy(f, &disk).expect("disk copy");
-        }
+/// Every event of the instance in the broker, by `seq`.
+fn shipped_events(rec: &Recording) -> Vec<Event> {
+    let part = partition_for(INSTANCE, PARTITIONS);
+    let cfg = SourceConfig {
+        bootstrap_servers: rec.bootstrap(),
+        instance: InstanceId::new(INSTANCE).expect("a valid instance id"),
+        seq_at_cut: 0,
+        start: vmr_proto::topics::EVENT_TOPICS
+            .iter()
+            .map(|t| vmr_proto::TopicOffset {
+                topic: t.to_string(),
+                partition: part,
+                next_offset: 0,
+            })
+            .collect(),
+        kinds: replayer::KindSet::all(),
+        until_seq: None,
+        topics: Default::default(),
+        window: Default::default(),
+        fetch_timeout: Duration::from_secs(10),
+        security: Default::default(),
+    };
+    EventSource::open(cfg)
+        .unwrap_or_else(|e| panic!("read the recorded stream: {e}"))
+        .filter_map(
+            |i| match i.unwrap_or_else(|e| panic!("read the recorded stream: {e}")) {
+                SourceItem::Event(e) => Some(e.event),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+/// The disk of the original (its image under its layer chain), written out
+/// flat to `out`; its sha256.
+fn flatten_disk(image: &Path, top: &Path, out: &Path) -> String {
+    let d = vhost_tap::blk::Disk::open_chain(image, &[], Some(top), true)
+        .unwrap_or_else(|e| panic!("the original's disk chain: {e}"));
+    flatten(&d, out)
+}
+
+fn flatten(d: &vhost_tap::blk::Disk, out: &Path) -> String {
+    let f = std::fs::File::create(out).expect("flat disk");
+    f.set_len(d.size()).expect("flat disk size");
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < d.size() {
+        let n = (d.size() - at).min(buf.len() as u64) as usize;
+        d.read(at, &mut buf[..n]).expect("read the disk chain");
+        f.write_all_at(&buf[..n], at).expect("write the flat disk");
+        at += n as u64;
     }
-    let dev_dir = root.join("orig");
-    let devices = start_devices(&dev_dir, &disk, ns, true);
-    let blk_cap = dev_dir.join("blk.events");
-    let net_cap = dev_dir.join("net.events");
-    let caps = [blk_cap.as_path(), net_cap.as_path()];
-    let orig = launch(image, &dev_dir, ns);
-    let events = orig.subscribe();
+    drop(f);
+    sha256_file(out)
+}
+
+fn record(rec: &Recording, root: &Path, ns: &NetNs) -> (Recorded, PathBuf) {
+    let (orig, endpoints) = launch_recorded(rec, root, ns);
+    let store_dir = root.join("store");
+    let engine = SnapshotEngine::new(EngineConfig::local(
+        &store_dir,
+        &root.join("engine"),
+        endpoints,
+    ))
+    .unwrap_or_else(|e| panic!("the snapshot engine: {e}"));
+    let events = orig.guest().expect("the original's guest").subscribe();
     let nsp = ns.path();
     put(&nsp, "a0", "v0");
     put(&nsp, "a1", "v1");
-    let a = take_snapshot(orig.as_ref(), root, "A", &disk, &caps);
+    let a = take_snapshot(&engine, &orig, "A");
     std::thread::sleep(Duration::from_millis(1500));
     put(&nsp, "b0", "v2");
     std::thread::sleep(Duration::from_millis(1500));
     put(&nsp, "b1", "v3");
-    let b = take_snapshot(orig.as_ref(), root, "B", &disk, &caps);
+    let b = take_snapshot(&engine, &orig, "B");
     std::thread::sleep(Duration::from_millis(1500));
     let c0 = put(&nsp, "c0", "v4");
     std::thread::sleep(Duration::from_millis(1000));
@@ -379,16 +502,23 @@ fn record(
         "the original answered the packet of death: {reply:?}"
     );
     std::thread::sleep(Duration::from_millis(1000));
-    orig.stop(Duration::from_secs(5))
-        .expect("stop the original");
-    drop(orig);
-    let Devices { mut blk, mut net } = devices;
-    blk.stop(Duration::from_secs(10));
-    net.stop(Duration::from_secs(10));
-    let disk_sha = sha256_file(&disk);
+    // Stops the guest and its backends, and ships what is left.
+    let report = orig.shutdown();
+    eprintln!("the original stopped: {:?}", report.exit);
+    let data = root.join("data").join(INSTANCE);
+    let disk = root.join("orig.raw");
+    let disk_sha = flatten_disk(
+        &data.join("vda.img"),
+        &data.join("vda.layers").join("base"),
+        &disk,
+    );
 
-    let all = all_events(&caps);
-    let last_seq = all.last().expect("recorded events").seq;
+    let all = shipped_events(rec);
+    let device_events: Vec<&Event> = all
+        .iter()
+        .filter(|e| matches!(e.payload, Payload::Block(_) | Payload::Net(_)))
+        .collect();
+    let last_seq = device_events.last().expect("recorded events").seq;
     let poison_seq = all
         .iter()
         .find_map(|e| match &e.payload {
@@ -410,62 +540,16 @@ fn record(
         })
         .expect("a block write after B");
     assert!(a.seq_at_cut < b.seq_at_cut && b.seq_at_cut < poison_seq && poison_seq <= last_seq);
-
-    // Ship in seq order, as the agent does, and store both snapshots.
-    let offsets = rec.send(&all);
-    let store_dir = root.join("store");
-    let store_url = format!("file://{}", store_dir.display());
-    let store =
-        vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::new(store_url.clone()))
-            .expect("open the store");
-    let part = partition_for(INSTANCE, PARTITIONS);
-    for cut in [&a, &b] {
-        let mut next: HashMap<&str, i64> = HashMap::new();
-        for (e, off) in all.iter().zip(&offsets) {
-            let n = next.entry(e.topic()).or_insert(-1);
-            if e.seq <= cut.seq_at_cut {
-                *n = off + 1;
-            } else if *n < 0 {
-                *n = *off;
-            }
-        }
-        let req = vmr_snapshot::UploadRequest {
-            dir: cut.dir.clone(),
-            snapshot_id: cut.id.into(),
-            image: image.name.clone(),
-            seq_at_cut: cut.seq_at_cut,
-            mono_time_ns: 0,
-            offsets: vmr_proto::topics::EVENT_TOPICS
-                .iter()
-                .map(|t| vmr_snapshot::PartitionOffset {
-                    topic: t.to_string(),
-                    partition: part,
-                    next_offset: next.get(t).copied().unwrap_or(0).max(0),
-                })
-                .collect(),
-            disk_layers: vec![vmr_snapshot::DiskLayerFile {
-                device: "vda".into(),
-                position: 0,
-                path: cut.layer.clone(),
-            }],
-            base_snapshot_id: None,
-        };
-        rt.block_on(vmr_snapshot::upload(
-            &store,
-            &req,
-            &vmr_snapshot::no_progress,
-        ))
-        .unwrap_or_else(|e| panic!("upload snapshot {}: {e}", cut.id));
-        let _ = std::fs::remove_dir_all(&cut.dir);
-        let _ = std::fs::remove_file(&cut.layer);
-    }
     eprintln!(
         "recorded: cut A at seq {}, cut B at seq {}, packet of death seq {poison_seq} (port {death_port}), last seq {last_seq}",
         a.seq_at_cut, b.seq_at_cut
     );
     (
         Recorded {
-            store_url,
+            store_url: format!("file://{}", store_dir.display()),
+            snap_a: a.id,
+            snap_b: b.id,
+            layers_b: b.layers,
             cut_a: a.seq_at_cut,
             cut_b: b.seq_at_cut,
             last_seq,
@@ -644,41 +728,29 @@ fn no_block_divergence(name: &str, d: &pb::GetDivergencesResponse) {
     );
 }
 
-/// The clone's disk as its block backend serves it: the snapshot's layer
-/// with the clusters of the clone's private overlay on top (the overlay
-/// map: a 32-byte header, then one bit per 4 KiB cluster).
-fn clone_disk_sha(work: &Path, clone: &str, out: &Path) -> String {
+/// The clone's disk as its block backend serves it: the snapshot's blank
+/// base, its packed layers (bottom first) and the clone's private overlay
+/// on top.
+fn clone_disk_sha(work: &Path, clone: &str, layers: &[String], out: &Path) -> String {
     let base = work.join(clone);
     let overlay = base.join("run-0").join("vda.overlay");
-    let map = std::fs::read(format!("{}.map", overlay.display())).expect("the clone's overlay map");
-    assert_eq!(&map[..8], b"VMRCOW01", "overlay map header");
-    let layer = walk(&base.join("snapshot-0"))
+    let snap = base.join("snapshot-0");
+    let image = walk(&snap)
         .into_iter()
-        .filter(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= 64 << 20)
-        .find(|p| p.to_string_lossy().contains("vda"))
-        .expect("the clone's disk layer");
-    std::fs::copy(&layer, out).expect("copy the layer");
-    let data = std::fs::read(&overlay).expect("overlay data");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(out)
-        .expect("open");
-    use std::os::unix::fs::FileExt;
-    for (i, byte) in map[32..].iter().enumerate() {
-        for bit in 0..8 {
-            if byte & (1 << bit) != 0 {
-                let c = (i * 8 + bit) * 4096;
-                let end = (c + 4096).min(data.len());
-                let mut chunk = vec![0u8; 4096];
-                if c < end {
-                    chunk[..end - c].copy_from_slice(&data[c..end]);
-                }
-                f.write_all_at(&chunk, c as u64).expect("write cluster");
-            }
-        }
-    }
-    drop(f);
-    let sha = sha256_file(out);
+        .find(|p| p.file_name().is_some_and(|n| n == "vda.base.img"))
+        .expect("the clone's base disk");
+    let chain: Vec<PathBuf> = layers
+        .iter()
+        .map(|n| {
+            walk(&snap)
+                .into_iter()
+                .find(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == *n))
+                .unwrap_or_else(|| panic!("the clone's disk layer {n}"))
+        })
+        .collect();
+    let d = vhost_tap::blk::Disk::open_chain(&image, &chain, Some(&overlay), true)
+        .unwrap_or_else(|e| panic!("the clone's disk chain: {e}"));
+    let sha = flatten(&d, out);
     let _ = std::fs::remove_file(out);
     sha
 }
@@ -819,7 +891,7 @@ fn demo_linux_crash_is_reproduced_controlled_filtered_debugged_and_faulted() {
             .args(["-qw", &format!("net.ipv6.conf.{key}.disable_ipv6=1")])
             .status();
     }
-    let (r, disk) = record(&rec, &image, root, &ns, &rt);
+    let (r, disk) = record(&rec, root, &ns);
 
     // The operator reboots the original; it serves again.
     let rebooted_dir = root.join("rebooted");
@@ -923,7 +995,7 @@ instance_prefix = "kv-"
         let t0 = Instant::now();
         let one = c.create_clone(authed(req)).await.expect("clone at 1x").into_inner();
         eprintln!("1x clone {}: request to replaying in {:?}", one.clone_id, t0.elapsed());
-        assert_eq!((one.snapshot_id.as_str(), one.seq_at_cut), ("B", r.cut_b), "{one:?}");
+        assert_eq!((one.snapshot_id.as_str(), one.seq_at_cut), (r.snap_b.as_str(), r.cut_b), "{one:?}");
         let access = one.access.clone().expect("access");
         assert_eq!(access.netns, format!("vmr-{}", one.clone_id));
         assert_eq!(access.guest_ip, "192.168.77.2");
@@ -933,7 +1005,7 @@ instance_prefix = "kv-"
         assert_same_crash("1x", crash, &last, &r);
         let d = divergences(&mut c, &one.clone_id).await;
         no_block_divergence("1x", &d);
-        let clone_sha = clone_disk_sha(&work, &one.clone_id, &root.join("clone-disk.raw"));
+        let clone_sha = clone_disk_sha(&work, &one.clone_id, &r.layers_b, &root.join("clone-disk.raw"));
         assert_eq!(clone_sha, r.disk_sha, "the clone's disk before the panic matches the original's");
         let host = host_sniffer.stop();
         let in_orig = orig_sniffer.stop();
@@ -960,9 +1032,9 @@ instance_prefix = "kv-"
 
         // 2. Two clones at once from the staggered snapshots: 10x from A,
         //    as fast as possible from B.
-        let mut ra = create("A");
+        let mut ra = create(&r.snap_a);
         ra.speed = speed(Some(10.0));
-        let mut rb = create("B");
+        let mut rb = create(&r.snap_b);
         rb.speed = speed(None);
         let ten = c.create_clone(authed(ra)).await.expect("clone at 10x").into_inner();
         let fast = c.create_clone(authed(rb)).await.expect("clone as fast as possible").into_inner();
@@ -983,7 +1055,7 @@ instance_prefix = "kv-"
 
         // 3. Controls: step, resume, pause, run to, a second start, switch
         //    to snapshot B mid-replay.
-        let mut rc = create("A");
+        let mut rc = create(&r.snap_a);
         rc.start_paused = true;
         let ctl = c.create_clone(authed(rc)).await.expect("paused clone").into_inner();
         let id = ctl.clone_id.clone();
@@ -1007,14 +1079,15 @@ instance_prefix = "kv-"
         control(&mut c, &id, pb::ControlAction::RunTo, |r| r.run_to_seq = target).await.expect("run to");
         let ran = wait_state(&mut c, &id, &format!("the run to seq {target}"), REPLAY_WAIT, |s| s.state == pb::CloneState::Paused as i32 && s.replayed_seq > p2.replayed_seq).await;
         assert!(ran.replayed_seq <= target, "{ran:?}");
+        let snap_b = r.snap_b.clone();
         let switched = control(&mut c, &id, pb::ControlAction::Switch, |r| {
-            r.snapshot = Some(pb::SnapshotSelector { pick: Some(pb::snapshot_selector::Pick::SnapshotId("B".into())) });
+            r.snapshot = Some(pb::SnapshotSelector { pick: Some(pb::snapshot_selector::Pick::SnapshotId(snap_b)) });
         })
         .await
         .expect("switch to B");
         assert_eq!(
             (switched.clone_id.as_str(), switched.snapshot_id.as_str(), switched.seq_at_cut, switched.state, switched.switches, switched.delivered),
-            (id.as_str(), "B", r.cut_b, pb::CloneState::Ready as i32, 1, 0),
+            (id.as_str(), r.snap_b.as_str(), r.cut_b, pb::CloneState::Ready as i32, 1, 0),
             "{switched:?}"
         );
         assert!(netns_list().contains(&format!("vmr-{id}")), "the same namespace");
@@ -1027,7 +1100,7 @@ instance_prefix = "kv-"
         // 4. Without the packet of death's connection: no crash, the report
         //    says the stream was filtered; gdb holds the guest mid-replay;
         //    then the clone goes live.
-        let mut rf = create("A");
+        let mut rf = create(&r.snap_a);
         rf.gdb = true;
         rf.speed = speed(Some(1.0));
         rf.filter = Some(pb::EventFilter {
@@ -1093,7 +1166,7 @@ instance_prefix = "kv-"
 
         // 5. Seeded faults, twice: the same faults both times.
         let faulty = || {
-            let mut rq = create("B");
+            let mut rq = create(&r.snap_b);
             rq.speed = speed(None);
             rq.seed = 77;
             rq.faults = vec![
