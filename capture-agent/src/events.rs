@@ -5,9 +5,12 @@
 //! Each event takes its `seq` from the instance's shared sequence file (the
 //! same leased counter the instance's backends use, see
 //! [`vhost_tap::seq::FileSeq`]), so agent events and device records of one
-//! instance form one gap-free order. Numbering and writing happen under one
-//! lock, so the spool holds them in `seq` order; every call returns only
-//! after the event is durable (`fsync`). Ship the spool with a
+//! instance share one order. Numbering and writing happen under one lock, so
+//! the spool holds them in `seq` order; a call that succeeds returns after
+//! the event is durable (`fsync`). A refused write becomes a GAP event; a
+//! failed `fsync` is returned as an error without one, and the log keeps no
+//! restart record, so a number taken by an agent killed before it wrote the
+//! event is neither recorded nor covered by a GAP. Ship the spool with a
 //! [`crate::shipper::Shipper`] over a [`crate::source::SpoolSource`].
 
 use std::path::PathBuf;

@@ -14,7 +14,8 @@
 //! 7. Resume; the pause is what the guest saw of the cut.
 //! 8. Pack each newly frozen disk layer, upload with `vmr-snapshot` (only
 //!    new layers; the chain below is taken over from the base snapshot),
-//!    manifest last, then publish it on `vmr.snapshots.v1`.
+//!    manifest last, then (unless publishing is off) publish it on
+//!    `vmr.snapshots.v1`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

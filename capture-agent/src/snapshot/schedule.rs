@@ -1,7 +1,9 @@
-//! Periodic snapshots, staggered across the instances of a host: with `n`
-//! instances and period `p`, instance `i` is snapshotted at
-//! `t0 + i·p/n + k·p` (k = 0, 1, ...), so the host's cuts spread evenly over
-//! the period instead of all landing at once.
+//! Periodic snapshots, staggered across the instances of one schedule: with
+//! `n` instances and period `p`, instance `i` is snapshotted at
+//! `t0 + i·p/n + k·p` (k = 0, 1, ...), so the schedule's cuts spread evenly
+//! over the period instead of all landing at once. `capture-agent serve`
+//! starts one schedule per instance at its launch, so instances launched
+//! together are not spread against each other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
