@@ -14,13 +14,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{read_topic, Got, Stack};
+use common::{read_topic, request, Got, Stack};
 use schema_registry::client::RegistryClient;
 use tonic::Code;
 use vmr_proto::pb;
@@ -30,7 +30,6 @@ use vmr_testkit::ChildGuard;
 
 const PEER_CIDR: &str = "192.168.77.1/24";
 const PEER_MAC: &str = "02:00:00:77:00:01";
-const SERVICE: &str = "192.168.77.2:7000";
 
 fn demo_linux() -> PathBuf {
     let dir = std::env::var_os("VMR_GUEST_LINUX")
@@ -277,46 +276,6 @@ fn spec(image: &str, driver: &str) -> pb::InstanceSpec {
         },
         ..Default::default()
     }
-}
-
-fn enter_netns(path: &Path) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: setns(2) on a valid namespace fd held open by `f`; it changes
-    // only this (test-owned) thread's network namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(format!("setns: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Sends one request line to the guest's service from inside `ns`.
-fn request(ns: &NetNs, line: &str) -> Result<String, String> {
-    let path = ns.path();
-    let line = line.to_string();
-    let addr: SocketAddr = SERVICE.parse().expect("a valid address");
-    std::thread::spawn(move || -> Result<String, String> {
-        enter_netns(&path)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(500)),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        (&stream)
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(|e| format!("send: {e}"))?;
-        let mut reply = String::new();
-        let _ = BufReader::new(&stream).read_line(&mut reply);
-        Ok(reply.trim_end().to_string())
-    })
-    .join()
-    .map_err(|_| "request thread panicked".to_string())?
 }
 
 fn all_records(bootstrap: &str) -> Vec<Got> {

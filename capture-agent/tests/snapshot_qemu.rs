@@ -34,7 +34,9 @@ use capture_agent::config::AgentConfig;
 use capture_agent::instance::{LaunchOptions, RecordedInstance};
 use capture_agent::service::{OperationState, SnapshotRequest};
 use capture_agent::snapshot::{EngineConfig, SnapshotEngine};
-use common::{wait_for_records, Stack};
+use common::{
+    demo_linux_image_dir, enter_netns, qemu_binary, request, wait_for_records, Stack, SERVICE,
+};
 use sha2::{Digest, Sha256};
 use vmr_hypervisor::Accel;
 use vmr_proto::{pb, InstanceId};
@@ -42,71 +44,6 @@ use vmr_testkit::qemu::NetNs;
 
 const PEER_CIDR: &str = "192.168.77.1/24";
 const PEER_MAC: &str = "02:00:00:77:00:01";
-const SERVICE: &str = "192.168.77.2:7000";
-
-fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("VMR_GUEST_LINUX")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| vmr_testkit::cache_dir().join("demo-linux"));
-    assert!(
-        dir.join("image.toml").is_file(),
-        "the demo-linux machine image ({}/image.toml) is missing: build it with guest/linux/build.sh",
-        dir.display()
-    );
-    dir
-}
-
-fn qemu_binary() -> PathBuf {
-    let p = std::env::var_os("VMR_QEMU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
-    assert!(
-        p.is_file(),
-        "QEMU not found at {}: install qemu-system-x86 (scripts/setup.sh) or set $VMR_QEMU",
-        p.display()
-    );
-    p
-}
-
-fn enter_netns(path: &Path) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: setns(2) on a valid namespace fd held open by `f`; it changes
-    // only this (test-owned) thread's network namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(format!("setns: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Sends one request line to the guest's service from inside `ns`.
-fn request(ns: &NetNs, line: &str) -> Result<String, String> {
-    let path = ns.path();
-    let line = line.to_string();
-    let addr: SocketAddr = SERVICE.parse().expect("a valid address");
-    std::thread::spawn(move || -> Result<String, String> {
-        enter_netns(&path)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(500)),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        (&stream)
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(|e| format!("send: {e}"))?;
-        let mut reply = String::new();
-        let _ = BufReader::new(&stream).read_line(&mut reply);
-        Ok(reply.trim_end().to_string())
-    })
-    .join()
-    .map_err(|_| "request thread panicked".to_string())?
-}
 
 fn disk_hash(image: &Path, layers: &[PathBuf]) -> (String, vhost_tap::blk::Disk) {
     let d = vhost_tap::blk::Disk::open_chain(image, layers, None, true).expect("the chain opens");
@@ -125,7 +62,7 @@ fn disk_hash(image: &Path, layers: &[PathBuf]) -> (String, vhost_tap::blk::Disk)
 #[test]
 fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
     let qemu = qemu_binary();
-    let image = image_dir();
+    let image = demo_linux_image_dir();
     let blk_bin = vmr_testkit::workspace_bin("vhost-tap-blk")
         .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
     vmr_testkit::workspace_bin("vhost-tap-net")

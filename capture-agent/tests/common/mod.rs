@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use vhost_tap::capture::{Policy, Recycle, SpoolConfig, SpoolSink, Tee, TeeConfig
 use vhost_tap::seq::{FileSeq, SeqSource};
 use vmr_proto::pb;
 use vmr_testkit::broker::Broker;
+use vmr_testkit::qemu::NetNs;
 use vmr_testkit::registry::Registry;
 use vmr_testkit::ChildGuard;
 
@@ -600,4 +603,72 @@ pub fn analytics_consumer(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
+}
+
+/// The demo-linux guest's service address.
+pub const SERVICE: &str = "192.168.77.2:7000";
+
+/// The demo-linux machine image (`$VMR_GUEST_LINUX` or the cache).
+pub fn demo_linux_image_dir() -> PathBuf {
+    let dir = std::env::var_os("VMR_GUEST_LINUX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmr_testkit::cache_dir().join("demo-linux"));
+    assert!(
+        dir.join("image.toml").is_file(),
+        "the demo-linux machine image ({}/image.toml) is missing: build it with guest/linux/build.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn qemu_binary() -> PathBuf {
+    let p = std::env::var_os("VMR_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
+    assert!(
+        p.is_file(),
+        "QEMU not found at {}: install qemu-system-x86 (scripts/setup.sh) or set $VMR_QEMU",
+        p.display()
+    );
+    p
+}
+
+pub fn enter_netns(path: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: setns(2) on a valid namespace fd held open by `f`; it changes
+    // only this (test-owned) thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sends one request line to the guest's service from inside `ns`.
+pub fn request(ns: &NetNs, line: &str) -> Result<String, String> {
+    let path = ns.path();
+    let line = line.to_string();
+    let addr: SocketAddr = SERVICE.parse().expect("a valid address");
+    std::thread::spawn(move || -> Result<String, String> {
+        enter_netns(&path)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        (&stream)
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = String::new();
+        let _ = BufReader::new(&stream).read_line(&mut reply);
+        Ok(reply.trim_end().to_string())
+    })
+    .join()
+    .map_err(|_| "request thread panicked".to_string())?
 }
