@@ -20,6 +20,8 @@ typedef unsigned long u64;
 
 #define ARENA ((volatile u64 *)0x400000ul)
 #define ARENA_PAGES 1024
+/* First page CMD_DIRTY_SPAN may write: the end of the arena (8 MiB). */
+#define SPAN_FIRST_PAGE 0x800ul
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }

@@ -183,7 +183,8 @@ struct blk_req {
 static struct vq blk_q;
 static struct blk_req blk_hdr;
 /* A page of its own: only the device writes it (on reads), so the page shows
- * up in a snapshot's dirty set only through the backend's dirty log. */
+ * up in a snapshot's dirty set only through the backend's dirty log, unless a
+ * workload fills it for virtio_blk_write_buf (CMD_BLK_FILL). */
 static uint8_t blk_data[4096] __attribute__((aligned(4096)));
 static volatile uint8_t blk_status;
 
@@ -202,7 +203,7 @@ uint64_t virtio_blk_capacity(void)
 	return lo | (hi << 32);
 }
 
-static int blk_rw(uint32_t type, uint64_t sector)
+static int blk_rw_len(uint32_t type, uint64_t sector, uint32_t len)
 {
 	if (!blk_up)
 		return ERR_NO_DEVICE;
@@ -215,7 +216,7 @@ static int blk_rw(uint32_t type, uint64_t sector)
 	blk_q.desc[0].flags = DESC_F_NEXT;
 	blk_q.desc[0].next = 1;
 	blk_q.desc[1].addr = (uint64_t)blk_data;
-	blk_q.desc[1].len = VIRTIO_SECTOR_SIZE;
+	blk_q.desc[1].len = len;
 	blk_q.desc[1].flags = DESC_F_NEXT | (type == 0 ? DESC_F_WRITE : 0);
 	blk_q.desc[1].next = 2;
 	blk_q.desc[2].addr = (uint64_t)&blk_status;
@@ -225,6 +226,20 @@ static int blk_rw(uint32_t type, uint64_t sector)
 	vq_submit(&blk_q, 0);
 	vq_wait(&blk_q);
 	return blk_status == 0 ? 0 : ERR_IO;
+}
+
+static int blk_rw(uint32_t type, uint64_t sector)
+{
+	return blk_rw_len(type, sector, VIRTIO_SECTOR_SIZE);
+}
+
+int virtio_blk_is_up(void) { return blk_up; }
+
+uint8_t *virtio_blk_buf(void) { return blk_data; }
+
+int virtio_blk_write_buf(uint64_t sector)
+{
+	return blk_rw_len(1, sector, VIRTIO_BLOCK_SIZE);
 }
 
 int virtio_blk_read(uint64_t sector, void *buf)

@@ -13,6 +13,7 @@
 #define VIRTIO_NET_BASE (VIRTIO_MMIO_BASE + 1 * VIRTIO_MMIO_SIZE)
 
 #define VIRTIO_SECTOR_SIZE 512
+#define VIRTIO_BLOCK_SIZE 4096
 #define VIRTIO_NET_MTU_FRAME 1514
 
 /* Results: 0 on success, negative on error (see virtio.c for the codes). */
@@ -20,6 +21,12 @@ int virtio_blk_init(void);
 int virtio_blk_read(uint64_t sector, void *buf);        /* one sector */
 int virtio_blk_write(uint64_t sector, const void *buf); /* one sector */
 uint64_t virtio_blk_capacity(void);                     /* in sectors */
+/* The driver's VIRTIO_BLOCK_SIZE-byte data buffer, and a write of all of it
+ * (8 sectors) at `sector`: callers fill the buffer in place, which spares a
+ * copy (the guest's kernel-mode code is slow on a nested KVM). */
+uint8_t *virtio_blk_buf(void);
+int virtio_blk_write_buf(uint64_t sector);
+int virtio_blk_is_up(void);                             /* init succeeded */
 
 int virtio_net_init(void);
 void virtio_net_mac(uint8_t mac[6]);

@@ -12,6 +12,18 @@
  *   CMD_BLK_READ (0x13) n: with the block device already up (no reset),
  *     read sector n and report its first word on VALUE_PORT, then 0 (or a
  *     negative error) on DONE_PORT.
+ *   CMD_DIRTY_SPAN (0x14), then three words first, count, stride: writes
+ *     the 8-byte pattern (page << 32 | round | 0x80000000, the pattern of
+ *     CMD_DIRTY, with its round counter) at the start of guest pages
+ *     first + i * stride for i in 0..count, and reports how many on
+ *     DONE_PORT. Pages below SPAN_FIRST_PAGE (the code, data, stack and
+ *     arena) are skipped; the host must name pages inside guest memory.
+ *   CMD_BLK_FILL (0x15), then four words first, runs, run_len, stride (in
+ *     4 KiB blocks): brings the block device up if it is not, then writes
+ *     run_len consecutive blocks at first + r * stride for r in 0..runs.
+ *     Each block holds its block number (u32 LE) and the fill's round
+ *     (u32 LE, counting from 1) followed by 0xa5 bytes. Reports the blocks
+ *     written (or a negative error) on DONE_PORT.
  *
  * Requests arrive as Ethernet frames with EtherType 0x88B5 (local
  * experimental). For request number `seq` (0, 1, ...) the guest:
@@ -215,9 +227,58 @@ static int blk_selftest(void)
 	return 0;
 }
 
+/* Rounds of CMD_DIRTY_SPAN and CMD_BLK_FILL (the dirty round of main.c is
+ * private to it, so the span keeps its own). */
+static u32 span_round, fill_round;
+
+static u32 dirty_span(void)
+{
+	u32 first = inl(CMD_PORT), count = inl(CMD_PORT), stride = inl(CMD_PORT), n = 0;
+	span_round++;
+	for (u32 i = 0; i < count; i++) {
+		u64 page = (u64)first + (u64)i * stride;
+		if (page < SPAN_FIRST_PAGE)
+			continue;
+		*(volatile u64 *)(page << 12) = (page << 32) | span_round | 0x80000000u;
+		n++;
+	}
+	return n;
+}
+
+static int blk_fill(void)
+{
+	u32 first = inl(CMD_PORT), runs = inl(CMD_PORT), run_len = inl(CMD_PORT), stride = inl(CMD_PORT);
+	if (!virtio_blk_is_up()) {
+		int r = virtio_blk_init();
+		if (r)
+			return r;
+	}
+	fill_round++;
+	uint8_t *b = virtio_blk_buf();
+	for (int i = 8; i < VIRTIO_BLOCK_SIZE; i++)
+		b[i] = 0xa5;
+	put32(b + 4, fill_round);
+	int n = 0;
+	for (u32 r = 0; r < runs; r++)
+		for (u32 k = 0; k < run_len; k++) {
+			u32 block = first + r * stride + k;
+			put32(b, block);
+			if (virtio_blk_write_buf((uint64_t)block * (VIRTIO_BLOCK_SIZE / VIRTIO_SECTOR_SIZE)) != 0)
+				return -20;
+			n++;
+		}
+	return n;
+}
+
 int extra_workload(u32 cmd)
 {
 	switch (cmd & 0xff) {
+	case CMD_DIRTY_SPAN:
+		outl(DONE_PORT, dirty_span());
+		return 0;
+	case CMD_BLK_FILL:
+		outl(DONE_PORT, (u32)blk_fill());
+		return 0;
 	case CMD_NET_DISK:
 		outl(DONE_PORT, (u32)workload_net_disk());
 		return 0;

@@ -8,6 +8,8 @@
 #define CMD_GDB_PROBE 0x11
 #define CMD_BLK_SELFTEST 0x12
 #define CMD_BLK_READ 0x13
+#define CMD_DIRTY_SPAN 0x14
+#define CMD_BLK_FILL 0x15
 
 /* Serves requests from the NIC until a QUIT request; returns 0, or a
  * negative error. Never returns after a POISON request. */

@@ -21,6 +21,19 @@
 //!   no other memory (no calls, no stack), so the pages it dirties are
 //!   exactly the ones listed.
 //! - [`CMD_EXIT`] `code`: writes `code` to the debug-exit port.
+//! - [`CMD_DIRTY_SPAN`] (the guest's `workload.c`), then three words
+//!   `first`, `count`, `stride` (see [`dirty_span_command`]): writes
+//!   [`dirty_pattern`]`(page, round)` (with a round counter of its own) at
+//!   the start of guest pages `first + i * stride`, `i < count`, skipping
+//!   pages below [`SPAN_FIRST_PAGE`], and reports how many it wrote. Meant
+//!   for dirtying a chosen share of a large guest between snapshots; the
+//!   pages must lie inside guest memory.
+//! - [`CMD_BLK_FILL`] (`workload.c`), then four words `first`, `runs`,
+//!   `run_len`, `stride` in 4 KiB blocks (see [`blk_fill_command`]): brings
+//!   the virtio block device up if it is not, writes `run_len` consecutive
+//!   blocks at `first + r * stride` for `r < runs` (each: its block number
+//!   and the fill's round as u32 LE, then `0xa5` bytes) and reports the
+//!   number of blocks (or a negative error).
 //!
 //! Other command numbers are passed to the guest's `extra_workload` hook.
 //! A read of `0xffff_ffff` (nothing serves the port, as under a plain
@@ -54,6 +67,22 @@ pub const END_OF_LIST: u32 = 0xffff_ffff;
 pub const ARENA_GPA: u64 = 0x40_0000;
 /// Arena size in pages.
 pub const ARENA_PAGES: u64 = 1024;
+/// Dirty a span of guest pages (`workload.c`).
+pub const CMD_DIRTY_SPAN: u32 = 0x14;
+/// Write blocks of the virtio disk (`workload.c`).
+pub const CMD_BLK_FILL: u32 = 0x15;
+/// The first page [`CMD_DIRTY_SPAN`] writes (the end of the arena, 8 MiB).
+pub const SPAN_FIRST_PAGE: u64 = 0x800;
+
+/// The command words of [`CMD_DIRTY_SPAN`].
+pub fn dirty_span_command(first: u32, count: u32, stride: u32) -> Vec<u32> {
+    vec![CMD_DIRTY_SPAN, first, count, stride]
+}
+
+/// The command words of [`CMD_BLK_FILL`] (all in 4 KiB blocks).
+pub fn blk_fill_command(first: u32, runs: u32, run_len: u32, stride: u32) -> Vec<u32> {
+    vec![CMD_BLK_FILL, first, runs, run_len, stride]
+}
 
 /// The 8 bytes the dirty workload writes at the start of arena page `page`
 /// on its `round`-th dirty command (rounds count from 1).

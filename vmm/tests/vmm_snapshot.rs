@@ -6,7 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use vmr_vmm::guest_abi::{dirty_pattern, TestPorts, ARENA_GPA, CMD_COUNT, CMD_DIRTY, END_OF_LIST};
+use vmr_vmm::guest_abi::{
+    dirty_pattern, dirty_span_command, TestPorts, ARENA_GPA, CMD_COUNT, CMD_DIRTY, END_OF_LIST,
+    SPAN_FIRST_PAGE,
+};
 use vmr_vmm::memory::PAGE_SIZE;
 use vmr_vmm::serial::SharedBuffer;
 use vmr_vmm::snapshot::{restore_memory, MemoryKind, RestoreMemory, SnapshotData};
@@ -382,4 +385,56 @@ fn a_chain_of_three_moved_elsewhere_restores() {
     let img = unsafe { img.as_slice() }.to_vec();
     assert!(img == live);
     assert_eq!(arena_word(&img, 5), dirty_pattern(5, 3));
+}
+
+#[test]
+// Heavy: needs /dev/kvm.
+fn a_dirty_span_of_five_percent_of_a_512_mib_guest_is_one_increment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = boot(512 << 20);
+    g.vm.pause().expect("pause");
+    g.vm.snapshot(&dir.path().join("base"), MemoryKind::Full)
+        .expect("base");
+    g.vm.resume().expect("resume");
+    // 5 % of 131072 pages, every 19th page from 8 MiB on.
+    let (first, count, stride) = (SPAN_FIRST_PAGE as u32, 6554u32, 19u32);
+    // Pages below SPAN_FIRST_PAGE are skipped, not written.
+    g.ports.push_commands(&dirty_span_command(0, 4, 1));
+    wait_done(&g.ports, 1);
+    assert_eq!(g.ports.with(|s| s.done[0]), 0);
+    g.ports
+        .push_commands(&dirty_span_command(first, count, stride));
+    wait_done(&g.ports, 2);
+    assert_eq!(g.ports.with(|s| s.done[1]), count);
+    g.vm.pause().expect("pause");
+    let inc = dir.path().join("inc");
+    let i = g.vm.snapshot(&inc, MemoryKind::Incremental).expect("inc");
+    let want: BTreeSet<u64> = (0..u64::from(count))
+        .map(|k| u64::from(first) + k * u64::from(stride))
+        .collect();
+    let got: BTreeSet<u64> = i.dirty_pages.iter().copied().collect();
+    assert!(
+        want.is_subset(&got),
+        "{} of the {count} span pages are missing from the increment",
+        want.difference(&got).count()
+    );
+    // Besides the span: at most the guest's stack and data pages.
+    assert!(
+        got.len() <= want.len() + 8,
+        "{} pages beyond the span",
+        got.len() - want.len()
+    );
+    drop(g);
+    let mem = restore_memory(&inc, RestoreMemory::SharedCopy).expect("chain");
+    // SAFETY: this memory belongs to no VM.
+    let img = unsafe { mem.as_slice() };
+    for p in [
+        first as u64,
+        u64::from(first) + u64::from(stride) * u64::from(count - 1),
+    ] {
+        let o = (p * PAGE_SIZE) as usize;
+        let w = u64::from_le_bytes(img[o..o + 8].try_into().expect("8 bytes"));
+        // The span's own round counter: its second command.
+        assert_eq!(w, dirty_pattern(p as u32, 2), "page {p:#x}");
+    }
 }
