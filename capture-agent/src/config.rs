@@ -125,6 +125,10 @@ pub struct SnapshotsConfig {
     pub broker_timeout_secs: u64,
     /// Publish each manifest on `vmr.snapshots.v1`.
     pub publish: bool,
+    /// Upload bandwidth limit per snapshot upload, bytes per second
+    /// (unset: as fast as the store takes it), so uploads do not starve the
+    /// host's other traffic.
+    pub max_upload_bytes_per_sec: Option<u64>,
 }
 
 impl Default for SnapshotsConfig {
@@ -141,6 +145,7 @@ impl Default for SnapshotsConfig {
             checkpoint_timeout_secs: 10,
             broker_timeout_secs: 10,
             publish: true,
+            max_upload_bytes_per_sec: None,
         }
     }
 }
@@ -158,6 +163,9 @@ impl SnapshotsConfig {
         }
         if self.keep_within_secs == Some(0) {
             return bad("keep-within-secs must be positive (leave it out for no age limit)");
+        }
+        if self.max_upload_bytes_per_sec == Some(0) {
+            return bad("max-upload-bytes-per-sec must be positive (leave it out for no limit)");
         }
         if self.checkpoint_timeout_secs == 0 || self.broker_timeout_secs == 0 {
             return bad("checkpoint-timeout-secs and broker-timeout-secs must be positive");

@@ -92,6 +92,7 @@ impl EngineConfig {
         };
         let mut store = StoreConfig::new(url);
         store.fsync = s.fsync;
+        store.max_bytes_per_sec = s.max_upload_bytes_per_sec;
         Self {
             store,
             staging_dir: s
