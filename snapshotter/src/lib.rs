@@ -37,7 +37,7 @@ pub use restore::{
     check_host, list, load_manifest, materialize, select, LayerPath, Materialized, RestoreError,
     RestoreOptions, Selector,
 };
-pub use retention::{Policy, RetentionError};
+pub use retention::{sweep_unfinished, Policy, RetentionError};
 pub use store::{S3Config, SnapshotStore, StoreConfig, StoreError};
 pub use upload::{
     no_progress, progress_watch, upload, DiskLayerFile, Progress, UploadError, UploadRequest,

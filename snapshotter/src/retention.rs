@@ -7,6 +7,10 @@
 //! child). Deleting removes the manifest first (so the snapshot leaves every
 //! listing at once), then each of its objects that no remaining snapshot's
 //! manifest names: a disk layer taken over by a later snapshot stays.
+//!
+//! [`sweep_unfinished`] removes what interrupted uploads left: a snapshot id
+//! with objects but no manifest (an upload killed before its last step) is
+//! never listed or restored, and its objects are deleted by the next sweep.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,6 +32,14 @@ pub enum RetentionError {
         key: String,
         #[source]
         source: object_store::Error,
+    },
+    /// Local files of a `file://` store.
+    #[error("cannot remove {what}: {reason}")]
+    Local {
+        /// What.
+        what: String,
+        /// Why.
+        reason: String,
     },
     /// Another snapshot needs this one.
     #[error("snapshot {snapshot} is the memory base of {child}, which is kept")]
@@ -160,6 +172,97 @@ pub async fn delete(
     Ok(deleted)
 }
 
+/// Deletes every snapshot id of `instance` that has no manifest (what an
+/// interrupted upload or deletion left), except the ids in `except` (an
+/// upload in progress). On a `file://` store the staging files of unfinished
+/// writes (`<name>#<n>`) and the emptied directories go too. Returns the ids
+/// removed.
+///
+/// The caller must know that no other upload of the instance is running
+/// outside `except`: an upload's objects have no manifest until its end.
+/// An S3 multipart upload cut off before completion leaves parts that no
+/// listing shows; the bucket's lifecycle rule
+/// (`AbortIncompleteMultipartUpload`) removes those.
+pub async fn sweep_unfinished(
+    store: &SnapshotStore,
+    instance: &str,
+    except: &[&str],
+) -> Result<Vec<String>, RetentionError> {
+    let base = store.instance_prefix(instance);
+    let listing = store
+        .inner
+        .list_with_delimiter(Some(&base))
+        .await
+        .map_err(|source| RetentionError::Store {
+            key: format!("{instance}/"),
+            source,
+        })?;
+    let mut swept = Vec::new();
+    for p in listing.common_prefixes {
+        let Some(id) = p.filename().map(str::to_string) else {
+            continue;
+        };
+        if except.contains(&id.as_str()) {
+            continue;
+        }
+        let manifest = store.location(instance, &format!("{id}/{MANIFEST_FILE}"));
+        match store.inner.head(&manifest).await {
+            Ok(_) => continue,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(RetentionError::Store {
+                    key: format!("{instance}/{id}/{MANIFEST_FILE}"),
+                    source,
+                })
+            }
+        }
+        let prefix = store.location(instance, &id);
+        let mut keys = Vec::new();
+        let mut objects = store.inner.list(Some(&prefix));
+        while let Some(item) = objects.next().await {
+            let meta = item.map_err(|source| RetentionError::Store {
+                key: format!("{instance}/{id}/"),
+                source,
+            })?;
+            keys.push(meta.location);
+        }
+        drop(objects);
+        for k in keys {
+            match store.inner.delete(&k).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(RetentionError::Store {
+                        key: k.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        if let Some(root) = store.local_root() {
+            let dir = root.join(instance).join(&id);
+            crate::upload::remove_staged(&dir).map_err(|e| RetentionError::Local {
+                what: format!("the staging files under {}", dir.display()),
+                reason: e.to_string(),
+            })?;
+            remove_empty_dirs(&dir);
+        }
+        swept.push(id);
+    }
+    Ok(swept)
+}
+
+/// Removes `dir` and the directories below it that are empty.
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +312,50 @@ mod tests {
         // No rule: keep everything.
         let (_, del) = plan(&ms, &BTreeSet::new(), &Policy::default(), 10);
         assert!(del.is_empty());
+    }
+
+    #[test]
+    fn sweep_removes_ids_without_a_manifest_only() {
+        let root = tempfile::tempdir().unwrap();
+        let inst = root.path().join("vm-1");
+        let write = |rel: &str| {
+            let p = inst.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        };
+        // A complete snapshot, an interrupted upload (a stored object, a
+        // disk layer, and a write cut off in its staging file), an empty
+        // leftover directory, and an upload in progress.
+        write("s1/manifest.json");
+        write("s1/memory.bin");
+        write("s2/artifacts.json");
+        write("s2/disk/vda.0");
+        write("s2/memory.bin#17");
+        std::fs::create_dir_all(inst.join("s3")).unwrap();
+        write("s4/memory.bin#2");
+        let store = SnapshotStore::open(&crate::StoreConfig::local(root.path())).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let swept = rt
+            .block_on(sweep_unfinished(&store, "vm-1", &["s4"]))
+            .unwrap();
+        assert_eq!(swept, ["s2", "s3"]);
+        assert!(inst.join("s1/manifest.json").is_file());
+        assert!(inst.join("s1/memory.bin").is_file());
+        assert!(!inst.join("s2").exists(), "the interrupted upload is gone");
+        assert!(!inst.join("s3").exists());
+        assert!(inst.join("s4/memory.bin#2").is_file(), "in progress, kept");
+        // Nothing left to sweep; an instance never seen has nothing.
+        assert!(rt
+            .block_on(sweep_unfinished(&store, "vm-1", &[]))
+            .unwrap()
+            .iter()
+            .all(|id| id == "s4"));
+        assert!(rt
+            .block_on(sweep_unfinished(&store, "vm-2", &[]))
+            .unwrap()
+            .is_empty());
     }
 }

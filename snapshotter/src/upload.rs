@@ -462,7 +462,7 @@ async fn clear_leftovers(
     Ok(())
 }
 
-fn remove_staged(dir: &FsPath) -> Result<(), UploadError> {
+pub(crate) fn remove_staged(dir: &FsPath) -> Result<(), UploadError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
