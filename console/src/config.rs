@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::Deserialize;
+use vmr_proto::config::Expiry;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +66,9 @@ pub struct StoreConfig {
 pub struct TokenConfig {
     pub token: String,
     pub tenant: String,
+    /// When the token stops being accepted (RFC 3339,
+    /// `2026-12-31T23:59:59Z`); without it, it does not expire.
+    pub expires_at: Option<Expiry>,
 }
 
 /// A tenant: the instances it may see.
@@ -159,11 +163,34 @@ impl Config {
         Ok(())
     }
 
-    /// The tenant of a bearer token.
-    pub fn tenant_of(&self, token: &str) -> Option<&TenantConfig> {
-        let t = self.tokens.iter().find(|t| t.token == token)?;
-        self.tenants.iter().find(|x| x.name == t.tenant)
+    /// The tenant a bearer token acts for at `now`.
+    pub fn authenticate(
+        &self,
+        token: &str,
+        now: std::time::SystemTime,
+    ) -> Result<&TenantConfig, TokenRefused> {
+        let t = self
+            .tokens
+            .iter()
+            .find(|t| t.token == token)
+            .ok_or(TokenRefused::Unknown)?;
+        if let Some(e) = t.expires_at.as_ref().filter(|e| e.has_passed(now)) {
+            return Err(TokenRefused::Expired(e.to_string()));
+        }
+        self.tenants
+            .iter()
+            .find(|x| x.name == t.tenant)
+            .ok_or(TokenRefused::Unknown)
     }
+}
+
+/// Why a bearer token is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    #[error("the token is not accepted (unknown or revoked): sign in again")]
+    Unknown,
+    #[error("the token expired at {0}: sign in with a new token")]
+    Expired(String),
 }
 
 #[cfg(test)]
@@ -174,12 +201,46 @@ mod tests {
     fn example_parses() {
         let text = include_str!("../../config/console.example.toml");
         let c = Config::parse(text).expect("the example configuration parses");
+        let now = std::time::SystemTime::now();
         let shop = c
-            .tenant_of("change-me-shop-token-0001")
+            .authenticate("change-me-shop-token-0001", now)
             .expect("a token of the example");
         assert!(shop.allows("shop-1"));
         assert!(!shop.allows("db-1"));
-        assert!(c.tenant_of("nope").is_none());
+        assert_eq!(
+            c.authenticate("nope", now).err(),
+            Some(TokenRefused::Unknown)
+        );
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let text = "replayer_url = \"http://127.0.0.1:7300\"\n[kafka]\nbootstrap_servers = \"x\"\n[store]\nurl = \"file:///tmp\"\n\
+                    [[tokens]]\ntoken = \"0123456789abcdef\"\ntenant = \"a\"\nexpires_at = \"2026-01-01T00:00:00Z\"\n\
+                    [[tenants]]\nname = \"a\"\ninstance_prefix = \"a-\"\n";
+        let c = Config::parse(text).expect("parses");
+        let at = |s: &str| s.parse::<Expiry>().expect("valid").at();
+        let before = at("2025-12-31T23:59:59Z");
+        assert_eq!(
+            c.authenticate("0123456789abcdef", before)
+                .expect("not yet expired")
+                .name,
+            "a"
+        );
+        let after = at("2026-01-01T00:00:00Z");
+        let err = c
+            .authenticate("0123456789abcdef", after)
+            .expect_err("expired");
+        assert_eq!(err, TokenRefused::Expired("2026-01-01T00:00:00Z".into()));
+        assert!(err.to_string().contains("expired at 2026-01-01T00:00:00Z"));
+        assert_eq!(
+            c.authenticate("fedcba9876543210", before).err(),
+            Some(TokenRefused::Unknown)
+        );
+        let bad = Config::parse(&text.replace("2026-01-01T00:00:00Z", "next year"))
+            .expect_err("refused")
+            .to_string();
+        assert!(bad.contains("RFC 3339"), "{bad}");
     }
 
     #[test]

@@ -184,13 +184,11 @@ fn caller(st: &AppState, headers: &HeaderMap, q: &TokenQuery) -> Result<Caller, 
             )
         })?,
     };
-    let tenant = st.config.tenant_of(&token).cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "the token is not accepted (unknown, revoked or expired): sign in again",
-        )
-    })?;
+    let tenant = st
+        .config
+        .authenticate(&token, std::time::SystemTime::now())
+        .cloned()
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
     Ok(Caller { token, tenant })
 }
 

@@ -491,6 +491,189 @@ impl KafkaSecurity {
     }
 }
 
+/// When a bearer token stops being accepted: an RFC 3339 date and time
+/// (`2026-12-31T23:59:59Z`, `2026-12-31T23:59:59.5+02:00`). The replayer
+/// and the console read a token's optional `expires_at` as one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    at: std::time::SystemTime,
+    text: String,
+}
+
+/// Why a token expiry is not an RFC 3339 date and time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an RFC 3339 date and time (like 2026-12-31T23:59:59Z)")]
+pub struct ExpiryError(String);
+
+impl Expiry {
+    /// The instant itself.
+    pub fn at(&self) -> std::time::SystemTime {
+        self.at
+    }
+
+    /// Whether `now` is at or after the expiry.
+    pub fn has_passed(&self, now: std::time::SystemTime) -> bool {
+        now >= self.at
+    }
+}
+
+impl fmt::Display for Expiry {
+    /// As written in the configuration.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Expiry {
+    type Err = ExpiryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let at = parse_rfc3339(s).ok_or_else(|| ExpiryError(s.to_string()))?;
+        Ok(Expiry {
+            at,
+            text: s.to_string(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, `t` or a space
+/// accepted for the `T` and `z` for the `Z`.
+fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day < 1 || day > days_in_month || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for (k, d) in b[start..i.min(start + 9)].iter().enumerate() {
+            nanos += u32::from(d - b'0') * 10u32.pow(8 - k as u32);
+        }
+    }
+    let offset = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let o = h * 3600 + m * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    // Days from 1970-01-01 to the date (proleptic Gregorian calendar).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset;
+    let base = std::time::UNIX_EPOCH;
+    let t = if secs >= 0 {
+        base.checked_add(std::time::Duration::from_secs(secs as u64))?
+    } else {
+        base.checked_sub(std::time::Duration::from_secs(secs.unsigned_abs()))?
+    };
+    t.checked_add(std::time::Duration::from_nanos(u64::from(nanos)))
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn secs(s: &str) -> u64 {
+        s.parse::<Expiry>()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .at()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    }
+
+    #[test]
+    fn rfc3339_instants_parse() {
+        assert_eq!(secs("1970-01-01T00:00:00Z"), 0);
+        // `date -u -d 2026-12-01T15:30:00Z +%s`
+        assert_eq!(secs("2026-12-01T15:30:00Z"), 1_796_139_000);
+        assert_eq!(secs("2026-12-01T17:30:00+02:00"), 1_796_139_000);
+        assert_eq!(secs("2026-12-01t13:00:00.999-02:30"), 1_796_139_000);
+        assert_eq!(secs("2024-02-29T00:00:00Z"), 1_709_164_800);
+        let e: Expiry = "2000-01-01T00:00:00.25Z".parse().expect("valid");
+        assert_eq!(
+            e.at().duration_since(UNIX_EPOCH).expect("after 1970"),
+            Duration::new(946_684_800, 250_000_000)
+        );
+        assert_eq!(e.to_string(), "2000-01-01T00:00:00.25Z");
+        assert!(e.has_passed(e.at()));
+        assert!(!e.has_passed(e.at() - Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn malformed_instants_are_refused() {
+        for bad in [
+            "",
+            "2026-12-01",
+            "2026-12-01T15:30:00",
+            "2026-13-01T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-12-01T24:00:00Z",
+            "2026-12-01T15:30:00.Z",
+            "2026-12-01T15:30:00+0200",
+            "2026-12-01T15:30:00Z trailing",
+            "tomorrow",
+        ] {
+            let err = bad.parse::<Expiry>().expect_err(bad);
+            assert!(err.to_string().contains("RFC 3339"), "{err}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

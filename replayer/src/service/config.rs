@@ -176,6 +176,9 @@ pub struct NicConfig {
 pub struct TokenConfig {
     pub token: String,
     pub tenant: String,
+    /// When the token stops being accepted (RFC 3339,
+    /// `2026-12-31T23:59:59Z`); without it, it does not expire.
+    pub expires_at: Option<vmr_proto::config::Expiry>,
 }
 
 /// A tenant: the instances it may see.
@@ -325,11 +328,15 @@ impl Config {
 
     /// The tenant a bearer token acts for.
     pub fn tenant_of(&self, token: &str) -> Option<&TenantConfig> {
-        let t = self
-            .tokens
-            .iter()
-            .find(|t| constant_time_eq(t.token.as_bytes(), token.as_bytes()))?;
+        let t = self.token(token)?;
         self.tenants.iter().find(|n| n.name == t.tenant)
+    }
+
+    /// The configured bearer token equal to `token`.
+    pub fn token(&self, token: &str) -> Option<&TokenConfig> {
+        self.tokens
+            .iter()
+            .find(|t| constant_time_eq(t.token.as_bytes(), token.as_bytes()))
     }
 }
 

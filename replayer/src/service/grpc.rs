@@ -227,8 +227,18 @@ impl Replayer {
         let token = v.strip_prefix("Bearer ").ok_or_else(|| {
             Status::unauthenticated("the authorization header is not a bearer token")
         })?;
-        self.state
-            .config
+        let config = &self.state.config;
+        let known = config
+            .token(token.trim())
+            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        if known
+            .expires_at
+            .as_ref()
+            .is_some_and(|e| e.has_passed(std::time::SystemTime::now()))
+        {
+            return Err(Status::unauthenticated("token expired"));
+        }
+        config
             .tenant_of(token.trim())
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown token"))
