@@ -21,6 +21,7 @@ mod error;
 pub mod events;
 pub mod image;
 pub mod microvm;
+pub mod process;
 pub mod qemu;
 pub mod spec;
 

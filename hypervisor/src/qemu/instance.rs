@@ -99,7 +99,10 @@ pub(crate) struct Inner {
     console_tail: Mutex<VecDeque<u8>>,
     track: Mutex<Track>,
     qmp: OnceLock<Qmp>,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<Proc>>,
+    /// Set while re-attaching to a QEMU started by an earlier process:
+    /// dropping the instance then leaves QEMU running.
+    detach_on_drop: AtomicBool,
     exit: Mutex<Option<ExitInfo>>,
     /// The crash of a guest QEMU holds (set before `exited` is notified).
     crash: Mutex<Option<ExitInfo>>,
@@ -154,6 +157,23 @@ fn crash_detail(reason: &str) -> String {
 fn status_parts(s: &ExitStatus) -> (Option<i32>, Option<i32>) {
     use std::os::unix::process::ExitStatusExt;
     (s.code(), s.signal())
+}
+
+/// The QEMU process: a child of this process, or one started by an
+/// earlier process and re-attached ([`super::QemuDriver::reattach`]),
+/// watched through a pidfd since it cannot be reaped here.
+pub(crate) enum Proc {
+    Child(Child),
+    Adopted(crate::process::Pidfd),
+}
+
+impl Proc {
+    fn id(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(p) => p.pid(),
+        }
+    }
 }
 
 /// Kills the process group of `child` and reaps it, waiting at most 10 s.
@@ -407,8 +427,18 @@ impl Inner {
     /// Reaps the process if it has exited. Returns whether it has.
     fn poll_exit(&self) -> bool {
         let mut guard = self.child.lock();
-        let Some(child) = guard.as_mut() else {
-            return true;
+        let child = match guard.as_mut() {
+            None => return true,
+            Some(Proc::Adopted(p)) => {
+                if !p.exited() {
+                    return false;
+                }
+                *guard = None;
+                drop(guard);
+                self.finish(None);
+                return true;
+            }
+            Some(Proc::Child(c)) => c,
         };
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -428,11 +458,19 @@ impl Inner {
     /// Kills and reaps the process, recording `why`.
     fn kill(&self, why: &str) {
         let mut guard = self.child.lock();
-        let Some(mut child) = guard.take() else {
+        let Some(proc) = guard.take() else {
             return;
         };
         self.track.lock().ending = Some(why.to_string());
-        let status = kill_and_reap(&mut child);
+        let status = match proc {
+            Proc::Child(mut child) => kill_and_reap(&mut child),
+            Proc::Adopted(p) => {
+                // Not a child: it cannot be reaped here, only seen to exit.
+                p.signal_group(libc::SIGKILL);
+                p.wait(Duration::from_secs(10));
+                None
+            }
+        };
         drop(guard);
         self.finish(status);
     }
@@ -599,7 +637,7 @@ pub(crate) struct Launch {
     pub machine: MachineRecord,
     pub debugger: Option<DebugListen>,
     pub restored_from: Option<String>,
-    pub child: Child,
+    pub child: Proc,
 }
 
 /// How long QEMU may take to open its QMP socket.
@@ -611,6 +649,7 @@ impl QemuInstance {
     /// returns. Any error stops the process.
     pub(crate) fn attach(l: Launch) -> Result<QemuInstance, DriverError> {
         let pid = l.child.id();
+        let adopted = matches!(l.child, Proc::Adopted(_));
         let inner = Arc::new(Inner {
             id: l.id,
             program: l.program,
@@ -634,6 +673,7 @@ impl QemuInstance {
             }),
             qmp: OnceLock::new(),
             child: Mutex::new(Some(l.child)),
+            detach_on_drop: AtomicBool::new(adopted),
             exit: Mutex::new(None),
             crash: Mutex::new(None),
             exited: Condvar::new(),
@@ -725,6 +765,28 @@ impl QemuInstance {
         *inner.console_stream.lock() = Some(console);
         let i2 = inner.clone();
         inst.spawn_thread("qemu-console", move || console_loop(i2, reader))?;
+
+        if adopted {
+            // The guest ran before: take its state from QEMU.
+            let status = inner.query_status()?;
+            let mut t = inner.track.lock();
+            t.started = true;
+            match status.as_str() {
+                "running" => t.run = RunState::Running,
+                "guest-panicked" => {
+                    t.run = RunState::Crashed;
+                    drop(t);
+                    inner.set_crashed("the guest kernel panicked and is held".into());
+                }
+                _ => {
+                    t.run = RunState::Paused;
+                    t.want_paused = true;
+                }
+            }
+            inner.detach_on_drop.store(false, Ordering::Release);
+            tracing::info!(instance = %inner.id, pid, %status, "re-attached to a running QEMU");
+            return Ok(inst);
+        }
 
         tracing::info!(
             instance = %inner.id, pid, accel = inst.inner.accel.accel,
@@ -1235,7 +1297,7 @@ impl Instance for QemuInstance {
 impl Drop for QemuInstance {
     fn drop(&mut self) {
         let inner = &self.inner;
-        if inner.exit_info().is_none() {
+        if inner.exit_info().is_none() && !inner.detach_on_drop.load(Ordering::Acquire) {
             {
                 let mut t = inner.track.lock();
                 if t.ending.is_none() {

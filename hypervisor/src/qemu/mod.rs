@@ -248,7 +248,47 @@ impl QemuDriver {
             machine: machine.clone(),
             debugger,
             restored_from,
-            child,
+            child: instance::Proc::Child(child),
+        })
+    }
+
+    /// Re-attaches to the QEMU of `spec` that an earlier process launched
+    /// and that still runs: process `pid`, started at `start_time` (clock
+    /// ticks since boot, see [`crate::process`]), with the accelerator
+    /// `accel` (`kvm` or `tcg`) and the debugger endpoint `debugger` it was
+    /// started with. Connects QMP and the console again and takes the run
+    /// state from QEMU. QEMU keeps running if this fails; a pid that is
+    /// another process now is refused and never signalled. The instance's
+    /// exit status cannot be known (it is no child of this process).
+    pub fn reattach(
+        &self,
+        spec: &InstanceSpec,
+        pid: u32,
+        start_time: u64,
+        accel: &str,
+        debugger: Option<DebugListen>,
+    ) -> Result<QemuInstance, DriverError> {
+        cmdline::validate(spec)?;
+        let spec = &cmdline::absolute_spec(spec)?;
+        let proc = crate::process::Pidfd::adopt(pid, start_time)
+            .map_err(|e| DriverError::Gone(format!("the QEMU of {}: {e}", spec.id)))?;
+        let accel: &'static str = if accel == "kvm" { "kvm" } else { "tcg" };
+        let program = binary(spec)
+            .ok()
+            .and_then(|b| b.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| DEFAULT_BINARY.into());
+        QemuInstance::attach(instance::Launch {
+            id: spec.id.clone(),
+            program,
+            layout: Layout::new(spec),
+            accel: AccelChoice {
+                accel,
+                reason: format!("re-attached; {accel} as recorded at launch"),
+            },
+            machine: MachineRecord::for_launch(spec, accel),
+            debugger,
+            restored_from: None,
+            child: instance::Proc::Adopted(proc),
         })
     }
 }
