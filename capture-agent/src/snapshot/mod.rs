@@ -7,16 +7,23 @@
 //! operation on its own thread and returns at once; the operation reports
 //! its stage (`offsets`, `pausing`, `cut`, `saving`, `resumed`, `packing`,
 //! `uploading` with bytes, `manifest`) through a watch channel. One snapshot
-//! of an instance runs at a time. After each snapshot the retention policy
+//! of an instance runs at a time. Before each cut the engine deletes what
+//! interrupted snapshots of the instance left (store objects without a
+//! manifest, [`vmr_snapshot::sweep_unfinished`], and staging directories
+//! of an earlier agent process). After each snapshot the retention policy
 //! deletes what it no longer keeps (pinned snapshots and the memory bases of
 //! kept ones stay; objects a kept snapshot names stay).
+//!
+//! Scheduled snapshots: one [`schedule::HostSchedule`] per engine, which an
+//! instance joins at its launch (with its period) and leaves at its stop;
+//! the module [`schedule`] gives the staggering rule.
 
 pub mod cut;
 pub mod schedule;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,8 +130,30 @@ struct Inner {
     last_id: Mutex<HashMap<String, String>>,
     /// Per instance, the staging directories of the current microVM chain.
     chains: Mutex<HashMap<String, Vec<String>>>,
-    /// Per instance, its running schedule.
-    schedules: Mutex<HashMap<String, schedule::Schedule>>,
+    /// Operations between their start and the guest's resume.
+    cutting: AtomicUsize,
+    /// The host's scheduled snapshots.
+    host: schedule::HostSchedule,
+}
+
+/// One operation's share of [`Inner::cutting`], given back once.
+struct CutSlot<'a> {
+    inner: &'a Inner,
+    held: AtomicBool,
+}
+
+impl CutSlot<'_> {
+    fn release(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.inner.cutting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for CutSlot<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// The snapshot engine. Cheap to clone.
@@ -170,7 +199,7 @@ impl SnapshotEngine {
             .build()
             .map_err(|e| SnapshotControlError::Internal(e.to_string()))?;
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 cfg,
                 store,
                 rt,
@@ -179,9 +208,59 @@ impl SnapshotEngine {
                 next_op: AtomicU64::new(1),
                 last_id: Mutex::new(HashMap::new()),
                 chains: Mutex::new(HashMap::new()),
-                schedules: Mutex::new(HashMap::new()),
+                cutting: AtomicUsize::new(0),
+                host: schedule::HostSchedule::for_engine(me.clone()),
             }),
         })
+    }
+
+    /// Snapshots between their start and the guest's resume (what a
+    /// scheduled cut waits for).
+    pub fn cuts_running(&self) -> usize {
+        self.inner.cutting.load(Ordering::Acquire)
+    }
+
+    /// The host's schedule.
+    pub fn schedule(&self) -> &schedule::HostSchedule {
+        &self.inner.host
+    }
+
+    /// Deletes what interrupted snapshots of `instance` left, other than
+    /// `current` (the one starting): store objects of ids without a
+    /// manifest, and staging directories that are not links of the
+    /// instance's current microVM chain. Returns the store ids removed.
+    fn sweep(&self, instance: &str, current: &str) -> Vec<String> {
+        let swept = match self.inner.rt.block_on(vmr_snapshot::sweep_unfinished(
+            &self.inner.store,
+            instance,
+            &[current],
+        )) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(%instance, error = %chain(&e), "cannot sweep unfinished snapshots");
+                Vec::new()
+            }
+        };
+        for id in &swept {
+            tracing::info!(%instance, snapshot = %id, "unfinished snapshot removed from the store");
+        }
+        let chain: Vec<String> = self
+            .inner
+            .chains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(instance)
+            .cloned()
+            .unwrap_or_default();
+        let staging = self.inner.cfg.staging_dir.join(instance);
+        for e in std::fs::read_dir(&staging).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != current && !chain.contains(&name) && e.path().is_dir() {
+                tracing::info!(%instance, dir = %e.path().display(), "stale staging directory removed");
+                cut::remove_staging(&e.path());
+            }
+        }
+        swept
     }
 
     /// The store.
@@ -267,8 +346,10 @@ impl SnapshotEngine {
         request: &SnapshotRequest,
         id: &str,
         tx: &watch::Sender<OperationStatus>,
+        cut_over: &(dyn Fn() + Sync),
     ) -> Result<Manifest, String> {
         let instance = inst.id().to_string();
+        self.sweep(&instance, id);
         let all = self.manifests(&instance).map_err(|e| e.to_string())?;
         let base = all
             .iter()
@@ -297,6 +378,15 @@ impl SnapshotEngine {
             endpoints: self.inner.cfg.endpoints.clone(),
         };
         let progress = |s: cut::Stage| {
+            if matches!(
+                s,
+                cut::Stage::Resumed { .. }
+                    | cut::Stage::Packing
+                    | cut::Stage::Uploading { .. }
+                    | cut::Stage::Publishing
+            ) {
+                cut_over();
+            }
             tx.send_modify(|st| {
                 st.stage = s.name().to_string();
                 match s {
@@ -442,10 +532,16 @@ impl SnapshotControl for SnapshotEngine {
             .insert(id.clone(), tx.clone());
         let me = self.clone();
         let snapshot_id = self.new_id(&name);
-        std::thread::Builder::new()
+        self.inner.cutting.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
             .name("snapshot-op".into())
             .spawn(move || {
-                let r = me.run(&instance, &request, &snapshot_id, &tx);
+                let slot = CutSlot {
+                    inner: &me.inner,
+                    held: AtomicBool::new(true),
+                };
+                let r = me.run(&instance, &request, &snapshot_id, &tx, &|| slot.release());
+                slot.release();
                 tx.send_modify(|st| {
                     st.finished_ns = now_ns();
                     match r {
@@ -465,8 +561,11 @@ impl SnapshotControl for SnapshotEngine {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&name);
-            })
-            .map_err(|e| SnapshotControlError::Internal(e.to_string()))?;
+            });
+        if let Err(e) = spawned {
+            self.inner.cutting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SnapshotControlError::Internal(e.to_string()));
+        }
         Ok(status)
     }
 
@@ -539,18 +638,9 @@ impl SnapshotControl for SnapshotEngine {
             incremental: spec.incremental,
             pin: false,
         };
-        match schedule::Schedule::start(self.clone(), vec![instance], period, request) {
-            Ok(s) => {
+        match self.inner.host.join(instance, period, request) {
+            Ok(()) => {
                 tracing::info!(instance = %name, period_s = period.as_secs_f64(), incremental = spec.incremental, "snapshot schedule started");
-                let old = self
-                    .inner
-                    .schedules
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name, s);
-                if let Some(old) = old {
-                    old.stop();
-                }
             }
             Err(e) => {
                 tracing::warn!(instance = %name, error = %e, "cannot start the snapshot schedule")
@@ -559,14 +649,7 @@ impl SnapshotControl for SnapshotEngine {
     }
 
     fn stopping(&self, instance: &str) {
-        let s = self
-            .inner
-            .schedules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(instance);
-        if let Some(s) = s {
-            s.stop();
+        if self.inner.host.leave(instance) {
             tracing::info!(%instance, "snapshot schedule stopped");
         }
     }
