@@ -33,6 +33,92 @@ fn bad_config_file_is_a_usage_error_naming_the_key() {
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
 }
 
+/// Every leaf subcommand of `vmr` (from its clap definition, as `vmr
+/// --help` lists them), each with the test binary that runs its happy path
+/// against real processes.
+const COVERED: &[(&str, &str)] = &[
+    ("doctor", "services"),
+    ("image list", "basics"),
+    ("image show", "basics"),
+    ("image build", "basics"),
+    ("events tail", "services"),
+    ("stack up", "services"),
+    ("stack down", "services"),
+    ("stack status", "services"),
+    ("stack env", "services"),
+    ("replay start", "replay"),
+    ("replay watch", "replay"),
+    ("replay pause", "replay"),
+    ("replay resume", "replay"),
+    ("replay step", "replay"),
+    ("replay run-to", "replay"),
+    ("replay speed", "replay"),
+    ("replay stop", "replay"),
+    ("replay delete", "replay"),
+    ("replay list", "replay"),
+    ("replay show", "replay"),
+    ("replay report", "replay"),
+    ("replay debug", "replay"),
+    ("instance launch", "instance"),
+    ("instance list", "instance"),
+    ("instance show", "instance"),
+    ("instance pause", "instance"),
+    ("instance resume", "instance"),
+    ("instance stop", "instance"),
+    ("instance watch", "instance"),
+    ("snapshot list", "instance"),
+    ("snapshot show", "instance"),
+    ("snapshot take", "instance"),
+    ("snapshot pin", "instance"),
+    ("snapshot delete", "instance"),
+    ("timeline", "replay"),
+    ("completions", "basics"),
+];
+
+fn leaves(c: &clap::Command, prefix: &str, out: &mut Vec<String>) {
+    let subs: Vec<_> = c
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help")
+        .collect();
+    if subs.is_empty() {
+        out.push(prefix.trim().to_string());
+    }
+    for s in subs {
+        leaves(s, &format!("{prefix} {}", s.get_name()), out);
+    }
+}
+
+#[test]
+fn every_subcommand_has_a_test_that_runs_it() {
+    use clap::CommandFactory;
+    let mut all = Vec::new();
+    leaves(&vmr::Cli::command(), "", &mut all);
+    let listed: Vec<String> = COVERED.iter().map(|(c, _)| c.to_string()).collect();
+    let mut sorted = all.clone();
+    sorted.sort();
+    let mut l = listed.clone();
+    l.sort();
+    assert_eq!(
+        sorted, l,
+        "a subcommand was added or removed: list it in COVERED"
+    );
+    let sources = [
+        ("basics", include_str!("basics.rs")),
+        ("services", include_str!("services.rs")),
+        ("replay", include_str!("replay.rs")),
+        ("instance", include_str!("instance.rs")),
+    ];
+    for (cmd, test) in COVERED {
+        let src = sources.iter().find(|(n, _)| n == test).unwrap().1;
+        let flat: String = src.chars().filter(|c| !c.is_whitespace()).collect();
+        let words: Vec<String> = cmd.split(' ').map(|w| format!("\"{w}\"")).collect();
+        assert!(
+            flat.contains(&words.join(",")),
+            "tests/{test}.rs never runs `vmr {cmd}`"
+        );
+    }
+}
+
 #[test]
 fn completions_are_printed() {
     let d = tempfile::tempdir().unwrap();
@@ -46,6 +132,22 @@ fn completions_are_printed() {
     for sub in ["doctor", "image", "events", "stack"] {
         assert!(r.stdout.contains(sub), "completion lacks {sub}");
     }
+    for (shell, mark) in [("zsh", "#compdef vmr"), ("fish", "complete -c vmr")] {
+        let r = vmr(&["completions", shell], d.path());
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(
+            r.stdout.contains(mark),
+            "{shell}: {}",
+            &r.stdout[..r.stdout.len().min(400)]
+        );
+        assert!(
+            r.stdout.contains("run-to"),
+            "{shell} completion lacks run-to"
+        );
+    }
+    let r = vmr(&["completions", "tcsh"], d.path());
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("tcsh"), "{r:?}");
 }
 
 fn demo_image() -> std::path::PathBuf {

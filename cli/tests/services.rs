@@ -517,3 +517,163 @@ fn stack_up_status_env_down() {
         run.stderr
     );
 }
+
+/// Whether something accepts TCP connections at `addr`.
+fn listening(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("a socket address"),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its parent to
+/// reap it has exited and counts as gone).
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?");
+            state != "Z" && state != "X"
+        }
+    }
+}
+
+#[test]
+fn embedded_default_starts_the_local_stack_and_stack_down_stops_it() {
+    // Nothing configured: the default addresses of the local stack.
+    const BROKER: &str = "127.0.0.1:19092";
+    const REGISTRY: &str = "127.0.0.1:18081";
+    let tansu = vmr_testkit::broker::tansu_path();
+    assert!(
+        tansu.is_file(),
+        "Tansu is missing at {} (scripts/setup.sh builds it)",
+        tansu.display()
+    );
+    for a in [BROKER, REGISTRY] {
+        assert!(
+            !listening(a),
+            "something already listens on {a}, the local stack's default address \
+             (a running local stack? stop it with `vmr stack down`)"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    // Only the data directory: no broker, registry or store configured.
+    let e = [("VMR_DATA_DIR", d.as_str())];
+    struct Down<'a>(&'a [(&'a str, &'a str)]);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = vmr_env(&["stack", "down"], self.0, Duration::from_secs(60));
+        }
+    }
+    let _down = Down(&e);
+    let t = Duration::from_secs(240);
+
+    // A command that needs the broker starts the stack itself and says so.
+    let run = vmr_env(&["--json", "events", "tail", "--timeout", "30"], &e, t);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "", "no events recorded yet");
+    let stack_dir = dir.path().join("stack");
+    assert!(
+        run.stderr.contains(&format!(
+            "no broker configured and none at {BROKER}: starting the local stack in {}",
+            stack_dir.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("{\"events\":0,\"skipped\":0}"),
+        "{}",
+        run.stderr
+    );
+    let pids: Vec<u32> = ["broker", "registry"]
+        .iter()
+        .map(|s| {
+            let f = stack_dir.join(format!("{s}.pid"));
+            std::fs::read_to_string(&f)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        })
+        .collect();
+    for p in &pids {
+        assert!(process_running(*p), "stack process {p} is not running");
+    }
+    assert!(listening(BROKER) && listening(REGISTRY));
+
+    // The broker (every topic), the registry (schemas registered) and the
+    // filesystem store answer, as the doctor checks them.
+    let objects = format!("file://{}", stack_dir.join("objects").display());
+    let with_store = [
+        ("VMR_DATA_DIR", d.as_str()),
+        ("VMR_OBJECT_STORE_URL", &objects),
+    ];
+    let run = vmr_env(&["--json", "doctor"], &with_store, Duration::from_secs(90));
+    assert_eq!(run.code, 0, "{run:?}");
+    let v = run.json();
+    for name in ["broker", "registry", "object-store"] {
+        let c = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {v}"));
+        assert_eq!(c["status"], "ok", "{c}");
+    }
+    // A store-reading command uses the stack's store without configuration.
+    let run = vmr_env(&["--json", "snapshot", "list", "vm-none"], &e, t);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["source"], objects.as_str());
+    // The running stack is reused, not started again.
+    let run = vmr_env(&["events", "tail", "--timeout", "30"], &e, t);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        !run.stderr.contains("starting the local stack"),
+        "{}",
+        run.stderr
+    );
+    let run = vmr_env(&["--json", "stack", "status"], &e, t);
+    assert_eq!(run.code, 0, "{run:?}");
+    let v = run.json();
+    let running: Vec<u64> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_u64().unwrap_or_else(|| panic!("{v}")))
+        .collect();
+    assert_eq!(
+        running,
+        pids.iter().map(|p| u64::from(*p)).collect::<Vec<_>>()
+    );
+
+    // Stopped when asked: the processes are gone, the ports closed, the
+    // data kept.
+    let run = vmr_env(&["--json", "stack", "down"], &e, t);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["stopped"], true, "{run:?}");
+    let start = std::time::Instant::now();
+    while pids.iter().any(|p| process_running(*p)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "stack processes {pids:?} still run after `stack down`"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for a in [BROKER, REGISTRY] {
+        assert!(!listening(a), "{a} still answers after `stack down`");
+    }
+    for s in ["broker", "registry"] {
+        assert!(!stack_dir.join(format!("{s}.pid")).exists());
+    }
+    assert!(stack_dir.join("broker").is_dir(), "the broker's data stays");
+    let run = vmr_env(&["--json", "stack", "status"], &e, t);
+    for s in run.json()["services"].as_array().unwrap() {
+        assert_eq!(s["running"], false, "{run:?}");
+    }
+}
