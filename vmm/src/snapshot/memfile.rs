@@ -22,7 +22,7 @@
 //! The file is exactly `D + 4096 n` bytes long.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -79,6 +79,11 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Writes a full memory file; returns the number of non-zero pages written.
 pub fn write_full(path: &Path, mem: &[u8]) -> Result<u64, MemFileError> {
+    write_full_file(path, mem).map(|(n, _)| n)
+}
+
+/// As [`write_full`], also returning the open (unsynced) file.
+pub fn write_full_file(path: &Path, mem: &[u8]) -> Result<(u64, File), MemFileError> {
     let f = File::create(path).map_err(io(path))?;
     f.set_len(mem.len() as u64).map_err(io(path))?;
     let ps = PAGE_SIZE as usize;
@@ -98,7 +103,7 @@ pub fn write_full(path: &Path, mem: &[u8]) -> Result<u64, MemFileError> {
             .map_err(io(path))?;
         written += (page - start) as u64;
     }
-    Ok(written)
+    Ok((written, f))
 }
 
 /// Header of a diff file.
@@ -116,37 +121,120 @@ fn data_offset(n: u64) -> u64 {
     (DIFF_HEADER_LEN + 8 * n).div_ceil(PAGE_SIZE) * PAGE_SIZE
 }
 
+/// Most iovecs one `pwritev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Writes all of `bufs` at `offset` with `pwritev`, `IOV_MAX` iovecs at a
+/// time, resuming after short writes.
+fn pwritev_all(f: &File, bufs: &[&[u8]], mut offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut at = 0;
+    while at < iov.len() {
+        let n = (iov.len() - at).min(IOV_MAX);
+        // SAFETY: the iovecs point into `bufs`, which outlive the call and
+        // are only read; the descriptor is open for writing.
+        let r = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                iov[at..].as_ptr(),
+                n as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = r as usize;
+        offset += left as u64;
+        while left > 0 {
+            let v = &mut iov[at];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                at += 1;
+            } else {
+                // SAFETY: advancing within the same buffer (left < len).
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes an incremental memory file with the pages marked in `dirty`.
+///
+/// The pages go straight from `mem` to the file (no intermediate buffer):
+/// one iovec per run of consecutive dirty pages, up to `IOV_MAX` runs per
+/// `pwritev`. The file is not synced; see [`write_diff_file`].
 pub fn write_diff(path: &Path, mem: &[u8], dirty: &PageBitmap) -> Result<u64, MemFileError> {
-    let pages: Vec<u64> = dirty.iter().collect();
-    let n = pages.len() as u64;
-    let mut head = Vec::with_capacity((DIFF_HEADER_LEN + 8 * n) as usize);
+    write_diff_file(path, mem, dirty).map(|(n, _)| n)
+}
+
+/// As [`write_diff`], also returning the open file, so the caller can sync
+/// it (for example alongside other files) without opening it again.
+pub fn write_diff_file(
+    path: &Path,
+    mem: &[u8],
+    dirty: &PageBitmap,
+) -> Result<(u64, File), MemFileError> {
+    let ps = PAGE_SIZE as usize;
+    let mut index = Vec::with_capacity(8 * dirty.count() as usize);
+    // Runs of consecutive pages: (first page, length).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for p in dirty.iter() {
+        index.extend_from_slice(&p.to_le_bytes());
+        let p = p as usize;
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    let n = (index.len() / 8) as u64;
+    if let Some((start, len)) = runs.last() {
+        if (start + len) * ps > mem.len() {
+            return Err(malformed(
+                path,
+                format!("dirty page {} beyond guest memory", start + len - 1),
+            ));
+        }
+    }
+    let mut head = Vec::with_capacity(data_offset(n) as usize);
     head.extend_from_slice(&DIFF_MAGIC);
     head.extend_from_slice(&DIFF_VERSION.to_le_bytes());
     head.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
     head.extend_from_slice(&(mem.len() as u64).to_le_bytes());
     head.extend_from_slice(&n.to_le_bytes());
-    let mut index = Vec::with_capacity(8 * pages.len());
-    for p in &pages {
-        index.extend_from_slice(&p.to_le_bytes());
-    }
     let mut h = crc32fast::Hasher::new();
     h.update(&head);
     h.update(&index);
     head.extend_from_slice(&h.finalize().to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
     head.extend_from_slice(&index);
-    let d = data_offset(n);
-    head.resize(d as usize, 0);
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path).map_err(io(path))?);
-    f.write_all(&head).map_err(io(path))?;
-    let ps = PAGE_SIZE as usize;
-    for p in &pages {
-        let o = *p as usize * ps;
-        f.write_all(&mem[o..o + ps]).map_err(io(path))?;
+    head.resize(data_offset(n) as usize, 0);
+    let f = File::create(path).map_err(io(path))?;
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(runs.len() + 1);
+    bufs.push(&head);
+    for (start, len) in &runs {
+        bufs.push(&mem[start * ps..(start + len) * ps]);
     }
-    f.flush().map_err(io(path))?;
-    Ok(n)
+    pwritev_all(&f, &bufs, 0).map_err(io(path))?;
+    Ok((n, f))
 }
 
 /// Reads and checks a diff file's header and index.
@@ -348,5 +436,36 @@ mod tests {
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&p, &bytes).expect("writable");
         assert!(read_diff_header(&p, mem.len() as u64).is_err());
+    }
+
+    #[test]
+    fn diff_with_more_runs_than_one_pwritev_takes_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pages = 3 * IOV_MAX + 100;
+        let mut mem = vec![0u8; pages * 4096];
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = (i / 4096 % 251) as u8 ^ (i % 7) as u8;
+        }
+        // Every other page (one run each), plus a run of 5 at the end.
+        let mut dirty = PageBitmap::new(pages as u64);
+        for p in (0..pages - 10).step_by(2) {
+            dirty.set(p as u64);
+        }
+        for p in pages - 5..pages {
+            dirty.set(p as u64);
+        }
+        let p = dir.path().join("memory.diff");
+        let n = write_diff(&p, &mem, &dirty).expect("writes");
+        assert_eq!(n, dirty.count());
+        let mut back = vec![0u8; mem.len()];
+        assert_eq!(apply_diff(&p, &mut back).expect("applies"), n);
+        for pg in 0..pages {
+            let r = pg * 4096..(pg + 1) * 4096;
+            if dirty.get(pg as u64) {
+                assert!(back[r.clone()] == mem[r], "page {pg} differs");
+            } else {
+                assert!(back[r].iter().all(|b| *b == 0), "page {pg} written");
+            }
+        }
     }
 }

@@ -371,6 +371,18 @@ impl SnapshotData {
     /// As [`SnapshotData::store`]; without `fsync` the file is renamed into
     /// place without waiting for it to reach the disk.
     pub fn store_with_sync(&self, dir: &Path, fsync: bool) -> Result<(), SnapshotError> {
+        let pending = self.write_pending(dir)?;
+        if fsync {
+            pending.sync()?;
+        }
+        pending.commit()
+    }
+
+    /// Writes the state into a temporary file in `dir`, not yet synced nor
+    /// renamed into place: [`PendingState::sync`] then
+    /// [`PendingState::commit`] finish what [`SnapshotData::store`] does, so
+    /// a caller can sync it together with other files.
+    pub fn write_pending(&self, dir: &Path) -> Result<PendingState, SnapshotError> {
         let path = dir.join(STATE_FILE);
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let bytes = self.encode().map_err(|source| SnapshotError::Format {
@@ -381,15 +393,45 @@ impl SnapshotData {
             path: path.display().to_string(),
             source,
         };
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            if fsync {
-                f.sync_all().map_err(io)?;
-            }
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        Ok(PendingState { path, tmp, file })
+    }
+}
+
+/// A state file written under a temporary name (see
+/// [`SnapshotData::write_pending`]).
+#[derive(Debug)]
+pub struct PendingState {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::fs::File,
+}
+
+impl PendingState {
+    fn io(&self) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+        move |source| SnapshotError::Io {
+            path: self.path.display().to_string(),
+            source,
         }
-        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// The open temporary file (to sync it alongside others).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// `fdatasync` of the temporary file: its bytes and its length (the
+    /// only metadata a reader needs) reach the disk.
+    pub fn sync(&self) -> Result<(), SnapshotError> {
+        self.file.sync_data().map_err(self.io())
+    }
+
+    /// Renames the temporary file into place (the caller fsyncs the
+    /// directory to make the rename durable).
+    pub fn commit(self) -> Result<(), SnapshotError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(self.io())
     }
 }
 

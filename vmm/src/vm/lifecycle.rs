@@ -182,6 +182,7 @@ impl Vm {
             events,
             extra_dirty: Mutex::new(PageBitmap::new(mem_size / PAGE_SIZE)),
             last_snapshot: Mutex::new(None),
+            last_chain: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
             device_infos: Mutex::new(Vec::new()),
             state: Mutex::new(RunState::Created),

@@ -159,6 +159,9 @@ pub struct Vm {
     /// Canonical directory of the last snapshot written or restored (the
     /// parent of the next incremental one).
     last_snapshot: Mutex<Option<PathBuf>>,
+    /// The memory files of `last_snapshot`'s chain, newest first, when this
+    /// VM wrote that snapshot (empty: not known, read from the files).
+    last_chain: Mutex<Vec<PathBuf>>,
     devices: Mutex<Vec<Arc<dyn SnapshotDevice>>>,
     device_infos: Mutex<Vec<DeviceInfo>>,
     state: Mutex<RunState>,

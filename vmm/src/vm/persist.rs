@@ -106,6 +106,22 @@ fn fsync(path: &Path) -> Result<(), VmError> {
         .map_err(io_err(path))
 }
 
+/// Runs two syncs at once (the second on this thread), so the filesystem
+/// can serve them with one journal commit; the first error wins.
+fn sync_together(
+    a: impl FnOnce() -> Result<(), VmError> + Send,
+    b: impl FnOnce() -> Result<(), VmError>,
+) -> Result<(), VmError> {
+    std::thread::scope(|s| {
+        let h = s.spawn(a);
+        let rb = b();
+        let ra = h
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Config("a snapshot sync thread panicked".into())));
+        ra.and(rb)
+    })
+}
+
 /// The dirty-page set a snapshot drained, and the first device that could
 /// not report its backend's pages.
 struct Drained {
@@ -247,10 +263,12 @@ impl Vm {
         // the guest runs on.
         // A full snapshot depends on nothing, so a chain that is gone (uploaded
         // and removed) only matters to an incremental one.
+        let mut chain = Vec::new();
         if let Some(p) = &parent {
-            match snapshot::memory_chain(p) {
-                Ok(chain) => {
-                    for (file, _, _) in chain {
+            match self.parent_chain(p) {
+                Ok(c) => {
+                    chain = c;
+                    for file in &chain {
                         if file.parent() == Some(dir.as_path()) {
                             return Err(VmError::Config(format!(
                                 "{} holds a snapshot this VM depends on; write to another directory",
@@ -280,7 +298,14 @@ impl Vm {
 
         let drained = self.drain_dirty()?;
         match self.write_snapshot(&dir, kind, parent.as_deref(), &drained) {
-            Ok(info) => Ok(info),
+            Ok((info, file)) => {
+                if kind == MemoryKind::Full {
+                    chain.clear();
+                }
+                chain.insert(0, file);
+                *self.last_chain.lock().unwrap_or_else(|p| p.into_inner()) = chain;
+                Ok(info)
+            }
             Err(e) => {
                 self.keep_dirty(&drained.dirty);
                 warn!(
@@ -295,13 +320,42 @@ impl Vm {
         }
     }
 
+    /// The memory files of the chain ending at `parent` (the last
+    /// snapshot), newest first. When this VM wrote that snapshot, the chain
+    /// it remembers is checked to be still in place (one `stat` per link)
+    /// instead of reading every link's state file again.
+    fn parent_chain(&self, parent: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+        let known = self
+            .last_chain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.first().and_then(|f| f.parent()) != Some(parent) {
+            return Ok(snapshot::memory_chain(parent)?
+                .into_iter()
+                .map(|(f, _, _)| f)
+                .collect());
+        }
+        for f in &known {
+            let state = f.with_file_name(snapshot::STATE_FILE);
+            for p in [f, &state] {
+                std::fs::metadata(p).map_err(|source| SnapshotError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        Ok(known)
+    }
+
+    /// Writes the snapshot's files; returns its info and its memory file.
     fn write_snapshot(
         &self,
         dir: &Path,
         kind: MemoryKind,
         parent: Option<&Path>,
         drained: &Drained,
-    ) -> Result<SnapshotInfo, VmError> {
+    ) -> Result<(SnapshotInfo, PathBuf), VmError> {
         if let (MemoryKind::Incremental, Some(id)) = (kind, &drained.unknown_device) {
             return Err(VmError::Device {
                 id: id.clone(),
@@ -336,21 +390,18 @@ impl Vm {
         // SAFETY: vCPUs are paused and devices quiesced, so nothing writes
         // guest memory while it is copied out.
         let mem = unsafe { self.memory.as_slice() };
-        let (file, pages) = match kind {
-            MemoryKind::Full => {
-                let n = memfile::write_full(&dir.join(snapshot::FULL_MEMORY_FILE), mem)
-                    .map_err(SnapshotError::from)?;
-                (snapshot::FULL_MEMORY_FILE, n)
-            }
-            MemoryKind::Incremental => {
-                let n = memfile::write_diff(&dir.join(snapshot::DIFF_MEMORY_FILE), mem, dirty)
-                    .map_err(SnapshotError::from)?;
-                (snapshot::DIFF_MEMORY_FILE, n)
-            }
+        let (file, (pages, mem_file)) = match kind {
+            MemoryKind::Full => (
+                snapshot::FULL_MEMORY_FILE,
+                memfile::write_full_file(&dir.join(snapshot::FULL_MEMORY_FILE), mem)
+                    .map_err(SnapshotError::from)?,
+            ),
+            MemoryKind::Incremental => (
+                snapshot::DIFF_MEMORY_FILE,
+                memfile::write_diff_file(&dir.join(snapshot::DIFF_MEMORY_FILE), mem, dirty)
+                    .map_err(SnapshotError::from)?,
+            ),
         };
-        if sync {
-            fsync(&dir.join(file))?;
-        }
         // A directory reused for another kind must not keep a stale file.
         let other = match kind {
             MemoryKind::Full => snapshot::DIFF_MEMORY_FILE,
@@ -388,13 +439,25 @@ impl Vm {
             serial,
             devices,
         };
-        data.store_with_sync(dir, sync)?;
+        let state = data.write_pending(dir)?;
+        if sync {
+            // Both files' data (and lengths) in one go: synced from two
+            // threads, they usually share one journal commit. The state
+            // file is renamed into place only after both are durable.
+            let mem_path = dir.join(file);
+            sync_together(
+                || mem_file.sync_data().map_err(io_err(&mem_path)),
+                || Ok(state.sync()?),
+            )?;
+        }
+        drop(mem_file);
+        state.commit()?;
         if sync {
             // The state file's name in `dir`, and `dir`'s in its parent
             // (it may be new).
-            fsync(dir)?;
-            if let Some(up) = dir.parent() {
-                fsync(up)?;
+            match dir.parent() {
+                Some(up) => sync_together(|| fsync(dir), || fsync(up))?,
+                None => fsync(dir)?,
             }
         }
         *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
@@ -404,13 +467,16 @@ impl Vm {
             format!("{kind:?}"),
             Some(id.clone()),
         );
-        Ok(SnapshotInfo {
-            dir: dir.to_path_buf(),
-            id,
-            kind,
-            pages,
-            dirty_pages: dirty.iter().collect(),
-        })
+        Ok((
+            SnapshotInfo {
+                dir: dir.to_path_buf(),
+                id,
+                kind,
+                pages,
+                dirty_pages: dirty.iter().collect(),
+            },
+            dir.join(file),
+        ))
     }
 
     /// Builds a new, paused VM from a snapshot directory (following its
