@@ -24,13 +24,16 @@ use std::time::{Duration, Instant};
 use vhost_tap::capture::{SpoolItem, SpoolReader};
 use vhost_tap::seq::{FileSeq, SeqSource};
 use vmr_hypervisor::image::{DiskSource, MachineImage};
-use vmr_hypervisor::{Accel, DriverError, ExitInfo, Instance, RunState};
+use vmr_hypervisor::{Accel, DebugListen, DriverError, ExitInfo, Instance, RunState};
 use vmr_proto::domain::LifecycleKind;
 use vmr_proto::InstanceId;
 
 use crate::config::{SensorsConfig, ShipperConfig};
 use crate::events::{EventLog, EventLogConfig, EventsError};
 use crate::metrics::{MetricsSnapshot, ShipperMetrics};
+use crate::record::{
+    BackendRecord, GuestRecord, InstanceRecord, ProcessRef, RecordFile, RECORD_FILE, RECORD_VERSION,
+};
 use crate::sensors::{Inventory, Schedule, SensorLoop, Sensors};
 use crate::shipper::{display_chain, Shipper, ShipperHandle, ShipperOptions};
 use crate::source::{SourceError, SpoolSource};
@@ -80,6 +83,9 @@ pub enum InstanceError {
     /// The instance was stopped.
     #[error("the instance is stopped")]
     Stopped,
+    /// The instance record could not be written.
+    #[error("instance record")]
+    Record(#[from] crate::record::RecordError),
 }
 
 /// Settings of one device of the image.
@@ -144,6 +150,12 @@ pub struct LaunchOptions {
     pub drain_timeout: Duration,
     /// Told about every lifecycle change.
     pub on_note: Option<NoteHook>,
+    /// Keep a durable record of the instance (`<data>/<instance>/instance.json`,
+    /// see [`crate::record`]) holding this spec (`vmr.v1.InstanceSpec`,
+    /// protobuf), so a restarted agent can re-attach; `None`: no record.
+    pub record_spec: Option<Vec<u8>>,
+    /// Wall time of the launch (ns since the Unix epoch) for the record.
+    pub launched_ns: u64,
 }
 
 impl std::fmt::Debug for LaunchOptions {
@@ -183,6 +195,8 @@ impl LaunchOptions {
             stop_grace: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             on_note: None,
+            record_spec: None,
+            launched_ns: 0,
         }
     }
 }
@@ -252,6 +266,19 @@ pub struct RecordedInstance {
     stop_grace: Duration,
     drain_timeout: Duration,
     on_note: Option<NoteHook>,
+    record: Option<Arc<RecordFile>>,
+}
+
+/// What [`RecordedInstance::reattach`] found.
+pub struct Reattached {
+    /// The instance: shipping its spools, its backends supervised.
+    pub instance: RecordedInstance,
+    /// Whether its guest still ran and is re-attached (else it ended while
+    /// no agent ran: a CRASH lifecycle event says so, and the instance
+    /// only ships what its spools hold until it is stopped).
+    pub guest_alive: bool,
+    /// What was found, for the log and the lifecycle history.
+    pub detail: String,
 }
 
 /// Driver events that become lifecycle events in the agent's log.
@@ -323,6 +350,128 @@ fn now_wall_ns() -> u64 {
         .unwrap_or(0)
 }
 
+fn check_devices(opts: &LaunchOptions, image: &MachineImage) -> Result<(), InstanceError> {
+    for (name, d) in &opts.devices {
+        let field = format!("devices[{name}]");
+        let kind = if image.disks.iter().any(|x| &x.name == name) {
+            "block"
+        } else if image.nics.iter().any(|x| &x.name == name) {
+            "net"
+        } else {
+            return Err(InstanceError::Device {
+                field,
+                reason: format!("the image {} has no device {name:?}", image.name),
+            });
+        };
+        if let Some(f) = &d.filter {
+            if f.kind() != kind {
+                return Err(InstanceError::Device {
+                    field: format!("{field}.filter"),
+                    reason: format!("{name} is a {kind} device; give a {kind} filter"),
+                });
+            }
+        }
+        if d.tap.is_some() && kind != "net" {
+            return Err(InstanceError::Device {
+                field: format!("{field}.tap"),
+                reason: format!("{name} is not a NIC"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One backend per disk and NIC of the image (creating missing disks).
+fn backend_specs(
+    opts: &LaunchOptions,
+    image: &MachineImage,
+    dirs: &InstanceDirs,
+) -> Result<Vec<BackendSpec>, InstanceError> {
+    let dev_opts = |name: &str| opts.devices.get(name).cloned().unwrap_or_default();
+    let mut specs = Vec::new();
+    for d in &image.disks {
+        let path = dirs.root.join(format!("{}.img", d.name));
+        make_disk(&d.source, &path).map_err(|source| InstanceError::Disk {
+            path: path.clone(),
+            source,
+        })?;
+        // The disk is the image under a chain of copy-on-write layers,
+        // so a snapshot can freeze the top one (crate::snapshot).
+        let layers = dirs.root.join(format!("{}.layers", d.name));
+        std::fs::create_dir_all(&layers).map_err(|source| InstanceError::Disk {
+            path: layers.clone(),
+            source,
+        })?;
+        specs.push(BackendSpec {
+            device: d.name.clone(),
+            kind: BackendKind::Blk { image: path },
+            extra_args: vec![
+                "--overlay".into(),
+                layers.join("base").display().to_string(),
+            ],
+            filter: dev_opts(&d.name).filter,
+        });
+    }
+    for (i, n) in image.nics.iter().enumerate() {
+        let o = dev_opts(&n.name);
+        specs.push(BackendSpec {
+            device: n.name.clone(),
+            kind: BackendKind::Net {
+                tap: o.tap.unwrap_or_else(|| format!("{}{i}", opts.tap_prefix)),
+                netns: opts.netns.clone(),
+            },
+            extra_args: Vec::new(),
+            filter: o.filter,
+        });
+    }
+    Ok(specs)
+}
+
+fn device_infos(specs: &[BackendSpec], dirs: &InstanceDirs) -> Vec<DeviceInfo> {
+    specs
+        .iter()
+        .map(|s| DeviceInfo {
+            name: s.device.clone(),
+            kind: s.kind.clone(),
+            spool: dirs.spool(&s.device),
+            control: dirs.control(&s.device),
+            disk: matches!(s.kind, BackendKind::Blk { .. }),
+            layers: None,
+        })
+        .collect()
+}
+
+/// The driver's spec of the guest.
+fn guest_spec(
+    opts: &LaunchOptions,
+    image: &MachineImage,
+    dirs: &InstanceDirs,
+) -> Result<vmr_hypervisor::InstanceSpec, InstanceError> {
+    let work = dirs.root.join("work");
+    std::fs::create_dir_all(&work).map_err(|source| InstanceError::Disk {
+        path: work.clone(),
+        source,
+    })?;
+    let mut spec = image
+        .instance_spec(&opts.driver, opts.instance.as_str(), &work, |d| {
+            dirs.socket(d)
+        })
+        .map_err(InstanceError::Image)?;
+    spec.qemu.accel = opts.accel;
+    if opts.qemu_binary.is_some() {
+        spec.qemu.binary = opts.qemu_binary.clone();
+    }
+    Ok(spec)
+}
+
+fn parse_debugger(s: &str) -> Option<DebugListen> {
+    if let Some(a) = s.strip_prefix("tcp:") {
+        return a.parse().ok().map(DebugListen::Tcp);
+    }
+    s.strip_prefix("unix:")
+        .map(|p| DebugListen::Unix(PathBuf::from(p)))
+}
+
 impl RecordedInstance {
     /// Launches the instance; on failure, whatever was started is stopped.
     pub fn launch(opts: LaunchOptions) -> Result<Self, InstanceError> {
@@ -334,92 +483,172 @@ impl RecordedInstance {
                 PathBuf::new()
             })
             .map_err(InstanceError::Image)?;
-        for (name, d) in &opts.devices {
-            let field = format!("devices[{name}]");
-            let kind = if image.disks.iter().any(|x| &x.name == name) {
-                "block"
-            } else if image.nics.iter().any(|x| &x.name == name) {
-                "net"
-            } else {
-                return Err(InstanceError::Device {
-                    field,
-                    reason: format!("the image {} has no device {name:?}", image.name),
-                });
-            };
-            if let Some(f) = &d.filter {
-                if f.kind() != kind {
-                    return Err(InstanceError::Device {
-                        field: format!("{field}.filter"),
-                        reason: format!("{name} is a {kind} device; give a {kind} filter"),
-                    });
-                }
-            }
-            if d.tap.is_some() && kind != "net" {
-                return Err(InstanceError::Device {
-                    field: format!("{field}.tap"),
-                    reason: format!("{name} is not a NIC"),
-                });
-            }
-        }
+        check_devices(&opts, &image)?;
         let dirs = InstanceDirs::new(&opts.data_dir, &opts.instance);
         std::fs::create_dir_all(&dirs.root).map_err(|source| InstanceError::Disk {
             path: dirs.root.clone(),
             source,
         })?;
-        let dev_opts = |name: &str| opts.devices.get(name).cloned().unwrap_or_default();
-        let mut specs = Vec::new();
-        for d in &image.disks {
-            let path = dirs.root.join(format!("{}.img", d.name));
-            make_disk(&d.source, &path).map_err(|source| InstanceError::Disk {
-                path: path.clone(),
-                source,
-            })?;
-            // The disk is the image under a chain of copy-on-write layers,
-            // so a snapshot can freeze the top one (crate::snapshot).
-            let layers = dirs.root.join(format!("{}.layers", d.name));
-            std::fs::create_dir_all(&layers).map_err(|source| InstanceError::Disk {
-                path: layers.clone(),
-                source,
-            })?;
-            specs.push(BackendSpec {
-                device: d.name.clone(),
-                kind: BackendKind::Blk { image: path },
-                extra_args: vec![
-                    "--overlay".into(),
-                    layers.join("base").display().to_string(),
-                ],
-                filter: dev_opts(&d.name).filter,
-            });
-        }
-        for (i, n) in image.nics.iter().enumerate() {
-            let o = dev_opts(&n.name);
-            specs.push(BackendSpec {
-                device: n.name.clone(),
-                kind: BackendKind::Net {
-                    tap: o.tap.unwrap_or_else(|| format!("{}{i}", opts.tap_prefix)),
-                    netns: opts.netns.clone(),
-                },
-                extra_args: Vec::new(),
-                filter: o.filter,
-            });
-        }
-        let devices: Vec<DeviceInfo> = specs
-            .iter()
-            .map(|s| DeviceInfo {
-                name: s.device.clone(),
-                kind: s.kind.clone(),
-                spool: dirs.spool(&s.device),
-                control: dirs.control(&s.device),
-                disk: matches!(s.kind, BackendKind::Blk { .. }),
-                layers: None,
-            })
-            .collect();
+        let specs = backend_specs(&opts, &image, &dirs)?;
+        let devices = device_infos(&specs, &dirs);
         let supervisor = Supervisor::start(
             opts.instance.clone(),
             &opts.data_dir,
             specs,
             opts.supervisor.clone(),
         )?;
+        let mut me = Self::assemble(&opts, &image, &dirs, devices, supervisor)?;
+        let spec = guest_spec(&opts, &image, &dirs)?;
+        let guest: Arc<dyn Instance> =
+            Arc::from(driver.launch(&spec).map_err(InstanceError::Driver)?);
+        me.attach_guest(guest)?;
+        if let Some(spec_pb) = &opts.record_spec {
+            let rec = me.new_record(&opts, spec_pb);
+            me.keep_record(RecordFile::create(dirs.root.join(RECORD_FILE), rec)?);
+        }
+        tracing::info!(instance = %me.instance, driver = %opts.driver, image = %me.image.name, "recorded instance running");
+        Ok(me)
+    }
+
+    /// Takes over an instance an earlier agent process launched, from its
+    /// record: adopts the backends that still run (starting the missing
+    /// ones when the guest lives), ships every spool from where Kafka says
+    /// it stopped, restarts the sensors, and re-attaches to the guest if
+    /// its process is still the recorded one (QEMU, over QMP). A guest that
+    /// ended meanwhile (a microVM always does: it ran inside the agent) is
+    /// recorded as a CRASH lifecycle event. No process other than the
+    /// recorded ones (same pid and start time) is ever signalled.
+    pub fn reattach(
+        opts: LaunchOptions,
+        rec: &InstanceRecord,
+    ) -> Result<Reattached, InstanceError> {
+        let image = MachineImage::load(&opts.image_dir).map_err(InstanceError::Image)?;
+        check_devices(&opts, &image)?;
+        let dirs = InstanceDirs::new(&opts.data_dir, &opts.instance);
+        let specs = backend_specs(&opts, &image, &dirs)?;
+        let devices = device_infos(&specs, &dirs);
+        let guest_proc = rec.guest.process.filter(|_| !rec.guest.in_agent);
+        let mut guest_alive = guest_proc.is_some_and(|p| p.alive());
+        let adopt: Vec<(BackendSpec, Option<(u32, u64)>)> = specs
+            .into_iter()
+            .map(|s| {
+                let p = rec
+                    .backends
+                    .iter()
+                    .find(|b| b.device == s.device)
+                    .and_then(|b| b.process)
+                    .map(|p| (p.pid, p.start_time));
+                (s, p)
+            })
+            .collect();
+        let supervisor = Supervisor::adopt(
+            opts.instance.clone(),
+            &opts.data_dir,
+            adopt,
+            opts.supervisor.clone(),
+            guest_alive,
+        )?;
+        let mut me = Self::assemble(&opts, &image, &dirs, devices, supervisor)?;
+        let mut detail = String::new();
+        if guest_alive {
+            let p = guest_proc.expect("alive implies a process");
+            let spec = guest_spec(&opts, &image, &dirs)?;
+            let debugger = rec.guest.debugger.as_deref().and_then(parse_debugger);
+            let accel = rec.guest.accel.clone().unwrap_or_else(|| "tcg".into());
+            match vmr_hypervisor::qemu::QemuDriver.reattach(
+                &spec,
+                p.pid,
+                p.start_time,
+                &accel,
+                debugger,
+            ) {
+                Ok(g) => {
+                    me.attach_guest(Arc::new(g))?;
+                    detail = format!(
+                        "re-attached after an agent restart: guest pid {}, backends {}",
+                        p.pid,
+                        me.backends()
+                            .iter()
+                            .map(|b| format!(
+                                "{}={}",
+                                b.device,
+                                b.pid.map_or("restarting".to_string(), |p| p.to_string())
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+                Err(e) => {
+                    guest_alive = false;
+                    detail = format!(
+                        "the guest process (pid {}) runs but cannot be re-attached: {}; it is left running",
+                        p.pid,
+                        vmr_hypervisor::error_chain(&e)
+                    );
+                }
+            }
+        } else if rec.guest.in_agent {
+            detail = format!(
+                "the {} guest ran inside the agent process (pid {}) and ended with it",
+                rec.driver, rec.agent.pid
+            );
+        } else if detail.is_empty() {
+            detail = match guest_proc {
+                Some(p) => format!(
+                    "the guest process (pid {}) ended while the agent was down",
+                    p.pid
+                ),
+                None => "no guest process was recorded".to_string(),
+            };
+        }
+        let path = dirs.root.join(RECORD_FILE);
+        if guest_alive {
+            let spec_pb = rec.spec_bytes().unwrap_or_default();
+            let mut fresh = me.new_record(&opts, &spec_pb);
+            fresh.launched_ns = rec.launched_ns;
+            fresh.guest.accel = rec.guest.accel.clone();
+            me.keep_record(RecordFile::create(path, fresh)?);
+            tracing::info!(instance = %me.instance, %detail, "recorded instance re-attached");
+        } else {
+            // Stopping the instance removes the record.
+            me.record = Some(Arc::new(RecordFile::create(path, rec.clone())?));
+            let kind = LifecycleKind::Crash;
+            let seq = match me.events.lifecycle(kind, &detail) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    tracing::warn!(instance = %me.instance, error = %display_chain(&e), "cannot record the crash");
+                    0
+                }
+            };
+            tracing::warn!(instance = %me.instance, seq, %detail, "the guest did not survive the agent restart; shipping what its spools hold");
+            if let Some(h) = &me.on_note {
+                h(
+                    &me.instance,
+                    &InstanceNote {
+                        kind: Some(kind),
+                        detail: detail.clone(),
+                        seq,
+                        wall_time_ns: now_wall_ns(),
+                    },
+                );
+            }
+        }
+        Ok(Reattached {
+            instance: me,
+            guest_alive,
+            detail,
+        })
+    }
+
+    /// The event log, shippers and sensors over started (or adopted)
+    /// backends.
+    fn assemble(
+        opts: &LaunchOptions,
+        image: &MachineImage,
+        dirs: &InstanceDirs,
+        devices: Vec<DeviceInfo>,
+        supervisor: Supervisor,
+    ) -> Result<Self, InstanceError> {
         let seq_path = dirs.seq_file();
         let seq: Arc<dyn SeqSource> = Arc::new(
             FileSeq::open(&seq_path).map_err(|e| InstanceError::Seq(seq_path.clone(), e))?,
@@ -465,6 +694,7 @@ impl RecordedInstance {
             stop_grace: opts.stop_grace,
             drain_timeout: opts.drain_timeout,
             on_note: opts.on_note.clone(),
+            record: None,
         };
         for (name, metrics) in &me.shipper_metrics {
             let dir = if name == "agent" {
@@ -494,28 +724,18 @@ impl RecordedInstance {
                 .map_err(InstanceError::Thread)?;
             *lock(&me.sensors) = Some(lp);
         }
-        let work = dirs.root.join("work");
-        std::fs::create_dir_all(&work).map_err(|source| InstanceError::Disk {
-            path: work.clone(),
-            source,
-        })?;
-        let mut spec = image
-            .instance_spec(&opts.driver, opts.instance.as_str(), &work, |d| {
-                dirs.socket(d)
-            })
-            .map_err(InstanceError::Image)?;
-        spec.qemu.accel = opts.accel;
-        if opts.qemu_binary.is_some() {
-            spec.qemu.binary = opts.qemu_binary.clone();
-        }
-        let guest: Arc<dyn Instance> =
-            Arc::from(driver.launch(&spec).map_err(InstanceError::Driver)?);
+        Ok(me)
+    }
+
+    /// Takes the guest and forwards its lifecycle events into the event
+    /// log.
+    fn attach_guest(&self, guest: Arc<dyn Instance>) -> Result<(), InstanceError> {
         let sub = guest.subscribe();
-        *lock(&me.guest) = Some(guest);
-        let log = me.events.clone();
-        let stop = me.forward_stop.clone();
-        let id = opts.instance.clone();
-        let hook = me.on_note.clone();
+        *lock(&self.guest) = Some(guest);
+        let log = self.events.clone();
+        let stop = self.forward_stop.clone();
+        let id = self.instance.clone();
+        let hook = self.on_note.clone();
         let forwarder = std::thread::Builder::new()
             .name("lifecycle-forward".into())
             .spawn(move || loop {
@@ -550,9 +770,96 @@ impl RecordedInstance {
                 }
             })
             .map_err(InstanceError::Thread)?;
-        *lock(&me.forwarder) = Some(forwarder);
-        tracing::info!(instance = %me.instance, driver = %opts.driver, image = %me.image.name, "recorded instance running");
-        Ok(me)
+        *lock(&self.forwarder) = Some(forwarder);
+        Ok(())
+    }
+
+    /// The record of the running instance now.
+    fn new_record(&self, opts: &LaunchOptions, spec_pb: &[u8]) -> InstanceRecord {
+        let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let info = self.guest().and_then(|g| g.query().ok());
+        let in_agent = opts.driver == vmr_hypervisor::microvm::NAME;
+        let work = self.dirs.root.join("work");
+        let qemu = opts.driver == vmr_hypervisor::qemu::NAME;
+        let mut rec = InstanceRecord {
+            version: RECORD_VERSION,
+            instance: self.instance.to_string(),
+            driver: opts.driver.clone(),
+            image_dir: abs(opts.image_dir.clone()),
+            spec_pb: String::new(),
+            launched_ns: opts.launched_ns,
+            agent: ProcessRef::of(std::process::id()).unwrap_or(ProcessRef {
+                pid: std::process::id(),
+                start_time: 0,
+            }),
+            guest: GuestRecord {
+                process: info.as_ref().and_then(|i| i.pid).and_then(ProcessRef::of),
+                in_agent,
+                accel: info
+                    .as_ref()
+                    .and_then(|i| i.accel.as_ref().map(|a| a.0.clone())),
+                qmp: qemu.then(|| abs(work.join("qmp.sock"))),
+                serial: qemu.then(|| abs(work.join("serial.sock"))),
+                console: info
+                    .as_ref()
+                    .map(|i| abs(i.console_file.clone()))
+                    .unwrap_or_default(),
+                debugger: info
+                    .as_ref()
+                    .and_then(|i| i.debugger.as_ref())
+                    .map(|d| match d {
+                        DebugListen::Tcp(a) => format!("tcp:{a}"),
+                        DebugListen::Unix(p) => format!("unix:{}", p.display()),
+                    }),
+            },
+            backends: self
+                .devices
+                .iter()
+                .map(|d| BackendRecord {
+                    device: d.name.clone(),
+                    kind: d.kind.name().to_string(),
+                    process: None,
+                    socket: abs(self.dirs.socket(&d.name)),
+                    control: abs(d.control.clone()),
+                    spool: abs(d.spool.clone()),
+                    restarts: 0,
+                })
+                .collect(),
+            agent_spool: abs(self.dirs.agent_spool()),
+            seq_file: abs(self.dirs.seq_file()),
+        };
+        rec.set_spec_bytes(spec_pb);
+        let status = self.backends();
+        for b in &mut rec.backends {
+            if let Some(s) = status.iter().find(|s| s.device == b.device) {
+                b.process = s.pid.and_then(ProcessRef::of);
+                b.restarts = s.restarts;
+            }
+        }
+        rec
+    }
+
+    /// Keeps `rec` up to date with the backends' restarts.
+    fn keep_record(&mut self, rec: RecordFile) {
+        let rec = Arc::new(rec);
+        let r = rec.clone();
+        if let Some(s) = lock(&self.supervisor).as_ref() {
+            s.on_restart(Arc::new(move |status| r.set_backends(status)));
+        }
+        self.record = Some(rec);
+    }
+
+    /// Replaces the spec kept in the instance record (after a capture
+    /// filter change); without a record this does nothing.
+    pub fn update_record_spec(&self, spec_pb: &[u8]) {
+        if let Some(r) = &self.record {
+            r.update(|rec| rec.set_spec_bytes(spec_pb));
+        }
+    }
+
+    /// The instance record, if one is kept.
+    pub fn record(&self) -> Option<InstanceRecord> {
+        self.record.as_ref().map(|r| r.get())
     }
 
     /// The instance.
@@ -761,6 +1068,9 @@ impl RecordedInstance {
             shippers.push((name, m.snapshot()));
         }
         self.stopped.store(true, Ordering::Release);
+        if let Some(r) = &self.record {
+            r.remove();
+        }
         tracing::info!(instance = %self.instance, "recorded instance stopped");
         self.note("stopped");
         StopReport { exit, shippers }

@@ -17,6 +17,8 @@
 //!   with backoff when it exits.
 //! - [`instance`]: a recorded instance: the supervised backends, a shipper
 //!   per spool, the event log with the driver's lifecycle events, the guest.
+//! - [`record`]: the durable record of a launched instance, from which a
+//!   restarted agent re-attaches to its guest and backends.
 //! - [`config`]: the TOML configuration.
 //! - [`metrics`]: the shipper's counters.
 //! - [`service`]: the gRPC service and the snapshot engine's seam,
@@ -51,6 +53,7 @@ pub mod config;
 pub mod events;
 pub mod instance;
 pub mod metrics;
+pub mod record;
 pub mod sensors;
 pub mod service;
 pub mod shipper;

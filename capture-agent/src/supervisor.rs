@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmr_hypervisor::process::Pidfd;
 use vmr_proto::InstanceId;
 
 /// Errors of the supervisor.
@@ -331,9 +332,26 @@ pub struct BackendStatus {
     pub last_exit: Option<String>,
 }
 
+/// A running backend: started by this supervisor, or by an earlier agent
+/// process and adopted ([`Supervisor::adopt`]); an adopted one is no child
+/// of this process, so it is watched and signalled through a pidfd.
+enum Proc {
+    Owned(Child),
+    Adopted(Pidfd),
+}
+
+impl Proc {
+    fn id(&self) -> u32 {
+        match self {
+            Proc::Owned(c) => c.id(),
+            Proc::Adopted(p) => p.pid(),
+        }
+    }
+}
+
 struct Slot {
     spec: BackendSpec,
-    child: Option<Child>,
+    child: Option<Proc>,
     started: Instant,
     restarts: u64,
     delay: Duration,
@@ -347,6 +365,20 @@ struct Shared {
     cfg: SupervisorConfig,
     slots: Mutex<Vec<Slot>>,
     stopping: AtomicBool,
+    on_restart: Mutex<Option<RestartHook>>,
+}
+
+/// Called with every backend's state after the supervisor restarted one
+/// (outside its lock).
+pub type RestartHook = Arc<dyn Fn(&[BackendStatus]) + Send + Sync>;
+
+fn status_of(s: &Slot) -> BackendStatus {
+    BackendStatus {
+        device: s.spec.device.clone(),
+        pid: s.child.as_ref().map(Proc::id),
+        restarts: s.restarts,
+        last_exit: s.last_exit.clone(),
+    }
 }
 
 /// Runs and restarts an instance's device backends.
@@ -465,6 +497,9 @@ impl Shared {
         if let Some(f) = &spec.filter {
             cmd.args(f.args());
         }
+        // Its own process group, so a signal to the agent's group (a
+        // terminal's Ctrl-C) does not reach it: the agent stops it in order.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.args(&spec.extra_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -518,6 +553,7 @@ impl Shared {
 
     /// One pass of the monitor: reap exits, restart what is due.
     fn tick(&self) {
+        let mut restarted = false;
         let mut slots = self
             .slots
             .lock()
@@ -526,15 +562,24 @@ impl Shared {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            if let Some(child) = slot.child.as_mut() {
-                match child.try_wait() {
+            let polled = match slot.child.as_mut() {
+                Some(Proc::Owned(child)) => {
+                    Some(child.try_wait().map(|s| s.map(|s| s.to_string())))
+                }
+                Some(Proc::Adopted(p)) => Some(Ok(p.exited().then(|| {
+                    "exited (status unknown: started by an earlier agent process)".to_string()
+                }))),
+                None => None,
+            };
+            if let Some(polled) = polled {
+                match polled {
                     Ok(Some(status)) => {
                         let ran = slot.started.elapsed();
                         if ran >= self.cfg.restart_reset_after {
                             slot.delay = self.cfg.restart_initial;
                         }
                         tracing::warn!(instance = %self.instance, device = %slot.spec.device, %status, ran_ms = ran.as_millis() as u64, delay_ms = slot.delay.as_millis() as u64, "backend exited; restarting");
-                        slot.last_exit = Some(status.to_string());
+                        slot.last_exit = Some(status);
                         slot.child = None;
                         slot.restart_at = Some(Instant::now() + slot.delay);
                     }
@@ -547,10 +592,11 @@ impl Shared {
             if slot.child.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
                 match self.spawn(&slot.spec) {
                     Ok(child) => {
-                        slot.child = Some(child);
+                        slot.child = Some(Proc::Owned(child));
                         slot.started = Instant::now();
                         slot.restarts += 1;
                         slot.restart_at = None;
+                        restarted = true;
                     }
                     Err(e) => {
                         tracing::warn!(instance = %self.instance, device = %slot.spec.device, error = %crate::shipper::display_chain(&e), "backend restart failed");
@@ -558,6 +604,22 @@ impl Shared {
                     }
                 }
                 slot.delay = (slot.delay * 2).min(self.cfg.restart_max);
+            }
+        }
+        let status: Vec<BackendStatus> = if restarted {
+            slots.iter().map(status_of).collect()
+        } else {
+            Vec::new()
+        };
+        drop(slots);
+        if restarted {
+            let hook = self
+                .on_restart
+                .lock()
+                .expect("supervisor lock is never poisoned")
+                .clone();
+            if let Some(h) = hook {
+                h(&status);
             }
         }
     }
@@ -595,6 +657,7 @@ impl Supervisor {
             cfg,
             slots: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
+            on_restart: Mutex::new(None),
         });
         let mut sup = Supervisor {
             shared: shared.clone(),
@@ -609,7 +672,7 @@ impl Supervisor {
                 .expect("supervisor lock is never poisoned")
                 .push(Slot {
                     spec,
-                    child: Some(child),
+                    child: Some(Proc::Owned(child)),
                     started: Instant::now(),
                     restarts: 0,
                     delay: shared.cfg.restart_initial,
@@ -617,6 +680,81 @@ impl Supervisor {
                     last_exit: None,
                 });
         }
+        sup.spawn_monitor()?;
+        Ok(sup)
+    }
+
+    /// Takes over the backends an earlier agent process started for
+    /// `instance`: each device's recorded backend (pid and start time, see
+    /// [`vmr_hypervisor::process`]) that still runs is adopted and
+    /// supervised as if started here; a device whose backend is gone (or
+    /// whose pid is another process now, which is never signalled) gets a
+    /// new backend at once when `restart_missing`, else stays down.
+    pub fn adopt(
+        instance: InstanceId,
+        data: &Path,
+        devices: Vec<(BackendSpec, Option<(u32, u64)>)>,
+        cfg: SupervisorConfig,
+        restart_missing: bool,
+    ) -> Result<Self, SupervisorError> {
+        let dirs = InstanceDirs::new(data, &instance);
+        let shared = Arc::new(Shared {
+            instance,
+            dirs,
+            cfg,
+            slots: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            on_restart: Mutex::new(None),
+        });
+        let mut sup = Supervisor {
+            shared: shared.clone(),
+            monitor: None,
+        };
+        for (spec, recorded) in devices {
+            let (child, last_exit) = match recorded.map(|(pid, st)| Pidfd::adopt(pid, st)) {
+                Some(Ok(p)) => {
+                    tracing::info!(instance = %shared.instance, device = %spec.device, pid = p.pid(), "backend adopted");
+                    (Some(Proc::Adopted(p)), None)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(instance = %shared.instance, device = %spec.device, error = %e, "the recorded backend is not running");
+                    (
+                        None,
+                        Some(format!("not running when the agent restarted: {e}")),
+                    )
+                }
+                None => (None, Some("no backend was recorded".to_string())),
+            };
+            let missing = child.is_none();
+            shared
+                .slots
+                .lock()
+                .expect("supervisor lock is never poisoned")
+                .push(Slot {
+                    spec,
+                    child,
+                    started: Instant::now(),
+                    restarts: 0,
+                    delay: shared.cfg.restart_initial,
+                    restart_at: (missing && restart_missing).then(Instant::now),
+                    last_exit,
+                });
+        }
+        sup.spawn_monitor()?;
+        Ok(sup)
+    }
+
+    /// Calls `hook` after each restart of a backend.
+    pub fn on_restart(&self, hook: RestartHook) {
+        *self
+            .shared
+            .on_restart
+            .lock()
+            .expect("supervisor lock is never poisoned") = Some(hook);
+    }
+
+    fn spawn_monitor(&mut self) -> Result<(), SupervisorError> {
+        let shared = self.shared.clone();
         let s = shared.clone();
         let monitor = std::thread::Builder::new()
             .name("backend-supervisor".into())
@@ -630,8 +768,8 @@ impl Supervisor {
                 path: shared.dirs.root.clone(),
                 source,
             })?;
-        sup.monitor = Some(monitor);
-        Ok(sup)
+        self.monitor = Some(monitor);
+        Ok(())
     }
 
     /// The instance's directories.
@@ -657,12 +795,7 @@ impl Supervisor {
             .lock()
             .expect("supervisor lock is never poisoned")
             .iter()
-            .map(|s| BackendStatus {
-                device: s.spec.device.clone(),
-                pid: s.child.as_ref().map(Child::id),
-                restarts: s.restarts,
-                last_exit: s.last_exit.clone(),
-            })
+            .map(status_of)
             .collect()
     }
 
@@ -797,15 +930,31 @@ impl Supervisor {
             .lock()
             .expect("supervisor lock is never poisoned");
         for slot in slots.iter_mut() {
-            if let Some(child) = slot.child.as_mut() {
-                // SAFETY: kill(2) on our own child's pid; it has not been
-                // reaped yet, so the pid cannot have been reused.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            match slot.child.as_mut() {
+                Some(Proc::Owned(child)) => {
+                    // SAFETY: kill(2) on our own child's pid; it has not been
+                    // reaped yet, so the pid cannot have been reused.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                }
+                Some(Proc::Adopted(p)) => {
+                    if let Err(e) = p.signal(libc::SIGTERM) {
+                        tracing::warn!(device = %slot.spec.device, error = %e, "cannot signal the backend");
+                    }
+                }
+                None => {}
             }
         }
         let deadline = Instant::now() + self.shared.cfg.stop_grace;
         for slot in slots.iter_mut() {
-            if let Some(mut child) = slot.child.take() {
+            if let Some(Proc::Adopted(p)) = slot.child.as_ref() {
+                if !p.wait(deadline.saturating_duration_since(Instant::now())) {
+                    tracing::warn!(device = %slot.spec.device, "backend ignored SIGTERM; killing it");
+                    let _ = p.signal(libc::SIGKILL);
+                    p.wait(Duration::from_secs(5));
+                }
+                slot.child = None;
+            }
+            if let Some(Proc::Owned(mut child)) = slot.child.take() {
                 loop {
                     match child.try_wait() {
                         Ok(Some(_)) | Err(_) => break,

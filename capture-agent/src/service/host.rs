@@ -22,8 +22,10 @@ use crate::config::{AgentConfig, SpoolFull};
 use crate::instance::{
     DeviceOptions, InstanceError, InstanceNote, LaunchOptions, RecordedInstance,
 };
+use crate::record::InstanceRecord;
 use crate::shipper::display_chain;
 use crate::supervisor::{CaptureFilter, SupervisorError};
+use prost::Message as _;
 
 /// Errors of the host, each meaning one gRPC status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -680,12 +682,15 @@ impl Host {
             ),
             other => HostError::invalid("spec.image", display_chain(&other)),
         })?;
-        let (opts, driver) = self.launch_options(&id, &spec, &image_dir, &image)?;
+        let (mut opts, driver) = self.launch_options(&id, &spec, &image_dir, &image)?;
+        let launched_ns = now_ns();
+        opts.record_spec = Some(spec.encode_to_vec());
+        opts.launched_ns = launched_ns;
         let entry = Arc::new(Entry {
             id: id.clone(),
             spec: spec.clone(),
             driver,
-            launched_ns: now_ns(),
+            launched_ns,
             phase: Mutex::new(Phase::Starting),
             detail: Mutex::new(String::new()),
             last_kind: Mutex::new(None),
@@ -813,6 +818,113 @@ impl Host {
         Ok(e)
     }
 
+    /// Re-attaches to the instances an earlier agent process launched on
+    /// this data directory and left running (a crash or `kill -9` of the
+    /// agent): one per record (`<data>/<instance>/instance.json`). Each
+    /// instance's backends are adopted and its spools shipped again; a
+    /// guest that still runs is re-attached, one that ended meanwhile is
+    /// reported (a CRASH lifecycle event, state CRASHED) and the instance
+    /// is stopped once its spools are shipped (in the background). Returns
+    /// the re-attached instances whose guest runs, with their launch spec.
+    /// A record that cannot be used is logged and left in place.
+    pub fn recover(&self) -> Vec<(Arc<Entry>, pb::InstanceSpec)> {
+        let mut out = Vec::new();
+        for (path, r) in InstanceRecord::scan(&self.cfg.agent.data_dir) {
+            let rec = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(record = %path.display(), error = %display_chain(&e), "cannot read an instance record; left as it is");
+                    continue;
+                }
+            };
+            if rec.agent.pid != std::process::id() && rec.agent.alive() {
+                tracing::warn!(record = %path.display(), agent_pid = rec.agent.pid, "the instance belongs to another agent process that still runs; not taken over");
+                continue;
+            }
+            let id = match InstanceId::new(rec.instance.clone()) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(record = %path.display(), error = %e, "the record names no valid instance");
+                    continue;
+                }
+            };
+            let spec_pb = rec.spec_bytes().unwrap_or_default();
+            let spec = match pb::InstanceSpec::decode(spec_pb.as_slice()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(record = %path.display(), error = %e, "the record's spec does not decode");
+                    continue;
+                }
+            };
+            if lock(&self.entries).contains_key(id.as_str()) {
+                continue;
+            }
+            let entry = Arc::new(Entry {
+                id: id.clone(),
+                spec: spec.clone(),
+                driver: rec.driver.clone(),
+                launched_ns: rec.launched_ns,
+                phase: Mutex::new(Phase::Starting),
+                detail: Mutex::new(String::new()),
+                last_kind: Mutex::new(None),
+                history: Mutex::new(Vec::new()),
+            });
+            lock(&self.entries).insert(id.to_string(), entry.clone());
+            let opts = MachineImage::load(&rec.image_dir)
+                .map_err(|e| HostError::invalid("spec.image", display_chain(&e)))
+                .and_then(|image| self.launch_options(&id, &spec, &rec.image_dir, &image));
+            let mut opts = match opts {
+                Ok((o, _)) => o,
+                Err(e) => {
+                    let text = format!("cannot re-attach: {e}");
+                    tracing::error!(instance = %id, error = %text, "re-attach failed; the record is left in place");
+                    *lock(&entry.phase) = Phase::Failed;
+                    *lock(&entry.detail) = text;
+                    self.note(&id, "launch failed");
+                    continue;
+                }
+            };
+            opts.record_spec = Some(spec_pb);
+            opts.launched_ns = rec.launched_ns;
+            match RecordedInstance::reattach(opts, &rec) {
+                Ok(r) => {
+                    let inst = Arc::new(r.instance);
+                    *lock(&entry.detail) = r.detail.clone();
+                    *lock(&entry.phase) = Phase::Up(inst);
+                    if r.guest_alive {
+                        tracing::info!(instance = %id, driver = %rec.driver, detail = %r.detail, "re-attached");
+                        self.note(&id, &r.detail);
+                        out.push((entry, spec));
+                    } else {
+                        tracing::warn!(instance = %id, driver = %rec.driver, detail = %r.detail, "guest gone after the agent restart; stopping the instance once its spools are shipped");
+                        let me = self.me.clone();
+                        let name = id.to_string();
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("salvage".into())
+                                .spawn(move || {
+                                    if let Some(h) = me.upgrade() {
+                                        let _ = h.stop(&name);
+                                    }
+                                });
+                        if let Err(e) = spawned {
+                            tracing::warn!(instance = %id, error = %e, "cannot start the stop thread; stopping here");
+                            let _ = self.stop(id.as_str());
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = format!("cannot re-attach: {}", display_chain(&e));
+                    tracing::error!(instance = %id, error = %text, "re-attach failed; the record is left in place");
+                    *lock(&entry.phase) = Phase::Failed;
+                    *lock(&entry.detail) = text;
+                    self.note(&id, "launch failed");
+                }
+            }
+        }
+        out
+    }
+
     /// Stops every instance (at agent exit).
     pub fn stop_all(&self) {
         for e in self.entries() {
@@ -858,13 +970,32 @@ impl Host {
                 ),
             ));
         }
-        i.set_filter(&req.device, filter).map_err(|err| match err {
-            InstanceError::Backends(SupervisorError::Control { .. }) => {
-                HostError::Unavailable(display_chain(&err))
+        i.set_filter(&req.device, filter.clone())
+            .map_err(|err| match err {
+                InstanceError::Backends(SupervisorError::Control { .. }) => {
+                    HostError::Unavailable(display_chain(&err))
+                }
+                InstanceError::Stopped => HostError::FailedPrecondition(err.to_string()),
+                other => HostError::Internal(display_chain(&other)),
+            })?;
+        // The record keeps the filter for an agent restart.
+        if let Some(rec) = i.record() {
+            if let Some(mut spec) = rec
+                .spec_bytes()
+                .and_then(|b| pb::InstanceSpec::decode(b.as_slice()).ok())
+            {
+                let f = filter_to_pb(&filter);
+                match spec.devices.iter_mut().find(|d| d.name == req.device) {
+                    Some(d) => d.filter = Some(f),
+                    None => spec.devices.push(pb::DeviceSpec {
+                        name: req.device.clone(),
+                        filter: Some(f),
+                        ..Default::default()
+                    }),
+                }
+                i.update_record_spec(&spec.encode_to_vec());
             }
-            InstanceError::Stopped => HostError::FailedPrecondition(err.to_string()),
-            other => HostError::Internal(display_chain(&other)),
-        })?;
+        }
         let inst = self.inspect(&e);
         inst.devices
             .into_iter()

@@ -56,7 +56,9 @@ pub enum ServeError {
 
 /// Runs the gRPC service on `cfg.agent.listen` and `/metrics` on
 /// `cfg.agent.metrics-listen` until `shutdown` completes, then stops every
-/// instance. `snapshots` serves the snapshot RPCs (`None`: they answer
+/// instance. Before it serves, it re-attaches to the instances an earlier
+/// agent process left running ([`Host::recover`]) and restarts their
+/// snapshot schedules through `snapshots`. `snapshots` serves the snapshot RPCs (`None`: they answer
 /// `UNIMPLEMENTED`).
 pub async fn serve(
     cfg: AgentConfig,
@@ -89,6 +91,30 @@ pub async fn serve(
                 tracing::warn!(%error, "broker unreachable at start; launches are refused with UNAVAILABLE until it answers")
             }
             Err(_) => {}
+        }
+    }
+    {
+        let h = host.clone();
+        let snaps = snapshots.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let found = h.recover();
+            if let Some(s) = &snaps {
+                for (e, spec) in &found {
+                    if let Some(i) = e.running() {
+                        s.launched(i, spec);
+                    }
+                }
+            }
+            found.len()
+        })
+        .await;
+        match r {
+            Ok(n) if n > 0 => tracing::info!(
+                instances = n,
+                "re-attached to instances left running by an earlier agent process"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "re-attaching instances panicked"),
         }
     }
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
