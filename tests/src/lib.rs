@@ -10,6 +10,7 @@
 pub mod broker;
 pub mod capture;
 pub mod guest;
+pub mod kv;
 pub mod process;
 pub mod qemu;
 pub mod registry;
