@@ -261,6 +261,23 @@ fn replay_errors_against_a_real_replayer() {
     assert!(r.stderr.contains("hint: start the replayer"), "{r:?}");
     let r = vmr_env(&["--json", "replay", "show", "c1"], &e, T);
     assert_eq!(err_json(&r)["error"]["kind"], "unavailable");
+    for args in [
+        vec!["replay", "start", "cli-x"],
+        vec!["replay", "watch", "c1", "--timeout", "10"],
+        vec!["replay", "pause", "c1"],
+        vec!["replay", "resume", "c1"],
+        vec!["replay", "step", "c1"],
+        vec!["replay", "run-to", "c1", "9"],
+        vec!["replay", "speed", "c1", "max"],
+        vec!["replay", "stop", "c1"],
+        vec!["replay", "delete", "c1"],
+        vec!["replay", "report", "c1"],
+        vec!["replay", "debug", "c1"],
+    ] {
+        let r = vmr_env(&args, &e, T);
+        assert_eq!(r.code, 4, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("cannot reach the replayer"), "{r:?}");
+    }
     // The agent is not running either.
     let agent = format!("http://127.0.0.1:{}", free_port());
     for args in [
@@ -268,6 +285,13 @@ fn replay_errors_against_a_real_replayer() {
         vec!["instance", "show", "cli-x"],
         vec!["snapshot", "take", "cli-x"],
         vec!["snapshot", "list", "cli-x", "--agent"],
+        vec!["snapshot", "pin", "cli-x", "0001"],
+        vec!["snapshot", "delete", "cli-x", "0001"],
+        vec!["instance", "launch", "demo-linux", "--accel", "tcg"],
+        vec!["instance", "pause", "cli-x"],
+        vec!["instance", "resume", "cli-x"],
+        vec!["instance", "stop", "cli-x"],
+        vec!["instance", "watch", "cli-x", "--timeout", "10"],
     ] {
         let r = vmr_env(
             &[&["--agent-url", agent.as_str()], &args[..]].concat(),
@@ -409,6 +433,19 @@ struct Recorded {
     events: usize,
     /// Block records and received frames numbered after the poison frame.
     inputs_after_poison: usize,
+    /// The last block record or received frame after the cut and before the
+    /// poison frame (`seq_at_cut` when there is none).
+    last_input_before_poison: u64,
+}
+
+/// Whether the replayer applies `e` to a clone: a block record or a frame
+/// the original received.
+fn is_input(e: &Event) -> bool {
+    match &e.payload {
+        Payload::Lifecycle(_) => false,
+        Payload::Net(n) => n.direction == Direction::Rx,
+        _ => true,
+    }
 }
 
 fn record(bootstrap: &str, registry: &str, dir: &Path, elf: &Path) -> Recorded {
@@ -630,15 +667,14 @@ fn record(bootstrap: &str, registry: &str, dir: &Path, elf: &Path) -> Recorded {
         events: all.len(),
         inputs_after_poison: all
             .iter()
-            .filter(|e| {
-                e.seq > poison_seq
-                    && match &e.payload {
-                        Payload::Lifecycle(_) => false,
-                        Payload::Net(n) => n.direction == Direction::Rx,
-                        _ => true,
-                    }
-            })
+            .filter(|e| e.seq > poison_seq && is_input(e))
             .count(),
+        last_input_before_poison: all
+            .iter()
+            .filter(|e| e.seq > seq_at_cut && e.seq < poison_seq && is_input(e))
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(seq_at_cut),
     }
 }
 
@@ -717,6 +753,52 @@ fn replay_a_recorded_microvm_through_the_cli() {
     let addr = r.json()["address"].as_str().unwrap().to_string();
     std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
         .expect("the clone's gdb stub accepts a connection");
+    // Real gdb, run by `debug --exec` in batch mode: it attaches, reads the
+    // paused vCPU's registers and detaches, and the clone stays as it was.
+    let gdb = dir.join("gdb-batch");
+    std::fs::write(
+        &gdb,
+        "#!/bin/sh\nexec gdb -nx \"$@\" -batch -ex 'info registers rip' -ex detach\n",
+    )
+    .unwrap();
+    run(Command::new("chmod").arg("+x").arg(&gdb));
+    let r = vmr_env(
+        &[
+            "replay",
+            "debug",
+            &id,
+            "--exec",
+            "--gdb",
+            gdb.to_str().unwrap(),
+        ],
+        &e,
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, 0, "gdb (apt-get install gdb) in batch mode: {r:?}");
+    let rip = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("rip"))
+        .unwrap_or_else(|| panic!("gdb printed no rip: {r:?}"));
+    assert!(rip.contains("0x"), "{rip}");
+    assert!(r.stdout.contains("detached"), "gdb did not detach: {r:?}");
+    let r = vmr_env(&["--json", "replay", "show", &id], &e, T);
+    assert_eq!(r.json()["state"], "ready", "after gdb detached: {r:?}");
+    assert_eq!(r.json()["delivered"], 0, "{r:?}");
+    let r = vmr_env(
+        &[
+            "replay",
+            "debug",
+            &id,
+            "--exec",
+            "--gdb",
+            "/nonexistent/gdb",
+        ],
+        &e,
+        T,
+    );
+    assert_eq!(r.code, 5, "a missing gdb: {r:?}");
+    assert!(r.stderr.contains("hint: install gdb"), "{r:?}");
 
     // One step, then the state.
     let r = vmr_env(&["--json", "replay", "step", &id, "1"], &e, T);
@@ -726,6 +808,19 @@ fn replay_a_recorded_microvm_through_the_cli() {
         (r.json()["delivered"] == 1 && r.json()["state"] == "paused").then_some(r)
     });
     assert_eq!(r.code, 0);
+    let stepped = r.json()["replayed_seq"].as_u64().unwrap();
+    assert!(stepped > rec.seq_at_cut, "{r:?}");
+    let r = vmr_env(&["--json", "replay", "list"], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    let row = j["clones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["clone_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not listed: {j}"));
+    assert_eq!(row["state"], "paused", "{j}");
+    assert_eq!(row["instance_id"], INSTANCE, "{j}");
     let r = vmr_env(&["replay", "list"], &e, T);
     assert!(
         r.stdout
@@ -733,6 +828,45 @@ fn replay_a_recorded_microvm_through_the_cli() {
             .any(|l| l.starts_with(&id) && l.contains("paused")),
         "{r:?}"
     );
+    // Run to the event before the poison frame: the clone pauses after the
+    // last input before it, alive; pausing a paused clone keeps it paused.
+    let before_poison = rec.poison_seq - 1;
+    let target = rec.last_input_before_poison;
+    let r = vmr_env(
+        &[
+            "--json",
+            "replay",
+            "run-to",
+            &id,
+            &before_poison.to_string(),
+        ],
+        &e,
+        T,
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["clone_id"], id.as_str(), "{r:?}");
+    let r = wait_for("the run-to to pause the clone", || {
+        let r = vmr_env(&["--json", "replay", "show", &id], &e, T);
+        let j = r.json();
+        assert_ne!(j["state"], "crashed", "run-to {before_poison} crashed: {j}");
+        (j["state"] == "paused" && j["replayed_seq"].as_u64() >= Some(target.max(stepped)))
+            .then_some(j)
+    });
+    let at = r["replayed_seq"].as_u64().unwrap();
+    assert!(
+        at <= before_poison,
+        "run-to {before_poison} replayed to {at}: {r}"
+    );
+    let r = vmr_env(&["--json", "replay", "pause", &id], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["state"], "paused", "{r:?}");
+    assert_eq!(r.json()["replayed_seq"], at, "{r:?}");
+    let r = vmr_env(
+        &["replay", "run-to", &id, &rec.seq_at_cut.to_string()],
+        &e,
+        T,
+    );
+    assert_eq!(r.code, 2, "run-to the cut itself: {r:?}");
     // Another tenant does not see it.
     let r = vmr_env(&["--token", OTHER_TOKEN, "--json", "replay", "list"], &e, T);
     assert_eq!(r.json()["clones"], serde_json::json!([]));
@@ -897,5 +1031,33 @@ fn replay_a_recorded_microvm_through_the_cli() {
     assert_eq!(r.json()["deleted"], id.as_str());
     let r = vmr_env(&["replay", "show", &id], &e, T);
     assert_eq!(r.code, 3, "{r:?}");
+
+    // A second clone, stopped while it replays: `stop` ends it as stopped,
+    // and `watch` of it ends at once with that state.
+    let r = vmr_env(&["--json", "replay", "start", INSTANCE, "--paused"], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
+    let id2 = r.json()["clone_id"].as_str().unwrap().to_string();
+    assert_ne!(id2, id);
+    let r = vmr_env(&["--json", "replay", "resume", &id2], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["state"], "replaying", "{r:?}");
+    let r = vmr_env(&["--json", "replay", "stop", &id2], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["state"], "stopped", "{r:?}");
+    let r = vmr_env(
+        &["--json", "replay", "watch", &id2, "--timeout", "30"],
+        &e,
+        T,
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines = r.json_lines();
+    assert!(
+        lines.iter().any(|l| l["clone"]["state"] == "stopped"),
+        "{r:?}"
+    );
+    let r = vmr_env(&["replay", "resume", &id2], &e, T);
+    assert_eq!(r.code, 5, "resuming a stopped clone: {r:?}");
+    let r = vmr_env(&["replay", "delete", &id2], &e, T);
+    assert_eq!(r.code, 0, "{r:?}");
     rp.guard.stop(Duration::from_secs(30));
 }
