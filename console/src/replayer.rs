@@ -131,6 +131,7 @@ impl From<&pb::Divergence> for DivergenceOut {
                 pb::DivergenceKind::Crash => "crash",
                 pb::DivergenceKind::NetStream => "net_stream",
                 pb::DivergenceKind::InjectedFault => "injected_fault",
+                pb::DivergenceKind::BlockReadData => "block_read_data",
                 pb::DivergenceKind::Unspecified => "other",
             };
         Self {
@@ -252,6 +253,7 @@ impl CreateIn {
             window: (self.from_seq != 0 || self.to_seq != 0).then_some(pb::ReplayWindow {
                 from_seq: self.from_seq,
                 to_seq: self.to_seq,
+                ..Default::default()
             }),
             speed: speed_pb(self.speed, self.fast),
             filter: self.filter.as_ref().map(|f| pb::EventFilter {
@@ -332,6 +334,7 @@ impl ControlIn {
             window: (self.from_seq != 0 || self.to_seq != 0).then_some(pb::ReplayWindow {
                 from_seq: self.from_seq,
                 to_seq: self.to_seq,
+                ..Default::default()
             }),
             start: self.start,
         })

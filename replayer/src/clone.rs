@@ -5,21 +5,29 @@
 //! [`build`] does the blocking work (namespace, backend processes, driver
 //! restore, opening the event source); the returned [`CloneRuntime`] owns
 //! every process and the namespace and tears them down on
-//! [`CloneRuntime::teardown`] or drop. Recorded received frames go
-//! through a [`TcpPeer`] per NIC (built at [`build`] from the window's
-//! recorded net frames, both directions, at most [`MAX_PEER_FRAMES`]) and
-//! are injected through the net backend's control socket when their
+//! [`CloneRuntime::teardown`] or drop.
+//!
+//! Before any process starts, [`build`] resolves the window against the
+//! recording and reads the window's recorded net frames and block requests
+//! once (see [`Prepared`]). Recorded received frames go through a
+//! [`TcpPeer`] per NIC (built from the window's recorded net frames, both
+//! directions, at most [`MAX_PEER_FRAMES`]) and are injected, with their
+//! recorded `seq`, through the net backend's control socket when their
 //! recorded event is due on the replay clock; the peer may hold a frame
-//! until the clone has sent its part (read from the NIC's capture, which a
-//! thread tails and feeds to the peer, injecting its ARP replies and ACKs).
-//! Frames other than TCP pass unchanged. The peer's per-connection
-//! divergences are reported as `NET_STREAM`. Seeded faults ([`faults`])
-//! are applied to recorded received frames just before injection; recorded
-//! block writes are compared with the clone's own block
-//! requests (read from its capture) for the divergence report; the guest's
-//! lifecycle comes from the driver's events.
+//! until the clone has sent its part. Every backend's live output stream
+//! (`subscribe`, [`crate::outputs`]) is read by a thread: a NIC's
+//! `delivered` lines acknowledge injected frames (a frame counts as applied,
+//! and its lag is measured, when it reached the guest), its `tx` lines feed
+//! the clone's frames to the peer (which answers ARP and ACKs), and a
+//! disk's `block` lines carry the backend's comparison of each clone
+//! request with the original's records, which [`build`] loaded into the
+//! backend (`expect`) before the guest ran. Frames other than TCP pass
+//! unchanged. The peer's per-connection divergences are reported as
+//! `NET_STREAM`. Seeded faults ([`faults`]) are applied to recorded
+//! received frames just before injection; the guest's lifecycle comes from
+//! the driver's events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -32,14 +40,18 @@ use vmr_hypervisor::{
     BootSpec, DebugListen, DiskSpec, DriverEvent, Instance, InstanceSpec, MacAddr, NicSpec,
     RunState,
 };
-use vmr_proto::{framing::EventReader, pb, BlockOp, Direction, Event, LifecycleKind, Payload};
+use vmr_proto::{
+    framing::EventReader, pb, BlockIo, BlockOp, BlockStatus, ContentHash, Direction, Event,
+    LifecycleKind, Payload,
+};
 
 use crate::filter::Filter;
 use crate::net::{Action, Next, PeerConfig, RecordedFrame, TcpPeer};
+use crate::outputs::{Output, Read, Subscription};
 use crate::replay::{self, BeforeWindow, ReplayError};
 use crate::schedule::{ClockControl, ClockMode, ReplayClock, RunTo, Speed, Timeline};
 use crate::source::{EventSource, SourceConfig, SourceError};
-use crate::window::Window;
+use crate::window::{Bounds, Span, Window, WindowError};
 use crate::{Kind, KindSet};
 
 /// Longest wait for a backend's sockets to appear.
@@ -72,14 +84,25 @@ fn timing_text(what: &str, l: &mut [Duration]) -> Option<String> {
     ))
 }
 
-/// How often the clone's net capture is read for its transmitted frames.
-const TAIL_PERIOD: Duration = Duration::from_millis(5);
+/// A stream that gave nothing for this long has caught up.
+const STREAM_QUIET: Duration = Duration::from_millis(150);
+/// Longest wait for the output streams to catch up.
+const STREAM_DRAIN: Duration = Duration::from_millis(1500);
+/// Longest wait, when the window's events are all dispatched, for the
+/// acknowledgements of the frames still pending.
+const ACK_WAIT: Duration = Duration::from_secs(3);
+/// Expected block records per `expect` request.
+const EXPECT_BATCH: usize = 8192;
 
 /// Errors building or driving a clone.
 #[derive(Debug, thiserror::Error)]
 pub enum CloneError {
     #[error("invalid clone request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    Precondition(String),
     #[error("the snapshot cannot be used: {0}")]
     Snapshot(String),
     #[error("the recorded events cannot be read")]
@@ -132,7 +155,6 @@ pub struct ClonePlan {
     /// Which events to deliver (its kinds are `kinds`).
     pub filter: Filter,
     pub window: Window,
-    pub until_seq: Option<u64>,
     pub speed: Speed,
     pub start_paused: bool,
     pub gdb: bool,
@@ -152,13 +174,20 @@ pub struct ClonePlan {
 /// The guest's addresses, for a live clone.
 #[derive(Debug, Clone, Default)]
 pub struct AccessPlan {
+    /// Per NIC, in the order of [`ClonePlan::nics`].
+    pub nics: Vec<NicAddrs>,
+    pub service_port: Option<u16>,
+}
+
+/// The addresses of one NIC's network.
+#[derive(Debug, Clone, Default)]
+pub struct NicAddrs {
     /// `192.168.77.2` (without the prefix).
     pub guest_ip: Option<String>,
     /// The prefix length of the guest's network.
     pub prefix: u8,
-    /// The recorded peer's address, which a live namespace takes.
+    /// The recorded peer's address, which a live namespace interface takes.
     pub peer_ip: Option<String>,
-    pub service_port: Option<u16>,
 }
 
 /// The name of the namespace interface (a TAP) towards NIC number `i`.
@@ -181,6 +210,25 @@ pub struct Status {
     pub divergences: Vec<pb::Divergence>,
     /// Recorded events of the window the filter kept back.
     pub filtered_out: u64,
+    /// Received frames acknowledged by the NICs.
+    pub frames_acknowledged: u64,
+    /// Recorded guest time of the last event applied.
+    pub original_time_ns: u64,
+    /// Host time from the first dispatch to the last event applied.
+    pub replay_time_ns: u64,
+    /// Lateness of the last acknowledged frame.
+    pub lag_ns: u64,
+    /// Lines the output streams lost (the clone's output is incomplete).
+    pub stream_lost: u64,
+}
+
+/// A frame injected with its recorded `seq`, waiting for the NIC's
+/// acknowledgement.
+#[derive(Debug, Clone, Copy)]
+struct Awaiting {
+    /// Host monotonic time its recorded event was due (None: untimed).
+    due_mono: Option<u64>,
+    guest_ns: u64,
 }
 
 type Listener = Box<dyn Fn(pb::ReplayProgress) + Send + Sync>;
@@ -202,6 +250,16 @@ struct Shared {
     access: Mutex<pb::CloneAccess>,
     /// The guest's crash, once it happened (for watchers that come later).
     crash: Mutex<Option<pb::CloneLifecycle>>,
+    /// The window as applied.
+    window: pb::AppliedWindow,
+    /// Injected frames by recorded `seq`, until acknowledged.
+    awaiting: Mutex<HashMap<u64, Awaiting>>,
+    /// Host monotonic time of the first dispatch.
+    started_mono: Mutex<Option<u64>>,
+    /// Lateness of acknowledged frames (timed replays).
+    ack_late: Mutex<Vec<Duration>>,
+    /// When each output stream last gave a line.
+    stream_seen: Mutex<HashMap<String, Instant>>,
 }
 
 impl Shared {
@@ -223,6 +281,78 @@ impl Shared {
             seed: self.seed,
             faults_injected: self.faults_log.lock().expect("faults log lock").len() as u32,
             switches: self.switches,
+            window: Some(self.window.clone()),
+            frames_acknowledged: s.frames_acknowledged,
+            frames_pending: self.awaiting.lock().expect("awaiting lock").len() as u64,
+            original_time_ns: s.original_time_ns,
+            replay_time_ns: s.replay_time_ns,
+            lag_ns: s.lag_ns,
+        }
+    }
+
+    /// Counts recorded event `seq` (at recorded guest time `guest_ns`) as
+    /// applied at host monotonic time `mono`.
+    fn apply(&self, seq: u64, guest_ns: u64, input: bool, mono: u64, ack_lag: Option<u64>) {
+        let started = self
+            .started_mono
+            .lock()
+            .expect("start lock")
+            .unwrap_or(mono);
+        self.update(|s| {
+            s.delivered += 1;
+            s.replayed_seq = s.replayed_seq.max(seq);
+            if input {
+                s.last_input_seq = s.last_input_seq.max(seq);
+            }
+            s.original_time_ns = s.original_time_ns.max(guest_ns);
+            s.replay_time_ns = mono.saturating_sub(started);
+            if let Some(l) = ack_lag {
+                s.frames_acknowledged += 1;
+                s.lag_ns = l;
+            }
+        });
+    }
+
+    /// A NIC acknowledged the frame injected with recorded `seq` at host
+    /// monotonic time `mono`; duplicates and unknown frames are ignored.
+    fn acknowledge(&self, seq: u64, mono: u64) {
+        let Some(a) = self.awaiting.lock().expect("awaiting lock").remove(&seq) else {
+            return;
+        };
+        let lag = a.due_mono.map_or(0, |d| mono.saturating_sub(d));
+        if a.due_mono.is_some() {
+            let mut l = self.ack_late.lock().expect("ack lock");
+            if l.len() < TIMING_SAMPLES {
+                l.push(Duration::from_nanos(lag));
+            }
+        }
+        self.apply(seq, a.guest_ns, true, mono, Some(lag));
+    }
+
+    /// Notes that the output stream `name` gave a line.
+    fn seen(&self, name: &str) {
+        self.stream_seen
+            .lock()
+            .expect("stream lock")
+            .insert(name.to_string(), Instant::now());
+    }
+
+    /// Waits (at most [`STREAM_DRAIN`]) until every output stream was
+    /// quiet for [`STREAM_QUIET`], so lines emitted before now are handled.
+    fn drain_streams(&self) {
+        let end = Instant::now() + STREAM_DRAIN;
+        std::thread::sleep(STREAM_QUIET);
+        while Instant::now() < end {
+            let busy = self
+                .stream_seen
+                .lock()
+                .expect("stream lock")
+                .values()
+                .any(|t| t.elapsed() < STREAM_QUIET);
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -315,14 +445,27 @@ pub struct CloneRuntime {
     instance: Mutex<Option<Arc<dyn Instance>>>,
     source: Mutex<Option<EventSource>>,
     control_sockets: HashMap<String, PathBuf>,
-    blk_captures: Vec<(String, PathBuf)>,
     /// Disk name → its backend's control socket (fault rules).
     blk_controls: Vec<(String, PathBuf)>,
-    /// The recorded peer's MAC (a live namespace interface takes it).
-    peer_mac: Option<[u8; 6]>,
+    /// NIC name → the recorded peer's MAC (a live namespace interface
+    /// takes it).
+    peer_macs: HashMap<String, [u8; 6]>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     clock_slot: Mutex<Option<ReplayClock>>,
-    expected_writes: Mutex<Vec<Event>>,
+    /// The window, resolved.
+    bounds: Bounds,
+    /// The recorded block requests loaded into the disks' backends, by seq.
+    expected: HashMap<u64, ExpectedIo>,
+    /// Of those, the ones a clone request answered.
+    answered: Mutex<HashSet<u64>>,
+    /// The highest recorded block request the replay passed.
+    block_passed: std::sync::atomic::AtomicU64,
+    /// Output streams subscribed before the guest ran, until their reader
+    /// threads take them.
+    subscriptions: Mutex<Vec<(String, StreamOf, Subscription)>>,
+    /// Whether the clone's frames go to the recorded peers (while
+    /// replaying).
+    peer_active: Arc<AtomicBool>,
     /// NIC name → its recorded peer.
     peers: HashMap<String, Arc<NicPeer>>,
     faults: Mutex<faults::FaultInjector>,
@@ -379,20 +522,15 @@ fn run_ip(args: &[&str]) -> Result<(), CloneError> {
 /// replaying, unless `plan.start_paused`). `listener` gets every progress
 /// message.
 pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, CloneError> {
-    // Open the event source first: a window past the retained data is
-    // refused before any process starts.
-    let mut cfg =
-        SourceConfig::from_manifest(plan.bootstrap_servers.clone(), &plan.manifest, plan.kinds);
-    cfg.until_seq = plan.until_seq;
-    cfg.fetch_timeout = plan.fetch_timeout;
-    cfg.security = plan.kafka_security.clone();
-    let source = EventSource::open(cfg.clone())?;
-    let recorded = if plan.kinds.contains(Kind::Net) {
-        collect_net_frames(cfg, &plan)?
-    } else {
-        HashMap::new()
-    };
+    // Read the window first: a window past the retained data is refused
+    // before any process starts.
+    let prepared = prepare(&plan)?;
+    let mut cfg = source_config(&plan);
+    cfg.until_seq = prepared.until_seq;
+    let source = EventSource::open(cfg)?;
+    let recorded = prepared.frames;
 
+    let peer_macs = peer_macs(&plan, &recorded);
     let clock = if plan.start_paused {
         ReplayClock::paused(plan.speed)
     } else {
@@ -412,6 +550,11 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             speed: plan.speed,
             divergences: Vec::new(),
             filtered_out: 0,
+            frames_acknowledged: 0,
+            original_time_ns: 0,
+            replay_time_ns: 0,
+            lag_ns: 0,
+            stream_lost: 0,
         }),
         listener,
         clock: clock.control(),
@@ -420,14 +563,13 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         faults_log: Mutex::new(Vec::new()),
         seed: plan.seed,
         switches: plan.switches,
-        access: Mutex::new(pb::CloneAccess {
-            netns: format!("vmr-{}", plan.clone_id),
-            guest_ip: plan.access.guest_ip.clone().unwrap_or_default(),
-            peer_ip: plan.access.peer_ip.clone().unwrap_or_default(),
-            service_port: plan.access.service_port.map_or(0, u32::from),
-            ..Default::default()
-        }),
+        access: Mutex::new(access_msg(&plan, &peer_macs)),
         crash: Mutex::new(None),
+        window: prepared.window,
+        awaiting: Mutex::new(HashMap::new()),
+        started_mono: Mutex::new(None),
+        ack_late: Mutex::new(Vec::new()),
+        stream_seen: Mutex::new(HashMap::new()),
     });
     std::fs::create_dir_all(&plan.work_dir).map_err(|e| setup("work directory", e))?;
     let netns = format!("vmr-{}", plan.clone_id);
@@ -438,20 +580,20 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         instance: Mutex::new(None),
         source: Mutex::new(Some(source)),
         control_sockets: HashMap::new(),
-        blk_captures: Vec::new(),
         blk_controls: Vec::new(),
-        peer_mac: recorded
-            .values()
-            .flatten()
-            .find(|f| f.direction == crate::net::Direction::ToGuest && f.data.len() >= 12)
-            .map(|f| {
-                let mut m = [0u8; 6];
-                m.copy_from_slice(&f.data[6..12]);
-                m
-            }),
+        peer_macs,
         threads: Mutex::new(Vec::new()),
         clock_slot: Mutex::new(Some(clock)),
-        expected_writes: Mutex::new(Vec::new()),
+        bounds: prepared.bounds,
+        expected: prepared
+            .expected
+            .iter()
+            .map(|e| (e.seq, e.clone()))
+            .collect(),
+        answered: Mutex::new(HashSet::new()),
+        block_passed: std::sync::atomic::AtomicU64::new(0),
+        subscriptions: Mutex::new(Vec::new()),
+        peer_active: Arc::new(AtomicBool::new(false)),
         peers: HashMap::new(),
         faults: Mutex::new(faults::FaultInjector::new(plan.seed, plan.faults.clone())),
         stop: Arc::new(AtomicBool::new(false)),
@@ -527,7 +669,6 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         sockets.push(sock.clone());
         sockets.push(blk_ctl.clone());
         rt.blk_controls.push((dev.clone(), blk_ctl));
-        rt.blk_captures.push((dev.clone(), capture));
         spec.disks.push(DiskSpec {
             name: dev,
             socket: sock,
@@ -584,12 +725,9 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
                 peer: Mutex::new(peer),
                 injector: Mutex::new(None),
                 control: ctl.clone(),
-                capture: work.join(format!("{}.net.events", nic.name)),
                 pending: Mutex::new(None),
                 reported: Mutex::new(Vec::new()),
                 changed: std::sync::Condvar::new(),
-                tail_pos: Mutex::new(0),
-                tail_len: Mutex::new(0),
             }),
         );
         rt.control_sockets.insert(nic.name.clone(), ctl);
@@ -611,6 +749,39 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    // The original's block records go to each disk's backend, and every
+    // backend's output stream is subscribed, before the guest runs.
+    for (dev, ctl) in &rt.blk_controls {
+        let records: Vec<&ExpectedIo> = prepared
+            .expected
+            .iter()
+            .filter(|e| &e.device == dev)
+            .collect();
+        for batch in records.chunks(EXPECT_BATCH) {
+            let lines: Vec<String> = batch.iter().map(|e| e.json()).collect();
+            control_request(
+                ctl,
+                &format!("{{\"cmd\":\"expect\",\"records\":[{}]}}", lines.join(",")),
+            )
+            .map_err(|e| setup(&format!("block comparison of {dev}"), e))?;
+        }
+        let sub = Subscription::open(ctl, CONTROL_TIMEOUT)
+            .map_err(|e| setup(&format!("output stream of {dev}"), e))?;
+        rt.subscriptions.lock().expect("subscriptions lock").push((
+            dev.clone(),
+            StreamOf::Disk,
+            sub,
+        ));
+    }
+    for (nic, ctl) in &rt.control_sockets {
+        let sub = Subscription::open(ctl, CONTROL_TIMEOUT)
+            .map_err(|e| setup(&format!("output stream of {nic}"), e))?;
+        rt.subscriptions.lock().expect("subscriptions lock").push((
+            nic.clone(),
+            StreamOf::Nic,
+            sub,
+        ));
     }
     if rt.plan.gdb {
         spec.debug = Some(DebugListen::Tcp(
@@ -750,6 +921,130 @@ impl CloneRuntime {
             .lock()
             .expect("threads lock")
             .extend([lifecycle, console]);
+        let subs: Vec<_> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .drain(..)
+            .collect();
+        for (device, of, sub) in subs {
+            let me = Arc::downgrade(self);
+            let stop = self.stop.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("clone-out-{device}"))
+                .spawn(move || read_stream(me, stop, device, of, sub))
+                .expect("spawning a thread");
+            self.threads.lock().expect("threads lock").push(h);
+        }
+    }
+
+    /// Handles one line of a backend's output stream.
+    fn on_output(&self, device: &str, of: StreamOf, out: Output) {
+        match out {
+            Output::Delivered {
+                seq: Some(seq),
+                mono_ns,
+                ..
+            } => {
+                self.shared.acknowledge(seq, mono_ns);
+            }
+            Output::Delivered { seq: None, .. } | Output::Fault { .. } => {}
+            Output::Tx { frame, .. } => {
+                if !self.peer_active.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(nic) = self.peers.get(device) {
+                    if let Err(e) = nic.on_clone_frame(&frame, &self.shared) {
+                        tracing::warn!(clone = %self.shared.id, device, error = %e, "injecting a peer frame failed");
+                    }
+                }
+            }
+            Output::Block {
+                sector,
+                len,
+                status,
+                hash,
+                answers: Some(seq),
+                matched: Some(matched),
+                ..
+            } => {
+                self.answered.lock().expect("answered lock").insert(seq);
+                if !matched {
+                    self.block_mismatch(device, seq, sector, len, &status, hash);
+                }
+            }
+            Output::Block { .. } => {}
+            Output::Lagged { lost } => {
+                tracing::warn!(clone = %self.shared.id, device, lost, ?of, "an output stream lost lines");
+                self.shared.update(|s| s.stream_lost += lost);
+            }
+        }
+    }
+
+    /// Reports a clone block request whose data differs from the original
+    /// record `seq` it answers.
+    fn block_mismatch(
+        &self,
+        device: &str,
+        seq: u64,
+        sector: u64,
+        len: u32,
+        status: &str,
+        hash: Option<String>,
+    ) {
+        let Some(exp) = self.expected.get(&seq) else {
+            return;
+        };
+        let read = exp.op == BlockOp::Read;
+        let (kind, description) = match (read, status) {
+            (false, "ok") => (
+                pb::DivergenceKind::BlockWriteData,
+                format!("the clone wrote other data at sector {sector} ({len} bytes) than the original"),
+            ),
+            (true, "ok") => (
+                pb::DivergenceKind::BlockReadData,
+                format!("the clone read other data at sector {sector} ({len} bytes) than the original"),
+            ),
+            (false, st) => (
+                pb::DivergenceKind::BlockWriteData,
+                format!("the clone's write at sector {sector} ({len} bytes) completed with {st}; the original's did not"),
+            ),
+            (true, st) => (
+                pb::DivergenceKind::BlockReadData,
+                format!("the clone's read at sector {sector} ({len} bytes) completed with {st}; the original's did not"),
+            ),
+        };
+        let observed = Event {
+            seq: 0,
+            payload: Payload::Block(BlockIo {
+                device: device.to_string(),
+                queue: 0,
+                op: exp.op,
+                sector,
+                len,
+                data: Vec::new(),
+                content_hash: hash
+                    .as_deref()
+                    .and_then(crate::outputs::decode_hex)
+                    .and_then(|h| h.try_into().ok())
+                    .map(ContentHash::Xxh3_128),
+                status: match status {
+                    "ok" => BlockStatus::Ok,
+                    "unsupported" => BlockStatus::Unsupported,
+                    _ => BlockStatus::IoErr,
+                },
+            }),
+            ..exp.event.clone()
+        };
+        tracing::info!(clone = %self.shared.id, seq, device, %description, "block divergence");
+        self.shared.add_divergence(pb::Divergence {
+            seq,
+            device: device.to_string(),
+            description,
+            expected: Some(exp.event.clone().into()),
+            observed: Some(observed.into()),
+            kind: kind as i32,
+        });
     }
 
     fn on_lifecycle(&self, ev: DriverEvent) {
@@ -757,6 +1052,11 @@ impl CloneRuntime {
             ev.kind(),
             LifecycleKind::Crash | LifecycleKind::TripleFault | LifecycleKind::InternalError
         );
+        if crashed {
+            // The NICs' acknowledgements of the last frames come on their
+            // own streams: let them arrive before the last seq is read.
+            self.shared.drain_streams();
+        }
         let last = self
             .shared
             .status
@@ -781,8 +1081,6 @@ impl CloneRuntime {
         self.shared.clock.stop();
         *self.shared.crash.lock().expect("crash lock") = lifecycle.lifecycle.clone();
         self.shared.emit(lifecycle);
-        // The block backend's capture trails the guest slightly.
-        std::thread::sleep(Duration::from_millis(300));
         self.check_block();
         let kind = ev.kind();
         self.shared.update(|st| {
@@ -871,39 +1169,15 @@ impl CloneRuntime {
     fn replay(self: Arc<Self>, source: EventSource) {
         let manifest = &self.plan.manifest;
         let mut timeline = Timeline::from_manifest(manifest);
-        let bounds = match self.plan.window.resolve(None) {
-            Ok(b) => b,
-            Err(e) => {
-                self.fail(format!("window: {e}"));
-                return;
-            }
-        };
+        let bounds = self.bounds;
         let filter = self.plan.filter.clone();
         // The clock whose control the service holds.
         let mut clock = self.take_clock();
-        let tail_stop = Arc::new(AtomicBool::new(false));
-        let mut tailers = Vec::new();
-        for nic in self.peers.values() {
-            let nic = nic.clone();
-            let shared = self.shared.clone();
-            let stop = tail_stop.clone();
-            let h = std::thread::Builder::new()
-                .name("clone-net-tail".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        if let Err(e) = nic.tail(&shared) {
-                            tracing::warn!(clone = %shared.id, device = %nic.device, error = %e, "injecting a peer frame failed");
-                        }
-                        std::thread::sleep(TAIL_PERIOD);
-                    }
-                })
-                .expect("spawning a thread");
-            tailers.push(h);
-        }
-        // Timing of the paced dispatches and of the received frames'
-        // injections (acknowledged by the NIC) against their due times.
+        // The clone's frames go to the recorded peers while replaying.
+        self.peer_active.store(true, Ordering::SeqCst);
+        // Timing of the paced dispatches against their due times (the
+        // frames' acknowledgements are timed as they arrive).
         let mut dispatch_late: Vec<Duration> = Vec::new();
-        let mut inject_late: Vec<Duration> = Vec::new();
         let timed = !matches!(self.plan.speed, Speed::AsFastAsPossible);
         let result = replay::run(
             source,
@@ -913,15 +1187,25 @@ impl CloneRuntime {
             &filter,
             &mut clock,
             |e, d| {
-                let released = Instant::now();
+                let (_, mono) = vmr_hypervisor::events::now_ns();
+                self.shared
+                    .started_mono
+                    .lock()
+                    .expect("start lock")
+                    .get_or_insert(mono);
                 if let Some(d) = d.filter(|_| timed && dispatch_late.len() < TIMING_SAMPLES) {
                     dispatch_late.push(d.lateness());
                 }
+                // When the event was due, on the host's monotonic clock.
+                let due_mono = d
+                    .filter(|_| timed)
+                    .map(|d| mono.saturating_sub(d.lateness().as_nanos() as u64));
                 if self.stop.load(Ordering::SeqCst) {
                     return Err(DeliverError("the clone is being removed".into()));
                 }
                 let guest_ns = d.map_or(0, |d| d.guest_offset.as_nanos() as u64);
                 self.event_faults(&e.event, guest_ns)?;
+                let seq = e.event.seq;
                 if let Payload::Net(n) = &e.event.payload {
                     if n.direction == Direction::Rx {
                         let nic = self
@@ -931,46 +1215,49 @@ impl CloneRuntime {
                             .ok_or_else(|| {
                                 DeliverError(format!("no NIC for device {}", n.device))
                             })?;
-                        nic.deliver_due(
-                            e.event.seq,
-                            guest_ns,
+                        let awaited = nic.deliver_due(
+                            seq,
+                            Awaiting { due_mono, guest_ns },
                             &self.stop,
                             &self.faults,
                             &self.shared,
                         )?;
-                        if let Some(d) = d.filter(|_| timed && inject_late.len() < TIMING_SAMPLES) {
-                            inject_late.push(d.lateness() + released.elapsed());
+                        if !awaited {
+                            // Dropped by a fault, or skipped by the peer:
+                            // applied without a delivery.
+                            self.shared.apply(seq, guest_ns, true, mono, None);
                         }
+                        return Ok(());
                     }
                 }
-                if let Payload::Block(b) = &e.event.payload {
-                    if b.op == BlockOp::Write {
-                        self.expected_writes
-                            .lock()
-                            .expect("writes lock")
-                            .push(e.event.clone());
-                    }
+                if let Payload::Block(_) = &e.event.payload {
+                    self.block_passed.fetch_max(seq, Ordering::SeqCst);
                 }
-                let seq = e.event.seq;
                 let input = !matches!(e.event.payload, Payload::Lifecycle(_));
-                self.shared.update(|s| {
-                    s.replayed_seq = seq;
-                    if input {
-                        s.last_input_seq = seq;
-                    }
-                    s.delivered += 1;
-                });
+                self.shared.apply(seq, guest_ns, input, mono, None);
                 Ok(())
             },
         );
-        // The clone's last frames, then the peers' reports.
-        std::thread::sleep(Duration::from_millis(100));
-        tail_stop.store(true, Ordering::SeqCst);
-        for h in tailers {
-            let _ = h.join();
+        if result.is_ok() {
+            // The acknowledgements of the last frames.
+            let end = Instant::now() + ACK_WAIT;
+            while Instant::now() < end
+                && !self
+                    .shared
+                    .awaiting
+                    .lock()
+                    .expect("awaiting lock")
+                    .is_empty()
+                && !self.stop.load(Ordering::SeqCst)
+                && !self.shared.ended.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        // The clone's last frames, then the peers' reports.
+        self.shared.drain_streams();
+        self.peer_active.store(false, Ordering::SeqCst);
         for nic in self.peers.values() {
-            let _ = nic.tail(&self.shared);
             nic.report_divergences(&self.shared);
         }
         match result {
@@ -980,11 +1267,24 @@ impl CloneRuntime {
                     if s.state != pb::CloneState::Crashed && s.state != pb::CloneState::Live {
                         s.state = pb::CloneState::Finished;
                         s.detail = format!(
-                            "{} events delivered, {} gaps, {} undecodable records",
-                            report.delivered,
+                            "{} events applied ({} received frames acknowledged by the NIC), {} gaps, {} undecodable records",
+                            s.delivered,
+                            s.frames_acknowledged,
                             report.gaps.len(),
                             report.poison.len()
                         );
+                        let pending = self.shared.awaiting.lock().expect("awaiting lock").len();
+                        if pending > 0 {
+                            s.detail.push_str(&format!(
+                                "; {pending} injected frames not acknowledged (the guest took no receive buffer)"
+                            ));
+                        }
+                        if s.stream_lost > 0 {
+                            s.detail.push_str(&format!(
+                                "; the output streams lost {} lines, so the comparison is incomplete",
+                                s.stream_lost
+                            ));
+                        }
                         if report.filter.is_filtered() {
                             let f = &report.filter;
                             s.detail.push_str(&format!(
@@ -998,7 +1298,8 @@ impl CloneRuntime {
                         }
                         if let Some(t) = timing_text("dispatch", &mut dispatch_late) {
                             s.detail.push_str(&format!("; timing: {t}"));
-                            if let Some(i) = timing_text("frame injection", &mut inject_late) {
+                            let mut acked = self.shared.ack_late.lock().expect("ack lock").clone();
+                            if let Some(i) = timing_text("frame delivery (acknowledged)", &mut acked) {
                                 s.detail.push_str(&format!(", {i}"));
                             }
                         }
@@ -1012,7 +1313,6 @@ impl CloneRuntime {
                         }
                     }
                 });
-                std::thread::sleep(Duration::from_millis(300));
                 self.check_block();
             }
             Err(ReplayError::Stopped) => {}
@@ -1053,70 +1353,35 @@ impl CloneRuntime {
         });
     }
 
-    /// Compares the recorded block writes delivered so far with the clone's
-    /// own writes; reports each new divergence once.
+    /// Reports the recorded block writes the replay passed that no clone
+    /// request answered (on the disks' output streams), each once. Data
+    /// differences are reported as their `block` lines arrive.
     fn check_block(&self) {
-        let expected = self.expected_writes.lock().expect("writes lock").clone();
-        let mut observed: HashMap<(String, u64), Vec<Event>> = HashMap::new();
-        for (dev, path) in &self.blk_captures {
-            for e in read_capture(path) {
-                if let Payload::Block(b) = &e.payload {
-                    if b.op == BlockOp::Write {
-                        observed
-                            .entry((dev.clone(), b.sector))
-                            .or_default()
-                            .push(e.clone());
-                    }
-                }
-            }
-        }
-        let mut used: HashMap<(String, u64), usize> = HashMap::new();
-        let mut found = Vec::new();
-        for exp in expected {
-            let Payload::Block(b) = &exp.payload else {
-                continue;
-            };
-            let key = (b.device.clone(), b.sector);
-            let n = used.entry(key.clone()).or_default();
-            let obs = observed.get(&key).and_then(|v| v.get(*n)).cloned();
-            *n += 1;
-            let (kind, description) = match &obs {
-                None => (
-                    pb::DivergenceKind::BlockWriteMissing,
-                    format!(
-                        "the original wrote {} bytes at sector {}; the clone did not",
-                        b.data.len(),
-                        b.sector
-                    ),
-                ),
-                Some(o) => match &o.payload {
-                    Payload::Block(ob) if ob.data == b.data => continue,
-                    Payload::Block(ob) => (
-                        pb::DivergenceKind::BlockWriteData,
-                        format!(
-                            "the clone wrote other data at sector {} ({} bytes, the original {})",
-                            b.sector,
-                            ob.data.len(),
-                            b.data.len()
-                        ),
-                    ),
-                    _ => continue,
-                },
-            };
-            found.push(pb::Divergence {
-                seq: exp.seq,
-                device: b.device.clone(),
-                description,
-                expected: Some(exp.clone().into()),
-                observed: obs.map(Into::into),
-                kind: kind as i32,
-            });
-        }
+        let passed = self.block_passed.load(Ordering::SeqCst);
+        let answered = self.answered.lock().expect("answered lock").clone();
+        let mut missing: Vec<&ExpectedIo> = self
+            .expected
+            .values()
+            .filter(|e| e.op == BlockOp::Write && e.seq <= passed && !answered.contains(&e.seq))
+            .collect();
+        missing.sort_by_key(|e| e.seq);
         let known: Vec<(u64, i32)> = self.divergences().iter().map(|d| (d.seq, d.kind)).collect();
-        for d in found {
-            if !known.contains(&(d.seq, d.kind)) {
-                self.shared.add_divergence(d);
+        for e in missing {
+            let kind = pb::DivergenceKind::BlockWriteMissing as i32;
+            if known.contains(&(e.seq, kind)) {
+                continue;
             }
+            self.shared.add_divergence(pb::Divergence {
+                seq: e.seq,
+                device: e.device.clone(),
+                description: format!(
+                    "the original wrote {} bytes at sector {}; the clone did not",
+                    e.len, e.sector
+                ),
+                expected: Some(e.event.clone().into()),
+                observed: None,
+                kind,
+            });
         }
     }
 
@@ -1165,7 +1430,7 @@ impl CloneRuntime {
                     .ok_or_else(|| {
                         DeliverError("the clone has no NIC for a synthetic frame".into())
                     })?;
-                nic.inject(frame)?;
+                nic.inject(frame, None)?;
             }
             _ => return Ok(()),
         }
@@ -1201,47 +1466,58 @@ impl CloneRuntime {
         }
         self.shared.ended.store(true, Ordering::SeqCst);
         self.shared.clock.stop();
-        // The replay thread ends at the stopped clock; its net tailers too.
-        let tap = live_tap(0);
-        if let Some(mac) = self.peer_mac {
-            run_ip(&[
-                "-n",
-                &self.netns,
-                "link",
-                "set",
-                "dev",
-                &tap,
-                "address",
-                &mac_str(&mac),
-            ])?;
+        // The replay thread ends at the stopped clock; the peers stop
+        // answering the clone.
+        self.peer_active.store(false, Ordering::SeqCst);
+        for (i, nic) in self.plan.nics.iter().enumerate() {
+            let tap = live_tap(i);
+            if let Some(mac) = self.peer_macs.get(&nic.name) {
+                run_ip(&[
+                    "-n",
+                    &self.netns,
+                    "link",
+                    "set",
+                    "dev",
+                    &tap,
+                    "address",
+                    &mac_str(mac),
+                ])?;
+            }
+            let a = self.plan.access.nics.get(i).cloned().unwrap_or_default();
+            if let Some(peer) = &a.peer_ip {
+                run_ip(&[
+                    "-n",
+                    &self.netns,
+                    "addr",
+                    "add",
+                    &format!("{peer}/{}", a.prefix),
+                    "dev",
+                    &tap,
+                ])?;
+            }
+            run_ip(&["-n", &self.netns, "link", "set", "dev", &tap, "up"])?;
         }
-        let a = &self.plan.access;
-        if let Some(peer) = &a.peer_ip {
-            run_ip(&[
-                "-n",
-                &self.netns,
-                "addr",
-                "add",
-                &format!("{peer}/{}", a.prefix),
-                "dev",
-                &tap,
-            ])?;
-        }
-        run_ip(&["-n", &self.netns, "link", "set", "dev", &tap, "up"])?;
         if let Some(i) = self.instance() {
             let st = i.query()?.state;
             if st == RunState::Paused || st == RunState::Created {
                 i.resume()?;
             }
         }
-        let hint = match (&a.guest_ip, a.service_port) {
+        let first = self.plan.access.nics.first().cloned().unwrap_or_default();
+        let tap = live_tap(0);
+        let hint = match (&first.guest_ip, self.plan.access.service_port) {
             (Some(ip), Some(port)) => format!("ip netns exec {} nc {ip} {port}", self.netns),
             (Some(ip), None) => format!("ip netns exec {} ping {ip}", self.netns),
             _ => format!("ip netns exec {} ip link show {tap}", self.netns),
         };
         {
             let mut acc = self.shared.access.lock().expect("access lock");
-            acc.interface = tap.clone();
+            if !self.plan.nics.is_empty() {
+                acc.interface = tap.clone();
+            }
+            for (i, n) in acc.nics.iter_mut().enumerate() {
+                n.interface = live_tap(i);
+            }
             acc.hint = hint.clone();
         }
         self.shared.update(|s| {
@@ -1463,11 +1739,12 @@ impl Injector {
         })
     }
 
-    fn inject(&mut self, frame: &[u8]) -> Result<(), DeliverError> {
-        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+    fn inject(&mut self, frame: &[u8], seq: Option<u64>) -> Result<(), DeliverError> {
+        let hex = crate::outputs::encode_hex(frame);
+        let seq = seq.map(|s| format!(",\"seq\":{s}")).unwrap_or_default();
         writeln!(
             self.stream.get_mut(),
-            "{{\"cmd\":\"inject\",\"frame\":\"{hex}\"}}"
+            "{{\"cmd\":\"inject\",\"frame\":\"{hex}\"{seq}}}"
         )
         .map_err(|e| DeliverError(format!("control socket write: {e}")))?;
         let mut line = String::new();
@@ -1484,59 +1761,312 @@ impl Injector {
     }
 }
 
-/// Reads the window's recorded net frames (both directions) from a second
-/// pass over the source, per NIC, for the TCP peers; refuses a window above
-/// [`MAX_PEER_FRAMES`] or [`MAX_PEER_BYTES`].
-fn collect_net_frames(
-    mut cfg: SourceConfig,
-    plan: &ClonePlan,
-) -> Result<HashMap<String, Vec<RecordedFrame>>, CloneError> {
-    cfg.kinds = KindSet::empty().with(Kind::Net);
-    let source = EventSource::open(cfg)?;
-    let bounds = plan
-        .window
-        .resolve(None)
-        .map_err(|e| CloneError::Invalid(format!("window: {e}")))?;
-    let mut timeline = Timeline::from_manifest(&plan.manifest);
-    // The peer sees what the replay delivers: the request's filter, net only.
-    let filter = Filter {
-        kinds: KindSet::empty().with(Kind::Net),
-        ..plan.filter.clone()
+/// The event source of a plan, from the manifest's offsets.
+fn source_config(plan: &ClonePlan) -> SourceConfig {
+    let mut cfg =
+        SourceConfig::from_manifest(plan.bootstrap_servers.clone(), &plan.manifest, plan.kinds);
+    cfg.fetch_timeout = plan.fetch_timeout;
+    cfg.security = plan.kafka_security.clone();
+    cfg
+}
+
+/// Which backend an output stream comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamOf {
+    Nic,
+    Disk,
+}
+
+/// A recorded block request a disk's backend compares the clone's
+/// requests with (`expect`): a write with the hash of its data, or a read
+/// with the hash of the data it returned (xxh3-128).
+#[derive(Debug, Clone)]
+pub struct ExpectedIo {
+    pub seq: u64,
+    pub device: String,
+    pub op: BlockOp,
+    pub sector: u64,
+    pub len: u32,
+    pub hash: [u8; 16],
+    /// The record without its data (for the divergence report).
+    pub event: Event,
+}
+
+impl ExpectedIo {
+    /// The record of a recorded block event, if it can be compared: a
+    /// write, or a read whose recorded hash is xxh3-128.
+    pub fn of(e: &Event) -> Option<Self> {
+        let Payload::Block(b) = &e.payload else {
+            return None;
+        };
+        let hash: [u8; 16] = match b.op {
+            BlockOp::Write => xxhash_rust::xxh3::xxh3_128(&b.data).to_be_bytes(),
+            BlockOp::Read => match &b.content_hash {
+                Some(ContentHash::Xxh3_128(h)) => *h,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let mut event = e.clone();
+        if let Payload::Block(b) = &mut event.payload {
+            b.data.clear();
+            b.content_hash = Some(ContentHash::Xxh3_128(hash));
+        }
+        Some(Self {
+            seq: e.seq,
+            device: b.device.clone(),
+            op: b.op,
+            sector: b.sector,
+            len: b.len,
+            hash,
+            event,
+        })
+    }
+
+    /// The record in the backend's `expect` form.
+    fn json(&self) -> String {
+        format!(
+            "{{\"seq\":{},\"op\":\"{}\",\"sector\":{},\"len\":{},\"hash\":\"{}\"}}",
+            self.seq,
+            faults::op_name(self.op),
+            self.sector,
+            self.len,
+            crate::outputs::encode_hex(&self.hash)
+        )
+    }
+}
+
+/// What [`prepare`] read of the recording before the clone is built.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The window, resolved.
+    pub bounds: Bounds,
+    /// The window as reported.
+    pub window: pb::AppliedWindow,
+    /// The window's recorded net frames (both directions) by NIC name.
+    pub frames: HashMap<String, Vec<RecordedFrame>>,
+    /// The window's recorded block requests to compare.
+    pub expected: Vec<ExpectedIo>,
+    /// The last `seq` the replay needs (None: to the end).
+    pub until_seq: Option<u64>,
+}
+
+/// Resolves the plan's window against the recording (a percentage or a
+/// portion first measures the recording after the cut, a full pass) and
+/// reads the window once, as the replay will deliver it (the request's
+/// kinds and filter): its extent, its net frames for the TCP peers (at
+/// most [`MAX_PEER_FRAMES`] or [`MAX_PEER_BYTES`]) and its block requests
+/// for the comparison. A window past the recorded events is
+/// [`CloneError::OutOfRange`]; one ending at or before the cut, or holding
+/// no recorded event, [`CloneError::Precondition`].
+pub fn prepare(plan: &ClonePlan) -> Result<Prepared, CloneError> {
+    let m = &plan.manifest;
+    let cfg = source_config(plan);
+    let w = &plan.window;
+    let span = if w.needs_span() {
+        let s = Span::measure(EventSource::open(cfg.clone())?, Timeline::from_manifest(m))?;
+        Some(s.ok_or_else(|| {
+            CloneError::OutOfRange(format!(
+                "window {w}: the recording has no event after the snapshot's cut at seq {}",
+                m.seq_at_cut
+            ))
+        })?)
+    } else {
+        None
     };
+    let bounds = w.resolve(span.as_ref()).map_err(|e| match e {
+        WindowError::PastEnd(_) => CloneError::OutOfRange(format!(
+            "window {w}: it starts after the recorded events end ({e})"
+        )),
+        _ => CloneError::Invalid(format!("window {w}: {e}")),
+    })?;
+    if let Some(t) = bounds.seq_to.filter(|t| *t <= m.seq_at_cut) {
+        return Err(CloneError::Precondition(format!(
+            "the window ends at seq {t}, at or before the snapshot's cut at seq {}",
+            m.seq_at_cut
+        )));
+    }
+    if let Some(t) = bounds.wall_to_ns.filter(|t| *t < m.wall_time_ns) {
+        return Err(CloneError::Precondition(format!(
+            "the window ends at wall time {t} ns, before the snapshot's cut at {} ns",
+            m.wall_time_ns
+        )));
+    }
+    let mut pre = cfg;
+    pre.until_seq = bounds.seq_to;
+    let source = EventSource::open(pre)?;
+    let mut timeline = Timeline::from_manifest(m);
     let mut clock = ReplayClock::new(Speed::AsFastAsPossible);
-    let mut out: HashMap<String, Vec<RecordedFrame>> = HashMap::new();
+    let mut window = pb::AppliedWindow {
+        form: w.to_string(),
+        ..Default::default()
+    };
+    let mut frames: HashMap<String, Vec<RecordedFrame>> = HashMap::new();
+    let mut expected = Vec::new();
     let (mut count, mut bytes) = (0usize, 0usize);
     let r = replay::run(
         source,
         &mut timeline,
         &bounds,
         BeforeWindow::Skip,
-        &filter,
+        &plan.filter,
         &mut clock,
-        |e, _| {
-            let Payload::Net(n) = &e.event.payload else {
-                return Ok(());
-            };
-            count += 1;
-            bytes += n.frame.len();
-            if count > MAX_PEER_FRAMES || bytes > MAX_PEER_BYTES {
-                return Err(DeliverError(format!(
-                    "the window holds more than {MAX_PEER_FRAMES} net frames or {MAX_PEER_BYTES} bytes of them; replay a smaller window"
-                )));
+        |e, d| {
+            let ev = &e.event;
+            let guest = d.map_or(0, |d| d.guest_offset.as_nanos() as u64);
+            if window.events == 0 {
+                window.first_seq = ev.seq;
+                window.first_guest_ns = guest;
+                window.first_wall_ns = ev.wall_time_ns;
             }
-            if let Some(f) = RecordedFrame::from_event(&e.event) {
-                out.entry(n.device.clone()).or_default().push(f);
+            window.events += 1;
+            window.last_seq = ev.seq;
+            window.last_guest_ns = guest;
+            window.last_wall_ns = ev.wall_time_ns;
+            match &ev.payload {
+                Payload::Net(n) => {
+                    count += 1;
+                    bytes += n.frame.len();
+                    if count > MAX_PEER_FRAMES || bytes > MAX_PEER_BYTES {
+                        return Err(DeliverError(format!(
+                            "the window holds more than {MAX_PEER_FRAMES} net frames or {MAX_PEER_BYTES} bytes of them; replay a smaller window"
+                        )));
+                    }
+                    if let Some(f) = RecordedFrame::from_event(ev) {
+                        frames.entry(n.device.clone()).or_default().push(f);
+                    }
+                }
+                Payload::Block(_) => expected.extend(ExpectedIo::of(ev)),
+                _ => {}
             }
             Ok(())
         },
     );
-    match r {
-        Ok(_) => Ok(out),
-        Err(ReplayError::Deliver { source, .. }) => Err(CloneError::Invalid(source.0)),
-        Err(ReplayError::Source(e)) => Err(CloneError::Source(e)),
-        Err(e) => Err(CloneError::State(format!(
-            "reading the window's net frames: {e}"
-        ))),
+    let report = match r {
+        Ok(r) => r,
+        Err(ReplayError::Deliver { source, .. }) => return Err(CloneError::Invalid(source.0)),
+        Err(ReplayError::Source(e)) => return Err(CloneError::Source(e)),
+        Err(e) => {
+            return Err(CloneError::State(format!(
+                "reading the window's events: {e}"
+            )))
+        }
+    };
+    let inside = window.events + report.filter.removed_total();
+    if inside == 0 && *w != Window::All {
+        let last = report.last_seq.unwrap_or(m.seq_at_cut);
+        return Err(if report.reached_window_end {
+            CloneError::Precondition(format!(
+                "window {w}: no recorded event after the snapshot's cut lies inside it"
+            ))
+        } else {
+            CloneError::OutOfRange(format!(
+                "window {w}: it starts after the recorded events end (the last after the cut at seq {} is seq {last})",
+                m.seq_at_cut
+            ))
+        });
+    }
+    let has_end =
+        bounds.seq_to.is_some() || bounds.guest_to.is_some() || bounds.wall_to_ns.is_some();
+    let until_seq = bounds
+        .seq_to
+        .or((has_end && window.events > 0).then_some(window.last_seq));
+    Ok(Prepared {
+        bounds,
+        window,
+        frames,
+        expected,
+        until_seq,
+    })
+}
+
+/// NIC name → the recorded peer's MAC: the source MAC of the NIC's first
+/// recorded received frame (with a single NIC, of any recorded frame).
+fn peer_macs(
+    plan: &ClonePlan,
+    recorded: &HashMap<String, Vec<RecordedFrame>>,
+) -> HashMap<String, [u8; 6]> {
+    let first_src = |frames: &mut dyn Iterator<Item = &RecordedFrame>| {
+        frames
+            .filter(|f| f.direction == crate::net::Direction::ToGuest && f.data.len() >= 12)
+            .min_by_key(|f| f.seq)
+            .map(|f| {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(&f.data[6..12]);
+                m
+            })
+    };
+    let mut out = HashMap::new();
+    for nic in &plan.nics {
+        let mac = if plan.nics.len() == 1 {
+            first_src(&mut recorded.values().flatten())
+        } else {
+            first_src(&mut recorded.get(&nic.name).into_iter().flatten())
+        };
+        if let Some(m) = mac {
+            out.insert(nic.name.clone(), m);
+        }
+    }
+    out
+}
+
+/// How the operator reaches the clone, before it is live.
+fn access_msg(plan: &ClonePlan, peer_macs: &HashMap<String, [u8; 6]>) -> pb::CloneAccess {
+    let first = plan.access.nics.first().cloned().unwrap_or_default();
+    pb::CloneAccess {
+        netns: format!("vmr-{}", plan.clone_id),
+        guest_ip: first.guest_ip.unwrap_or_default(),
+        peer_ip: first.peer_ip.unwrap_or_default(),
+        service_port: plan.access.service_port.map_or(0, u32::from),
+        nics: plan
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let a = plan.access.nics.get(i).cloned().unwrap_or_default();
+                pb::NicAccess {
+                    device: n.name.clone(),
+                    interface: String::new(),
+                    guest_ip: a.guest_ip.unwrap_or_default(),
+                    peer_ip: a.peer_ip.unwrap_or_default(),
+                    peer_mac: peer_macs.get(&n.name).map(mac_str).unwrap_or_default(),
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Reads a backend's output stream until the clone goes or the stream
+/// ends.
+fn read_stream(
+    rt: std::sync::Weak<CloneRuntime>,
+    stop: Arc<AtomicBool>,
+    device: String,
+    of: StreamOf,
+    mut sub: Subscription,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let r = sub.read();
+        let Some(rt) = rt.upgrade() else { return };
+        match r {
+            Ok(Read::Output(o)) => {
+                rt.shared.seen(&device);
+                rt.on_output(&device, of, o);
+            }
+            Ok(Read::Unknown(line)) => {
+                rt.shared.seen(&device);
+                tracing::debug!(clone = %rt.shared.id, %device, %line, "an output line not understood");
+            }
+            Ok(Read::Idle) => {}
+            Ok(Read::End) => return,
+            Err(error) => {
+                if !stop.load(Ordering::SeqCst) {
+                    tracing::warn!(clone = %rt.shared.id, %device, %error, "the output stream failed");
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -1546,51 +2076,51 @@ struct NicPeer {
     peer: Mutex<TcpPeer>,
     injector: Mutex<Option<Injector>>,
     control: PathBuf,
-    capture: PathBuf,
     /// A frame the peer handed out before its recorded time.
     pending: Mutex<Option<(u64, Vec<u8>)>>,
     /// Divergences already reported (flow, text).
     reported: Mutex<Vec<(usize, String)>>,
     /// Signalled when the clone sent frames.
     changed: std::sync::Condvar,
-    /// Capture events already fed to the peer.
-    tail_pos: Mutex<usize>,
-    /// Size of the capture when it was last read.
-    tail_len: Mutex<u64>,
 }
 
 impl NicPeer {
-    fn inject(&self, frame: &[u8]) -> Result<(), DeliverError> {
+    /// Injects a frame, with the recorded `seq` it carries (the NIC
+    /// acknowledges its delivery with it).
+    fn inject(&self, frame: &[u8], seq: Option<u64>) -> Result<(), DeliverError> {
         let mut inj = self.injector.lock().expect("injector lock");
         if inj.is_none() {
             *inj = Some(Injector::connect(&self.control)?);
         }
-        inj.as_mut().expect("connected above").inject(frame)
+        inj.as_mut().expect("connected above").inject(frame, seq)
     }
 
     /// Delivers every inbound frame the peer has up to recorded `seq` (the
     /// event now due), waiting for the clone where the peer says so.
+    /// Returns whether frame `seq` was injected (and awaits its
+    /// acknowledgement), rather than dropped by a fault or skipped by the
+    /// peer.
     fn deliver_due(
         &self,
         seq: u64,
-        guest_ns: u64,
+        timing: Awaiting,
         stop: &AtomicBool,
         faults: &Mutex<faults::FaultInjector>,
         shared: &Shared,
-    ) -> Result<(), DeliverError> {
+    ) -> Result<bool, DeliverError> {
         {
             let mut p = self.pending.lock().expect("pending lock");
             match p.take() {
                 Some((s, f)) if s <= seq => {
                     drop(p);
-                    self.inject_recorded(s, guest_ns, f, stop, faults, shared)?;
+                    let awaited = self.inject_recorded(s, timing, f, stop, faults, shared)?;
                     if s == seq {
-                        return Ok(());
+                        return Ok(awaited);
                     }
                 }
                 Some(held) => {
                     *p = Some(held);
-                    return Ok(());
+                    return Ok(false);
                 }
                 None => {}
             }
@@ -1608,16 +2138,17 @@ impl NicPeer {
                     drop(peer);
                     if original_seq > seq {
                         *self.pending.lock().expect("pending lock") = Some((original_seq, frame));
-                        return Ok(());
+                        return Ok(false);
                     }
-                    self.inject_recorded(original_seq, guest_ns, frame, stop, faults, shared)?;
+                    let awaited =
+                        self.inject_recorded(original_seq, timing, frame, stop, faults, shared)?;
                     if original_seq == seq {
-                        return Ok(());
+                        return Ok(awaited);
                     }
                 }
                 Next::Ack { frame, .. } => {
                     drop(peer);
-                    self.inject(&frame)?;
+                    self.inject(&frame, None)?;
                 }
                 Next::WaitForClone { until, .. } => {
                     let wait = until
@@ -1625,23 +2156,24 @@ impl NicPeer {
                         .min(Duration::from_millis(20));
                     let _ = self.changed.wait_timeout(peer, wait).expect("peer lock");
                 }
-                Next::Done => return Ok(()),
+                Next::Done => return Ok(false),
             }
         }
     }
 
-    /// Injects recorded frame `seq`, with the fault the injector decides
-    /// for it (reported as it happens).
-    #[allow(clippy::too_many_arguments)]
+    /// Injects recorded frame `seq` with its `seq`, awaiting its
+    /// acknowledgement, and with the fault the injector decides for it
+    /// (reported as it happens). Returns whether it was injected.
     fn inject_recorded(
         &self,
         seq: u64,
-        guest_ns: u64,
+        timing: Awaiting,
         mut frame: Vec<u8>,
         stop: &AtomicBool,
         faults: &Mutex<faults::FaultInjector>,
         shared: &Shared,
-    ) -> Result<(), DeliverError> {
+    ) -> Result<bool, DeliverError> {
+        let guest_ns = timing.guest_ns;
         let (fault, seed) = {
             let mut f = faults.lock().expect("faults lock");
             if !f.has_frame_rules() {
@@ -1653,20 +2185,33 @@ impl NicPeer {
                 )
             }
         };
+        let awaited = |frame: &[u8]| -> Result<bool, DeliverError> {
+            // Awaited before it goes: the acknowledgement may come at once.
+            shared
+                .awaiting
+                .lock()
+                .expect("awaiting lock")
+                .insert(seq, timing);
+            self.inject(frame, Some(seq)).inspect_err(|_| {
+                shared.awaiting.lock().expect("awaiting lock").remove(&seq);
+            })?;
+            Ok(true)
+        };
         let Some(fault) = fault else {
-            return self.inject(&frame);
+            return awaited(&frame);
         };
         tracing::info!(clone = %shared.id, fault = %fault, "fault injected");
         shared.report_fault(&fault, seed);
         match fault.action {
-            faults::FaultAction::Drop => Ok(()),
+            faults::FaultAction::Drop => Ok(false),
             faults::FaultAction::Duplicate => {
-                self.inject(&frame)?;
-                self.inject(&frame)
+                awaited(&frame)?;
+                self.inject(&frame, Some(seq))?;
+                Ok(true)
             }
             faults::FaultAction::Corrupt
             | faults::FaultAction::IoError { .. }
-            | faults::FaultAction::Synthetic(_) => self.inject(&frame),
+            | faults::FaultAction::Synthetic(_) => awaited(&frame),
             faults::FaultAction::Delay(d) => {
                 let end = Instant::now() + d;
                 while Instant::now() < end {
@@ -1678,46 +2223,20 @@ impl NicPeer {
                             .min(Duration::from_millis(20)),
                     );
                 }
-                self.inject(&frame)
+                awaited(&frame)
             }
         }
     }
 
-    /// Feeds the clone's new transmitted frames to the peer and injects
-    /// what it answers; reports its divergences.
-    fn tail(&self, shared: &Shared) -> Result<(), DeliverError> {
-        let len = std::fs::metadata(&self.capture).map_or(0, |m| m.len());
+    /// Feeds a frame the clone transmitted (from the NIC's output stream)
+    /// to the peer and injects what it answers; reports its divergences.
+    fn on_clone_frame(&self, frame: &[u8], shared: &Shared) -> Result<(), DeliverError> {
         {
-            let mut seen = self.tail_len.lock().expect("tail lock");
-            if len == *seen {
-                return Ok(());
-            }
-            *seen = len;
-        }
-        let events = read_capture(&self.capture);
-        let mut pos = self.tail_pos.lock().expect("tail lock");
-        if events.len() <= *pos {
-            return Ok(());
-        }
-        let new: Vec<Event> = events.into_iter().skip(*pos).collect();
-        *pos += new.len();
-        drop(pos);
-        for e in new {
-            let Payload::Net(n) = &e.payload else {
-                continue;
-            };
-            if n.direction != Direction::Tx {
-                continue;
-            }
-            let actions = self
-                .peer
-                .lock()
-                .expect("peer lock")
-                .on_clone_output(&n.frame);
+            let actions = self.peer.lock().expect("peer lock").on_clone_output(frame);
             self.changed.notify_all();
             for a in actions {
                 match a {
-                    Action::Inject { frame, .. } => self.inject(&frame)?,
+                    Action::Inject { frame, .. } => self.inject(&frame, None)?,
                     Action::Diverged { flow, divergence } => {
                         let text = divergence.to_string();
                         let key = (flow.0, text.clone());

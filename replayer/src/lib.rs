@@ -12,12 +12,15 @@
 //! - [`filter`]: which events to deliver.
 //! - [`replay`]: the loop that ties them together, up to a delivery
 //!   callback.
+//! - [`outputs`]: the live output stream of a replay-mode backend
+//!   (acknowledged deliveries, the clone's frames and block requests).
 //!
 //! The gRPC service is built on these modules; they do not depend on it.
 
 pub mod clone;
 pub mod filter;
 pub mod net;
+pub mod outputs;
 pub mod replay;
 pub mod schedule;
 pub mod service;

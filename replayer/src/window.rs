@@ -283,6 +283,65 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Refuses a window that no recording can make sense of (an empty
+    /// range, a percentage outside 0 to 100, a part that does not exist),
+    /// without the recording: what [`Window::resolve`] refuses whatever the
+    /// span.
+    pub fn validate(&self) -> Result<(), WindowError> {
+        // A span longer than any recording, so only the window's own
+        // contradictions are found.
+        let any = Span {
+            first_seq: 0,
+            last_seq: u64::MAX,
+            guest: Duration::from_secs(1 << 40),
+            first_wall_ns: 0,
+            last_wall_ns: u64::MAX,
+        };
+        self.resolve(Some(&any)).map(|_| ())
+    }
+}
+
+/// `1.5s`, `500ms`, `20us`, `100ns`: the shortest exact form.
+pub fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        "0s".into()
+    } else if ns.is_multiple_of(1_000_000_000) {
+        format!("{}s", ns / 1_000_000_000)
+    } else if ns.is_multiple_of(1_000_000) {
+        format!("{}ms", ns / 1_000_000)
+    } else if ns.is_multiple_of(1_000) {
+        format!("{}us", ns / 1_000)
+    } else {
+        format!("{ns}ns")
+    }
+}
+
+/// The text form, which [`Window::from_str`] reads back.
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Window::All => f.write_str("all"),
+            Window::AfterCut(d) => f.write_str(&format_duration(*d)),
+            Window::Percent { from, to } => write!(f, "{from}%..{to}%"),
+            Window::Time { from, to } => write!(
+                f,
+                "time:{}..{}",
+                format_duration(*from),
+                to.map(format_duration).unwrap_or_default()
+            ),
+            Window::WallTime { from_ns, to_ns } => write!(f, "wall:{from_ns}..{to_ns}"),
+            Window::Seq { from, to } => write!(
+                f,
+                "seq:{from}..{}",
+                to.map(|t| t.to_string()).unwrap_or_default()
+            ),
+            Window::Portion { index, parts } => write!(f, "{}/{parts}", index + 1),
+        }
+    }
+}
+
 /// Parses `1.5s`, `500ms`, `20us`, `100ns`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -578,6 +637,45 @@ mod tests {
             Err(WindowError::OutOfRange(..))
         ));
         assert_eq!(parse("1/3").resolve(None), Err(WindowError::NeedsSpan));
+    }
+
+    #[test]
+    fn text_form_reads_back() {
+        for text in [
+            "all",
+            "30s",
+            "1500ms",
+            "10%..40%",
+            "time:2s..5s",
+            "time:250us..",
+            "wall:1200..1500",
+            "seq:20..30",
+            "seq:50..",
+            "2/3",
+        ] {
+            let w = parse(text);
+            assert_eq!(w.to_string(), text);
+            assert_eq!(parse(&w.to_string()), w);
+        }
+        assert_eq!(parse("middle-third").to_string(), "2/3");
+    }
+
+    #[test]
+    fn validate_refuses_only_what_no_recording_fits() {
+        assert!(parse("middle-third").validate().is_ok());
+        assert!(parse("time:20s..").validate().is_ok());
+        assert!(parse("seq:500..").validate().is_ok());
+        for bad in ["50%..20%", "seq:30..20", "time:5s..5s", "wall:9..3"] {
+            assert!(parse(bad).validate().is_err(), "{bad}");
+        }
+        assert!(Window::Portion { index: 3, parts: 3 }.validate().is_err());
+        assert!(Window::AfterCut(Duration::ZERO).validate().is_err());
+        assert!(Window::Percent {
+            from: f64::NAN,
+            to: 50.0
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

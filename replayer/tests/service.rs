@@ -116,6 +116,8 @@ struct Recorded {
     seq_at_cut: u64,
     poison_seq: u64,
     last_seq: u64,
+    /// The recorded events after the cut, in seq order.
+    after_cut: Vec<Event>,
 }
 
 fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -> Recorded {
@@ -427,6 +429,7 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
         seq_at_cut,
         poison_seq,
         last_seq: all.last().map(|e| e.seq).unwrap_or(0),
+        after_cut: all.iter().filter(|e| e.seq > seq_at_cut).cloned().collect(),
     }
 }
 
@@ -546,6 +549,321 @@ fn all_events(paths: &[&Path]) -> Vec<Event> {
         .iter()
         .flat_map(|p| replayer::clone::read_capture(p))
         .collect()
+}
+
+/// The seq range `window` selects of `events` (the recording after the
+/// cut, in seq order), as the replay places them: guest time rebuilt from
+/// a cut at monotonic time 0 (the manifests' `mono_time_ns`), paused there;
+/// the window resolved on the recording's span; the events inside until
+/// the first after it. `None` when none is inside.
+fn expected_range(events: &[Event], window: &replayer::window::Window) -> Option<(u64, u64)> {
+    use replayer::window::{Position, Span};
+    let mut t = replayer::schedule::Timeline::new(0, true);
+    let placed: Vec<(u64, Duration, u64)> = events
+        .iter()
+        .map(|e| (e.seq, t.observe(e), e.wall_time_ns))
+        .collect();
+    let span = Span {
+        first_seq: placed.first()?.0,
+        last_seq: placed.last()?.0,
+        guest: placed.last()?.1,
+        first_wall_ns: placed.iter().map(|p| p.2).min()?,
+        last_wall_ns: placed.iter().map(|p| p.2).max()?,
+    };
+    let b = window.resolve(Some(&span)).ok()?;
+    let mut inside = Vec::new();
+    for (seq, off, wall) in placed {
+        match b.position(seq, off, wall) {
+            Position::After => break,
+            Position::Inside => inside.push(seq),
+            Position::Before => {}
+        }
+    }
+    Some((*inside.first()?, *inside.last()?))
+}
+
+/// Creates a paused clone with `window`; its applied window, then deletes
+/// it. A refusal is returned as the status.
+async fn applied_window(
+    c: &mut ReplayerClient<tonic::transport::Channel>,
+    window: pb::ReplayWindow,
+) -> Result<pb::AppliedWindow, tonic::Status> {
+    let req = pb::CreateCloneRequest {
+        instance_id: INSTANCE.into(),
+        snapshot: Some(pb::SnapshotSelector {
+            pick: Some(pb::snapshot_selector::Pick::SnapshotId("0001".into())),
+        }),
+        window: Some(window),
+        start_paused: true,
+        ..Default::default()
+    };
+    let clone = c.create_clone(authed(TOKEN_A, req)).await?.into_inner();
+    c.delete_clone(authed(
+        TOKEN_A,
+        pb::DeleteCloneRequest {
+            clone_id: clone.clone_id.clone(),
+        },
+    ))
+    .await
+    .expect("delete the window clone");
+    Ok(clone.window.expect("a clone reports its applied window"))
+}
+
+async fn check_windows(c: &mut ReplayerClient<tonic::transport::Channel>, rec: &Recorded) {
+    use pb::replay_window::Form;
+    use replayer::window::Window;
+    let events = &rec.after_cut;
+    assert!(
+        events.len() >= 3,
+        "a recording after the cut: {}",
+        events.len()
+    );
+    let mut t = replayer::schedule::Timeline::new(0, true);
+    let guest_end = events.iter().map(|e| t.observe(e)).last().expect("events");
+    let form = |f: Form| pb::ReplayWindow {
+        form: Some(f),
+        ..Default::default()
+    };
+    let walls: Vec<u64> = events.iter().map(|e| e.wall_time_ns).collect();
+    let (w_from, w_to) = (walls[1], walls[walls.len() - 2]);
+    let q = guest_end.as_nanos() as u64 / 4;
+    // (what, request, the library's window)
+    let cases: Vec<(&str, pb::ReplayWindow, Window)> = vec![
+        (
+            "a seq range",
+            pb::ReplayWindow {
+                from_seq: rec.poison_seq,
+                to_seq: rec.poison_seq,
+                ..Default::default()
+            },
+            Window::Seq {
+                from: rec.poison_seq,
+                to: Some(rec.poison_seq),
+            },
+        ),
+        (
+            "a duration after the cut",
+            form(Form::AfterCutNs(2 * q)),
+            Window::AfterCut(Duration::from_nanos(2 * q)),
+        ),
+        (
+            "a percentage",
+            form(Form::Percent(pb::PercentWindow {
+                from_percent: 50.0,
+                to_percent: None,
+            })),
+            Window::Percent {
+                from: 50.0,
+                to: 100.0,
+            },
+        ),
+        (
+            "a guest-time range",
+            form(Form::Time(pb::TimeWindow {
+                from_ns: q,
+                to_ns: Some(3 * q),
+            })),
+            Window::Time {
+                from: Duration::from_nanos(q),
+                to: Some(Duration::from_nanos(3 * q)),
+            },
+        ),
+        (
+            "a wall-time range",
+            form(Form::WallTime(pb::WallTimeWindow {
+                from_ns: w_from,
+                to_ns: Some(w_to),
+            })),
+            Window::WallTime {
+                from_ns: w_from,
+                to_ns: w_to,
+            },
+        ),
+        (
+            "the last half",
+            form(Form::Portion(pb::PortionWindow { part: 2, parts: 2 })),
+            Window::Portion { index: 1, parts: 2 },
+        ),
+        (
+            "the middle third",
+            form(Form::Portion(pb::PortionWindow { part: 2, parts: 3 })),
+            Window::Portion { index: 1, parts: 3 },
+        ),
+        (
+            "the first third, as text",
+            form(Form::Text("first-third".into())),
+            Window::Portion { index: 0, parts: 3 },
+        ),
+    ];
+    for (what, req, lib) in cases {
+        let got = applied_window(c, req).await;
+        match expected_range(events, &lib) {
+            Some((first, last)) => {
+                let w = got.unwrap_or_else(|e| panic!("{what}: refused: {e:?}"));
+                assert_eq!(
+                    (w.first_seq, w.last_seq),
+                    (first, last),
+                    "{what}: the applied seq range: {w:?}"
+                );
+                assert_eq!(w.form, lib.to_string(), "{what}");
+                assert!(
+                    w.events >= 1 && w.events <= last - first + 1,
+                    "{what}: {w:?}"
+                );
+                assert!(
+                    w.first_wall_ns <= w.last_wall_ns && w.first_guest_ns <= w.last_guest_ns,
+                    "{what}: {w:?}"
+                );
+                eprintln!(
+                    "window {what} ({}): seq {first}..={last}, {} events",
+                    w.form, w.events
+                );
+            }
+            None => {
+                let e = got.expect_err(&format!("{what} holds no event"));
+                assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+                assert!(e.message().contains("no recorded event"), "{what}: {e:?}");
+                eprintln!("window {what}: holds no event, refused: {}", e.message());
+            }
+        }
+    }
+    // The seq range names its ends exactly; unset windows are the whole
+    // recording after the cut.
+    let all = applied_window(
+        c,
+        pb::ReplayWindow {
+            from_seq: rec.seq_at_cut + 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a window from the first seq after the cut");
+    assert_eq!(
+        (all.first_seq, all.last_seq),
+        (rec.seq_at_cut + 1, rec.last_seq),
+        "{all:?}"
+    );
+    let clone = c
+        .create_clone(authed(
+            TOKEN_A,
+            pb::CreateCloneRequest {
+                instance_id: INSTANCE.into(),
+                start_paused: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("a clone without a window")
+        .into_inner();
+    let w = clone.window.clone().expect("applied window");
+    assert_eq!(
+        (w.form.as_str(), w.first_seq, w.last_seq),
+        ("all", rec.seq_at_cut + 1, rec.last_seq),
+        "{w:?}"
+    );
+    c.delete_clone(authed(
+        TOKEN_A,
+        pb::DeleteCloneRequest {
+            clone_id: clone.clone_id,
+        },
+    ))
+    .await
+    .expect("delete");
+
+    // Bad windows: malformed ones are INVALID_ARGUMENT, windows past the
+    // recording OUT_OF_RANGE, windows before the cut FAILED_PRECONDITION,
+    // each with the reason.
+    let bad: Vec<(pb::ReplayWindow, Code, &str)> = vec![
+        (
+            pb::ReplayWindow::default(),
+            Code::InvalidArgument,
+            "needs from_seq/to_seq or one form",
+        ),
+        (
+            pb::ReplayWindow {
+                from_seq: 5,
+                form: Some(Form::AfterCutNs(1)),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "not both",
+        ),
+        (
+            form(Form::AfterCutNs(0)),
+            Code::InvalidArgument,
+            "at least 1",
+        ),
+        (
+            form(Form::Percent(pb::PercentWindow {
+                from_percent: 40.0,
+                to_percent: Some(10.0),
+            })),
+            Code::InvalidArgument,
+            "is not before",
+        ),
+        (
+            form(Form::Percent(pb::PercentWindow {
+                from_percent: 10.0,
+                to_percent: Some(140.0),
+            })),
+            Code::InvalidArgument,
+            "not within 0..100",
+        ),
+        (
+            form(Form::Portion(pb::PortionWindow { part: 0, parts: 3 })),
+            Code::InvalidArgument,
+            "does not exist",
+        ),
+        (
+            form(Form::Portion(pb::PortionWindow { part: 4, parts: 3 })),
+            Code::InvalidArgument,
+            "does not exist",
+        ),
+        (
+            form(Form::Text("fortnight".into())),
+            Code::InvalidArgument,
+            "is not understood",
+        ),
+        (
+            form(Form::Time(pb::TimeWindow {
+                from_ns: 5,
+                to_ns: Some(5),
+            })),
+            Code::InvalidArgument,
+            "is not before",
+        ),
+        (
+            form(Form::Time(pb::TimeWindow {
+                from_ns: guest_end.as_nanos() as u64 + 3_600_000_000_000,
+                to_ns: None,
+            })),
+            Code::OutOfRange,
+            "starts after the recorded events end",
+        ),
+        (
+            pb::ReplayWindow {
+                from_seq: rec.last_seq + 10,
+                ..Default::default()
+            },
+            Code::OutOfRange,
+            "starts after the recorded events end",
+        ),
+        (
+            form(Form::WallTime(pb::WallTimeWindow {
+                from_ns: 1,
+                to_ns: Some(2),
+            })),
+            Code::FailedPrecondition,
+            "before the snapshot's cut",
+        ),
+    ];
+    for (w, code, text) in bad {
+        let e = applied_window(c, w.clone())
+            .await
+            .expect_err(&format!("{w:?} is refused"));
+        assert_eq!(e.code(), code, "{w:?}: {e:?}");
+        assert!(e.message().contains(text), "{w:?}: {e:?}");
+    }
 }
 
 fn authed<T>(token: &str, msg: T) -> Request<T> {
@@ -778,6 +1096,7 @@ instances = ["other-1"]
         bad.window = Some(pb::ReplayWindow {
             from_seq: 0,
             to_seq: recorded.seq_at_cut,
+            ..Default::default()
         });
         assert_eq!(
             code(c.create_clone(authed(TOKEN_A, bad)).await),
@@ -809,7 +1128,7 @@ instances = ["other-1"]
         assert!(status.message().contains("may not see instance other-1"), "{status:?}");
         // A window past the retained data.
         let mut bad = create(Some("0001"));
-        bad.window = Some(pb::ReplayWindow { from_seq: 0, to_seq: recorded.last_seq + 1000 });
+        bad.window = Some(pb::ReplayWindow { from_seq: 0, to_seq: recorded.last_seq + 1000, ..Default::default() });
         let status = c.create_clone(authed(TOKEN_A, bad)).await.expect_err("a window past the data");
         assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
         assert!(status.message().contains("recorded events end at seq"), "{status:?}");
@@ -870,6 +1189,9 @@ instances = ["other-1"]
             .map(|s| s.code()),
             Some(Code::NotFound)
         );
+
+        // Every window form resolves as the library does on the recording.
+        check_windows(&mut c, &recorded).await;
 
         // A clone, restored and waiting.
         let clone = c

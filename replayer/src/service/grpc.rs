@@ -27,6 +27,8 @@ pub(crate) struct Replayer {
 fn clone_status(e: CloneError) -> Status {
     let code = match &e {
         CloneError::Invalid(_) => Code::InvalidArgument,
+        CloneError::OutOfRange(_) => Code::OutOfRange,
+        CloneError::Precondition(_) => Code::FailedPrecondition,
         CloneError::Snapshot(_) => Code::DataLoss,
         CloneError::Source(s) => match s {
             SourceError::Retention { .. } => Code::FailedPrecondition,
@@ -182,15 +184,78 @@ fn selector_of(s: Option<pb::SnapshotSelector>) -> Result<vmr_snapshot::Selector
     })
 }
 
-fn window_of(w: Option<pb::ReplayWindow>) -> Result<pb::ReplayWindow, Status> {
-    let w = w.unwrap_or_default();
-    if w.to_seq != 0 && w.from_seq > w.to_seq {
-        return Err(Status::invalid_argument(format!(
-            "window.from_seq {} is after window.to_seq {}",
-            w.from_seq, w.to_seq
-        )));
-    }
-    Ok(w)
+/// A request's window: unset is the whole recording after the cut; a
+/// present one is a `seq` range or exactly one other form, checked for what
+/// no recording can fit (an empty range, a percentage outside 0 to 100, a
+/// part that does not exist). Whether it fits the recording is found when
+/// the clone is built.
+fn window_of(w: Option<pb::ReplayWindow>) -> Result<Window, Status> {
+    use pb::replay_window::Form;
+    use std::time::Duration as D;
+    let Some(w) = w else {
+        return Ok(Window::All);
+    };
+    let bad = |m: String| Status::invalid_argument(format!("window: {m}"));
+    let seq = w.from_seq != 0 || w.to_seq != 0;
+    let window = match (seq, w.form) {
+        (true, Some(_)) => {
+            return Err(bad(
+                "give either from_seq/to_seq or one other form, not both".into(),
+            ))
+        }
+        (false, None) => {
+            return Err(bad(
+                "a present window needs from_seq/to_seq or one form (leave it unset to replay the whole recording)".into(),
+            ))
+        }
+        (true, None) => {
+            if w.to_seq != 0 && w.from_seq > w.to_seq {
+                return Err(bad(format!(
+                    "from_seq {} is after to_seq {}",
+                    w.from_seq, w.to_seq
+                )));
+            }
+            Window::Seq {
+                from: w.from_seq,
+                to: (w.to_seq != 0).then_some(w.to_seq),
+            }
+        }
+        (false, Some(Form::AfterCutNs(ns))) => {
+            if ns == 0 {
+                return Err(bad("after_cut_ns must be at least 1".into()));
+            }
+            Window::AfterCut(D::from_nanos(ns))
+        }
+        (false, Some(Form::Percent(p))) => Window::Percent {
+            from: p.from_percent,
+            to: p.to_percent.unwrap_or(100.0),
+        },
+        (false, Some(Form::Time(t))) => Window::Time {
+            from: D::from_nanos(t.from_ns),
+            to: t.to_ns.map(D::from_nanos),
+        },
+        (false, Some(Form::WallTime(t))) => Window::WallTime {
+            from_ns: t.from_ns,
+            to_ns: t.to_ns.unwrap_or(u64::MAX),
+        },
+        (false, Some(Form::Portion(p))) => {
+            if p.parts == 0 || p.part == 0 || p.part > p.parts || p.parts > 1000 {
+                return Err(bad(format!(
+                    "part {} of {} does not exist (parts count from 1; at most 1000 parts)",
+                    p.part, p.parts
+                )));
+            }
+            Window::Portion {
+                index: p.part - 1,
+                parts: p.parts,
+            }
+        }
+        (false, Some(Form::Text(t))) => t.parse::<Window>().map_err(|e| bad(e.to_string()))?,
+    };
+    window
+        .validate()
+        .map_err(|e| bad(format!("{window}: {e}")))?;
+    Ok(window)
 }
 
 /// What a clone was asked for, kept for a switch to another cut.
@@ -555,7 +620,7 @@ impl Replayer {
         &self,
         id: &str,
         selector: vmr_snapshot::Selector,
-        w: pb::ReplayWindow,
+        w: Window,
         start: bool,
     ) -> Result<pb::Clone, Status> {
         let (old, params, progress, switches) = {
@@ -612,7 +677,7 @@ impl Replayer {
         &self,
         p: &Params,
         selector: vmr_snapshot::Selector,
-        w: pb::ReplayWindow,
+        w: Window,
         id: Option<String>,
         switches: u32,
         start_paused: bool,
@@ -701,38 +766,22 @@ impl Replayer {
             service_port: image.service_port,
             ..Default::default()
         };
-        for (i, n) in image.nics.iter().enumerate() {
+        for n in &image.nics {
             nics.push(NicPlan {
                 name: n.name.clone(),
                 mac: parse_mac(&n.mac).map_err(|e| cleanup(Status::internal(e.to_string())))?,
             });
-            if i == 0 {
-                if let Some(ip) = &n.ip {
-                    let (ip, prefix) = parse_cidr(ip).map_err(|e| cleanup(Status::internal(e)))?;
-                    access.guest_ip = Some(ip.to_string());
-                    access.prefix = prefix;
-                }
-                access.peer_ip = n.peer.clone();
+            let mut a = clone::NicAddrs {
+                peer_ip: n.peer.clone(),
+                ..Default::default()
+            };
+            if let Some(ip) = &n.ip {
+                let (ip, prefix) = parse_cidr(ip).map_err(|e| cleanup(Status::internal(e)))?;
+                a.guest_ip = Some(ip.to_string());
+                a.prefix = prefix;
             }
+            access.nics.push(a);
         }
-        let seq_at_cut = manifest.seq_at_cut;
-        let (window, until_seq) = match (w.from_seq, w.to_seq) {
-            (0, 0) => (Window::All, None),
-            (f, t) => {
-                if t != 0 && t <= seq_at_cut {
-                    return Err(cleanup(Status::failed_precondition(format!(
-                        "the window ends at seq {t}, at or before the snapshot's cut at seq {seq_at_cut}"
-                    ))));
-                }
-                (
-                    Window::Seq {
-                        from: f,
-                        to: (t != 0).then_some(t),
-                    },
-                    (t != 0).then_some(t),
-                )
-            }
-        };
         let kinds = p.filter.kinds;
         let plan = ClonePlan {
             clone_id: clone_id.clone(),
@@ -755,8 +804,7 @@ impl Replayer {
             fetch_timeout: Duration::from_secs(cfg.kafka.fetch_timeout_secs),
             kinds,
             filter: p.filter.clone(),
-            window,
-            until_seq,
+            window: w,
             speed: p.speed,
             start_paused,
             gdb: p.gdb,
