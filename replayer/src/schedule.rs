@@ -9,8 +9,26 @@
 //!   N events, run to a `seq` or to a guest time, and resumed through a
 //!   [`ClockControl`] from another thread. Each dispatch reports its due time
 //!   and its actual time, so timing error can be measured.
-//! - [`set_realtime_priority`] lets a dispatch thread keep its timing on a
-//!   busy host.
+//! - [`prepare_dispatch_thread`] gives a dispatch thread what a real-time
+//!   scheduler gives its timer threads (`SCHED_FIFO`, locked memory, a
+//!   1 ns timer slack, else a short fair-scheduler slice), each part only
+//!   where permitted, logging what was refused; [`set_realtime_priority`]
+//!   is its `SCHED_FIFO` part alone.
+//!
+//! How the clock waits for a due time: while more than 2 ms are left it
+//! sleeps on a condition variable, so that a control (pause, step, speed)
+//! re-plans at once; then it sleeps with `clock_nanosleep(CLOCK_MONOTONIC,
+//! TIMER_ABSTIME)` until 200 µs before the due time (an absolute deadline
+//! does not drift by the time spent between reading the clock and going to
+//! sleep), and spins the rest on `CLOCK_MONOTONIC`, yielding the CPU until
+//! the last 50 µs. A control that arrives during the last 2 ms takes effect
+//! when that stretch ends: the event is not released if the plan changed.
+//!
+//! A clock with a lead ([`ReplayClock::set_lead`]) releases each timed event
+//! that long before it is due, for a consumer that schedules it on its own
+//! clock (vhost-tap's replay clock delivers a frame sent with `at_ns` at
+//! that time, so the releasing thread's jitter, when shorter than the lead,
+//! no longer reaches the guest).
 //!
 //! ```
 //! use std::time::Duration;
@@ -32,10 +50,13 @@ pub const MIN_SPEED: f64 = 0.1;
 pub const MAX_SPEED: f64 = 100.0;
 
 /// Waits shorter than this are spun out rather than slept, for precision
-/// (a condition variable's timed wait wakes some 50-100 µs late).
-const SPIN: Duration = Duration::from_micros(300);
+/// (a timed sleep wakes some 50-100 µs late at the default timer slack).
+const SPIN: Duration = Duration::from_micros(200);
 /// The last stretch of a spin does not yield the CPU.
 const SPIN_HARD: Duration = Duration::from_micros(50);
+/// Within this of the due time the clock sleeps on the monotonic clock to an
+/// absolute deadline instead of on its condition variable.
+const FINAL: Duration = Duration::from_millis(2);
 /// Longest sleep before re-checking the clock's state.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 
@@ -50,25 +71,257 @@ pub enum ScheduleError {
 
 /// Gives the calling thread the real-time `SCHED_FIFO` policy at
 /// `priority` (1 to 99), so that a dispatch thread is woken on time on a
-/// busy host (needs `CAP_SYS_NICE`, for example root).
+/// busy host (needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least
+/// `priority`).
 ///
-/// On a loaded two-core host, 1x dispatch lateness at p99 went from tens
-/// of milliseconds at the default policy to tens of microseconds with this
-/// (see the `dispatch` benchmark). The clock sleeps until 300 µs before
-/// each due time, so a timed replay keeps little CPU; an as-fast-as-possible
-/// replay never sleeps, so do not raise its thread.
+/// The clock sleeps until 200 µs before each due time, so a timed replay
+/// keeps little CPU; an as-fast-as-possible replay never sleeps, so do not
+/// raise its thread (a `SCHED_FIFO` thread that never sleeps keeps a CPU
+/// from every ordinary thread until the kernel's real-time throttling, 95 %
+/// by default, cuts in).
 pub fn set_realtime_priority(priority: i32) -> std::io::Result<()> {
+    set_thread_realtime_priority(0, priority)
+}
+
+/// [`set_realtime_priority`] for the thread `tid` of this process (0: the
+/// calling thread).
+pub fn set_thread_realtime_priority(tid: i32, priority: i32) -> std::io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
     // SAFETY: `sched_setscheduler` reads `param`, which lives across the
-    // call; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    // call; a tid of 0 is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
     if rc == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// The host's `CLOCK_MONOTONIC`, in nanoseconds: the clock `Instant` reads
+/// on Linux and the one vhost-tap stamps a delivered frame's `mono_ns` with.
+pub fn mono_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC
+    // is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleeps until `CLOCK_MONOTONIC` reads `deadline_ns` (at once if it is
+/// past), with `clock_nanosleep(TIMER_ABSTIME)`; a signal does not shorten
+/// the sleep.
+pub fn sleep_until_mono_ns(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+    };
+    loop {
+        // SAFETY: clock_nanosleep reads `ts`, which lives across the call;
+        // the remainder pointer may be null with TIMER_ABSTIME.
+        let rc = unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &ts,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != libc::EINTR {
+            return;
+        }
+    }
+}
+
+/// What [`prepare_dispatch_thread`] should try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RealtimeOptions {
+    /// `SCHED_FIFO` at this priority (1 to 99); None: the default policy.
+    pub fifo_priority: Option<i32>,
+    /// `mlockall(MCL_CURRENT | MCL_FUTURE)`, so that the dispatch path never
+    /// waits for a page fault. This locks the whole process's memory.
+    pub lock_memory: bool,
+    /// The thread's timer slack (`PR_SET_TIMERSLACK`), in nanoseconds; the
+    /// kernel's default is 50 µs, by which it may delay a timed wake-up to
+    /// merge it with others. `SCHED_FIFO` threads have none anyway.
+    pub timer_slack_ns: Option<u64>,
+    /// Where the thread stays at the default policy (not asked for
+    /// `SCHED_FIFO`, or refused it): ask the fair scheduler for this slice
+    /// (`sched_setattr` with `sched_runtime`, 100 µs to 100 ms; honoured
+    /// by EEVDF kernels, 6.12 and later). A shorter slice than the default
+    /// (about 3 ms) gives the thread an earlier deadline, so that on
+    /// waking it preempts sooner; it does not give it more CPU.
+    pub fair_slice_ns: Option<u64>,
+}
+
+impl RealtimeOptions {
+    /// Nothing changed: the thread as it was made.
+    pub const NONE: RealtimeOptions = RealtimeOptions {
+        fifo_priority: None,
+        lock_memory: false,
+        timer_slack_ns: None,
+        fair_slice_ns: None,
+    };
+
+    /// What needs no privilege: the default policy with a 1 ns timer slack
+    /// and a 100 µs fair-scheduler slice.
+    pub const UNPRIVILEGED: RealtimeOptions = RealtimeOptions {
+        fifo_priority: None,
+        lock_memory: false,
+        timer_slack_ns: Some(1),
+        fair_slice_ns: Some(100_000),
+    };
+
+    /// `SCHED_FIFO` at `priority`, memory locked, 1 ns timer slack; where
+    /// `SCHED_FIFO` is refused, a 100 µs fair-scheduler slice.
+    pub fn realtime(priority: i32) -> Self {
+        Self {
+            fifo_priority: Some(priority),
+            lock_memory: true,
+            timer_slack_ns: Some(1),
+            fair_slice_ns: Some(100_000),
+        }
+    }
+}
+
+/// `struct sched_attr` of `sched_setattr(2)` (its first version, 56 bytes).
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    sched_util_min: u32,
+    sched_util_max: u32,
+}
+
+/// Puts thread `tid` (0: the calling thread) at the default policy and
+/// asks the fair scheduler for a slice of `slice_ns` (see
+/// [`RealtimeOptions::fair_slice_ns`]); the thread's nice value is kept.
+/// Needs no privilege for a thread of the caller's own user.
+pub fn set_thread_fair_slice(tid: i32, slice_ns: u64) -> std::io::Result<()> {
+    // SAFETY: getpriority takes plain integers; -1 with errno set is an
+    // error, which leaves nice at 0.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: nice.clamp(-20, 19),
+        sched_priority: 0,
+        sched_runtime: slice_ns,
+        sched_deadline: 0,
+        sched_period: 0,
+        sched_util_min: 0,
+        sched_util_max: 0,
+    };
+    // SAFETY: sched_setattr reads `attr`, whose size field says how many
+    // bytes it has; it lives across the call.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// What [`prepare_dispatch_thread`] applied and what the host refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadSetup {
+    /// The `SCHED_FIFO` priority now in effect (None: the default policy).
+    pub fifo_priority: Option<i32>,
+    pub memory_locked: bool,
+    pub timer_slack_ns: Option<u64>,
+    /// The fair-scheduler slice asked for (None: the default slice).
+    pub fair_slice_ns: Option<u64>,
+    /// One sentence per part that was asked for and refused.
+    pub refused: Vec<String>,
+}
+
+impl std::fmt::Display for ThreadSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.fifo_priority {
+            Some(p) => write!(f, "SCHED_FIFO {p}")?,
+            None => write!(f, "default policy")?,
+        }
+        if self.memory_locked {
+            write!(f, ", memory locked")?;
+        }
+        if let Some(ns) = self.timer_slack_ns {
+            write!(f, ", timer slack {ns} ns")?;
+        }
+        if let Some(ns) = self.fair_slice_ns {
+            write!(f, ", fair slice {} us", ns / 1000)?;
+        }
+        for r in &self.refused {
+            write!(f, "; {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Prepares the calling thread for timed dispatch, part by part as in
+/// `opts`. Never fails: a part the host refuses (no `CAP_SYS_NICE`, an
+/// `RLIMIT_MEMLOCK` too small, real-time scheduling not granted to this
+/// cgroup) is logged as a warning naming the reason, listed in
+/// [`ThreadSetup::refused`], and the thread goes on without it.
+pub fn prepare_dispatch_thread(opts: &RealtimeOptions) -> ThreadSetup {
+    let mut out = ThreadSetup::default();
+    if let Some(ns) = opts.timer_slack_ns {
+        // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no
+        // memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+        if rc == 0 {
+            out.timer_slack_ns = Some(ns);
+        } else {
+            let e = std::io::Error::last_os_error();
+            out.refused.push(format!("timer slack {ns} ns refused: {e}"));
+        }
+    }
+    if opts.lock_memory {
+        // SAFETY: mlockall takes flags only.
+        let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+        if rc == 0 {
+            out.memory_locked = true;
+        } else {
+            let e = std::io::Error::last_os_error();
+            out.refused.push(format!(
+                "mlockall refused ({e}): needs CAP_IPC_LOCK or an RLIMIT_MEMLOCK above the process's size; page faults may delay dispatch"
+            ));
+        }
+    }
+    if let Some(p) = opts.fifo_priority {
+        match set_realtime_priority(p) {
+            Ok(()) => out.fifo_priority = Some(p),
+            Err(e) => out.refused.push(format!(
+                "SCHED_FIFO {p} refused ({e}): needs CAP_SYS_NICE or RLIMIT_RTPRIO >= {p}, and real-time time for this cgroup; dispatch runs at the default policy, so a busy host delays it"
+            )),
+        }
+    }
+    if let (None, Some(ns)) = (out.fifo_priority, opts.fair_slice_ns) {
+        match set_thread_fair_slice(0, ns) {
+            Ok(()) => out.fair_slice_ns = Some(ns),
+            Err(e) => out.refused.push(format!(
+                "fair-scheduler slice of {ns} ns refused ({e}): the kernel may predate custom slices"
+            )),
+        }
+    }
+    if out.refused.is_empty() {
+        tracing::info!(setup = %out, "dispatch thread prepared");
+    } else {
+        for r in &out.refused {
+            tracing::warn!(refused = %r, "dispatch thread: a timing aid is not available");
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -273,7 +526,9 @@ pub struct Dispatch {
     pub seq: u64,
     /// Guest-time offset since the cut.
     pub guest_offset: Duration,
-    /// When it was due, since the clock was made.
+    /// When it was due (less the clock's lead, see
+    /// [`ReplayClock::set_lead`]), since the clock was made; see
+    /// [`ReplayClock::mono_ns_at`] for the host's monotonic clock.
     pub due: Duration,
     /// When it was released, since the clock was made.
     pub dispatched: Duration,
@@ -347,6 +602,8 @@ struct State {
     dispatched: u64,
     last_seq: Option<u64>,
     stopped: bool,
+    /// Timed events are released this long before they are due.
+    lead: Duration,
     /// Bumped by every control change, so a waiter re-plans.
     generation: u64,
 }
@@ -407,6 +664,8 @@ impl Shared {
 pub struct ReplayClock {
     shared: Arc<Shared>,
     epoch: Instant,
+    /// `CLOCK_MONOTONIC` at `epoch`, in nanoseconds.
+    epoch_mono_ns: u64,
 }
 
 /// A handle that controls a [`ReplayClock`] from another thread.
@@ -438,12 +697,36 @@ impl ReplayClock {
                     dispatched: 0,
                     last_seq: None,
                     stopped: false,
+                    lead: Duration::ZERO,
                     generation: 0,
                 }),
                 changed: Condvar::new(),
             }),
             epoch: Instant::now(),
+            epoch_mono_ns: mono_now_ns(),
         }
+    }
+
+    /// Releases every later timed event `lead` before it is due (an event
+    /// due within `lead` of where guest time starts is released at once).
+    /// The [`Dispatch::due`] of such an event is its release time, due time
+    /// minus the lead; its [`Dispatch::guest_offset`] is unchanged, so a
+    /// consumer schedules it at that offset on its own clock. Stepped and
+    /// as-fast-as-possible events are not affected.
+    pub fn set_lead(&mut self, lead: Duration) {
+        self.shared.update(|s, _| s.lead = lead);
+    }
+
+    /// The lead set by [`ReplayClock::set_lead`].
+    pub fn lead(&self) -> Duration {
+        self.shared.lock().lead
+    }
+
+    /// `CLOCK_MONOTONIC` (see [`mono_now_ns`]) at `since_epoch` after the
+    /// clock was made, such as a [`Dispatch::due`]; exact to the time
+    /// between two clock reads when the clock was made.
+    pub fn mono_ns_at(&self, since_epoch: Duration) -> u64 {
+        self.epoch_mono_ns + since_epoch.as_nanos() as u64
     }
 
     /// Starts guest time at `offset` instead of the cut (for a window that
@@ -546,7 +829,10 @@ impl ReplayClock {
                     }
                     let position = s.position;
                     let (anchor_at, anchor_g) = *s.anchor.get_or_insert((now, position));
-                    let due = anchor_at + speed.scale(guest_offset.saturating_sub(anchor_g));
+                    let due = anchor_at
+                        + speed
+                            .scale(guest_offset.saturating_sub(anchor_g))
+                            .saturating_sub(s.lead);
                     if now >= due {
                         let due = due - self.epoch;
                         let at = now - self.epoch;
@@ -560,14 +846,19 @@ impl ReplayClock {
                         ));
                     }
                     let left = due - now;
-                    if left > SPIN {
-                        s = self.wait_changed(s, (left - SPIN).min(MAX_SLEEP));
+                    if left > FINAL {
+                        s = self.wait_changed(s, (left - FINAL).min(MAX_SLEEP));
                         continue;
                     }
-                    // Spin the last stretch without the lock, then check
-                    // that no control changed the plan meanwhile.
+                    // The last stretch: without the lock, an absolute sleep
+                    // to shortly before the due time, then a spin; then
+                    // check that no control changed the plan meanwhile.
                     let generation = s.generation;
                     drop(s);
+                    let due_mono = self.mono_ns_at(due - self.epoch);
+                    if left > SPIN {
+                        sleep_until_mono_ns(due_mono - SPIN.as_nanos() as u64);
+                    }
                     loop {
                         let now = Instant::now();
                         if now >= due {
@@ -840,6 +1131,72 @@ mod tests {
             clock.wait(4, Duration::from_secs(4 * 3600)),
             Err(ScheduleError::Stopped)
         );
+    }
+
+    fn timer_slack() -> i32 {
+        // SAFETY: PR_GET_TIMERSLACK takes no pointer.
+        unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) }
+    }
+
+    #[test]
+    fn an_ordinary_dispatch_thread_gets_a_fine_timer_slack() {
+        std::thread::spawn(|| {
+            let setup = prepare_dispatch_thread(&RealtimeOptions::UNPRIVILEGED);
+            assert_eq!(setup.timer_slack_ns, Some(1));
+            assert_eq!(setup.fifo_priority, None);
+            assert!(!setup.memory_locked);
+            assert_eq!(timer_slack(), 1);
+            // SAFETY: sched_getscheduler takes a pid only; 0 is this thread.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            match setup.fair_slice_ns {
+                Some(ns) => {
+                    assert_eq!(ns, 100_000);
+                    assert!(setup.refused.is_empty(), "{setup}");
+                    assert_eq!(
+                        setup.to_string(),
+                        "default policy, timer slack 1 ns, fair slice 100 us"
+                    );
+                }
+                None => assert!(setup.refused[0].contains("slice"), "{setup}"),
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn real_time_priority_is_applied_or_its_refusal_named() {
+        std::thread::spawn(|| {
+            let opts = RealtimeOptions {
+                fifo_priority: Some(5),
+                ..RealtimeOptions::NONE
+            };
+            let setup = prepare_dispatch_thread(&opts);
+            // SAFETY: sched_getscheduler takes a pid only; 0 is this thread.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            match setup.fifo_priority {
+                Some(p) => {
+                    assert_eq!(p, 5);
+                    assert_eq!(policy, libc::SCHED_FIFO);
+                    assert!(setup.refused.is_empty());
+                }
+                None => {
+                    assert_ne!(policy, libc::SCHED_FIFO);
+                    assert_eq!(setup.refused.len(), 1);
+                    assert!(setup.refused[0].contains("SCHED_FIFO 5 refused"));
+                }
+            }
+            // A priority out of range is refused by every host, with the
+            // reason in the setup's text.
+            let bad = prepare_dispatch_thread(&RealtimeOptions {
+                fifo_priority: Some(0),
+                ..RealtimeOptions::NONE
+            });
+            assert_eq!(bad.fifo_priority, None);
+            assert!(bad.to_string().contains("SCHED_FIFO 0 refused"), "{bad}");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
