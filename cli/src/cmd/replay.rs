@@ -126,11 +126,64 @@ pub struct StartArgs {
     #[arg(long)]
     pub fast: bool,
     /// First seq to replay (default: right after the snapshot's cut).
-    #[arg(long)]
+    #[arg(long, group = "window_form")]
     pub from_seq: Option<u64>,
     /// Last seq to replay (default: to the end of the recording).
     #[arg(long)]
     pub to_seq: Option<u64>,
+    /// Replay only this much guest time after the snapshot (`30s`,
+    /// `500ms`, `2m`).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub duration: Option<String>,
+    /// Replay a share of the recording by guest time: `10..40` (percent;
+    /// `90..` runs to the end).
+    #[arg(
+        long,
+        value_name = "FROM..TO",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub percent: Option<String>,
+    /// Replay guest-time offsets after the snapshot: `2s..5s`, `2s..`.
+    #[arg(
+        long,
+        value_name = "FROM..TO",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub time: Option<String>,
+    /// Replay recorded wall-clock times: `FROM..TO` (RFC 3339 UTC or ns
+    /// since the Unix epoch; `FROM..` runs to the end).
+    #[arg(
+        long,
+        value_name = "FROM..TO",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub wall_time: Option<String>,
+    /// Replay one equal part of the recording: `middle-third`,
+    /// `first-half`, `last-quarter`, or `2/3` (part 2 of 3).
+    #[arg(
+        long,
+        value_name = "PART",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub portion: Option<String>,
+    /// The window in the replayer's text form (`middle-third`, `30s`,
+    /// `10%..40%`, `time:2s..5s`, `seq:100..200`), checked by the server.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        group = "window_form",
+        conflicts_with = "to_seq"
+    )]
+    pub window: Option<String>,
     /// Deliver only these kinds (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub kind: Vec<ReplayKind>,
@@ -270,6 +323,21 @@ pub fn clone_json(c: &pb::Clone) -> Value {
         "divergences": c.divergences,
         "speed": speed_json(&c.speed),
         "detail": c.detail,
+        "window": c.window.as_ref().map(|w| json!({
+            "form": w.form,
+            "events": w.events,
+            "first_seq": w.first_seq,
+            "last_seq": w.last_seq,
+            "first_guest_ns": w.first_guest_ns,
+            "last_guest_ns": w.last_guest_ns,
+            "first_wall_ns": w.first_wall_ns,
+            "last_wall_ns": w.last_wall_ns,
+        })),
+        "frames_acknowledged": c.frames_acknowledged,
+        "frames_pending": c.frames_pending,
+        "original_time_ns": c.original_time_ns,
+        "replay_time_ns": c.replay_time_ns,
+        "lag_ns": c.lag_ns,
     })
 }
 
@@ -281,6 +349,7 @@ fn divergence_kind(k: i32) -> &'static str {
         pb::DivergenceKind::Crash => "crash",
         pb::DivergenceKind::NetStream => "net_stream",
         pb::DivergenceKind::InjectedFault => "injected_fault",
+        pb::DivergenceKind::BlockReadData => "block_read_data",
     }
 }
 
@@ -424,6 +493,158 @@ fn check_clone_id(id: &str) -> CliResult {
     Ok(())
 }
 
+/// Parses `1.5s`, `500ms`, `20us`, `100ns`, `2m`, `1h` into ns.
+fn parse_duration_ns(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?} has no unit (ns, us, ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{num:?} is not a number"))?;
+    let scale = match unit.trim() {
+        "ns" => 1.0,
+        "us" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        "m" => 60e9,
+        "h" => 3600e9,
+        u => return Err(format!("unknown unit {u:?} (ns, us, ms, s, m, h)")),
+    };
+    let ns = n * scale;
+    if !ns.is_finite() || ns < 0.0 || ns > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(ns.round() as u64)
+}
+
+/// `A..B` (`B` may be empty) → both sides.
+fn split_range(s: &str) -> Result<(&str, Option<&str>), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a range FROM..TO"))?;
+    let b = b.trim();
+    Ok((a.trim(), (!b.is_empty()).then_some(b)))
+}
+
+/// `middle-third`, `first-half`, `last-quarter`, `2/3` → (part from 1, parts).
+fn parse_portion(s: &str) -> Result<(u32, u32), String> {
+    let t = s.trim().to_ascii_lowercase();
+    if let Some((i, n)) = t.split_once('/') {
+        let num = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{v:?} is not a count"))
+        };
+        let (i, n) = (num(i)?, num(n)?);
+        if i == 0 || i > n {
+            return Err(format!(
+                "part {i} of {n} does not exist (parts count from 1)"
+            ));
+        }
+        return Ok((i, n));
+    }
+    let bad = || format!("{s:?} is not a portion (middle-third, first-half, last-quarter, 2/3)");
+    let (pos, part) = t.split_once('-').ok_or_else(bad)?;
+    let parts = match part {
+        "half" => 2,
+        "third" => 3,
+        "quarter" => 4,
+        "fifth" => 5,
+        "tenth" => 10,
+        _ => return Err(bad()),
+    };
+    let index = match (pos, parts) {
+        ("first", _) => 1,
+        ("second", _) => 2,
+        ("middle", 3) => 2,
+        ("third", p) if p >= 3 => 3,
+        ("last", p) => p,
+        _ => return Err(bad()),
+    };
+    Ok((index, parts))
+}
+
+/// The request's window from the window flags (none: the whole recording).
+fn window_request(a: &StartArgs) -> CliResult<Option<pb::ReplayWindow>> {
+    use pb::replay_window::Form;
+    let usage = |flag: &str, e: String| CliError::usage(format!("--{flag}: {e}"));
+    let form = if let Some(d) = &a.duration {
+        let ns = parse_duration_ns(d).map_err(|e| usage("duration", e))?;
+        if ns == 0 {
+            return Err(usage("duration", "must be longer than 0".into()));
+        }
+        Some(Form::AfterCutNs(ns))
+    } else if let Some(p) = &a.percent {
+        let (f, t) = split_range(p).map_err(|e| usage("percent", e))?;
+        let pct = |v: &str| {
+            v.trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| (0.0..=100.0).contains(x))
+                .ok_or_else(|| usage("percent", format!("{v:?} is not a percentage 0 to 100")))
+        };
+        let from = pct(f)?;
+        let to = t.map(pct).transpose()?;
+        if from >= to.unwrap_or(100.0) {
+            return Err(usage("percent", format!("{p:?} is empty")));
+        }
+        Some(Form::Percent(pb::PercentWindow {
+            from_percent: from,
+            to_percent: to,
+        }))
+    } else if let Some(r) = &a.time {
+        let (f, t) = split_range(r).map_err(|e| usage("time", e))?;
+        let from_ns = parse_duration_ns(f).map_err(|e| usage("time", e))?;
+        let to_ns = t
+            .map(parse_duration_ns)
+            .transpose()
+            .map_err(|e| usage("time", e))?;
+        if to_ns.is_some_and(|t| t <= from_ns) {
+            return Err(usage("time", format!("{r:?} is empty")));
+        }
+        Some(Form::Time(pb::TimeWindow { from_ns, to_ns }))
+    } else if let Some(r) = &a.wall_time {
+        let (f, t) = split_range(r).map_err(|e| usage("wall-time", e))?;
+        let from_ns = parse_time_ns(f).map_err(|e| usage("wall-time", e))?;
+        let to_ns = t
+            .map(parse_time_ns)
+            .transpose()
+            .map_err(|e| usage("wall-time", e))?;
+        if to_ns.is_some_and(|t| t < from_ns) {
+            return Err(usage("wall-time", format!("{r:?} ends before it starts")));
+        }
+        Some(Form::WallTime(pb::WallTimeWindow { from_ns, to_ns }))
+    } else if let Some(p) = &a.portion {
+        let (part, parts) = parse_portion(p).map_err(|e| usage("portion", e))?;
+        Some(Form::Portion(pb::PortionWindow { part, parts }))
+    } else {
+        a.window.as_ref().map(|t| Form::Text(t.clone()))
+    };
+    if form.is_some() {
+        return Ok(Some(pb::ReplayWindow {
+            form,
+            ..Default::default()
+        }));
+    }
+    if let (Some(f), Some(t)) = (a.from_seq, a.to_seq) {
+        if f > t {
+            return Err(CliError::usage(format!(
+                "--from-seq {f} is after --to-seq {t}"
+            )));
+        }
+    }
+    Ok(
+        (a.from_seq.is_some() || a.to_seq.is_some()).then(|| pb::ReplayWindow {
+            from_seq: a.from_seq.unwrap_or(0),
+            to_seq: a.to_seq.unwrap_or(0),
+            ..Default::default()
+        }),
+    )
+}
+
 fn start_request(a: &StartArgs) -> CliResult<pb::CreateCloneRequest> {
     vmr_proto::InstanceId::new(a.instance.clone())
         .map_err(|e| CliError::usage(format!("instance {:?}: {e}", a.instance)))?;
@@ -458,17 +679,7 @@ fn start_request(a: &StartArgs) -> CliResult<pb::CreateCloneRequest> {
             speed: Some(pb::speed::Speed::Factor(1.0)),
         })
     };
-    if let (Some(f), Some(t)) = (a.from_seq, a.to_seq) {
-        if f > t {
-            return Err(CliError::usage(format!(
-                "--from-seq {f} is after --to-seq {t}"
-            )));
-        }
-    }
-    let window = (a.from_seq.is_some() || a.to_seq.is_some()).then(|| pb::ReplayWindow {
-        from_seq: a.from_seq.unwrap_or(0),
-        to_seq: a.to_seq.unwrap_or(0),
-    });
+    let window = window_request(a)?;
     let filter = (!a.kind.is_empty()).then(|| pb::EventFilter {
         include_block: a.kind.contains(&ReplayKind::Block),
         include_net: a.kind.contains(&ReplayKind::Net),
@@ -1037,6 +1248,91 @@ mod tests {
         assert!("drop:x".parse::<FaultArg>().is_err());
         assert!("drop:1:5".parse::<FaultArg>().is_err());
         assert!("burn:1".parse::<FaultArg>().is_err());
+    }
+
+    fn start_args(args: &[&str]) -> Result<StartArgs, clap::Error> {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            start: StartArgs,
+        }
+        let m = <Cmd as clap::CommandFactory>::command()
+            .try_get_matches_from(std::iter::once("start").chain(args.iter().copied()))?;
+        Ok(Cmd::from_arg_matches(&m)?.start)
+    }
+
+    fn form(args: &[&str]) -> Option<pb::replay_window::Form> {
+        window_request(&start_args(args).unwrap())
+            .unwrap()
+            .and_then(|w| w.form)
+    }
+
+    #[test]
+    fn window_flags_map_to_the_request() {
+        use pb::replay_window::Form;
+        assert_eq!(
+            window_request(&start_args(&["shop-1"]).unwrap()).unwrap(),
+            None
+        );
+        assert_eq!(
+            form(&["shop-1", "--duration", "1.5s"]),
+            Some(Form::AfterCutNs(1_500_000_000))
+        );
+        assert_eq!(
+            form(&["shop-1", "--percent", "10..40%"]),
+            Some(Form::Percent(pb::PercentWindow {
+                from_percent: 10.0,
+                to_percent: Some(40.0)
+            }))
+        );
+        assert_eq!(
+            form(&["shop-1", "--time", "2s.."]),
+            Some(Form::Time(pb::TimeWindow {
+                from_ns: 2_000_000_000,
+                to_ns: None
+            }))
+        );
+        assert_eq!(
+            form(&["shop-1", "--wall-time", "1970-01-01T00:00:01Z..5000000000"]),
+            Some(Form::WallTime(pb::WallTimeWindow {
+                from_ns: 1_000_000_000,
+                to_ns: Some(5_000_000_000)
+            }))
+        );
+        assert_eq!(
+            form(&["shop-1", "--portion", "middle-third"]),
+            Some(Form::Portion(pb::PortionWindow { part: 2, parts: 3 }))
+        );
+        assert_eq!(
+            form(&["shop-1", "--portion", "4/4"]),
+            Some(Form::Portion(pb::PortionWindow { part: 4, parts: 4 }))
+        );
+        assert_eq!(
+            form(&["shop-1", "--window", "last-quarter"]),
+            Some(Form::Text("last-quarter".into()))
+        );
+        let seq = window_request(&start_args(&["shop-1", "--from-seq", "5"]).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((seq.from_seq, seq.to_seq, seq.form), (5, 0, None));
+        // Two forms at once, and bad values, are usage errors.
+        assert!(start_args(&["shop-1", "--duration", "1s", "--percent", "1..2"]).is_err());
+        assert!(start_args(&["shop-1", "--from-seq", "5", "--portion", "1/2"]).is_err());
+        assert!(start_args(&["shop-1", "--to-seq", "5", "--time", "1s.."]).is_err());
+        for bad in [
+            ["--duration", "0s"],
+            ["--duration", "5 parsecs"],
+            ["--percent", "40..10"],
+            ["--percent", "10..140"],
+            ["--time", "5s..5s"],
+            ["--wall-time", "9..3"],
+            ["--portion", "0/3"],
+            ["--portion", "middle-sixth"],
+        ] {
+            let a = start_args(&["shop-1", bad[0], bad[1]]).unwrap();
+            assert!(window_request(&a).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
