@@ -19,6 +19,8 @@ use crate::output::{println_safe, Out, Table};
 use crate::util::rfc3339_ns;
 
 /// `vmr replay` subcommands.
+// Parsed once per run: the size of `start`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ReplayCommand {
     /// Create a clone of an instance from a snapshot and start replaying.
