@@ -2,7 +2,7 @@
 //! GSI from the VM's allocator, mapped on its MMIO bus, registered for pause,
 //! resume and snapshots) and bring saved devices back in a restored VM.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tracing::info;
@@ -201,7 +201,7 @@ pub fn restore(
     socket_for: impl Fn(&str, DeviceKind) -> PathBuf,
     log: Option<Arc<DirtyLog>>,
 ) -> Result<Vec<Arc<VirtioSnapshotDevice>>, VirtioVmError> {
-    let mut out = Vec::new();
+    let mut todo = Vec::new();
     for s in states.iter().filter(|s| s.id.starts_with(ID_PREFIX)) {
         let state: MmioDeviceState =
             serde_json::from_slice(&s.state).map_err(|source| VirtioVmError::BadState {
@@ -210,14 +210,37 @@ pub fn restore(
             })?;
         let socket = socket_for(&s.id, state.kind);
         let res = vm_resources(vm, log.clone())?;
-        let dev = VirtioMmioDevice::restore(Path::new(&socket), res, &state).map_err(|source| {
-            VirtioVmError::Device {
-                id: s.id.clone(),
-                source,
-            }
-        })?;
-        info!(id = %s.id, socket = %socket.display(), "virtio device restored");
-        out.push(register(vm, s.id.clone(), dev, log.clone())?);
+        todo.push((s.id.clone(), state, socket, res));
+    }
+    // Each device's vhost-user handshake is a series of round trips with its
+    // own backend process: the devices reconnect side by side, so restoring
+    // a clone waits for the slowest backend, not for all of them in turn.
+    let restored: Vec<Result<(String, VirtioMmioDevice), VirtioVmError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                todo.into_iter()
+                    .map(|(id, state, socket, res)| {
+                        scope.spawn(move || {
+                            let dev = VirtioMmioDevice::restore(&socket, res, &state).map_err(
+                                |source| VirtioVmError::Device {
+                                    id: id.clone(),
+                                    source,
+                                },
+                            )?;
+                            info!(id = %id, socket = %socket.display(), "virtio device restored");
+                            Ok((id, dev))
+                        })
+                    })
+                    .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+    let mut out = Vec::new();
+    for r in restored {
+        let (id, dev) = r?;
+        out.push(register(vm, id, dev, log.clone())?);
     }
     Ok(out)
 }
