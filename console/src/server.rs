@@ -11,8 +11,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -144,52 +145,69 @@ impl From<Status> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+fn unauthenticated(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: Body<T>) -> Result<T, ApiError> {
+    b.map(|Json(t)| t).map_err(|e| bad_request(e.body_text()))
+}
+
 #[derive(Debug, Deserialize, Default)]
 struct TokenQuery {
     access_token: Option<String>,
 }
 
-/// The caller: its token and tenant.
+/// The caller of an `/api` route: its token (the `Authorization: Bearer`
+/// header, else `?access_token=`) and that token's tenant.
 struct Caller {
     token: String,
     tenant: TenantConfig,
 }
 
-fn caller(st: &AppState, headers: &HeaderMap, q: &TokenQuery) -> Result<Caller, ApiError> {
-    let token = match headers.get(header::AUTHORIZATION) {
-        Some(v) => {
-            let v = v.to_str().map_err(|_| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "the authorization header is not text",
-                )
-            })?;
-            v.strip_prefix("Bearer ")
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthenticated",
-                        "the authorization header is not a bearer token",
-                    )
-                })?
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &Shared) -> Result<Self, ApiError> {
+        let token = match parts.headers.get(header::AUTHORIZATION) {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| unauthenticated("the authorization header is not text"))?
+                .strip_prefix("Bearer ")
+                .ok_or_else(|| unauthenticated("the authorization header is not a bearer token"))?
                 .trim()
-                .to_string()
+                .to_string(),
+            None => Query::<TokenQuery>::try_from_uri(&parts.uri)
+                .ok()
+                .and_then(|Query(q)| q.access_token)
+                .ok_or_else(|| unauthenticated("no token: sign in with your replayer token"))?,
+        };
+        let tenant = st
+            .config
+            .authenticate(&token, std::time::SystemTime::now())
+            .cloned()
+            .map_err(|e| unauthenticated(e.to_string()))?;
+        Ok(Caller { token, tenant })
+    }
+}
+
+impl Caller {
+    /// `Ok` when the caller's tenant may see instance `id`; the same
+    /// answer as for an instance never recorded otherwise.
+    fn may_see(&self, id: &str) -> Result<(), ApiError> {
+        if self.tenant.allows(id) {
+            Ok(())
+        } else {
+            Err(unknown_instance(self, id))
         }
-        None => q.access_token.clone().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "no token: sign in with your replayer token",
-            )
-        })?,
-    };
-    let tenant = st
-        .config
-        .authenticate(&token, std::time::SystemTime::now())
-        .cloned()
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
-    Ok(Caller { token, tenant })
+    }
 }
 
 fn unknown_instance(c: &Caller, id: &str) -> ApiError {
@@ -203,24 +221,50 @@ fn unknown_instance(c: &Caller, id: &str) -> ApiError {
     )
 }
 
-fn client(st: &AppState) -> Result<ReplayerClient<tonic::transport::Channel>, ApiError> {
+type Client = ReplayerClient<tonic::transport::Channel>;
+
+fn client(st: &AppState) -> Result<Client, ApiError> {
     st.channel
         .clone()
         .map(ReplayerClient::new)
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "replayer_unreachable", e))
 }
 
-async fn within<T>(
+/// One replayer call with the caller's token, answered within the
+/// configured `replayer_timeout_secs`.
+async fn ask<M, T, F>(
     st: &AppState,
-    f: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, ApiError> {
+    c: &Caller,
+    msg: M,
+    call: impl FnOnce(Client, tonic::Request<M>) -> F,
+) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
     let d = Duration::from_secs(st.config.replayer_timeout_secs.max(1));
-    match tokio::time::timeout(d, f).await {
+    ask_within(st, c, msg, d, "no answer", call).await
+}
+
+/// [`ask`] with its own bound `d`; `what` names what did not come in time.
+async fn ask_within<M, T, F>(
+    st: &AppState,
+    c: &Caller,
+    msg: M,
+    d: Duration,
+    what: &str,
+    call: impl FnOnce(Client, tonic::Request<M>) -> F,
+) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let cl = client(st)?;
+    let req = rp::authed(&c.token, msg)?;
+    match tokio::time::timeout(d, call(cl, req)).await {
         Ok(r) => Ok(r?.into_inner()),
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "replayer_unreachable",
-            format!("replayer unreachable: no answer within {} s", d.as_secs()),
+            format!("replayer unreachable: {what} within {} s", d.as_secs()),
         )),
     }
 }
@@ -266,12 +310,7 @@ async fn asset(body: &'static str, mime: &'static str) -> impl IntoResponse {
     )
 }
 
-async fn session(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> ApiResult<serde_json::Value> {
-    let c = caller(&st, &headers, &q)?;
+async fn session(c: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(json!({"tenant": c.tenant.name})))
 }
 
@@ -288,44 +327,30 @@ struct Reach {
     error: Option<String>,
 }
 
-async fn health(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> ApiResult<Health> {
-    let c = caller(&st, &headers, &q)?;
-    let replayer = match client(&st) {
-        Err(e) => Reach {
-            ok: false,
-            error: Some(e.message),
-        },
-        Ok(mut cl) => {
-            let r = match rp::authed(&c.token, pb::ListClonesRequest {}) {
-                Ok(req) => within(&st, cl.list_clones(req)).await.map(|_| ()),
-                Err(s) => Err(s.into()),
-            };
-            match r {
-                Ok(()) => Reach {
-                    ok: true,
-                    error: None,
-                },
-                Err(e) => Reach {
-                    ok: false,
-                    error: Some(format!("{} ({})", e.message, st.config.replayer_url)),
-                },
-            }
+impl Reach {
+    fn of<T>(r: Result<T, String>) -> Self {
+        match r {
+            Ok(_) => Reach {
+                ok: true,
+                error: None,
+            },
+            Err(e) => Reach {
+                ok: false,
+                error: Some(e),
+            },
         }
-    };
-    let store = match &st.store {
-        Ok(_) => Reach {
-            ok: true,
-            error: None,
-        },
-        Err(e) => Reach {
-            ok: false,
-            error: Some(e.clone()),
-        },
-    };
+    }
+}
+
+async fn health(State(st): State<Shared>, c: Caller) -> ApiResult<Health> {
+    let replayer = Reach::of(
+        ask(&st, &c, pb::ListClonesRequest {}, |mut cl, r| async move {
+            cl.list_clones(r).await
+        })
+        .await
+        .map_err(|e| format!("{} ({})", e.message, st.config.replayer_url)),
+    );
+    let store = Reach::of(st.store.as_ref().map_err(Clone::clone));
     Ok(Json(Health {
         replayer,
         kafka: st.consumer.as_ref().map(|s| s.lock().clone()),
@@ -333,12 +358,7 @@ async fn health(
     }))
 }
 
-async fn instances(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> ApiResult<serde_json::Value> {
-    let c = caller(&st, &headers, &q)?;
+async fn instances(State(st): State<Shared>, c: Caller) -> ApiResult<serde_json::Value> {
     let list = st.agg.read().instances(|id| c.tenant.allows(id));
     Ok(Json(json!({"tenant": c.tenant.name, "instances": list})))
 }
@@ -401,7 +421,6 @@ struct RangeQuery {
     points: u64,
     #[serde(default = "default_limit")]
     limit: usize,
-    access_token: Option<String>,
 }
 
 fn default_points() -> u64 {
@@ -422,20 +441,11 @@ struct TimelineOut {
 
 async fn timeline(
     State(st): State<Shared>,
-    headers: HeaderMap,
+    c: Caller,
     Path(id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<TimelineOut> {
-    let c = caller(
-        &st,
-        &headers,
-        &TokenQuery {
-            access_token: q.access_token.clone(),
-        },
-    )?;
-    if !c.tenant.allows(&id) {
-        return Err(unknown_instance(&c, &id));
-    }
+    c.may_see(&id)?;
     let overview = {
         let a = st.agg.read();
         let r = a.instance(&id).ok_or_else(|| unknown_instance(&c, &id))?;
@@ -463,26 +473,13 @@ struct EventsOut {
 
 async fn events(
     State(st): State<Shared>,
-    headers: HeaderMap,
+    c: Caller,
     Path(id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> ApiResult<EventsOut> {
-    let c = caller(
-        &st,
-        &headers,
-        &TokenQuery {
-            access_token: q.access_token.clone(),
-        },
-    )?;
-    if !c.tenant.allows(&id) {
-        return Err(unknown_instance(&c, &id));
-    }
+    c.may_see(&id)?;
     if q.to < q.from {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "the range ends before it starts",
-        ));
+        return Err(bad_request("the range ends before it starts"));
     }
     let limit = q.limit.clamp(1, MAX_RANGE_EVENTS);
     let plan: Vec<(String, i32, i64, i64)> = {
@@ -545,17 +542,10 @@ fn clone_out(st: &AppState, c: &pb::Clone) -> CloneOut {
     CloneOut::from_pb(c, |inst, seq| a.instance(inst)?.time_of_seq(seq))
 }
 
-async fn list_clones(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> ApiResult<serde_json::Value> {
-    let c = caller(&st, &headers, &q)?;
-    let mut cl = client(&st)?;
-    let r = within(
-        &st,
-        cl.list_clones(rp::authed(&c.token, pb::ListClonesRequest {})?),
-    )
+async fn list_clones(State(st): State<Shared>, c: Caller) -> ApiResult<serde_json::Value> {
+    let r = ask(&st, &c, pb::ListClonesRequest {}, |mut cl, r| async move {
+        cl.list_clones(r).await
+    })
     .await?;
     let clones: Vec<CloneOut> = r.clones.iter().map(|x| clone_out(&st, x)).collect();
     Ok(Json(json!({ "clones": clones })))
@@ -563,46 +553,32 @@ async fn list_clones(
 
 async fn create_clone(
     State(st): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-    body: Result<Json<rp::CreateIn>, axum::extract::rejection::JsonRejection>,
+    c: Caller,
+    b: Body<rp::CreateIn>,
 ) -> ApiResult<CloneOut> {
-    let c = caller(&st, &headers, &q)?;
-    let Json(body) = body
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text()))?;
-    if !c.tenant.allows(&body.instance_id) {
-        return Err(unknown_instance(&c, &body.instance_id));
-    }
-    let req = body
-        .to_pb()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
-    let mut cl = client(&st)?;
+    let b = body(b)?;
+    c.may_see(&b.instance_id)?;
+    let req = b.to_pb().map_err(bad_request)?;
     // Restoring a snapshot may take a while: allow more than one answer's time.
     let d = Duration::from_secs(st.config.replayer_timeout_secs.max(1) * 6);
-    let r = tokio::time::timeout(d, cl.create_clone(rp::authed(&c.token, req)?))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "replayer_unreachable",
-                format!("replayer unreachable: no clone within {} s", d.as_secs()),
-            )
-        })??
-        .into_inner();
+    let r = ask_within(&st, &c, req, d, "no clone", |mut cl, r| async move {
+        cl.create_clone(r).await
+    })
+    .await?;
     Ok(Json(clone_out(&st, &r)))
 }
 
 async fn get_clone(
     State(st): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
+    c: Caller,
+    Path(clone_id): Path<String>,
 ) -> ApiResult<CloneOut> {
-    let c = caller(&st, &headers, &q)?;
-    let mut cl = client(&st)?;
-    let r = within(
+    let req = pb::GetCloneRequest { clone_id };
+    let r = ask(
         &st,
-        cl.get_clone(rp::authed(&c.token, pb::GetCloneRequest { clone_id: id })?),
+        &c,
+        req,
+        |mut cl, r| async move { cl.get_clone(r).await },
     )
     .await?;
     Ok(Json(clone_out(&st, &r)))
@@ -610,18 +586,15 @@ async fn get_clone(
 
 async fn delete_clone(
     State(st): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
+    c: Caller,
+    Path(clone_id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    let c = caller(&st, &headers, &q)?;
-    let mut cl = client(&st)?;
-    within(
+    let req = pb::DeleteCloneRequest { clone_id };
+    ask(
         &st,
-        cl.delete_clone(rp::authed(
-            &c.token,
-            pb::DeleteCloneRequest { clone_id: id },
-        )?),
+        &c,
+        req,
+        |mut cl, r| async move { cl.delete_clone(r).await },
     )
     .await?;
     Ok(Json(json!({"deleted": true})))
@@ -629,37 +602,39 @@ async fn delete_clone(
 
 async fn control(
     State(st): State<Shared>,
-    headers: HeaderMap,
+    c: Caller,
     Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
-    body: Result<Json<rp::ControlIn>, axum::extract::rejection::JsonRejection>,
+    b: Body<rp::ControlIn>,
 ) -> ApiResult<CloneOut> {
-    let c = caller(&st, &headers, &q)?;
-    let Json(body) = body
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.body_text()))?;
-    let req = body
+    let req = body(b)?
         .to_pb(&id)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string()))?;
-    let mut cl = client(&st)?;
-    let r = within(&st, cl.control(rp::authed(&c.token, req)?)).await?;
+        .map_err(|e| bad_request(e.to_string()))?;
+    // A switch restores another snapshot and going live rewires the NICs:
+    // like a create, they may take longer than one answer. (A call given up
+    // on is cancelled at the replayer, so the bound must fit the work.)
+    let slow = [
+        pb::ControlAction::Switch as i32,
+        pb::ControlAction::GoLive as i32,
+    ];
+    let d = Duration::from_secs(
+        st.config.replayer_timeout_secs.max(1) * if slow.contains(&req.action) { 6 } else { 1 },
+    );
+    let r = ask_within(&st, &c, req, d, "no answer", |mut cl, r| async move {
+        cl.control(r).await
+    })
+    .await?;
     Ok(Json(clone_out(&st, &r)))
 }
 
 async fn divergences(
     State(st): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
+    c: Caller,
+    Path(clone_id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    let c = caller(&st, &headers, &q)?;
-    let mut cl = client(&st)?;
-    let r = within(
-        &st,
-        cl.get_divergences(rp::authed(
-            &c.token,
-            pb::GetDivergencesRequest { clone_id: id },
-        )?),
-    )
+    let req = pb::GetDivergencesRequest { clone_id };
+    let r = ask(&st, &c, req, |mut cl, r| async move {
+        cl.get_divergences(r).await
+    })
     .await?;
     let d: Vec<DivergenceOut> = r.divergences.iter().map(DivergenceOut::from).collect();
     Ok(Json(json!({ "divergences": d })))
@@ -721,17 +696,11 @@ fn progress_out(st: &AppState, p: &pb::ReplayProgress) -> ProgressOut {
 
 async fn watch(
     State(st): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<TokenQuery>,
+    c: Caller,
+    Path(clone_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = caller(&st, &headers, &q)?;
-    let mut cl = client(&st)?;
-    let stream = within(
-        &st,
-        cl.watch(rp::authed(&c.token, pb::WatchRequest { clone_id: id })?),
-    )
-    .await?;
+    let req = pb::WatchRequest { clone_id };
+    let stream = ask(&st, &c, req, |mut cl, r| async move { cl.watch(r).await }).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
     let st2 = st.clone();
     tokio::spawn(async move {

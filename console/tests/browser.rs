@@ -16,36 +16,31 @@
 //! replayer's view of a clone (`get-clone <id>`, answered from the gRPC
 //! API), for the replayer to go away and come back (`stop-replayer`,
 //! `start-replayer`), and for the unknown instance `shop-2` to start
-//! recording (`produce-shop-2`). Screenshots go to `docs/images/`.
+//! recording (`produce-shop-2`). Its screenshots stay in the test's
+//! temporary directory; the ones in `docs/images/` come from the demo-linux
+//! session (`tests/demo_linux.rs`).
 //!
 //! Heavy: needs /dev/kvm, root (network namespaces), python3 with selenium,
 //! chromium and chromedriver (Debian's `chromium`, `chromium-driver`),
 //! iproute2, the Tansu broker, and the replayer, schema-registry and
 //! vhost-tap binaries (`cargo build -p replayer -p schema-registry -p vhost-tap`).
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use schema_registry::client::RegistryClient;
-use schema_registry::codec;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{get_clone, netns_list, now_ns, run_driver, start_console, Kafka, Replayer};
 use vmr_hypervisor::microvm::MicrovmInstance;
 use vmr_hypervisor::{BootSpec, DiskSpec, Instance, InstanceSpec, NicSpec, SnapshotOptions};
-use vmr_proto::pb::replayer_client::ReplayerClient;
 use vmr_proto::topics::partition_for;
-use vmr_proto::{
-    pb, Direction, EnvSample, Event, InstanceId, Lifecycle, LifecycleKind, NetFrame, Payload,
-};
-use vmr_testkit::broker::{Broker, TEST_EVENT_PARTITIONS};
+use vmr_proto::{Direction, Event, Lifecycle, LifecycleKind, Payload};
+use vmr_testkit::broker::TEST_EVENT_PARTITIONS;
 use vmr_testkit::capture::{ethernet, records};
 use vmr_testkit::qemu::NetNs;
-use vmr_testkit::registry::Registry;
-use vmr_testkit::{free_port, workspace_bin, workspace_root, ChildGuard};
+use vmr_testkit::{free_port, workspace_bin, ChildGuard};
 use vmr_vmm::guest_abi::build_test_guest;
 
 const CMD_NET_DISK: u32 = 0x10;
@@ -68,39 +63,12 @@ fn require_prerequisites() {
     {
         panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
     }
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (network namespaces)");
-    for (bin, pkg) in [
-        ("chromium", "chromium"),
-        ("chromedriver", "chromium-driver"),
-    ] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "this test needs {bin} (Debian package {pkg}: apt-get install {pkg})"
-        );
-    }
-    let sel = Command::new("python3")
-        .args(["-c", "import selenium"])
-        .status();
-    assert!(
-        sel.is_ok_and(|s| s.success()),
-        "this test needs python3 with selenium (pip install selenium)"
-    );
+    common::require_root("network namespaces");
+    common::require_browser();
 }
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, WAIT, f)
 }
 
 fn run(cmd: &mut Command) {
@@ -142,136 +110,12 @@ fn wait_console(inst: &dyn Instance, needle: &str) {
     });
 }
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_nanos() as u64
-}
-
-/// A broker, a registry and a producer that writes events as the agent's
-/// shipper does (key = instance id, explicit murmur2 partition,
-/// Confluent-framed `vmr.v1.Event`, `vmr.seq` / `vmr.epoch` headers).
-struct Kafka {
-    broker: Broker,
-    _registry: Registry,
-    rt: tokio::runtime::Runtime,
-    producer: FutureProducer,
-    schema_ids: HashMap<String, (u32, Vec<i32>)>,
-}
-
-impl Kafka {
-    fn start() -> Self {
-        let broker = Broker::start().unwrap_or_else(|e| panic!("starting the broker: {e}"));
-        let registry = Registry::start(&broker.bootstrap())
-            .unwrap_or_else(|e| panic!("starting the schema registry: {e}"));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let client = RegistryClient::new(&registry.url()).expect("registry client");
-        let schema_ids = rt
-            .block_on(client.register_vmr_schemas())
-            .expect("register the vmr schemas")
-            .into_iter()
-            .map(|r| (r.topic.to_string(), (r.id as u32, r.message_indexes)))
-            .collect();
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", broker.bootstrap())
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.max.bytes", "10000000")
-            .set("linger.ms", "5")
-            .create()
-            .expect("create producer");
-        Self {
-            broker,
-            _registry: registry,
-            rt,
-            producer,
-            schema_ids,
-        }
-    }
-
-    fn send(&self, events: &[Event]) -> Vec<i64> {
-        let mut pending = Vec::new();
-        for e in events {
-            let (id, idx) = &self.schema_ids[e.topic()];
-            let mut value = Vec::new();
-            codec::encode_message(*id, idx, &pb::Event::from(e.clone()), &mut value);
-            let key = e.instance.as_str().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "vmr.seq",
-                    value: Some(e.seq.to_string().as_bytes()),
-                })
-                .insert(Header {
-                    key: "vmr.epoch",
-                    value: Some(e.epoch.to_string().as_bytes()),
-                });
-            let record = FutureRecord::to(e.topic())
-                .key(key.as_bytes())
-                .partition(partition_for(&key, TEST_EVENT_PARTITIONS))
-                .payload(&value)
-                .headers(headers);
-            pending.push(
-                self.producer
-                    .send_result(record)
-                    .map_err(|(e, _)| e)
-                    .expect("enqueue a record"),
-            );
-        }
-        self.rt.block_on(async {
-            let mut offsets = Vec::new();
-            for f in pending {
-                let d = tokio::time::timeout(Duration::from_secs(30), f)
-                    .await
-                    .expect("delivery within 30 s")
-                    .expect("delivery future")
-                    .map_err(|(e, _)| e)
-                    .expect("delivered");
-                offsets.push(d.offset);
-            }
-            offsets
-        })
-    }
-}
-
-/// A few synthetic events of `instance` (net frames and a sensor), `n`
-/// events from `seq` 1, 20 ms apart, ending now.
+/// A few synthetic events of `instance`, `n` events from `seq` 1, 20 ms
+/// apart, ending now.
 fn synthetic(instance: &str, n: u64) -> Vec<Event> {
-    let end = now_ns();
-    (1..=n)
-        .map(|seq| {
-            let t = end - (n - seq) * 20_000_000;
-            let payload = if seq % 3 == 0 {
-                Payload::Env(EnvSample {
-                    sensor: "host.load1".into(),
-                    value: (seq % 7) as f64 / 2.0,
-                    unit: String::new(),
-                })
-            } else {
-                Payload::Net(NetFrame {
-                    device: "net0".into(),
-                    queue: 0,
-                    direction: if seq % 2 == 0 {
-                        Direction::Tx
-                    } else {
-                        Direction::Rx
-                    },
-                    frame: request(format!("synthetic {seq}").as_bytes()),
-                })
-            };
-            Event {
-                instance: InstanceId::new(instance).expect("valid id"),
-                seq,
-                wall_time_ns: t,
-                mono_time_ns: t,
-                epoch: 1,
-                payload,
-            }
-        })
-        .collect()
+    common::synthetic(instance, n, |seq| {
+        request(format!("synthetic {seq}").as_bytes())
+    })
 }
 
 /// What the recording left.
@@ -493,124 +337,6 @@ fn record(kafka: &Kafka, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime) -
     }
 }
 
-/// The replayer process and how to start it again.
-struct Replayer {
-    config: PathBuf,
-    addr: String,
-    guard: Option<ChildGuard>,
-}
-
-impl Replayer {
-    fn start(&mut self) {
-        let mut cmd = Command::new(workspace_bin("replayer").unwrap_or_else(|e| panic!("{e}")));
-        cmd.arg("--config")
-            .arg(&self.config)
-            .args(["--listen", &self.addr]);
-        self.guard =
-            Some(ChildGuard::spawn("replayer", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
-        wait_for("the replayer to listen", || {
-            std::net::TcpStream::connect(&self.addr).ok()
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut g) = self.guard.take() {
-            // SIGTERM: the replayer tears every clone down before it exits.
-            g.stop(Duration::from_secs(30));
-        }
-    }
-}
-
-fn get_clone(rt: &tokio::runtime::Runtime, addr: &str, id: &str) -> String {
-    rt.block_on(async {
-        let url = format!("http://{addr}");
-        let ch = match tonic::transport::Endpoint::from_shared(url)
-            .expect("url")
-            .connect()
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return format!("{{\"error\": \"{e}\"}}"),
-        };
-        let mut c = ReplayerClient::new(ch);
-        let mut r = tonic::Request::new(pb::GetCloneRequest {
-            clone_id: id.to_string(),
-        });
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN_A}").parse().expect("ascii"),
-        );
-        match c.get_clone(r).await {
-            Ok(c) => {
-                let c = c.into_inner();
-                let state = pb::CloneState::try_from(c.state)
-                    .map(|s| s.as_str_name().to_string())
-                    .unwrap_or_default();
-                serde_json::json!({
-                    "state": state,
-                    "replayed_seq": c.replayed_seq,
-                    "delivered": c.delivered,
-                    "seq_at_cut": c.seq_at_cut,
-                })
-                .to_string()
-            }
-            Err(s) => serde_json::json!({"error": s.message()}).to_string(),
-        }
-    })
-}
-
-/// The driver process (in its own process group, with chromedriver and
-/// chromium under it); the group is killed when it drops.
-struct Driver(std::process::Child);
-
-impl Driver {
-    fn spawn(cmd: &mut Command) -> Self {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        Self(cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot start python3 (needed for the browser driver): {e}")
-        }))
-    }
-
-    /// Waits up to 30 s for the driver to end, then kills its group.
-    fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            match self.0.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                _ => break None,
-            }
-        };
-        // SAFETY: kill(2) with a negative pid signals the process group
-        // created in `spawn`; it has no memory-safety requirements.
-        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = self.0.wait();
-        status
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        // SAFETY: as in `stop`.
-        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-fn netns_list() -> String {
-    String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .expect("ip netns list")
-            .stdout,
-    )
-    .into_owned()
-}
-
 #[test]
 fn console_in_chromium_against_a_recorded_microvm() {
     require_prerequisites();
@@ -623,6 +349,7 @@ fn console_in_chromium_against_a_recorded_microvm() {
         .build()
         .expect("runtime");
     let kafka = Kafka::start();
+    let mut clones = std::collections::BTreeSet::new();
     let recorded = record(&kafka, dir, &elf, &rt);
     assert!(recorded.poison_seq > recorded.cuts[1] && recorded.cuts[1] > recorded.cuts[0]);
     kafka.send(&synthetic("other-1", 30));
@@ -671,11 +398,11 @@ instances = ["other-1"]
     );
     let replayer_config = dir.join("replayer.toml");
     std::fs::write(&replayer_config, config).expect("write config");
-    let mut replayer = Replayer {
-        config: replayer_config,
-        addr: format!("127.0.0.1:{}", free_port()),
-        guard: None,
-    };
+    let mut replayer = Replayer::new(
+        replayer_config,
+        format!("127.0.0.1:{}", free_port()),
+        dir.join("replayer.log"),
+    );
     replayer.start();
 
     // The console, with the same tenancy.
@@ -711,120 +438,49 @@ instances = ["other-1"]
         ),
     )
     .expect("write the console config");
-    let check = Command::new(env!("CARGO_BIN_EXE_vmr-console"))
-        .arg("--config")
-        .arg(&console_config)
-        .arg("--check-config")
-        .output()
-        .expect("run vmr-console --check-config");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
     let console_log = dir.join("console.log");
-    let _console = ChildGuard::spawn(
-        "vmr-console",
-        Command::new(env!("CARGO_BIN_EXE_vmr-console"))
-            .arg("--config")
-            .arg(&console_config)
-            .stderr(std::fs::File::create(&console_log).expect("log file")),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    wait_for("the console to listen", || {
-        std::net::TcpStream::connect(&console_addr).ok()
-    });
+    let _console = start_console(&console_config, &console_addr, &console_log);
 
     // The browser session.
-    let images = workspace_root().join("docs").join("images");
-    std::fs::create_dir_all(&images).expect("docs/images");
-    let driver = workspace_root().join("console/tests/browser.py");
-    let mut py = Command::new("python3");
-    py.arg(&driver)
-        .env("CONSOLE_URL", format!("http://{console_addr}"))
-        .env("TOKEN_A", TOKEN_A)
-        .env("TOKEN_B", TOKEN_B)
-        .env("INSTANCE", INSTANCE)
-        .env("CUTS", format!("{},{}", recorded.cuts[0], recorded.cuts[1]))
-        .env("POISON_SEQ", recorded.poison_seq.to_string())
-        .env("CRASH_SEQ", recorded.crash_seq.to_string())
-        .env("SCREENSHOTS", &images)
-        .env("FAILURE_DIR", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = Driver::spawn(&mut py);
-    let mut stdin = child.0.stdin.take().expect("piped stdin");
-    let lines = BufReader::new(child.0.stdout.take().expect("piped stdout")).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines {
-            if tx.send(l).is_err() {
-                break;
+    let session = run_driver(
+        "browser.py",
+        &[
+            ("CONSOLE_URL", format!("http://{console_addr}")),
+            ("TOKEN_A", TOKEN_A.into()),
+            ("TOKEN_B", TOKEN_B.into()),
+            ("INSTANCE", INSTANCE.into()),
+            ("CUTS", format!("{},{}", recorded.cuts[0], recorded.cuts[1])),
+            ("POISON_SEQ", recorded.poison_seq.to_string()),
+            ("CRASH_SEQ", recorded.crash_seq.to_string()),
+            ("SCREENSHOTS", dir.display().to_string()),
+            ("FAILURE_DIR", dir.display().to_string()),
+        ],
+        DRIVER_TIMEOUT,
+        |words| match words {
+            ["get-clone", id] => {
+                clones.insert(id.to_string());
+                get_clone(&rt, &replayer.addr, TOKEN_A, id)
             }
-        }
-    });
-    let start = Instant::now();
-    let mut passed = Vec::new();
-    let mut clones = std::collections::BTreeSet::new();
-    let mut verdict = None;
-    while verdict.is_none() {
-        let left = DRIVER_TIMEOUT.saturating_sub(start.elapsed());
-        assert!(
-            !left.is_zero(),
-            "the browser session took longer than {DRIVER_TIMEOUT:?}; passed so far: {passed:?}"
-        );
-        let line = match rx.recv_timeout(left) {
-            Ok(Ok(l)) => l,
-            _ => break,
-        };
-        eprintln!("browser.py: {line}");
-        let mut words = line.split_whitespace();
-        let answer = match words.next() {
-            Some("ACTION") => match (words.next(), words.next()) {
-                (Some("get-clone"), Some(id)) => {
-                    clones.insert(id.to_string());
-                    get_clone(&rt, &replayer.addr, id)
-                }
-                (Some("stop-replayer"), _) => {
-                    replayer.stop();
-                    "stopped".into()
-                }
-                (Some("start-replayer"), _) => {
-                    replayer.start();
-                    "started".into()
-                }
-                (Some("produce-shop-2"), _) => {
-                    kafka.send(&synthetic("shop-2", 40));
-                    "produced".into()
-                }
-                (a, _) => format!("unknown action {a:?}"),
-            },
-            Some("PASS") => {
-                passed.push(line.clone());
-                continue;
+            ["stop-replayer"] => {
+                replayer.stop();
+                "stopped".into()
             }
-            Some("DONE") => {
-                verdict = Some(Ok(()));
-                continue;
+            ["start-replayer"] => {
+                replayer.start();
+                "started".into()
             }
-            Some("FAIL") => {
-                verdict = Some(Err(line.clone()));
-                continue;
+            ["produce-shop-2"] => {
+                kafka.send(&synthetic("shop-2", 40));
+                "produced".into()
             }
-            _ => continue,
-        };
-        writeln!(stdin, "{answer}").expect("answer the driver");
-        stdin.flush().expect("answer the driver");
-    }
-    let status = child.stop();
+            other => format!("unknown action {other:?}"),
+        },
+    );
     replayer.stop();
     let log = std::fs::read_to_string(&console_log).unwrap_or_default();
-    match verdict {
-        Some(Ok(())) => {}
-        Some(Err(f)) => panic!("{f}\npassed: {passed:#?}\nconsole log:\n{log}"),
-        None => panic!(
-            "the driver ended without a verdict ({status:?})\npassed: {passed:#?}\nconsole log:\n{log}"
-        ),
+    let passed = session.passed;
+    if let Err(f) = session.verdict {
+        panic!("{f}\npassed: {passed:#?}\nconsole log:\n{log}");
     }
     assert!(passed.len() >= 8, "too few checks passed: {passed:#?}");
     let left = netns_list();
