@@ -176,7 +176,8 @@ pub async fn delete(
 /// interrupted upload or deletion left), except the ids in `except` (an
 /// upload in progress). On a `file://` store the staging files of unfinished
 /// writes (`<name>#<n>`) and the emptied directories go too. Returns the ids
-/// removed.
+/// that had objects or staging files (an empty directory, which a deletion
+/// leaves on a `file://` store, is removed without being counted).
 ///
 /// The caller must know that no other upload of the instance is running
 /// outside `except`: an upload's objects have no manifest until its end.
@@ -227,6 +228,7 @@ pub async fn sweep_unfinished(
             keys.push(meta.location);
         }
         drop(objects);
+        let mut found = !keys.is_empty();
         for k in keys {
             match store.inner.delete(&k).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -240,15 +242,34 @@ pub async fn sweep_unfinished(
         }
         if let Some(root) = store.local_root() {
             let dir = root.join(instance).join(&id);
+            found |= count_files(&dir) > 0;
             crate::upload::remove_staged(&dir).map_err(|e| RetentionError::Local {
                 what: format!("the staging files under {}", dir.display()),
                 reason: e.to_string(),
             })?;
             remove_empty_dirs(&dir);
         }
-        swept.push(id);
+        if found {
+            swept.push(id);
+        }
     }
     Ok(swept)
+}
+
+/// How many files are under `dir`.
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
 }
 
 /// Removes `dir` and the directories below it that are empty.
@@ -341,7 +362,7 @@ mod tests {
         let swept = rt
             .block_on(sweep_unfinished(&store, "vm-1", &["s4"]))
             .unwrap();
-        assert_eq!(swept, ["s2", "s3"]);
+        assert_eq!(swept, ["s2"]);
         assert!(inst.join("s1/manifest.json").is_file());
         assert!(inst.join("s1/memory.bin").is_file());
         assert!(!inst.join("s2").exists(), "the interrupted upload is gone");

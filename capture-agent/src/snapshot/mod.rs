@@ -7,7 +7,7 @@
 //! operation on its own thread and returns at once; the operation reports
 //! its stage (`offsets`, `pausing`, `cut`, `saving`, `resumed`, `packing`,
 //! `uploading` with bytes, `manifest`) through a watch channel. One snapshot
-//! of an instance runs at a time. Before each cut the engine deletes what
+//! of an instance runs at a time. After each cut the engine deletes what
 //! interrupted snapshots of the instance left (store objects without a
 //! manifest, [`vmr_snapshot::sweep_unfinished`], and staging directories
 //! of an earlier agent process). After each snapshot the retention policy
@@ -226,7 +226,7 @@ impl SnapshotEngine {
     }
 
     /// Deletes what interrupted snapshots of `instance` left, other than
-    /// `current` (the one starting): store objects of ids without a
+    /// `current` (the one just taken): store objects of ids without a
     /// manifest, and staging directories that are not links of the
     /// instance's current microVM chain. Returns the store ids removed.
     fn sweep(&self, instance: &str, current: &str) -> Vec<String> {
@@ -349,7 +349,6 @@ impl SnapshotEngine {
         cut_over: &(dyn Fn() + Sync),
     ) -> Result<Manifest, String> {
         let instance = inst.id().to_string();
-        self.sweep(&instance, id);
         let all = self.manifests(&instance).map_err(|e| e.to_string())?;
         let base = all
             .iter()
@@ -431,6 +430,8 @@ impl SnapshotEngine {
         if inst.driver() != vmr_hypervisor::microvm::NAME || r.is_err() {
             cut::remove_staging(&staging.join(id));
         }
+        // After the cut, not before it: the cut stays close to its slot.
+        self.sweep(&instance, id);
         let r = r?;
         tracing::info!(instance = %instance, snapshot = %id, pause_us = r.pause.as_micros() as u64, bytes = r.uploaded_bytes, upload_ms = r.upload_time.as_millis() as u64, "snapshot stored");
         if request.pin {
