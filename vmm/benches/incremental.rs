@@ -3,7 +3,7 @@
 //!
 //! For each dirty-set size (300 pages, 1024 pages, and 5 % of memory:
 //! 6554 pages spread over it with `CMD_DIRTY_SPAN`) and each round, the
-//! guest dirties the pages and is paused, then:
+//! guest dirties the pages and is paused; while it stays paused:
 //!
 //! 1. `Vm::snapshot(Incremental)` runs (this build, fsync on in even rounds,
 //!    off in odd ones), timed from the call to its return;
@@ -219,7 +219,6 @@ fn main() {
             let t = Instant::now();
             let info = vm.snapshot(&dir, MemoryKind::Incremental).expect("inc");
             let took = ms(t.elapsed());
-            vm.resume().expect("resume");
             c.pages = info.pages;
             if sync {
                 &mut c.vm_sync
@@ -236,8 +235,8 @@ fn main() {
             let state_bytes = std::fs::read(dir.join(STATE_FILE)).expect("state");
             let state = SnapshotData::load(&dir).expect("state loads");
             let memory = vm.memory();
-            // SAFETY: read only; the guest writes other pages meanwhile,
-            // which changes nothing in the timing.
+            // SAFETY: the VM stays paused (as in a snapshot) until both
+            // paths have run; nothing writes guest memory meanwhile.
             let mem = unsafe { memory.as_slice() };
             let order = if round % 4 < 2 {
                 [true, false]
@@ -261,6 +260,7 @@ fn main() {
                 }
                 std::fs::remove_dir_all(&d).expect("cleanup");
             }
+            vm.resume().expect("resume");
         }
         cells.push((name.clone(), c));
     }

@@ -83,6 +83,8 @@ pub struct RegionInfo {
 pub struct VmMemory {
     // Dropped first: its threads stop before the mapping goes away.
     lazy: Option<crate::snapshot::lazy::LazyOwner>,
+    /// Start the lazy populator's prefetch when the VM first resumes.
+    prefetch_at_run: bool,
     mem: GuestMemoryMmap,
     file: Arc<File>,
     size: u64,
@@ -161,6 +163,7 @@ impl VmMemory {
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?;
         Ok(VmMemory {
             lazy: None,
+            prefetch_at_run: false,
             mem,
             file,
             size,
@@ -168,9 +171,22 @@ impl VmMemory {
         })
     }
 
-    /// Hands the memory to a lazy populator (restore only).
-    pub(crate) fn set_lazy(&mut self, owner: crate::snapshot::lazy::LazyOwner) {
+    /// Hands the memory to a lazy populator (restore only); with
+    /// `prefetch_at_run`, [`crate::vm::Vm::resume`] starts its background
+    /// prefetch, so the copy does not compete with the restore itself (the
+    /// device handshakes) for the CPU.
+    pub(crate) fn set_lazy(
+        &mut self,
+        owner: crate::snapshot::lazy::LazyOwner,
+        prefetch_at_run: bool,
+    ) {
         self.lazy = Some(owner);
+        self.prefetch_at_run = prefetch_at_run;
+    }
+
+    /// Whether the prefetch starts when the VM resumes (see `set_lazy`).
+    pub(crate) fn prefetch_at_run(&self) -> bool {
+        self.prefetch_at_run
     }
 
     /// The lazy populator, when this memory was restored lazily

@@ -451,7 +451,8 @@ pub enum RestoreMemory {
     /// A fresh memfd, filled lazily: every page is copied in from the files
     /// on its first access (vCPU, VMM or a vhost-user backend that offers
     /// the `PAGEFAULT` protocol feature) through userfaultfd, and a
-    /// background thread copies the rest. Backends can share it; restore
+    /// background thread copies the rest from the VM's first resume on (so the
+    /// copy does not slow the restore itself). Backends can share it; restore
     /// time does not grow with memory size. See [`lazy`].
     SharedLazy,
     /// As [`RestoreMemory::SharedLazy`] without the background prefetch:
@@ -565,13 +566,9 @@ pub fn restore_memory(dir: &Path, mode: RestoreMemory) -> Result<VmMemory, Snaps
             let mut m = VmMemory::new_shared(*mem_size)?;
             // Nothing has touched the new mapping: register it before
             // anything does. The chain's diffs are sources, not applied.
-            let owner = lazy::LazyOwner::start(
-                m.host_base() as u64,
-                *mem_size,
-                &chain,
-                mode == RestoreMemory::SharedLazy,
-            )?;
-            m.set_lazy(owner);
+            // The prefetch of `SharedLazy` starts when the VM resumes.
+            let owner = lazy::LazyOwner::start(m.host_base() as u64, *mem_size, &chain, false)?;
+            m.set_lazy(owner, mode == RestoreMemory::SharedLazy);
             return Ok(m);
         }
     };

@@ -435,6 +435,11 @@ impl Vm {
         // The guest runs again even if a device failed to resume; the
         // device's error is still returned.
         self.set_state(RunState::Running);
+        if self.memory.prefetch_at_run() {
+            // A lazily restored memory fills in from here on (a no-op once
+            // the prefetch runs).
+            self.memory.start_prefetch();
+        }
         self.emit(LifecycleKind::Resume, String::new(), None);
         match first {
             Some(e) => Err(e),
