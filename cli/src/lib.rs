@@ -77,6 +77,9 @@ pub struct Global {
 }
 
 /// The subcommands.
+// Parsed once per run: the size of the largest variant (`replay start`'s
+// arguments) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check this host and the configured services, and say what to fix.
