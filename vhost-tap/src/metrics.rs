@@ -26,6 +26,10 @@ pub struct Metrics {
     /// Times the sink waited for a full spool up to the block bound and
     /// then dropped records with a GAP.
     pub spool_bound_hits: AtomicU64,
+    /// Times writing the spool failed because its filesystem had no space
+    /// left (ENOSPC, EDQUOT); the records then wait or are dropped with a
+    /// GAP like those of a full spool.
+    pub spool_no_space: AtomicU64,
     /// Times the capture was made durable (FLUSH barriers and shutdown).
     pub syncs: AtomicU64,
     /// Descriptor chains refused as malformed.
@@ -51,6 +55,7 @@ pub struct MetricsSnapshot {
     pub spool_dropped: u64,
     pub spool_blocked_ms: u64,
     pub spool_bound_hits: u64,
+    pub spool_no_space: u64,
     pub syncs: u64,
     pub malformed: u64,
     pub io_errors: u64,
@@ -79,6 +84,7 @@ impl Metrics {
             spool_dropped: l(&self.spool_dropped),
             spool_blocked_ms: l(&self.spool_blocked_ms),
             spool_bound_hits: l(&self.spool_bound_hits),
+            spool_no_space: l(&self.spool_no_space),
             syncs: l(&self.syncs),
             malformed: l(&self.malformed),
             io_errors: l(&self.io_errors),
@@ -103,6 +109,7 @@ impl MetricsSnapshot {
             spool_dropped = self.spool_dropped,
             spool_blocked_ms = self.spool_blocked_ms,
             spool_bound_hits = self.spool_bound_hits,
+            spool_no_space = self.spool_no_space,
             syncs = self.syncs,
             malformed = self.malformed,
             io_errors = self.io_errors,

@@ -13,6 +13,14 @@
 //! changes its buffers while the request is in flight. Writes that are not
 //! recorded go from guest memory to the disk without a copy.
 //!
+//! A recorded write of at least 64 KiB is copied (and checksummed) on the
+//! device thread and written to the disk by the queue's image writer
+//! thread (`writer.rs`) while the device thread copies the next one. The
+//! device thread puts such a request in the used ring once the writer has
+//! written it and queued its record. It waits for every such write before
+//! it handles any other request of the queue and before it releases the
+//! queue, so the completion and draining guarantees above still hold.
+//!
 //! A FLUSH completes only after the tee made every record queued before it
 //! durable ([`crate::capture::Tee::sync`]) and the disk flushed: the disk is
 //! never ahead of the recording after a power loss.
@@ -36,6 +44,7 @@ use vmr_proto::pb;
 
 use super::disk::{Disk, DiskError};
 use super::request::{self, Limits, Request, RequestType, Segment};
+use super::writer::{self, InFlight, Writer};
 use crate::capture::replay::{self, Expectations, Output, Outputs, ReplayClock};
 use crate::capture::Tee;
 use crate::fault::{BlockFault, FaultCtx, FaultHook};
@@ -113,11 +122,16 @@ struct Worker {
     /// written or read, and the clone's record number.
     note_hash: Option<[u8; 16]>,
     note_seq: Option<u64>,
+    /// The image writer of recorded large writes (started on first use).
+    writer: Option<Writer>,
+    /// Writes completed while a request waited for the writer, for the
+    /// used ring.
+    drained: Vec<u16>,
 }
 
 struct Inner {
     config: BlockConfig,
-    disk: Disk,
+    disk: Arc<Disk>,
     mem: Mutex<Option<GuestMemAtomic>>,
     event_idx: AtomicBool,
     workers: Vec<Mutex<Worker>>,
@@ -164,13 +178,15 @@ impl BlockBackend {
                     scratch: Vec::new(),
                     note_hash: None,
                     note_seq: None,
+                    writer: None,
+                    drained: Vec::with_capacity(writer::MAX_IN_FLIGHT),
                 })
             })
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                disk,
+                disk: Arc::new(disk),
                 mem: Mutex::new(None),
                 event_idx: AtomicBool::new(false),
                 workers,
@@ -245,6 +261,7 @@ impl BlockBackend {
         let event_idx = inner.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
         let mut completed = 0usize;
+        let mut signalled = 0usize;
         loop {
             let queue = state.get_queue_mut();
             // A driver that publishes an avail index more than a ring ahead
@@ -265,18 +282,50 @@ impl BlockBackend {
                     .map_err(io::Error::other)?;
             }
             let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
-                let head = chain.head_index();
-                popped += 1;
-                let used = self.handle_chain(&mem, chain, q, &mut worker);
-                queue
-                    .add_used(&*mem, head, used)
-                    .map_err(io::Error::other)?;
-                completed += 1;
+            loop {
+                let queue = state.get_queue_mut();
+                while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
+                    let head = chain.head_index();
+                    popped += 1;
+                    let used = self.handle_chain(&mem, chain, q, &mut worker);
+                    for h in worker.drained.drain(..) {
+                        queue.add_used(&*mem, h, 1).map_err(io::Error::other)?;
+                        completed += 1;
+                    }
+                    if let Some(used) = used {
+                        queue
+                            .add_used(&*mem, head, used)
+                            .map_err(io::Error::other)?;
+                        completed += 1;
+                    }
+                    // Writes the writer has finished meanwhile.
+                    while let Some(h) = self.complete_write(&mem, &mut worker, false) {
+                        queue.add_used(&*mem, h, 1).map_err(io::Error::other)?;
+                        completed += 1;
+                    }
+                }
+                if worker.writer.as_ref().is_none_or(|w| w.in_flight() == 0) {
+                    break;
+                }
+                // Nothing more to start: let the driver see what is done
+                // (it may send more meanwhile), then wait for the oldest
+                // write in flight.
+                if completed > signalled {
+                    signal_if_needed(&mut state, &mem)?;
+                    signalled = completed;
+                }
+                if let Some(h) = self.complete_write(&mem, &mut worker, true) {
+                    state
+                        .get_queue_mut()
+                        .add_used(&*mem, h, 1)
+                        .map_err(io::Error::other)?;
+                    completed += 1;
+                }
             }
             if !event_idx {
                 break;
             }
+            let queue = state.get_queue_mut();
             let more = queue.enable_notification(&*mem).map_err(io::Error::other)?;
             // A stopped ring (GET_VRING_BASE) still has requests available
             // but must not be touched until it is restarted.
@@ -284,24 +333,128 @@ impl BlockBackend {
                 break;
             }
         }
-        if completed > 0 {
+        if completed > signalled {
             signal_if_needed(&mut state, &mem)?;
         }
         Ok(())
     }
 
-    /// Handles one chain; returns the used length.
+    /// Completes the oldest write in flight on the queue's writer (waiting
+    /// for it with `wait`): writes its status for the guest and returns
+    /// its head for the used ring.
+    fn complete_write(&self, mem: &GuestMem, w: &mut Worker, wait: bool) -> Option<u16> {
+        Self::finish_one(&self.inner.metrics, mem, w.writer.as_mut()?, wait)
+    }
+
+    /// Hands a recorded large write to the queue's image writer: copies
+    /// its payload into the record and lets the writer write the disk.
+    /// Returns false (nothing done) when no writer can take it.
+    fn defer_write(
+        &self,
+        mem: &GuestMem,
+        req: &Request,
+        head: u16,
+        q: u16,
+        w: &mut Worker,
+    ) -> bool {
+        let inner = &*self.inner;
+        let Some(tee) = inner.tee.as_ref() else {
+            return false;
+        };
+        if w.writer.is_none() {
+            w.writer = Writer::start(inner.disk.clone(), tee.clone(), inner.metrics.clone(), q);
+        }
+        let Some(writer) = w.writer.as_mut() else {
+            return false;
+        };
+        while !writer.has_room() {
+            if let Some(h) = Self::finish_one(&inner.metrics, mem, writer, true) {
+                w.drained.push(h);
+            }
+        }
+        let segs = &w.segs;
+        let pending = tee.copy_write(
+            &inner.config.device,
+            q,
+            req.rtype.op(),
+            req.sector,
+            req.data_len,
+            |at, chunk| {
+                let from = u64::from(request::HEADER_LEN) + at;
+                request::gather(mem, segs, from, chunk).is_ok()
+            },
+        );
+        let pending = match pending {
+            Ok(p) => p,
+            Err((status, _)) => {
+                // The copy failed: the record is queued with IOERR and the
+                // request completes now, like a synchronous one.
+                let _ = mem.write_obj(virtio_status(status) as u8, req.status);
+                Metrics::add(&inner.metrics.requests, 1);
+                Metrics::add(&inner.metrics.io_errors, 1);
+                w.drained.push(head);
+                return true;
+            }
+        };
+        let off = req.sector.checked_mul(512);
+        let fl = InFlight {
+            head,
+            status: req.status,
+        };
+        if let Err(pending) = writer.submit(pending, off, req.sector, fl) {
+            // The writer is gone: write here.
+            let r = match off {
+                Some(off) => inner.disk.write(off, pending.data(), &mut w.scratch),
+                None => Err(DiskError::OutOfRange),
+            };
+            let status = self.write_status(r, req.sector, req.data_len);
+            tee.finish_write(pending, block_status(status));
+            let _ = mem.write_obj(status as u8, req.status);
+            Metrics::add(&inner.metrics.requests, 1);
+            if status == VIRTIO_BLK_S_IOERR {
+                Metrics::add(&inner.metrics.io_errors, 1);
+            }
+            w.drained.push(head);
+            w.writer = None;
+        }
+        true
+    }
+
+    /// Completes the writer's oldest write (waiting for it with `wait`):
+    /// writes its status for the guest and returns its head.
+    fn finish_one(
+        metrics: &Metrics,
+        mem: &GuestMem,
+        writer: &mut Writer,
+        wait: bool,
+    ) -> Option<u16> {
+        let (req, status) = writer.complete(wait)?;
+        Metrics::add(&metrics.requests, 1);
+        if status == VIRTIO_BLK_S_IOERR {
+            Metrics::add(&metrics.io_errors, 1);
+        }
+        // A status that cannot be written still completes the chain (the
+        // driver then sees no status, as for any chain whose status byte
+        // is out of reach).
+        let _ = mem.write_obj(status as u8, req.status);
+        Some(req.head)
+    }
+
+    /// Handles one chain; returns the used length, or None when the
+    /// queue's image writer completes it later. Writes the writer finished
+    /// while this chain waited for it go to `w.drained`.
     fn handle_chain<M>(
         &self,
         mem: &Arc<GuestMem>,
         chain: virtio_queue::DescriptorChain<M>,
         q: u16,
         w: &mut Worker,
-    ) -> u32
+    ) -> Option<u32>
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
         let inner = &*self.inner;
+        let head = chain.head_index();
         let req = match request::parse_chain(&**mem, chain, &mut w.segs, &inner.config.limits) {
             Ok(r) => r,
             Err(error) => {
@@ -314,18 +467,28 @@ impl BlockBackend {
                             u64::from(status.len) - 1,
                         );
                         if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() {
-                            return 1;
+                            return Some(1);
                         }
                     }
                 }
-                return 0;
+                return Some(0);
             }
         };
+        if self.writes_through_writer(&req) && self.defer_write(mem, &req, head, q, w) {
+            return None;
+        }
+        // Any other request waits for the writes in flight, so their
+        // records come first and a FLUSH covers them.
+        if let Some(writer) = w.writer.as_mut() {
+            while let Some(h) = Self::finish_one(&inner.metrics, mem, writer, true) {
+                w.drained.push(h);
+            }
+        }
         w.note_hash = None;
         w.note_seq = None;
         let (status, written) = self.execute(mem, &req, q, w);
         if mem.write_obj(status as u8, req.status).is_err() {
-            return 0;
+            return Some(0);
         }
         if inner.config.mode == Mode::Replay {
             self.replay_done(&req, status, w);
@@ -334,7 +497,18 @@ impl BlockBackend {
         if status == VIRTIO_BLK_S_IOERR {
             Metrics::add(&inner.metrics.io_errors, 1);
         }
-        written + 1
+        Some(written + 1)
+    }
+
+    /// Whether a request is a recorded write large enough for the image
+    /// writer.
+    fn writes_through_writer(&self, req: &Request) -> bool {
+        let inner = &*self.inner;
+        matches!(req.rtype, RequestType::Out)
+            && inner.config.mode == Mode::Capture
+            && inner.tee.is_some()
+            && inner.config.filter.matches(req.rtype.op())
+            && req.data_len >= writer::ASYNC_WRITE_MIN
     }
 
     /// Whether a write is not recorded, so it can go from guest memory to

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod disk;
 pub mod request;
+mod writer;
 
 pub use backend::{BlockBackend, BlockConfig, BlockError};
 pub use disk::{pack_layer, Checkpointed, Disk, DiskError, Packed};

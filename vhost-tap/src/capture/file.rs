@@ -32,6 +32,9 @@ pub(crate) struct FrameWriter {
     /// End of older bytes in a reused file (0: none): while the data is
     /// shorter, an end marker follows it.
     pub(crate) stale_end: u64,
+    /// Bytes of the file kept allocated from its start (0: none), so frames
+    /// up to there never need new space from the filesystem.
+    pub(crate) reserve: u64,
     pending: Vec<u8>,
     head: Vec<u8>,
     scratch: pb::Event,
@@ -45,6 +48,7 @@ impl FrameWriter {
             size,
             salt: 0,
             stale_end: 0,
+            reserve: 0,
             pending: Vec::new(),
             head: Vec::new(),
             scratch: pb::Event::default(),
@@ -68,9 +72,10 @@ impl FrameWriter {
 
     /// Encodes `rec`. A small frame waits in the buffer (written once it
     /// holds [`PENDING_WRITE_BYTES`] or by [`FrameWriter::write_out`]); a
-    /// large payload is written at once, after the buffer. Returns whether
-    /// everything buffered so far reached the file.
-    pub(crate) fn push(&mut self, rec: &Record) -> io::Result<bool> {
+    /// large payload is written at once, after the buffer (written first,
+    /// on its own). Returns whether everything buffered so far reached the
+    /// file; on failure, whether the records before `rec` did.
+    pub(crate) fn push(&mut self, rec: &Record) -> Result<bool, (bool, io::Error)> {
         let at = self.pending.len();
         let payload = match encode_record(
             rec,
@@ -82,16 +87,21 @@ impl FrameWriter {
             Ok(p) => p,
             Err(e) => {
                 self.pending.truncate(at);
-                return Err(e);
+                return Err((at == 0, e));
             }
         };
         match payload {
             Some(data) => {
-                self.write(Some(data))?;
+                // The earlier frames first, so a payload that fails (no
+                // space left) fails alone.
+                if at > 0 {
+                    self.write(None).map_err(|e| (false, e))?;
+                }
+                self.write(Some(data)).map_err(|e| (true, e))?;
                 Ok(true)
             }
             None if self.pending.len() >= PENDING_WRITE_BYTES => {
-                self.write(None)?;
+                self.write(None).map_err(|e| (false, e))?;
                 Ok(true)
             }
             None => Ok(false),
@@ -128,6 +138,16 @@ impl FrameWriter {
             total += (self.head.len() + d.len()) as u64;
         }
         let marker = vmr_proto::framing::END_MARKER;
+        if self.reserve > 0 && self.size + total > self.reserve {
+            // Past the reserved space: claim the space first, so a
+            // filesystem without room fails the write before any byte of
+            // it is written (a reader following the file never sees part
+            // of a frame that is then written over).
+            if let Err(e) = reserve_range(&self.file, self.size, total) {
+                self.pending.clear();
+                return Err(e);
+            }
+        }
         if self.size + total < self.stale_end {
             self.iov.0.push(libc::iovec {
                 iov_base: marker.as_ptr().cast_mut().cast(),
@@ -142,6 +162,12 @@ impl FrameWriter {
         };
         self.pending.clear();
         if let Err(e) = r {
+            // A write cut short (no space left) may have left part of a
+            // frame past the data: it counts as older bytes, behind an end
+            // marker, and is cut when the segment closes.
+            if let Ok(m) = self.file.metadata() {
+                self.stale_end = self.stale_end.max(m.len());
+            }
             if self.stale_end > self.size {
                 // Mark the end of the good data again.
                 let _ = self.file.write_all_at(&marker, self.size);
@@ -152,10 +178,14 @@ impl FrameWriter {
         Ok(())
     }
 
-    /// Cuts older bytes a reused file still holds after the data.
+    /// Cuts older bytes a reused file still holds after the data, keeping
+    /// the file's reserved space allocated (past its new end).
     pub(crate) fn cut_stale(&mut self) -> io::Result<()> {
         if self.stale_end > self.size {
             self.file.set_len(self.size)?;
+            if let Err(error) = reserve(&self.file, self.reserve) {
+                tracing::warn!(%error, "cannot keep a capture segment's space reserved");
+            }
         }
         self.stale_end = 0;
         Ok(())
@@ -168,6 +198,35 @@ impl FrameWriter {
     }
 }
 
+/// Allocates the first `len` bytes of `file` without changing its size
+/// (`fallocate` with `FALLOC_FL_KEEP_SIZE`), so writes there never fail for
+/// lack of space. A filesystem without `fallocate` is left as it is.
+pub(crate) fn reserve(file: &File, len: u64) -> io::Result<()> {
+    reserve_range(file, 0, len)
+}
+
+/// Allocates `len` bytes of `file` from `at` on, without changing its
+/// size (see [`reserve`]).
+fn reserve_range(file: &File, at: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let off =
+        |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (at, len) = (off(at)?, off(len)?);
+    // SAFETY: fallocate only reads its scalar arguments; the descriptor is
+    // ours and open.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, len) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 /// Writes a batch through `w`; on failure, reports how many records at the
 /// front reached the file.
 pub(crate) fn submit_to(w: &mut FrameWriter, batch: &[Record]) -> Result<(), SinkError> {
@@ -177,9 +236,9 @@ pub(crate) fn submit_to(w: &mut FrameWriter, batch: &[Record]) -> Result<(), Sin
         match w.push(r) {
             Ok(true) => buffered_from = i + 1,
             Ok(false) => {}
-            Err(e) => {
+            Err((before, e)) => {
                 return Err(SinkError {
-                    written: buffered_from,
+                    written: if before { i } else { buffered_from },
                     error: e.into(),
                 })
             }

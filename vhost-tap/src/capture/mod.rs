@@ -26,7 +26,7 @@ pub mod tee;
 
 pub use file::FileSink;
 pub use spool::{Recycle, SpoolConfig, SpoolItem, SpoolPosition, SpoolReader, SpoolSink};
-pub use tee::{DeviceState, Tee, TeeConfig, DEFAULT_MAX_BYTES};
+pub use tee::{DeviceState, PendingWrite, Tee, TeeConfig, DEFAULT_MAX_BYTES};
 
 /// Errors of sinks and of the tee.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,19 @@ pub enum CaptureError {
     SyncTimeout(std::time::Duration),
     #[error("the capture could not be made durable")]
     SyncFailed,
+}
+
+impl CaptureError {
+    /// Whether the error is the filesystem running out of space (ENOSPC,
+    /// or EDQUOT for a quota).
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            Self::Io(e) => e,
+            Self::Open { source, .. } => source,
+            _ => return false,
+        };
+        matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    }
 }
 
 /// A batch the sink did not write completely: the first `written` records

@@ -24,7 +24,11 @@
 //! everything up to an event, calls [`commit`] with that event's
 //! [`SpoolPosition`]: the file `committed` is replaced atomically (written to
 //! `committed.tmp`, `fsync`, `rename`, `fsync` of the directory). A restarted
-//! shipper resumes from [`read_committed`].
+//! shipper resumes from [`read_committed`]. The position files are padded
+//! to a fixed size and the replaced file is kept as the next
+//! `committed.tmp`, so after the first commit a commit needs no new space
+//! on the filesystem; [`SpoolSink::open`] leaves two spare ones
+//! (`committed.spare`, `committed.spare2`) for the first two.
 //!
 //! The spool holds at most its capacity. When the writer needs a new segment
 //! and the spool is full, it deletes the oldest segments that the committed
@@ -50,6 +54,13 @@ use super::{CaptureError, CaptureSink, Record, SinkError};
 /// Name of the shipper's position file in a spool directory.
 pub const COMMITTED_FILE: &str = "committed";
 const COMMITTED_TMP: &str = "committed.tmp";
+/// The replaced position file while a commit keeps it for the next one.
+const COMMITTED_PREV: &str = "committed.prev";
+/// Position files made by the writer for the shipper's first two commits
+/// (after them, `committed` and `committed.tmp` take turns).
+const COMMITTED_SPARES: [&str; 2] = ["committed.spare", "committed.spare2"];
+/// Size of a position file: its JSON text padded with spaces.
+const COMMITTED_LEN: usize = 512;
 
 /// Errors of the shipper's side of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -119,18 +130,69 @@ pub fn read_committed(dir: &Path) -> Result<Option<SpoolPosition>, SpoolError> {
 }
 
 /// Durably records that everything up to `pos` has been shipped.
+///
+/// The text is padded with spaces to a fixed size and written over an
+/// existing `committed.tmp` (the file the previous commit replaced, or the
+/// writer's spare), so a commit on a full filesystem still succeeds.
 pub fn commit(dir: &Path, pos: &SpoolPosition) -> Result<(), SpoolError> {
     let tmp = dir.join(COMMITTED_TMP);
     let path = dir.join(COMMITTED_FILE);
+    let prev = dir.join(COMMITTED_PREV);
     let mut text = serde_json::to_string(pos).expect("a position always serialises");
     text.push('\n');
-    let f = File::create(&tmp).map_err(io_err(&tmp))?;
+    while text.len() < COMMITTED_LEN {
+        text.push(' ');
+    }
+    if !tmp.exists() {
+        // A spare of the writer's (complete: it is renamed into place
+        // whole).
+        for spare in COMMITTED_SPARES {
+            if std::fs::rename(dir.join(spare), &tmp).is_ok() {
+                break;
+            }
+        }
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
     f.write_all_at(text.as_bytes(), 0).map_err(io_err(&tmp))?;
+    f.set_len(text.len() as u64).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
+    // Keep the file being replaced (its space) for the next commit.
+    let _ = std::fs::remove_file(&prev);
+    let kept = std::fs::hard_link(&path, &prev).is_ok();
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+        .map_err(io_err(dir))?;
+    if kept {
+        let _ = std::fs::rename(&prev, &tmp);
+    }
+    Ok(())
+}
+
+/// Leaves position files for the shipper's first commits (each made under
+/// a temporary name and renamed whole), unless `committed` and
+/// `committed.tmp` are both there.
+fn prepare_commit_spares(dir: &Path) -> io::Result<()> {
+    if dir.join(COMMITTED_FILE).exists() && dir.join(COMMITTED_TMP).exists() {
+        return Ok(());
+    }
+    for spare in COMMITTED_SPARES {
+        let path = dir.join(spare);
+        if path.exists() {
+            continue;
+        }
+        let new = dir.join(format!("{spare}.new"));
+        let f = File::create(&new)?;
+        f.write_all_at(&[b' '; COMMITTED_LEN], 0)?;
+        f.sync_all()?;
+        std::fs::rename(&new, &path)?;
+    }
+    Ok(())
 }
 
 /// Segment file names in `dir`, oldest first.
@@ -192,6 +254,20 @@ struct SpoolState {
 /// Extension of the zero-filled spare files a spool makes at start.
 pub const SPARE_EXTENSION: &str = "spare";
 
+/// Space a segment file keeps allocated past the segment size, for the
+/// frame that crosses it (the largest block request, 4 MiB by default, and
+/// its frame head), but at most the segment size again. Frames inside the
+/// reserved space never need new space from the filesystem, so a
+/// filesystem that fills up under a running spool does not fail them; a
+/// frame past it (a record larger than the slack) can, and then gets the
+/// tee's policy (wait, or drop with a GAP).
+pub const SEGMENT_SLACK: u64 = (4 << 20) + (64 << 10);
+
+/// Bytes each segment file keeps allocated.
+fn reserved(cfg: &SpoolConfig) -> u64 {
+    cfg.segment_bytes + SEGMENT_SLACK.min(cfg.segment_bytes)
+}
+
 /// Makes sure the spool directory holds enough segment-sized files for its
 /// capacity (segments plus zero-filled spares), so capture overwrites files
 /// that exist instead of growing new ones, and the space is reserved before
@@ -210,6 +286,10 @@ fn prepare_spares(cfg: &SpoolConfig, segments: usize) -> io::Result<Vec<String>>
         }
     }
     spares.sort();
+    for name in &spares {
+        let f = OpenOptions::new().write(true).open(cfg.dir.join(name))?;
+        super::file::reserve(&f, reserved(cfg))?;
+    }
     let want = cfg.capacity_bytes.div_ceil(cfg.segment_bytes) as usize + 1;
     let have = segments + spares.len();
     if have >= want {
@@ -226,6 +306,7 @@ fn prepare_spares(cfg: &SpoolConfig, segments: usize) -> io::Result<Vec<String>>
             file.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
+        super::file::reserve(&file, reserved(cfg))?;
         spares.push(name);
     }
     tracing::info!(
@@ -262,6 +343,7 @@ impl SpoolSink {
             closed.push_back((name, size));
         }
         let spares = prepare_spares(&cfg, closed.len()).map_err(open_err)?;
+        prepare_commit_spares(&cfg.dir).map_err(open_err)?;
         Ok(Self {
             inner: Mutex::new(SpoolState {
                 cfg,
@@ -372,17 +454,19 @@ impl SpoolState {
             instance_id: self.cfg.instance_id.clone(),
         };
         self.dir_dirty = true;
-        let w = match self.free.take().or_else(|| self.spares.pop()) {
+        let reserve = reserved(&self.cfg);
+        let mut w = match self.free.take().or_else(|| self.spares.pop()) {
             Some(old) => match Self::reuse(&self.cfg.dir.join(&old), &path, &header) {
                 Ok(w) => w,
                 Err(error) => {
                     tracing::warn!(%error, segment = %old, "cannot reuse a capture segment; creating one");
                     let _ = std::fs::remove_file(self.cfg.dir.join(&old));
-                    Self::create(&path, &header)?
+                    Self::create(&path, &header, reserve)?
                 }
             },
-            None => Self::create(&path, &header)?,
+            None => Self::create(&path, &header, reserve)?,
         };
+        w.reserve = reserve;
         self.current = Some((name, w));
         self.over = over;
         Ok(rolled)
@@ -391,7 +475,7 @@ impl SpoolState {
 
 impl SpoolState {
     /// A new segment file at `path`.
-    fn create(path: &Path, header: &FileHeader) -> Result<FrameWriter, CaptureError> {
+    fn create(path: &Path, header: &FileHeader, reserve: u64) -> Result<FrameWriter, CaptureError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -401,6 +485,11 @@ impl SpoolState {
                 path: path.display().to_string(),
                 source,
             })?;
+        if let Err(error) = super::file::reserve(&file, reserve) {
+            // Frames may then fail for lack of space; the tee applies its
+            // policy to them.
+            tracing::warn!(%error, path = %path.display(), "cannot reserve space for a new capture segment");
+        }
         let mut w = FrameWriter::new(file, 0);
         w.salt = header.first_seq;
         if let Err(e) = w.write_header(header) {
@@ -452,9 +541,9 @@ impl CaptureSink for SpoolSink {
             match w.push(r) {
                 Ok(true) => written = i + 1,
                 Ok(false) => {}
-                Err(e) => {
+                Err((before, e)) => {
                     return Err(SinkError {
-                        written,
+                        written: if before { i } else { written },
                         error: e.into(),
                     })
                 }
@@ -651,6 +740,7 @@ impl SpoolReader {
     /// writer (call again later).
     pub fn next_item(&mut self) -> Result<Option<SpoolItem>, SpoolError> {
         let mut at_eof_checked = false;
+        let mut damage_checked = false;
         loop {
             if self.cur.is_none() {
                 if let Some(item) = self.open_next()? {
@@ -685,6 +775,14 @@ impl SpoolReader {
                         // once the segment is finished if it stays damaged.
                         cur.rewind(offset);
                         return Ok(None);
+                    }
+                    if !damage_checked {
+                        // The writer may have finished the frame and the
+                        // segment between the read and the listing: read it
+                        // once more, now that the segment is complete.
+                        damage_checked = true;
+                        cur.rewind(offset);
+                        continue;
                     }
                     self.resume = Resume::At(cur.name.clone(), offset + len);
                     return Ok(Some(SpoolItem::Skipped {

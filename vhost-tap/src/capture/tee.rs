@@ -488,27 +488,53 @@ impl Tee {
         op: pb::BlockOp,
         sector: u64,
         len: u32,
-        mut copy: impl FnMut(u64, &mut [u8]) -> bool,
+        copy: impl FnMut(u64, &mut [u8]) -> bool,
         write: impl FnOnce(&[u8]) -> pb::BlockStatus,
     ) -> (pb::BlockStatus, Option<u64>) {
-        let n = len as usize;
-        let checksum = n >= super::SPLIT_FRAME_MIN;
         self.record_block_inner(device, queue, op, sector, len, |data| {
-            let mut h = crc32fast::Hasher::new();
-            let mut pos = 0;
-            while pos < n {
-                let end = (pos + CRC_CHUNK).min(n);
-                if !copy(pos as u64, &mut data[pos..end]) {
-                    return (pb::BlockStatus::Ioerr, None);
-                }
-                if checksum {
-                    h.update(&data[pos..end]);
-                }
-                pos = end;
+            let (status, crc) = copy_checksummed(data, copy);
+            if status != pb::BlockStatus::Ok {
+                return (status, None);
             }
-            let status = write(data);
-            (status, checksum.then(|| h.finalize()))
+            (write(data), crc)
         })
+    }
+
+    /// The first half of [`Tee::record_write`] for a write whose disk
+    /// write happens elsewhere (another thread): copies the payload with
+    /// `copy` and checksums it chunk by chunk the same way, and returns the
+    /// record, not yet numbered or queued. Write the disk from
+    /// [`PendingWrite::data`], then hand the record and the write's status
+    /// to [`Tee::finish_write`]. A `copy` that fails queues the record at
+    /// once with `IOERR` and returns its status and `seq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_write(
+        &self,
+        device: &str,
+        queue: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        copy: impl FnMut(u64, &mut [u8]) -> bool,
+    ) -> Result<PendingWrite, (pb::BlockStatus, Option<u64>)> {
+        let (rec, status) = self.fill_block(device, queue, op, sector, len, |data| {
+            copy_checksummed(data, copy)
+        });
+        if status == pb::BlockStatus::Ok {
+            Ok(PendingWrite { rec })
+        } else {
+            Err((status, self.push(rec)))
+        }
+    }
+
+    /// Numbers and queues a record from [`Tee::copy_write`] with the status
+    /// of its disk write; returns its `seq` (None: dropped by the policy).
+    pub fn finish_write(&self, pending: PendingWrite, status: pb::BlockStatus) -> Option<u64> {
+        let mut rec = pending.rec;
+        if let Some(pb::event::Payload::Block(b)) = &mut rec.event.payload {
+            b.status = status as i32;
+        }
+        self.push(rec)
     }
 
     /// Takes a record with a `len`-byte payload buffer, lets `fill` produce
@@ -522,6 +548,21 @@ impl Tee {
         len: u32,
         fill: impl FnOnce(&mut [u8]) -> (pb::BlockStatus, Option<u32>),
     ) -> (pb::BlockStatus, Option<u64>) {
+        let (rec, status) = self.fill_block(device, queue, op, sector, len, fill);
+        (status, self.push(rec))
+    }
+
+    /// Takes a record with a `len`-byte payload buffer and lets `fill`
+    /// produce the payload (and optionally its CRC).
+    fn fill_block(
+        &self,
+        device: &str,
+        queue: u16,
+        op: pb::BlockOp,
+        sector: u64,
+        len: u32,
+        fill: impl FnOnce(&mut [u8]) -> (pb::BlockStatus, Option<u32>),
+    ) -> (Record, pb::BlockStatus) {
         let mut rec = self.take_record();
         // Keep the bytes a pooled buffer already holds: no zero fill unless
         // it grows.
@@ -554,7 +595,7 @@ impl Tee {
         io.data = data;
         io.status = status as i32;
         rec.event.payload = Some(pb::event::Payload::Block(io));
-        (status, self.push(rec))
+        (rec, status)
     }
 
     /// Records one frame (without the virtio-net header); returns its `seq`
@@ -671,6 +712,48 @@ impl Tee {
                     None
                 }
             },
+        }
+    }
+}
+
+/// Fills `data` with `copy(offset, chunk)` in chunks of [`CRC_CHUNK`]
+/// bytes, computing the CRC of each chunk right after it was copied (only
+/// for payloads the sink writes as split frames, whose frame CRC the sink
+/// combines with it). A failed `copy` gives `IOERR` and no CRC.
+fn copy_checksummed(
+    data: &mut [u8],
+    mut copy: impl FnMut(u64, &mut [u8]) -> bool,
+) -> (pb::BlockStatus, Option<u32>) {
+    let n = data.len();
+    let checksum = n >= super::SPLIT_FRAME_MIN;
+    let mut h = crc32fast::Hasher::new();
+    let mut pos = 0;
+    while pos < n {
+        let end = (pos + CRC_CHUNK).min(n);
+        if !copy(pos as u64, &mut data[pos..end]) {
+            return (pb::BlockStatus::Ioerr, None);
+        }
+        if checksum {
+            h.update(&data[pos..end]);
+        }
+        pos = end;
+    }
+    (pb::BlockStatus::Ok, checksum.then(|| h.finalize()))
+}
+
+/// A write's record between [`Tee::copy_write`] and [`Tee::finish_write`]:
+/// its payload is copied and checksummed, it has no `seq` yet and is not
+/// queued.
+pub struct PendingWrite {
+    rec: Record,
+}
+
+impl PendingWrite {
+    /// The copied payload: the bytes to write to the disk.
+    pub fn data(&self) -> &[u8] {
+        match &self.rec.event.payload {
+            Some(pb::event::Payload::Block(b)) => &b.data,
+            _ => &[],
         }
     }
 }
@@ -821,11 +904,12 @@ impl SinkLoop<'_> {
         }
     }
 
-    /// Turns records the sink did not write into gap ranges.
-    fn lose(&mut self, from: usize, reason: &str) -> u64 {
+    /// Turns records `from..to` of the batch, which the sink did not
+    /// write, into gap ranges.
+    fn lose(&mut self, from: usize, to: usize, reason: &str) -> u64 {
         let mut gaps = self.s.gaps.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
-        for r in &self.batch[from..] {
+        for r in &self.batch[from..to] {
             if let Some(pb::event::Payload::Lifecycle(l)) = &r.event.payload {
                 if let Some(g) = &l.gap {
                     // An unwritten GAP event: its range waits again, and so
@@ -862,17 +946,22 @@ impl SinkLoop<'_> {
                     }
                     break;
                 }
-                Err(SinkError {
-                    written,
-                    error: CaptureError::Full,
-                }) => {
+                Err(SinkError { written, error })
+                    if matches!(error, CaptureError::Full) || error.is_no_space() =>
+                {
                     if self.batch[start..start + written].iter().any(|r| !r.force) {
                         self.overflowing = false;
                     }
                     start += written;
+                    let no_space = error.is_no_space();
                     let since = *blocked.get_or_insert_with(|| {
-                        Metrics::add(&m.spool_full, 1);
-                        tracing::warn!("capture spool full: waiting for the shipper to commit");
+                        if no_space {
+                            Metrics::add(&m.spool_no_space, 1);
+                            tracing::error!(%error, policy = ?self.s.config.policy, "capture spool: no space left on its filesystem; records wait or are dropped with a GAP per the policy");
+                        } else {
+                            Metrics::add(&m.spool_full, 1);
+                            tracing::warn!("capture spool full: waiting for the shipper to commit");
+                        }
                         Instant::now()
                     });
                     if self.stop_seen.is_none() && (stopping || self.s.stop.load(Ordering::Acquire))
@@ -894,14 +983,36 @@ impl SinkLoop<'_> {
                             "capture spool full past the block bound: dropping records with a GAP until it takes records again"
                         );
                     }
-                    if self.s.config.policy == Policy::Drop || give_up || past_bound {
-                        let reason = if past_bound {
-                            "spool full past the block bound"
-                        } else {
-                            "spool full"
-                        };
-                        let n = self.lose(start, reason);
+                    if no_space
+                        && self.s.config.policy == Policy::Drop
+                        && !give_up
+                        && !past_bound
+                        && start + 1 < self.batch.len()
+                    {
+                        // Only the record that did not fit is dropped: the
+                        // ones after it may still fit the reserved space.
+                        let n =
+                            self.lose(start, start + 1, "no space left on the spool's filesystem");
                         Metrics::add(&m.spool_dropped, n);
+                        self.last_error = Some(Instant::now());
+                        start += 1;
+                        continue;
+                    }
+                    if self.s.config.policy == Policy::Drop || give_up || past_bound {
+                        let reason = match (no_space, past_bound) {
+                            (true, true) => {
+                                "no space left on the spool's filesystem past the block bound"
+                            }
+                            (true, false) => "no space left on the spool's filesystem",
+                            (false, true) => "spool full past the block bound",
+                            (false, false) => "spool full",
+                        };
+                        let n = self.lose(start, self.batch.len(), reason);
+                        Metrics::add(&m.spool_dropped, n);
+                        if no_space {
+                            // The GAP event waits a little: it needs room too.
+                            self.last_error = Some(Instant::now());
+                        }
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -916,7 +1027,7 @@ impl SinkLoop<'_> {
                         src = e.source();
                     }
                     tracing::warn!(%error, records = self.batch.len() - start, "capture sink failed; recording a gap");
-                    self.lose(start, &reason);
+                    self.lose(start, self.batch.len(), &reason);
                     self.last_error = Some(Instant::now());
                     break;
                 }
