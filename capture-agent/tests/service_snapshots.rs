@@ -4,142 +4,36 @@
 //! gRPC, `TakeSnapshot` on a running instance returns an operation that
 //! succeeds and `ListSnapshots` lists its snapshot; an instance launched
 //! with `snapshot_interval_secs` is snapshotted on its schedule, which ends
-//! when the instance is stopped.
+//! when the instance is stopped. Three instances launched with the same
+//! period share the host's schedule: their cuts (the manifests' times) are
+//! staggered by a third of the period, and by half of it once one of them
+//! is stopped; retention (keep the newest two) keeps a pinned snapshot and
+//! deletes the others' objects from the store.
 //!
 //! Needs /dev/kvm, the Tansu broker (scripts/setup.sh) and the workspace
 //! binaries (`cargo build -p vhost-tap -p schema-registry --bins`). Run:
-//! `cargo test -p capture-agent --test service_snapshots`.
+//! `cargo test -p capture-agent --test service_snapshots -- --test-threads=1`.
 
+#[path = "common/agent_rig.rs"]
+mod agent_rig;
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
 
+use agent_rig::{require_kvm, test_guest_images, walk, Agent, AgentSetup};
 use common::Stack;
 use vmr_proto::pb;
 use vmr_proto::pb::capture_agent_client::CaptureAgentClient;
-use vmr_testkit::ChildGuard;
 
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
-    }
-}
+type Client = CaptureAgentClient<tonic::transport::Channel>;
 
-fn backend_dir() -> PathBuf {
-    let b = vmr_testkit::workspace_bin("vhost-tap-blk")
-        .unwrap_or_else(|e| panic!("{e} (build it with `cargo build -p vhost-tap --bins`)"));
-    b.parent().unwrap().to_path_buf()
-}
-
-/// An image directory with the test guest (microVM, one 1 MiB disk).
-fn images(root: &Path) -> PathBuf {
-    let dir = root.join("images");
-    let tg = dir.join("test-guest");
-    std::fs::create_dir_all(&tg).unwrap();
-    let elf = vmr_vmm::guest_abi::build_test_guest(
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest"),
-    )
-    .unwrap_or_else(|e| panic!("cannot build the test guest: {e}"));
-    std::fs::copy(&elf, tg.join("test-guest.elf")).unwrap();
-    std::fs::write(
-        tg.join("image.toml"),
-        "format_version = 1\nname = \"test-guest\"\ndrivers = [\"microvm\"]\n\
-         [boot]\nkernel = \"test-guest.elf\"\n[machine]\nmemory_mib = 32\nvcpus = 1\n\
-         [[disks]]\nname = \"vda\"\nsize_mib = 1\n",
-    )
-    .unwrap();
-    dir
-}
-
-/// `capture-agent serve` as a child process; SIGTERM on drop.
-struct Agent {
-    child: ChildGuard,
-    grpc: SocketAddr,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(work: &Path, stack: &Stack, snapshots: &str) -> Agent {
-        let grpc: SocketAddr = format!("127.0.0.1:{}", vmr_testkit::free_port())
-            .parse()
-            .unwrap();
-        let metrics = vmr_testkit::free_port();
-        let cfg = work.join("agent.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[endpoints]\nbootstrap-servers = \"{}\"\nregistry-url = \"{}\"\n\
-                 event-partitions = 4\n\n[agent]\nlisten = \"{grpc}\"\n\
-                 metrics-listen = \"127.0.0.1:{metrics}\"\ndata-dir = \"{}\"\n\
-                 image-dirs = [\"{}\"]\nbackend-dir = \"{}\"\nstop-grace-secs = 5\n\
-                 drain-timeout-secs = 20\n\n[sensors]\nenabled = false\n\n\
-                 [shipper]\nregister-schemas = true\n\n[snapshots]\n{snapshots}\n",
-                stack.broker.bootstrap(),
-                stack.registry.url(),
-                work.join("data").display(),
-                work.join("images").display(),
-                backend_dir().display(),
-            ),
-        )
-        .unwrap();
-        let log = work.join("agent.log");
-        let mut cmd = Command::new(common::agent_bin());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = ChildGuard::spawn("capture-agent serve".to_string(), &mut cmd).unwrap();
-        let mut a = Agent { child, grpc, log };
-        let end = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(grpc).is_err() {
-            if let Some(s) = a.child.try_wait() {
-                panic!("capture-agent serve exited ({s}):\n{}", a.log_text());
-            }
-            assert!(
-                Instant::now() < end,
-                "the agent does not listen:\n{}",
-                a.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Some(s) = self.child.try_wait() {
-            return Some(s);
-        }
-        // SAFETY: kill(2) on the pid of the child we own, not yet reaped.
-        unsafe { libc::kill(self.child.pid() as libc::pid_t, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(90);
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.terminate();
-    }
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn spec(interval_secs: u32) -> pb::InstanceSpec {
@@ -151,10 +45,7 @@ fn spec(interval_secs: u32) -> pb::InstanceSpec {
     }
 }
 
-async fn snapshot_ids(
-    c: &mut CaptureAgentClient<tonic::transport::Channel>,
-    instance: &str,
-) -> Vec<String> {
+async fn snapshot_ids(c: &mut Client, instance: &str) -> Vec<String> {
     c.list_snapshots(pb::ListSnapshotsRequest {
         instance_id: instance.into(),
     })
@@ -177,25 +68,18 @@ fn take_snapshot_over_grpc_succeeds_is_listed_and_schedules_follow_the_launch() 
     let stack = Stack::start();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    images(w);
+    test_guest_images(w, 32);
     let store = w.join("store");
-    let mut agent = Agent::start(
+    let mut agent = Agent::start(AgentSetup::snapshots(
         w,
         &stack,
         &format!(
             "store-url = \"file://{}\"\nkeep-last = 20\n",
             store.display()
         ),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = CaptureAgentClient::connect(format!("http://{}", agent.grpc))
-            .await
-            .expect("connect to the agent");
+    ));
+    rt().block_on(async {
+        let mut c = agent.client().await;
 
         // On demand: an instance without a schedule.
         let m = c
@@ -305,10 +189,298 @@ fn take_snapshot_over_grpc_succeeds_is_listed_and_schedules_follow_the_launch() 
     let log = agent.log_text();
     assert!(log.contains("snapshot schedule started"), "{log}");
     assert!(log.contains("snapshot schedule stopped"), "{log}");
-    let st = agent.terminate();
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "the agent did not exit cleanly ({st:?}):\n{}",
-        agent.log_text()
+    agent.stop_cleanly();
+}
+
+/// Every snapshot listed for `instance`: (id, cut wall time ns, pinned).
+async fn listed(c: &mut Client, instance: &str) -> Vec<(String, u64, bool)> {
+    c.list_snapshots(pb::ListSnapshotsRequest {
+        instance_id: instance.into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("ListSnapshots {instance}: {s:?}"))
+    .into_inner()
+    .snapshots
+    .into_iter()
+    .map(|s| {
+        let m = s.manifest.expect("a listed snapshot has its manifest");
+        (m.snapshot_id, m.wall_time_ns, s.pinned)
+    })
+    .collect()
+}
+
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// Every cut seen so far, per instance: id to wall time.
+type Seen = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Polls the listings of `instances` into `seen` until `until` is past.
+async fn watch_cuts(c: &mut Client, instances: &[&str], seen: &mut Seen, until: SystemTime) {
+    while SystemTime::now() < until {
+        for i in instances {
+            for (id, t, _) in listed(c, i).await {
+                seen.entry(i.to_string()).or_default().insert(id, t);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `x - y` on a circle of `p`, in `[-p/2, p/2)`.
+fn circ(x: f64, y: f64, p: f64) -> f64 {
+    (x - y + p / 2.0).rem_euclid(p) - p / 2.0
+}
+
+/// Checks the cuts of `instances` (in join order) cut at or after
+/// `from_ns` and before `to_ns`, against the schedule's rule with all of
+/// them in one group: each instance on its own slots `period` apart (a slot
+/// skipped because the instance's previous snapshot still ran shows as a
+/// gap of two periods), and instance `k` of `n` `k·period/n` after the
+/// first one's slots. Returns each instance's offset from the first (s).
+fn check_stagger(
+    seen: &Seen,
+    instances: &[&str],
+    period: Duration,
+    from_ns: u64,
+    to_ns: u64,
+    what: &str,
+) -> Vec<f64> {
+    let p = period.as_secs_f64();
+    // Cut times lag their slot by the broker round trip, the pause and the
+    // devices' checkpoints, which vary on a loaded host.
+    let tol = 1.2;
+    let mut cuts: Vec<Vec<f64>> = Vec::new();
+    for i in instances {
+        let mut ts: Vec<u64> = seen
+            .get(*i)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        ts.retain(|&t| t >= from_ns && t < to_ns);
+        ts.sort_unstable();
+        let ts: Vec<f64> = ts.iter().map(|&t| (t - from_ns) as f64 / 1e9).collect();
+        assert!(
+            ts.len() >= 3,
+            "{what}: {i} has {} cuts in the window: {ts:.2?}",
+            ts.len()
+        );
+        for w in ts.windows(2) {
+            let d = w[1] - w[0];
+            let k = (d / p).round();
+            assert!(
+                k >= 1.0 && (d - k * p).abs() < tol,
+                "{what}: consecutive cuts of {i} {d:.2} s apart, period {p} s ({ts:.2?})"
+            );
+        }
+        cuts.push(ts);
+    }
+    let n = instances.len() as f64;
+    let mut offsets = Vec::new();
+    for (k, ts) in cuts.iter().enumerate() {
+        let want = k as f64 * p / n;
+        let mean: f64 = ts
+            .iter()
+            .map(|t| {
+                let off = want + circ((t - cuts[0][0]).rem_euclid(p), want, p);
+                assert!(
+                    (off - want).abs() < tol,
+                    "{what}: {} cut at {t:.2} s, {off:.2} s after {}'s slots, expected {want:.2} s",
+                    instances[k],
+                    instances[0]
+                );
+                off
+            })
+            .sum::<f64>()
+            / ts.len() as f64;
+        offsets.push(mean);
+    }
+    offsets
+}
+
+#[test]
+fn schedules_are_staggered_across_the_host_and_retention_keeps_a_pinned_snapshot() {
+    require_kvm();
+    let stack = Stack::start();
+    let work = tempfile::tempdir().unwrap().keep();
+    eprintln!("WORK {}", work.display());
+    let w = work.as_path();
+    test_guest_images(w, 16);
+    let store = w.join("store");
+    let mut agent = Agent::start(AgentSetup::snapshots(
+        w,
+        &stack,
+        &format!(
+            // No fsync: this test is about timing, and fsyncs on a busy
+            // host stretch the uploads past the slots.
+            "store-url = \"file://{}\"\nkeep-last = 2\nfsync = false\n",
+            store.display()
+        ),
+    ));
+    let period = Duration::from_secs(10);
+    let names = ["vm-st-a", "vm-st-b", "vm-st-c"];
+    let mut seen = Seen::new();
+    let mut pinned = String::new();
+    let (all_in, one_out) = rt().block_on(async {
+        let mut c = agent.client().await;
+        for n in names {
+            let m = c
+                .launch_instance(pb::LaunchInstanceRequest {
+                    instance_id: n.into(),
+                    spec: Some(spec(period.as_secs() as u32)),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("launch {n}: {s:?}\n{}", agent.log_text()))
+                .into_inner();
+            assert_eq!(m.state, pb::InstanceState::Running as i32, "{m:?}");
+        }
+        let all_in = SystemTime::now();
+        // Pin a's first scheduled snapshot as soon as it is listed.
+        let end = Instant::now() + Duration::from_secs(60);
+        while pinned.is_empty() {
+            if let Some((id, _, _)) = listed(&mut c, "vm-st-a").await.last() {
+                pinned = id.clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "no scheduled snapshot of vm-st-a\n{}",
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let e = c
+            .pin_snapshot(pb::PinSnapshotRequest {
+                instance_id: "vm-st-a".into(),
+                snapshot_id: pinned.clone(),
+                pinned: true,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("PinSnapshot: {s:?}"))
+            .into_inner();
+        assert!(e.pinned);
+        // Three instances: a third of the period apart, after a period to
+        // settle from the launches' re-spreads.
+        watch_cuts(&mut c, &names, &mut seen, all_in + period * 5).await;
+        // One leaves: the other two re-spread to half a period.
+        c.stop_instance(pb::StopInstanceRequest {
+            instance_id: "vm-st-c".into(),
+        })
+        .await
+        .unwrap();
+        let one_out = SystemTime::now();
+        watch_cuts(&mut c, &names, &mut seen, one_out + period * 5).await;
+        for n in &names[..2] {
+            c.stop_instance(pb::StopInstanceRequest {
+                instance_id: n.to_string(),
+            })
+            .await
+            .unwrap();
+        }
+        (all_in, one_out)
+    });
+    for (i, cuts) in &seen {
+        let rel: Vec<String> = cuts
+            .values()
+            .map(|&t| format!("{:.2}", (t as f64 - unix_ns(all_in) as f64) / 1e9))
+            .collect();
+        eprintln!("{i}: cuts at {rel:?} s after the last launch");
+    }
+    let off3 = check_stagger(
+        &seen,
+        &names,
+        period,
+        unix_ns(all_in + period),
+        unix_ns(one_out),
+        "three instances",
     );
+    let off2 = check_stagger(
+        &seen,
+        &names[..2],
+        period,
+        unix_ns(one_out + period),
+        u64::MAX,
+        "after vm-st-c stopped",
+    );
+    eprintln!("offsets from vm-st-a's slots: three instances {off3:.2?} s, two {off2:.2?} s");
+    // No two cuts of the host at once.
+    let mut every: Vec<u64> = seen.values().flat_map(|m| m.values().copied()).collect();
+    every.sort_unstable();
+    for w in every.windows(2) {
+        assert!(w[1] - w[0] > 100_000_000, "two cuts within 100 ms: {w:?}");
+    }
+
+    // Retention, once the last snapshots landed: the newest two of each,
+    // and a's pinned one; the objects of the others are gone.
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        // A snapshot started before the stops may still land: wait until
+        // the listings stay the same for 5 s.
+        let end = Instant::now() + Duration::from_secs(90);
+        let mut last = Vec::new();
+        let mut since = Instant::now();
+        loop {
+            let mut now = Vec::new();
+            for n in names {
+                for (id, t, _) in listed(&mut c, n).await {
+                    seen.entry(n.to_string()).or_default().insert(id.clone(), t);
+                    now.push(id);
+                }
+            }
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            assert!(Instant::now() < end, "the listings keep changing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for n in names {
+            let left = listed(&mut c, n).await;
+            let ids: Vec<&str> = left.iter().map(|(id, _, _)| id.as_str()).collect();
+            let want = if n == "vm-st-a" { 3 } else { 2 };
+            assert_eq!(left.len(), want, "{n} keeps {ids:?}");
+            if n == "vm-st-a" {
+                assert!(
+                    ids.contains(&pinned.as_str()),
+                    "the pinned {pinned} is kept"
+                );
+                assert!(left.iter().any(|(id, _, p)| *id == pinned && *p));
+            } else {
+                assert!(left.iter().all(|(_, _, p)| !p));
+            }
+            // The kept ones are the newest, and whole in the store.
+            let mut times: Vec<u64> = seen[n].values().copied().collect();
+            times.sort_unstable();
+            let newest: Vec<u64> = times.iter().rev().take(2).copied().collect();
+            for (id, t, _) in &left {
+                assert!(
+                    *id == pinned || newest.contains(t),
+                    "{n}: {id} is not among the newest"
+                );
+                let files = walk(&store.join(n).join(id));
+                assert!(
+                    files.iter().any(|f| f.ends_with("manifest.json"))
+                        && files.iter().any(|f| f.to_string_lossy().contains("memory")),
+                    "{n}/{id} is whole in the store: {files:?}"
+                );
+            }
+            let deleted: Vec<&String> = seen[n]
+                .keys()
+                .filter(|id| !ids.contains(&id.as_str()))
+                .collect();
+            assert!(!deleted.is_empty(), "{n}: retention deleted nothing");
+            for id in deleted {
+                let files = walk(&store.join(n).join(id));
+                assert!(
+                    files.is_empty(),
+                    "{n}/{id} was deleted, yet {files:?} remain"
+                );
+            }
+        }
+    });
+    let log = agent.log_text();
+    assert!(log.contains("snapshot deleted by retention"), "{log}");
+    assert!(log.contains("snapshot schedule spread"), "{log}");
+    agent.stop_cleanly();
 }

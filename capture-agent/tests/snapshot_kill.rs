@@ -1,23 +1,30 @@
-//! `kill -9` of the process running the snapshot engine in the middle of an
-//! upload: no manifest appears, the interrupted snapshot is not listed, and
-//! the next snapshot of the instance (relaunched on the same data
-//! directory, so its disk continues on the layer chain the killed cut left)
-//! succeeds and restores.
+//! `kill -9` in the middle of a snapshot upload: no manifest appears, the
+//! interrupted snapshot is not listed, and the next snapshot of the
+//! instance (relaunched on the same data directory, so its disk continues
+//! on the layer chain the killed cut left) succeeds and restores.
 //!
-//! The test runs itself as the child (`VMR_SNAPSHOT_KILL_CHILD` set): the
-//! child launches a microVM test-guest instance and snapshots it into a
-//! `file://` store throttled to 2 MiB/s, so the upload of its 32 MiB memory
-//! takes long enough to be killed.
+//! - `capture-agent serve` itself, over gRPC: its `[snapshots]`
+//!   `max-upload-bytes-per-sec` holds the upload of the test guest's 32 MiB
+//!   memory to 2 MiB/s, so the kill lands while the operation reports
+//!   `uploading`. Neither the store nor `vmr.snapshots.v1` gets a manifest
+//!   for the interrupted id; the restarted agent's next snapshot of the
+//!   relaunched instance succeeds, is published, and sweeps the interrupted
+//!   id's objects and staging files from the store.
+//! - The engine as a library in a child process (the test runs itself as
+//!   the child, `VMR_SNAPSHOT_KILL_CHILD` set), with the same throttle.
 //!
 //! Needs /dev/kvm, the Tansu broker and the workspace binaries. Run:
 //! `cargo test -p capture-agent --test snapshot_kill -- --test-threads=1`.
 
+#[path = "common/agent_rig.rs"]
+mod agent_rig;
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_rig::{pids_mentioning, walk};
 use capture_agent::config::AgentConfig;
 use capture_agent::instance::{LaunchOptions, RecordedInstance};
 use capture_agent::service::{OperationState, SnapshotRequest};
@@ -79,23 +86,6 @@ fn child(w: &Path) {
         Duration::from_secs(600),
     );
     panic!("the child was meant to be killed during its upload: {r:?}");
-}
-
-/// Processes whose command line mentions `needle` (the killed child's
-/// backends, which outlive it by design).
-fn pids_mentioning(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&c).contains(needle) {
-                out.push(pid);
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -224,17 +214,261 @@ fn killed_during_upload_leaves_no_manifest_and_the_next_snapshot_succeeds() {
     .expect("the next snapshot is whole");
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
+const SERVE_INSTANCE: &str = "vm-kill-serve";
+
+async fn wait_operation(
+    c: &mut agent_rig::Client,
+    id: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> vmr_proto::pb::Operation {
+    let end = Instant::now() + timeout;
+    loop {
+        let o = c
+            .get_operation(vmr_proto::pb::GetOperationRequest {
+                operation_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("GetOperation {id}: {s:?}"))
+            .into_inner();
+        if o.done {
+            return o;
         }
+        assert!(
+            Instant::now() < end,
+            "operation {id} not done in {timeout:?} (stage {})\n{}",
+            o.stage,
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    out
+}
+
+#[test]
+fn serve_killed_during_upload_publishes_no_manifest_and_the_next_snapshot_succeeds() {
+    use vmr_proto::pb;
+    agent_rig::require_kvm();
+    let stack = Stack::start();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    agent_rig::test_guest_images(w, 32);
+    let store = w.join("store");
+    let throttle = format!("max-upload-bytes-per-sec = {}\n", 2 << 20);
+    let mut agent = agent_rig::Agent::start(agent_rig::AgentSetup::snapshots(
+        w,
+        &stack,
+        &format!("store-url = \"file://{}\"\n{throttle}", store.display()),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let spec = || pb::InstanceSpec {
+        image: "test-guest".into(),
+        driver: "microvm".into(),
+        ..Default::default()
+    };
+    let inst_dir = store.join(SERVE_INSTANCE);
+    let interrupted = rt.block_on(async {
+        let mut c = agent.client().await;
+        c.launch_instance(pb::LaunchInstanceRequest {
+            instance_id: SERVE_INSTANCE.into(),
+            spec: Some(spec()),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("launch: {s:?}\n{}", agent.log_text()));
+        let op = c
+            .take_snapshot(pb::TakeSnapshotRequest {
+                instance_id: SERVE_INSTANCE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("TakeSnapshot: {s:?}\n{}", agent.log_text()))
+            .into_inner();
+        // Kill once the operation reports a quarter of its bytes stored.
+        let end = Instant::now() + Duration::from_secs(120);
+        let at = loop {
+            let o = c
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: op.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!o.done, "the upload finished before the kill: {o:?}");
+            if o.stage == "uploading" && o.bytes_total > 0 && o.bytes_done * 4 >= o.bytes_total {
+                break o;
+            }
+            assert!(
+                Instant::now() < end,
+                "no upload under way in 120 s (stage {})\n{}",
+                o.stage,
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        agent.kill9();
+        eprintln!(
+            "killed serve at {} of {} bytes uploaded",
+            at.bytes_done, at.bytes_total
+        );
+        let ids: Vec<String> = std::fs::read_dir(&inst_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "one interrupted snapshot in the store: {ids:?}"
+        );
+        ids[0].clone()
+    });
+    // Its backends outlive it by design; they are ours to stop.
+    agent.kill_leftovers();
+    let left = walk(&inst_dir.join(&interrupted));
+    eprintln!("the interrupted {interrupted} left {left:?}");
+    assert!(!left.is_empty(), "the upload had started writing");
+    assert!(
+        !left.iter().any(|p| p.ends_with("manifest.json")),
+        "a manifest appeared: {left:?}"
+    );
+    let published = agent_rig::published_manifests(&stack.broker.bootstrap());
+    assert!(
+        !published.iter().any(|(_, m)| m.instance == SERVE_INSTANCE),
+        "a manifest was published: {:?}",
+        published.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    let staging = w
+        .join("data")
+        .join(".snapshots/staging")
+        .join(SERVE_INSTANCE)
+        .join(&interrupted);
+
+    // Restarted without the throttle, on the same data directory and store.
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, cfg.replace(&throttle, "")).unwrap();
+    agent.restart();
+    let next = rt.block_on(async {
+        let mut c = agent.client().await;
+        assert!(
+            c.list_snapshots(pb::ListSnapshotsRequest {
+                instance_id: SERVE_INSTANCE.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .is_empty(),
+            "the interrupted snapshot is not listed"
+        );
+        let launch = c
+            .launch_instance(pb::LaunchInstanceRequest {
+                instance_id: SERVE_INSTANCE.into(),
+                spec: Some(spec()),
+            })
+            .await;
+        if let Err(s) = launch {
+            // A restarted agent that re-attached the instance's record
+            // holds it (its guest died with the killed agent): stop it,
+            // then launch it again.
+            assert_eq!(s.code(), tonic::Code::AlreadyExists, "launch: {s:?}");
+            c.stop_instance(pb::StopInstanceRequest {
+                instance_id: SERVE_INSTANCE.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("stop: {s:?}"));
+            c.launch_instance(pb::LaunchInstanceRequest {
+                instance_id: SERVE_INSTANCE.into(),
+                spec: Some(spec()),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("relaunch: {s:?}\n{}", agent.log_text()));
+        }
+        let op = c
+            .take_snapshot(pb::TakeSnapshotRequest {
+                instance_id: SERVE_INSTANCE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("TakeSnapshot: {s:?}\n{}", agent.log_text()))
+            .into_inner();
+        let done = wait_operation(&mut c, &op.id, Duration::from_secs(120), || {
+            agent.log_text()
+        })
+        .await;
+        assert_eq!(
+            done.state,
+            pb::OperationState::Succeeded as i32,
+            "{done:?}\n{}",
+            agent.log_text()
+        );
+        let m = done
+            .manifest
+            .expect("a succeeded operation has its manifest");
+        let listed: Vec<String> = c
+            .list_snapshots(pb::ListSnapshotsRequest {
+                instance_id: SERVE_INSTANCE.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| s.manifest.unwrap().snapshot_id)
+            .collect();
+        assert_eq!(listed, vec![m.snapshot_id.clone()]);
+        c.stop_instance(pb::StopInstanceRequest {
+            instance_id: SERVE_INSTANCE.into(),
+        })
+        .await
+        .unwrap();
+        m
+    });
+    assert_ne!(next.snapshot_id, interrupted);
+    // What the interrupted upload left is gone from the store and staging.
+    assert!(
+        !inst_dir.join(&interrupted).exists(),
+        "left over: {:?}",
+        walk(&inst_dir.join(&interrupted))
+    );
+    assert!(
+        !staging.exists(),
+        "staging left over: {}",
+        staging.display()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("unfinished snapshot removed from the store"),
+        "{log}"
+    );
+    let published = agent_rig::published_manifests(&stack.broker.bootstrap());
+    let keys: Vec<&str> = published
+        .iter()
+        .filter(|(_, m)| m.instance == SERVE_INSTANCE)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![format!("{SERVE_INSTANCE}/{}", next.snapshot_id).as_str()],
+        "only the next snapshot is published"
+    );
+    agent.stop_cleanly();
+    // The next snapshot is whole: every object checks out.
+    let s = vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::local(&store)).unwrap();
+    let m = common::runtime()
+        .block_on(vmr_snapshot::materialize(
+            &s,
+            SERVE_INSTANCE,
+            &vmr_snapshot::Selector::Latest,
+            &w.join("restore-serve"),
+            &vmr_snapshot::RestoreOptions::default(),
+        ))
+        .expect("the next snapshot is whole");
+    eprintln!(
+        "next snapshot {} restored with {} disk layers",
+        next.snapshot_id,
+        m.manifest.disk_layers().len()
+    );
 }
