@@ -501,11 +501,15 @@ impl RecordedInstance {
         let spec = guest_spec(&opts, &image, &dirs)?;
         let guest: Arc<dyn Instance> =
             Arc::from(driver.launch(&spec).map_err(InstanceError::Driver)?);
-        me.attach_guest(guest)?;
+        // The record first, so its write does not delay the lifecycle
+        // forwarder past the caller's own "launched" step (the forwarder
+        // replays every event since the launch).
+        *lock(&me.guest) = Some(guest.clone());
         if let Some(spec_pb) = &opts.record_spec {
             let rec = me.new_record(&opts, spec_pb);
             me.keep_record(RecordFile::create(dirs.root.join(RECORD_FILE), rec)?);
         }
+        me.attach_guest(guest)?;
         tracing::info!(instance = %me.instance, driver = %opts.driver, image = %me.image.name, "recorded instance running");
         Ok(me)
     }

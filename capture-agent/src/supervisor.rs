@@ -1051,6 +1051,47 @@ mod tests {
     }
 
     #[test]
+    fn adopts_a_recorded_process_and_stops_it_but_not_a_reused_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut adopted = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let st = |pid| vmr_hypervisor::process::start_time(pid).unwrap();
+        let (a, o) = (adopted.id(), other.id());
+        let sup = Supervisor::adopt(
+            "vm-1".parse().unwrap(),
+            dir.path(),
+            vec![
+                (blk("vda"), Some((a, st(a)))),
+                // The pid is right, the start time is not: another process.
+                (blk("vdb"), Some((o, st(o) + 1))),
+            ],
+            SupervisorConfig::default(),
+            false,
+        )
+        .unwrap();
+        let status = sup.status();
+        assert_eq!(status[0].pid, Some(a));
+        assert_eq!(status[1].pid, None);
+        assert!(status[1]
+            .last_exit
+            .as_deref()
+            .unwrap()
+            .contains("another process"));
+        sup.stop();
+        // The adopted process got SIGTERM; the other one was left alone.
+        assert!(adopted.wait().unwrap().code().is_none());
+        assert!(other.try_wait().unwrap().is_none());
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
+
+    #[test]
     fn names_a_missing_backend_binary() {
         let bins = tempfile::tempdir().unwrap();
         let cfg = SupervisorConfig {
