@@ -79,7 +79,8 @@ def sign_in(d, token):
 
 
 def instance_ids(d):
-    return [li.get_attribute("data-id") for li in d.find_elements(By.CSS_SELECTOR, "#instances li")]
+    # Read in one script: the list may be re-rendered between two element reads.
+    return d.execute_script("return Array.from(document.querySelectorAll('#instances li'), li => li.dataset.id)")
 
 
 def clone_api(clone_id):
