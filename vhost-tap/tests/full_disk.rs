@@ -69,9 +69,11 @@ impl Ext4 {
 
     fn avail(&self) -> u64 {
         let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: statvfs writes into the zeroed struct we pass; the path
-        // is a valid C string.
+        // SAFETY: an all-zero statvfs is a valid value of this plain C
+        // struct.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs writes into the struct we pass; the path is a
+        // valid C string.
         assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
         st.f_bavail * st.f_frsize
     }

@@ -90,6 +90,7 @@ impl Writer {
 
     /// Hands a write over. On failure (the writer is gone) the record is
     /// returned.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn submit(
         &mut self,
         pending: PendingWrite,
