@@ -283,7 +283,8 @@ pub fn prepare_dispatch_thread(opts: &RealtimeOptions) -> ThreadSetup {
             out.timer_slack_ns = Some(ns);
         } else {
             let e = std::io::Error::last_os_error();
-            out.refused.push(format!("timer slack {ns} ns refused: {e}"));
+            out.refused
+                .push(format!("timer slack {ns} ns refused: {e}"));
         }
     }
     if opts.lock_memory {
