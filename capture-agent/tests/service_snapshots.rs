@@ -19,6 +19,7 @@ mod agent_rig;
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use agent_rig::{require_kvm, test_guest_images, walk, Agent, AgentSetup};
@@ -302,9 +303,8 @@ fn check_stagger(
 fn schedules_are_staggered_across_the_host_and_retention_keeps_a_pinned_snapshot() {
     require_kvm();
     let stack = Stack::start();
-    let work = tempfile::tempdir().unwrap().keep();
-    eprintln!("WORK {}", work.display());
-    let w = work.as_path();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
     test_guest_images(w, 16);
     let store = w.join("store");
     let mut agent = Agent::start(AgentSetup::snapshots(
@@ -470,11 +470,33 @@ fn schedules_are_staggered_across_the_host_and_retention_keeps_a_pinned_snapshot
                 .filter(|id| !ids.contains(&id.as_str()))
                 .collect();
             assert!(!deleted.is_empty(), "{n}: retention deleted nothing");
+            // Only objects a kept snapshot names stay (the disk layers a
+            // later snapshot takes over from its base).
+            let named: Vec<PathBuf> = c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    instance_id: n.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+                .into_iter()
+                .flat_map(|s| s.manifest.unwrap().objects)
+                .map(|o| store.join(n).join(o.key))
+                .collect();
             for id in deleted {
                 let files = walk(&store.join(n).join(id));
+                let stray: Vec<&PathBuf> = files.iter().filter(|f| !named.contains(f)).collect();
                 assert!(
-                    files.is_empty(),
-                    "{n}/{id} was deleted, yet {files:?} remain"
+                    stray.is_empty(),
+                    "{n}/{id} was deleted, yet {stray:?} remain"
+                );
+                assert!(
+                    !files
+                        .iter()
+                        .any(|f| f.ends_with("manifest.json")
+                            || f.to_string_lossy().contains("memory")),
+                    "{n}/{id}: {files:?}"
                 );
             }
         }

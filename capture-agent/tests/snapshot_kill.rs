@@ -371,14 +371,44 @@ fn serve_killed_during_upload_publishes_no_manifest_and_the_next_snapshot_succee
             .await;
         if let Err(s) = launch {
             // A restarted agent that re-attached the instance's record
-            // holds it (its guest died with the killed agent): stop it,
-            // then launch it again.
+            // holds it (its guest died with the killed agent): once it is
+            // stopped, launch it again.
             assert_eq!(s.code(), tonic::Code::AlreadyExists, "launch: {s:?}");
-            c.stop_instance(pb::StopInstanceRequest {
-                instance_id: SERVE_INSTANCE.into(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("stop: {s:?}"));
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let st = c
+                    .get_instance(pb::GetInstanceRequest {
+                        instance_id: SERVE_INSTANCE.into(),
+                    })
+                    .await
+                    .unwrap_or_else(|s| panic!("GetInstance: {s:?}"))
+                    .into_inner()
+                    .state;
+                if [
+                    pb::InstanceState::Stopped,
+                    pb::InstanceState::Crashed,
+                    pb::InstanceState::Failed,
+                ]
+                .iter()
+                .any(|x| *x as i32 == st)
+                {
+                    break;
+                }
+                if st == pb::InstanceState::Running as i32 || st == pb::InstanceState::Paused as i32
+                {
+                    let _ = c
+                        .stop_instance(pb::StopInstanceRequest {
+                            instance_id: SERVE_INSTANCE.into(),
+                        })
+                        .await;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "the re-attached instance is still in state {st}\n{}",
+                    agent.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             c.launch_instance(pb::LaunchInstanceRequest {
                 instance_id: SERVE_INSTANCE.into(),
                 spec: Some(spec()),
