@@ -164,7 +164,7 @@ fn record(rec: &Recording, dir: &Path, elf: &Path, rt: &tokio::runtime::Runtime)
             .arg(&seq_file);
         net.args(["--tap", tap, "--netns", ns.name()]);
         guards.push(
-            ChildGuard::spawn(&format!("vhost-tap-net net{i}"), &mut net)
+            ChildGuard::spawn(format!("vhost-tap-net net{i}"), &mut net)
                 .unwrap_or_else(|e| panic!("{e}")),
         );
         caps.push(cap);
