@@ -764,7 +764,13 @@ mod tests {
             assert_eq!(unsafe { m.as_slice() }, &img[..], "{mode:?}");
         }
         // Background prefetch alone brings every data page in, then ends.
+        // A VM's resume starts it; nothing runs this memory, so start it here.
         let m = restore_memory(&b, RestoreMemory::SharedLazy).expect("restores");
+        assert!(
+            m.prefetch_at_run(),
+            "SharedLazy prefetches from the resume on"
+        );
+        m.start_prefetch();
         let lazy = m.lazy().expect("lazy").clone();
         lazy.wait_populated(std::time::Duration::from_secs(30))
             .expect("populated");
