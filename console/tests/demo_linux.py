@@ -185,15 +185,15 @@ def main(d):
     wait("a step", lambda: shown_clone(d)["state"] == "paused" and shown_clone(d)["delivered"] == 1, 60)
     el(d, "c-live").click()
     wait("the live clone on the page", lambda: shown_clone(d)["state"] == "live", 60)
-    wait("the access hint", lambda: "live:" in text(d, "c-detail"), 20)
+    wait("the access hint", lambda: shown_clone(d).get("access_hint"), 20)
     api = clone_api(cid)
     if api.get("state") != "CLONE_STATE_LIVE" or not api.get("netns"):
         raise Failed("go live from the page: the replayer says %s" % api)
     reply = ask("kv %s GET 0" % api["netns"])
     if reply != "VAL 0 a0 v0":
         raise Failed("the live clone's service in %s answered %r" % (api["netns"], reply))
-    passed("Go live: the replayer reports LIVE; GET 0 in %s answers %r (%s)"
-           % (api["netns"], reply, text(d, "c-detail")[:100]))
+    passed("Go live: the replayer reports LIVE; GET 0 in %s answers %r (the page's access hint: %s)"
+           % (api["netns"], reply, shown_clone(d)["access_hint"][:100]))
     shot(d, "console-live.png")
     delete_clone(d)
 
