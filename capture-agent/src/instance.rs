@@ -861,6 +861,25 @@ impl RecordedInstance {
         }
     }
 
+    /// Waits until every spool's records are committed as shipped (none
+    /// left unshipped), at most `timeout`; returns whether they are.
+    pub fn wait_shipped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .spools()
+                .iter()
+                .all(|s| s.oldest_unshipped_wall_ns.is_none())
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The instance record, if one is kept.
     pub fn record(&self) -> Option<InstanceRecord> {
         self.record.as_ref().map(|r| r.get())

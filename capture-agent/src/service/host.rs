@@ -903,9 +903,16 @@ impl Host {
                             std::thread::Builder::new()
                                 .name("salvage".into())
                                 .spawn(move || {
-                                    if let Some(h) = me.upgrade() {
-                                        let _ = h.stop(&name);
+                                    let Some(h) = me.upgrade() else { return };
+                                    // Ship what the spools hold (the shippers
+                                    // first find their place in Kafka), then stop.
+                                    if let Some(i) = h.entry(&name).ok().and_then(|e| e.running()) {
+                                        let t = Duration::from_secs(h.cfg.agent.drain_timeout_secs);
+                                        if !i.wait_shipped(t) {
+                                            tracing::warn!(instance = %name, "spools not shipped within the drain timeout; the rest stays in them");
+                                        }
                                     }
+                                    let _ = h.stop(&name);
                                 });
                         if let Err(e) = spawned {
                             tracing::warn!(instance = %id, error = %e, "cannot start the stop thread; stopping here");
