@@ -16,7 +16,8 @@
 //! - When a member joins or leaves (launch, stop, or the instance found
 //!   stopped), its group is re-spread: every member gets its new `k` and
 //!   `n`, and its next cut is its first new slot that is no earlier than
-//!   now (and the half-period rule above).
+//!   now, or than its pending cut if that is already due (and the
+//!   half-period rule above).
 //! - A scheduled cut starts only while no other cut of the engine (scheduled
 //!   or on demand) is between its start and the guest's resume, so the
 //!   host never pauses two guests for scheduled snapshots at once; a due cut
@@ -121,9 +122,12 @@ impl State {
         let n = idx.len();
         for (k, &i) in idx.iter().enumerate() {
             let m = &mut self.members[i];
+            // A cut already due stays due (unless the half-period rule
+            // moves it).
+            let pending = now.min(m.next);
             let not_before = match m.last {
-                Some(l) => now.max(l + period / 2),
-                None => now,
+                Some(l) => pending.max(l + period / 2),
+                None => pending,
             };
             m.index = k;
             m.count = n;
@@ -347,13 +351,6 @@ impl Schedule {
         request: SnapshotRequest,
     ) -> std::io::Result<Self> {
         let host = HostSchedule::with(EngineRef::Strong(engine));
-        // One group start for all: each instance gets its share of the
-        // period from the same t0.
-        let now = Instant::now();
-        {
-            let mut st = lock(&host.shared);
-            st.starts.insert(period, now);
-        }
         for inst in instances {
             host.join(inst, period, request.clone())?;
         }
