@@ -590,12 +590,12 @@ async fn delete_clone(
     Path(clone_id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     let req = pb::DeleteCloneRequest { clone_id };
-    ask(
-        &st,
-        &c,
-        req,
-        |mut cl, r| async move { cl.delete_clone(r).await },
-    )
+    // Tearing a clone down (its VM, backends and namespace) may take longer
+    // than one answer; a call given up on would be cancelled at the replayer.
+    let d = Duration::from_secs(st.config.replayer_timeout_secs.max(1) * 6);
+    ask_within(&st, &c, req, d, "no answer", |mut cl, r| async move {
+        cl.delete_clone(r).await
+    })
     .await?;
     Ok(Json(json!({"deleted": true})))
 }

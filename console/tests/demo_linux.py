@@ -34,7 +34,7 @@ US = 1000
 
 def delete_clone(d):
     el(d, "c-delete").click()
-    wait("the clone to go", lambda: shown_clone(d) is None, 60)
+    wait("the clone to go", lambda: shown_clone(d) is None, 120)
 
 
 def main(d):
