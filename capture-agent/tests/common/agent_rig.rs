@@ -276,10 +276,8 @@ impl Agent {
     /// survive, by design).
     pub fn kill9(&mut self) {
         // SAFETY: kill(2) on the pid of the child we own, not yet reaped.
-        assert_eq!(
-            unsafe { libc::kill(self.child.pid() as libc::pid_t, libc::SIGKILL) },
-            0
-        );
+        let r = unsafe { libc::kill(self.child.pid() as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(r, 0, "kill -9 of the agent");
         let end = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().is_none() {
             assert!(Instant::now() < end, "the killed agent did not exit");
