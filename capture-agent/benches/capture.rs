@@ -8,16 +8,26 @@
 //! 2. guest I/O latency (p50/p99) of queue-depth-1 4 KiB writes from a
 //!    synthetic vhost-user frontend (`vmr-bench`'s, standing in for the
 //!    guest's driver) against `vhost-tap-blk` with the capture off and on
-//!    (tee into a spool), in alternating rounds;
-//! 3. the cost of FLUSH durability: 4 KiB writes through the tee with a
-//!    FLUSH barrier (`Tee::sync`, which fsyncs the spool) after every
-//!    write, after every 32nd, and never.
+//!    (tee into a spool), in interleaved rounds (off, on, on, off, ...:
+//!    `VMR_BENCH_ROUNDS` of each, same workload), so load on the machine
+//!    falls on both; every round is also printed on its own;
+//! 3. the cost of FLUSH durability as the guest sees it: in the same
+//!    rounds, on the same backends, queue-depth-1 pairs of a 4 KiB write
+//!    and a guest FLUSH; the FLUSH's latency with the capture off (the
+//!    image's fsync only) and on (the spool's fsync first, then the
+//!    image's);
+//! 4. the FLUSH barrier in the tee alone: 4 KiB writes through the tee
+//!    with `Tee::sync` (which fsyncs the spool) after every write, after
+//!    every 32nd, and never.
 //!
 //! ```sh
 //! cargo build --release -p vhost-tap -p schema-registry --bins
 //! cargo bench -p capture-agent --bench capture
-//! VMR_BENCH_RECORDS=50000 VMR_BENCH_SECONDS=5 cargo bench -p capture-agent --bench capture
+//! VMR_BENCH_RECORDS=50000 VMR_BENCH_SECONDS=5 VMR_BENCH_ROUNDS=4 cargo bench -p capture-agent --bench capture
 //! ```
+//!
+//! `VMR_BENCH_SECONDS` is the length of one write phase of one round (the
+//! FLUSH phase after it runs for the same time).
 //!
 //! Needs the Tansu broker (scripts/setup.sh) and the release binaries
 //! above. The spools live in `$VMR_BENCH_DIR` (default `/var/tmp`).
@@ -250,6 +260,32 @@ fn latencies(b: &Backend, secs: f64, disk_sectors: u64) -> Vec<f64> {
     out
 }
 
+/// Queue-depth-1 pairs of a 4 KiB write and a FLUSH for `secs`; every
+/// FLUSH's latency in µs.
+fn flush_latencies(b: &Backend, secs: f64, disk_sectors: u64) -> Vec<f64> {
+    let mut dev = BlkDevice::connect(&b.socket).expect("connect the frontend");
+    let mut out = Vec::new();
+    let mut done = Vec::new();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    dev.buffer_mut(0)[..4096].copy_from_slice(&payload());
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < end {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let sector = (x % (disk_sectors / 8)) * 8;
+        dev.submit(0, Op::Write, sector, 4096).unwrap();
+        dev.publish().unwrap();
+        dev.wait_completions(&mut done).unwrap();
+        let t = Instant::now();
+        dev.submit(0, Op::Flush, 0, 0).unwrap();
+        dev.publish().unwrap();
+        dev.wait_completions(&mut done).unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -326,7 +362,14 @@ fn main() {
         ));
     }
 
-    // Latency: off/on alternating, two rounds each.
+    // Latency: off and on interleaved (off, on, on, off, ...), the same
+    // workload in every round; each round's backend runs the write phase
+    // and then the write+FLUSH phase.
+    let rounds: usize = std::env::var("VMR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(4);
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let image = dir.path().join("disk.img");
     let disk_bytes: u64 = 256 << 20;
@@ -335,7 +378,10 @@ fn main() {
         .set_len(disk_bytes)
         .unwrap();
     let (mut off, mut on) = (Vec::new(), Vec::new());
-    for round in 0..2 {
+    let (mut fl_off, mut fl_on) = (Vec::new(), Vec::new());
+    // (round, capture, p50, p99 of writes, p50, p99 of FLUSHes)
+    let mut per_round = Vec::new();
+    for round in 0..rounds {
         for capture in if round % 2 == 0 {
             [false, true]
         } else {
@@ -343,11 +389,26 @@ fn main() {
         } {
             let tag = format!("r{round}-{}", if capture { "on" } else { "off" });
             let b = backend(dir.path(), &image, capture, &tag);
-            let v = latencies(&b, secs, disk_bytes / 512);
+            let mut v = latencies(&b, secs, disk_bytes / 512);
+            let mut f = flush_latencies(&b, secs, disk_bytes / 512);
+            drop(b);
+            let _ = std::fs::remove_dir_all(dir.path().join(format!("{tag}.spool")));
+            per_round.push((
+                round,
+                capture,
+                v.len(),
+                pct(&mut v, 0.5),
+                pct(&mut v, 0.99),
+                f.len(),
+                pct(&mut f, 0.5),
+                pct(&mut f, 0.99),
+            ));
             if capture {
                 on.extend(v);
+                fl_on.extend(f);
             } else {
                 off.extend(v);
+                fl_off.extend(f);
             }
         }
     }
@@ -377,7 +438,7 @@ fn main() {
     let (p50_on, p99_on) = (pct(&mut on, 0.5), pct(&mut on, 0.99));
     let ratio = p99_on / p99_off;
     println!(
-        "\n| guest I/O latency, qd1 4 KiB writes | requests | p50 µs | p99 µs |\n| --- | --- | --- | --- |"
+        "\n| guest I/O latency, qd1 4 KiB writes, {rounds} interleaved rounds of {secs} s each | requests | p50 µs | p99 µs |\n| --- | --- | --- | --- |"
     );
     println!(
         "| capture off | {} | {p50_off:.0} | {p99_off:.0} |",
@@ -385,11 +446,38 @@ fn main() {
     );
     println!("| capture on | {} | {p50_on:.0} | {p99_on:.0} |", on.len());
     println!(
-        "| p99 on/off | | {:.2} | {ratio:.2} ({}, target <= 1.20) |",
+        "| on/off | | {:.2} | {ratio:.2} ({}, target <= 1.20) |",
         p50_on / p50_off,
         if ratio <= 1.2 { "ok" } else { "MISS" }
     );
-    println!("\n| FLUSH durability, 4 KiB writes | events/s | mean FLUSH barrier µs |\n| --- | --- | --- |");
+    let (f50_off, f99_off) = (pct(&mut fl_off, 0.5), pct(&mut fl_off, 0.99));
+    let (f50_on, f99_on) = (pct(&mut fl_on, 0.5), pct(&mut fl_on, 0.99));
+    println!(
+        "\n| guest FLUSH latency, qd1, a FLUSH after each 4 KiB write | FLUSHes | p50 µs | p99 µs |\n| --- | --- | --- | --- |"
+    );
+    println!(
+        "| capture off (image fsync) | {} | {f50_off:.0} | {f99_off:.0} |",
+        fl_off.len()
+    );
+    println!(
+        "| capture on (spool fsync, then image fsync) | {} | {f50_on:.0} | {f99_on:.0} |",
+        fl_on.len()
+    );
+    println!(
+        "| on/off | | {:.2} | {:.2} |",
+        f50_on / f50_off,
+        f99_on / f99_off
+    );
+    println!(
+        "\n| round | capture | writes | write p50 µs | write p99 µs | FLUSHes | FLUSH p50 µs | FLUSH p99 µs |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for (round, capture, n, p50, p99, fnum, f50, f99) in &per_round {
+        println!(
+            "| {round} | {} | {n} | {p50:.0} | {p99:.0} | {fnum} | {f50:.0} | {f99:.0} |",
+            if *capture { "on" } else { "off" }
+        );
+    }
+    println!("\n| FLUSH barrier in the tee alone (`Tee::sync`), 4 KiB writes | events/s | mean FLUSH barrier µs |\n| --- | --- | --- |");
     for (every, (eps, us)) in flush {
         let what = match every {
             0 => "no FLUSH".to_string(),

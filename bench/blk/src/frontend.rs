@@ -46,6 +46,7 @@ const VIRTQ_DESC_F_WRITE: u16 = 2;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
 
 /// Errors setting up or driving the frontend.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +162,8 @@ impl Drop for SharedMemory {
 pub enum Op {
     Read,
     Write,
+    /// A FLUSH: header and status only (`sector` and `len` are ignored).
+    Flush,
 }
 
 /// A completed request.
@@ -303,7 +306,7 @@ impl BlkDevice {
         sector: u64,
         len: usize,
     ) -> Result<(), FrontendError> {
-        if slot >= MAX_SLOTS || len > MAX_IO || len == 0 {
+        if slot >= MAX_SLOTS || len > MAX_IO || (len == 0 && op != Op::Flush) {
             return Err(FrontendError::BadRequest);
         }
         let s = slot as u64;
@@ -311,15 +314,26 @@ impl BlkDevice {
         let kind = match op {
             Op::Read => VIRTIO_BLK_T_IN,
             Op::Write => VIRTIO_BLK_T_OUT,
+            Op::Flush => VIRTIO_BLK_T_FLUSH,
         };
         self.mem.write::<u32>(hdr, kind.to_le());
         self.mem.write::<u32>(hdr + 4, 0);
+        let sector = if op == Op::Flush { 0 } else { sector };
         self.mem.write::<u64>(hdr + 8, sector.to_le());
+        // The header's descriptor chains to the data, or straight to the
+        // status for a FLUSH.
+        let hdr_desc = DESC + s * 3 * 16;
+        let next = if op == Op::Flush {
+            s * 3 + 2
+        } else {
+            s * 3 + 1
+        };
+        self.mem.write::<u16>(hdr_desc + 14, next as u16);
         let data_desc = DESC + (s * 3 + 1) * 16;
         self.mem.write::<u32>(data_desc + 8, len as u32);
         let flags = match op {
             Op::Read => VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
-            Op::Write => VIRTQ_DESC_F_NEXT,
+            Op::Write | Op::Flush => VIRTQ_DESC_F_NEXT,
         };
         self.mem.write::<u16>(data_desc + 12, flags);
         self.mem.write::<u8>(STATUS + s, 0xff);
