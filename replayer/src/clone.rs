@@ -49,7 +49,9 @@ use crate::filter::Filter;
 use crate::net::{Action, Next, PeerConfig, RecordedFrame, TcpPeer};
 use crate::outputs::{Output, Read, Subscription};
 use crate::replay::{self, BeforeWindow, ReplayError};
-use crate::schedule::{ClockControl, ClockMode, ReplayClock, RunTo, Speed, Timeline};
+use crate::schedule::{
+    ClockControl, ClockMode, RealtimeOptions, ReplayClock, RunTo, Speed, Timeline,
+};
 use crate::source::{EventSource, SourceConfig, SourceError};
 use crate::window::{Bounds, Span, Window, WindowError};
 use crate::{Kind, KindSet};
@@ -1179,6 +1181,19 @@ impl CloneRuntime {
         // frames' acknowledgements are timed as they arrive).
         let mut dispatch_late: Vec<Duration> = Vec::new();
         let timed = !matches!(self.plan.speed, Speed::AsFastAsPossible);
+        if timed {
+            // A paced replay sleeps to each due time: real-time priority (where
+            // the host grants it) makes its wake-ups prompt on a busy host. An
+            // as-fast-as-possible replay never sleeps, so it keeps the default
+            // policy rather than hold a core.
+            let setup = crate::schedule::prepare_dispatch_thread(&RealtimeOptions {
+                lock_memory: false,
+                ..RealtimeOptions::realtime(10)
+            });
+            for r in &setup.refused {
+                tracing::info!(clone = %self.id(), "replay thread: {r}");
+            }
+        }
         let result = replay::run(
             source,
             &mut timeline,

@@ -377,33 +377,21 @@ impl pb::replayer_server::Replayer for Replayer {
             seed: r.seed,
         };
         self.reserve()?;
-        let (tx, _) = tokio::sync::broadcast::channel(4096);
-        let res = self
-            .build(&params, selector, w, None, 0, r.start_paused, tx.clone())
-            .await;
-        *self.state.building.lock().expect("building lock") -= 1;
-        let res = res.map(|rt| {
-            let info = rt.info();
-            tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
-            self.state.clones.lock().expect("clones lock").insert(
-                info.clone_id.clone(),
-                Entry {
-                    tenant: tenant.name.clone(),
-                    runtime: rt,
-                    progress: tx,
-                    params: Arc::new(params),
-                    switches: 0,
-                },
-            );
-            info
-        });
-        let counter = if res.is_ok() {
-            &self.state.counters.created
-        } else {
-            &self.state.counters.create_failed
+        // The build runs as its own task: a caller that gives up (a deadline, a
+        // dropped connection) must not cancel it half way, which would leave
+        // processes behind and the build counted against max_clones. A clone
+        // finished after its caller left is listed and can be deleted.
+        let this = Replayer {
+            state: self.state.clone(),
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        res.map(Response::new)
+        let start_paused = r.start_paused;
+        tokio::spawn(async move {
+            this.create_detached(tenant, params, selector, w, start_paused)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("create task: {e}")))?
+        .map(Response::new)
     }
 
     async fn get_clone(
@@ -445,9 +433,16 @@ impl pb::replayer_server::Replayer for Replayer {
                 s => selector_of(s)?,
             };
             let w = window_of(r.window)?;
-            return self
-                .switch(&r.clone_id, selector, w, r.start)
+            // Its own task, like a create: a caller that gives up must not
+            // leave the clone torn down and never rebuilt.
+            let this = Replayer {
+                state: self.state.clone(),
+            };
+            let id = r.clone_id.clone();
+            let start = r.start;
+            return tokio::spawn(async move { this.switch(&id, selector, w, start).await })
                 .await
+                .map_err(|e| Status::internal(format!("switch task: {e}")))?
                 .map(Response::new);
         }
         let speed = match action {
@@ -596,6 +591,47 @@ fn async_stream(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+impl Replayer {
+    /// The part of `CreateClone` after the request is checked: build, then
+    /// list the clone.
+    async fn create_detached(
+        &self,
+        tenant: TenantConfig,
+        params: Params,
+        selector: vmr_snapshot::Selector,
+        w: Window,
+        start_paused: bool,
+    ) -> Result<pb::Clone, Status> {
+        let (tx, _) = tokio::sync::broadcast::channel(4096);
+        let res = self
+            .build(&params, selector, w, None, 0, start_paused, tx.clone())
+            .await;
+        *self.state.building.lock().expect("building lock") -= 1;
+        let res = res.map(|rt| {
+            let info = rt.info();
+            tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
+            self.state.clones.lock().expect("clones lock").insert(
+                info.clone_id.clone(),
+                Entry {
+                    tenant: tenant.name.clone(),
+                    runtime: rt,
+                    progress: tx,
+                    params: Arc::new(params),
+                    switches: 0,
+                },
+            );
+            info
+        });
+        let counter = if res.is_ok() {
+            &self.state.counters.created
+        } else {
+            &self.state.counters.create_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        res
+    }
 }
 
 impl Replayer {
