@@ -678,6 +678,14 @@ function onWatch(id, ev, data) {
   }
   if (ev !== "progress") return;
   const p = JSON.parse(data);
+  if (p.clone && S.clone.switches !== undefined && p.clone.switches !== S.clone.switches) {
+    // A switch restarted the clone from another cut: its console and its
+    // divergences start again with the new run.
+    $("c-console").textContent = "";
+    $("c-divergences").textContent = "";
+    $("c-div-empty").hidden = false;
+    S.cloneCrash = null;
+  }
   if (p.clone) Object.assign(S.clone, p.clone);
   if (p.console) {
     const pre = $("c-console");
