@@ -179,6 +179,12 @@ pub async fn delete(
 /// that had objects or staging files (an empty directory, which a deletion
 /// leaves on a `file://` store, is removed without being counted).
 ///
+/// A key that any manifest of the instance names is never deleted: a later
+/// snapshot keeps the disk layers it inherits under the id that first
+/// stored them, so a deleted snapshot's id may still hold layers in use.
+/// When a manifest exists but cannot be read, what it names is unknown and
+/// nothing is swept.
+///
 /// The caller must know that no other upload of the instance is running
 /// outside `except`: an upload's objects have no manifest until its end.
 /// An S3 multipart upload cut off before completion leaves parts that no
@@ -198,7 +204,8 @@ pub async fn sweep_unfinished(
             key: format!("{instance}/"),
             source,
         })?;
-    let mut swept = Vec::new();
+    let mut unfinished = Vec::new();
+    let mut used: BTreeSet<String> = BTreeSet::new();
     for p in listing.common_prefixes {
         let Some(id) = p.filename().map(str::to_string) else {
             continue;
@@ -208,8 +215,15 @@ pub async fn sweep_unfinished(
         }
         let manifest = store.location(instance, &format!("{id}/{MANIFEST_FILE}"));
         match store.inner.head(&manifest).await {
-            Ok(_) => continue,
-            Err(object_store::Error::NotFound { .. }) => {}
+            Ok(_) => match crate::restore::load_manifest(store, instance, &id).await {
+                Ok(m) => used.extend(m.objects.into_iter().map(|o| o.key)),
+                Err(error) => {
+                    tracing::warn!(instance = %instance, snapshot = %id, %error,
+                        "a manifest cannot be read, so nothing is swept: what it names is unknown");
+                    return Ok(Vec::new());
+                }
+            },
+            Err(object_store::Error::NotFound { .. }) => unfinished.push(id),
             Err(source) => {
                 return Err(RetentionError::Store {
                     key: format!("{instance}/{id}/{MANIFEST_FILE}"),
@@ -217,6 +231,9 @@ pub async fn sweep_unfinished(
                 })
             }
         }
+    }
+    let mut swept = Vec::new();
+    for id in unfinished {
         let prefix = store.location(instance, &id);
         let mut keys = Vec::new();
         let mut objects = store.inner.list(Some(&prefix));
@@ -225,7 +242,14 @@ pub async fn sweep_unfinished(
                 key: format!("{instance}/{id}/"),
                 source,
             })?;
-            keys.push(meta.location);
+            let full = meta.location.as_ref();
+            let rel = full
+                .strip_prefix(base.as_ref())
+                .map(|s| s.trim_start_matches('/'))
+                .unwrap_or(full);
+            if !used.contains(rel) {
+                keys.push(meta.location);
+            }
         }
         drop(objects);
         let mut found = !keys.is_empty();
@@ -242,7 +266,7 @@ pub async fn sweep_unfinished(
         }
         if let Some(root) = store.local_root() {
             let dir = root.join(instance).join(&id);
-            found |= count_files(&dir) > 0;
+            found |= count_staged(&dir) > 0;
             crate::upload::remove_staged(&dir).map_err(|e| RetentionError::Local {
                 what: format!("the staging files under {}", dir.display()),
                 reason: e.to_string(),
@@ -256,17 +280,17 @@ pub async fn sweep_unfinished(
     Ok(swept)
 }
 
-/// How many files are under `dir`.
-fn count_files(dir: &std::path::Path) -> usize {
+/// How many staging files (`<name>#<n>`) are under `dir`.
+fn count_staged(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
-                count_files(&e.path())
+                count_staged(&e.path())
             } else {
-                1
+                usize::from(e.file_name().to_string_lossy().contains('#'))
             }
         })
         .sum()
@@ -335,6 +359,26 @@ mod tests {
         assert!(del.is_empty());
     }
 
+    /// A sealed manifest of `vm-1` naming `keys` as memory objects.
+    fn manifest_json(id: &str, keys: &[&str]) -> Vec<u8> {
+        let mut m = m(id, 1, MemoryKind::Full, None);
+        m.instance = "vm-1".into();
+        m.objects = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| crate::manifest::ObjectEntry {
+                name: format!("memory{i}.bin"),
+                kind: crate::manifest::ObjectKind::Memory,
+                key: (*k).into(),
+                sha256: "0".repeat(64),
+                size: 1,
+                disk: None,
+            })
+            .collect();
+        m.seal();
+        m.to_json()
+    }
+
     #[test]
     fn sweep_removes_ids_without_a_manifest_only() {
         let root = tempfile::tempdir().unwrap();
@@ -347,7 +391,12 @@ mod tests {
         // A complete snapshot, an interrupted upload (a stored object, a
         // disk layer, and a write cut off in its staging file), an empty
         // leftover directory, and an upload in progress.
-        write("s1/manifest.json");
+        std::fs::create_dir_all(inst.join("s1")).unwrap();
+        std::fs::write(
+            inst.join("s1/manifest.json"),
+            manifest_json("s1", &["s1/memory.bin"]),
+        )
+        .unwrap();
         write("s1/memory.bin");
         write("s2/artifacts.json");
         write("s2/disk/vda.0");
@@ -378,5 +427,42 @@ mod tests {
             .block_on(sweep_unfinished(&store, "vm-2", &[]))
             .unwrap()
             .is_empty());
+    }
+    #[test]
+    fn sweep_keeps_what_a_manifest_still_names_under_a_deleted_id() {
+        let root = tempfile::tempdir().unwrap();
+        let inst = root.path().join("vm-1");
+        let write = |rel: &str, body: &[u8]| {
+            let p = inst.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+        };
+        // s0 was deleted by retention (its manifest is gone), but s1 still
+        // names a layer that s0 first stored.
+        write("s0/disk/vda.0", b"layer");
+        write("s0/memory.bin", b"x");
+        write("s1/manifest.json", &manifest_json("s1", &["s0/disk/vda.0"]));
+        let store = SnapshotStore::open(&crate::StoreConfig::local(root.path())).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let swept = rt.block_on(sweep_unfinished(&store, "vm-1", &[])).unwrap();
+        assert_eq!(swept, ["s0"]);
+        assert!(inst.join("s0/disk/vda.0").is_file(), "s1 still needs it");
+        assert!(!inst.join("s0/memory.bin").exists());
+        // Once more: only the kept layer is left, so nothing is swept.
+        let swept = rt.block_on(sweep_unfinished(&store, "vm-1", &[])).unwrap();
+        assert!(swept.is_empty(), "{swept:?}");
+        assert!(inst.join("s0/disk/vda.0").is_file());
+
+        // A manifest that cannot be read: what it names is unknown, so
+        // nothing is swept.
+        write("s2/manifest.json", b"{damaged");
+        write("s3/memory.bin", b"x");
+        let swept = rt.block_on(sweep_unfinished(&store, "vm-1", &[])).unwrap();
+        assert!(swept.is_empty(), "{swept:?}");
+        assert!(inst.join("s3/memory.bin").is_file());
+        assert!(inst.join("s0/disk/vda.0").is_file());
     }
 }
