@@ -22,10 +22,10 @@
 //!   or on demand) is between its start and the guest's resume, so the
 //!   host never pauses two guests for scheduled snapshots at once; a due cut
 //!   waits for that. On-demand snapshots do not wait.
-//! - A slot missed (the instance's previous snapshot still running, or the
-//!   wait above running to within half a period of the next slot) is
-//!   skipped, not queued. A guest
-//!   that crashed or exited is not cut.
+//! - A slot missed while the instance's previous snapshot still runs is
+//!   skipped, not queued. A cut delayed by the wait above still runs late,
+//!   and the half-period rule then moves the instance's next cut to a later
+//!   slot. A guest that crashed or exited is not cut.
 //!
 //! `capture-agent serve` runs one [`HostSchedule`] in its engine: a launch
 //! with a period joins it, a stop leaves it. [`Schedule`] runs a schedule of
