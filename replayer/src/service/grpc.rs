@@ -530,7 +530,15 @@ impl pb::replayer_server::Replayer for Replayer {
         let tenant = self.tenant(&req)?;
         let id = req.get_ref().clone_id.clone();
         self.entry(&tenant, &id)?;
-        let e = self.state.clones.lock().expect("clones lock").remove(&id);
+        let e = {
+            let mut clones = self.state.clones.lock().expect("clones lock");
+            if clones.get(&id).is_some_and(|e| e.switches == u32::MAX) {
+                return Err(Status::failed_precondition(format!(
+                    "clone {id} is being switched to another snapshot; delete it when the switch is over"
+                )));
+            }
+            clones.remove(&id)
+        };
         if let Some(e) = e {
             self.state.counters.deleted.fetch_add(1, Ordering::Relaxed);
             let base = self.state.config.work_dir.join(&id);
@@ -672,9 +680,12 @@ impl Replayer {
             (e.runtime.clone(), e.params.clone(), e.progress.clone(), sw)
         };
         let old2 = old.clone();
-        tokio::task::spawn_blocking(move || old2.teardown())
-            .await
-            .map_err(|e| Status::internal(format!("teardown task: {e}")))?;
+        if let Err(e) = tokio::task::spawn_blocking(move || old2.teardown()).await {
+            if let Some(e) = self.state.clones.lock().expect("clones lock").get_mut(id) {
+                e.switches = switches;
+            }
+            return Err(Status::internal(format!("teardown task: {e}")));
+        }
         let res = self
             .build(
                 &params,
