@@ -409,12 +409,23 @@ fn serve_killed_during_upload_publishes_no_manifest_and_the_next_snapshot_succee
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            c.launch_instance(pb::LaunchInstanceRequest {
-                instance_id: SERVE_INSTANCE.into(),
-                spec: Some(spec()),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("relaunch: {s:?}\n{}", agent.log_text()));
+            // The entry may still hold the instance for a moment after its
+            // state reads stopped: the relaunch is retried until it is let go.
+            loop {
+                match c
+                    .launch_instance(pb::LaunchInstanceRequest {
+                        instance_id: SERVE_INSTANCE.into(),
+                        spec: Some(spec()),
+                    })
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(s) if s.code() == tonic::Code::AlreadyExists && Instant::now() < end => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(s) => panic!("relaunch: {s:?}\n{}", agent.log_text()),
+                }
+            }
         }
         let op = c
             .take_snapshot(pb::TakeSnapshotRequest {
