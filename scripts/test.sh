@@ -21,6 +21,6 @@ cargo build --workspace --bins --all-targets
 
 log "tests (unit, broker, registry, QEMU, KVM)"
 export VMR_BIN_DIR="${CARGO_TARGET_DIR:-$VMR_ROOT/target}/debug"
-cargo test --workspace -- --test-threads=1
+cargo test --workspace --no-fail-fast -- --test-threads=1
 
 log "all tests passed"
