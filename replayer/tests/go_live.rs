@@ -38,28 +38,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const INSTANCE: &str = "shop-2nic";
 const TOKEN: &str = "token-of-tenant-shop-0001";
 
-fn require_prerequisites() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
-    }
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (network namespaces)");
-}
+use common::require_prerequisites;
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, WAIT, f)
 }
 
 fn output(cmd: &mut Command) -> String {

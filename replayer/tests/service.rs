@@ -39,28 +39,10 @@ const INSTANCE: &str = "shop-1";
 const TOKEN_A: &str = "token-of-tenant-shop-0001";
 const TOKEN_B: &str = "token-of-tenant-other-0002";
 
-fn require_prerequisites() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
-    }
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (network namespaces)");
-}
+use common::require_prerequisites;
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, WAIT, f)
 }
 
 fn run(cmd: &mut Command) {

@@ -268,3 +268,30 @@ pub fn mixed(instance: &str, n: u64) -> Vec<Event> {
         })
         .collect()
 }
+
+/// Fails, naming it, when the host lacks what the microVM clone tests need:
+/// a read-write /dev/kvm and root (network namespaces).
+pub fn require_prerequisites() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs /dev/kvm (read-write), which is unavailable: {e}");
+    }
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (network namespaces)");
+}
+
+/// Polls `f` every 50 ms until it gives a value, for at most `limit`.
+pub fn wait_for<T>(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
