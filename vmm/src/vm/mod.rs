@@ -63,7 +63,7 @@ use crate::vcpu::{ExitRequest, Vcpu, VcpuContext, VcpuError, VcpuHandle};
 pub use config::{BootSource, Capabilities, RestoreOptions, VmConfig};
 pub use events::{EventHub, SUBSCRIBER_CAPACITY};
 pub use legacy::{DEBUG_EXIT_PORT, I8042_BASE};
-pub use persist::{SnapshotDevice, SnapshotInfo};
+pub use persist::{PendingSnapshot, SnapshotDevice, SnapshotInfo};
 
 /// Errors of the VM.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +155,12 @@ pub struct Vm {
     /// Pages written since the last snapshot that KVM's log no longer
     /// holds: reported by [`Vm::merge_dirty`], or drained for a snapshot
     /// that then failed.
-    extra_dirty: Mutex<PageBitmap>,
+    /// Shared with a [`PendingSnapshot`], which puts its pages back here if
+    /// it is dropped before it completes.
+    extra_dirty: Arc<Mutex<PageBitmap>>,
+    /// Set while a staged snapshot has not completed (or been dropped): the
+    /// next snapshot's parent is not known until then.
+    snapshot_staged: Arc<AtomicBool>,
     /// Canonical directory of the last snapshot written or restored (the
     /// parent of the next incremental one).
     last_snapshot: Mutex<Option<PathBuf>>,

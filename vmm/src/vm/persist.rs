@@ -2,15 +2,19 @@
 //!
 //! A snapshot drains the dirty-page sources (KVM's log, pages merged with
 //! [`Vm::merge_dirty`], the devices' [`SnapshotDevice::take_dirty`]) and
-//! then writes the memory file and the state file. If anything fails after
-//! the drain, the drained pages go back into the VM's pending set, so the
-//! next snapshot still holds them. Unless turned off with
-//! [`Vm::set_sync_snapshots`], the files and the directory are fsync'd
-//! before `snapshot()` returns.
+//! then writes the memory file and the state file under staging names
+//! ([`Vm::snapshot_staged`], while the VM is paused). Unless turned off
+//! with [`Vm::set_sync_snapshots`], [`Vm::complete_snapshot`] then fsyncs
+//! them, renames them into place and fsyncs the directories; it may run
+//! after the guest resumed, so the flush is not part of the pause.
+//! [`Vm::snapshot`] does both in a row. If anything fails after the drain
+//! (or the staged snapshot is dropped), the drained pages go back into the
+//! VM's pending set, so the next snapshot still holds them.
 
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{
@@ -129,6 +133,94 @@ struct Drained {
     unknown_device: Option<String>,
 }
 
+/// A snapshot [`Vm::snapshot_staged`] wrote but that is not complete:
+/// its files are under staging names, not yet synced. Hand it to
+/// [`Vm::complete_snapshot`] (the guest may run meanwhile). Dropping it
+/// instead removes its files and gives its dirty pages back to the VM, so
+/// the next incremental snapshot still holds them.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    extra_dirty: Arc<Mutex<PageBitmap>>,
+    staged_flag: Arc<AtomicBool>,
+    info: SnapshotInfo,
+    mem_tmp: PathBuf,
+    mem_path: PathBuf,
+    mem_file: Option<File>,
+    state: Option<snapshot::PendingState>,
+    /// The pages this snapshot drained from the VM.
+    dirty: PageBitmap,
+    /// The VM's memory chain once this snapshot is its last one.
+    chain: Vec<PathBuf>,
+    sync: bool,
+    /// The files are in place (a later failure removes the state file).
+    renamed: bool,
+    done: bool,
+}
+
+impl PendingSnapshot {
+    /// What the snapshot holds (its directory, kind and pages); it exists
+    /// only after [`Vm::complete_snapshot`].
+    pub fn info(&self) -> &SnapshotInfo {
+        &self.info
+    }
+
+    /// Syncs (if on), renames into place, syncs the directories (if on).
+    fn finish(&mut self) -> Result<(), VmError> {
+        let dir = self.info.dir.clone();
+        let mem_file = self
+            .mem_file
+            .take()
+            .ok_or_else(|| VmError::Config("the staged snapshot was already finished".into()))?;
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| VmError::Config("the staged snapshot was already finished".into()))?;
+        if self.sync {
+            // Both files' data (and lengths) in one go: synced from two
+            // threads, they usually share one journal commit. Neither is
+            // renamed into place before both are durable.
+            let mem_tmp = &self.mem_tmp;
+            sync_together(
+                || mem_file.sync_data().map_err(io_err(mem_tmp)),
+                || Ok(state.sync()?),
+            )?;
+        }
+        drop(mem_file);
+        std::fs::rename(&self.mem_tmp, &self.mem_path).map_err(io_err(&self.mem_path))?;
+        // The state file last: its name is what makes the directory a
+        // snapshot.
+        state.commit()?;
+        self.renamed = true;
+        if self.sync {
+            // The names in `dir`, and `dir`'s in its parent (it may be new).
+            match dir.parent() {
+                Some(up) => sync_together(|| fsync(&dir), || fsync(up))?,
+                None => fsync(&dir)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingSnapshot {
+    fn drop(&mut self) {
+        if !self.done {
+            // Not a snapshot: its files go, its pages return.
+            let dir = &self.info.dir;
+            if self.renamed {
+                let _ = std::fs::remove_file(dir.join(snapshot::STATE_FILE));
+            }
+            let _ = std::fs::remove_file(dir.join(format!("{}.tmp", snapshot::STATE_FILE)));
+            let _ = std::fs::remove_file(&self.mem_tmp);
+            self.extra_dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .merge(&self.dirty);
+        }
+        self.staged_flag.store(false, Ordering::Release);
+    }
+}
+
 impl Vm {
     fn kvm_dirty(&self) -> Result<PageBitmap, VmError> {
         let mut b = PageBitmap::new(self.memory.pages());
@@ -230,7 +322,37 @@ impl Vm {
     /// Unless [`Vm::set_sync_snapshots`] turned it off, the memory file,
     /// the state file, `dir` and the directory holding `dir` are fsync'd
     /// before this returns.
+    ///
+    /// This is [`Vm::snapshot_staged`] followed at once by
+    /// [`Vm::complete_snapshot`]; a caller that can resume the guest in
+    /// between (so the fsyncs are not part of the pause) calls those two.
     pub fn snapshot(&self, dir: &Path, kind: MemoryKind) -> Result<SnapshotInfo, VmError> {
+        let staged = self.snapshot_staged(dir, kind)?;
+        self.complete_snapshot(staged)
+    }
+
+    /// The part of [`Vm::snapshot`] that needs the VM paused: drains the
+    /// dirty-page sources, saves the vCPU, VM and device state and writes
+    /// the memory file and the state file under staging names
+    /// (`memory.diff.tmp` or `memory.bin.tmp`, and `vmstate.bin.tmp`),
+    /// neither synced nor in place. The writes copy guest memory into the
+    /// page cache, so the guest may be resumed as soon as this returns:
+    /// what it writes afterwards does not change the snapshot, and KVM's
+    /// dirty log (reset by the drain) collects it for the next incremental
+    /// snapshot.
+    ///
+    /// The snapshot exists only once [`Vm::complete_snapshot`] returned:
+    /// until then `dir` holds no state file, so nothing restores from it,
+    /// and a crash leaves only the staging files. Dropping the returned
+    /// handle instead removes them and gives its dirty pages back, as a
+    /// failed snapshot does. One staged snapshot at a time: another
+    /// `snapshot_staged` (or `snapshot`) is refused until it completed or
+    /// was dropped.
+    pub fn snapshot_staged(
+        &self,
+        dir: &Path,
+        kind: MemoryKind,
+    ) -> Result<PendingSnapshot, VmError> {
         let st = self.run_state();
         if st != RunState::Paused {
             return Err(VmError::State {
@@ -239,6 +361,25 @@ impl Vm {
                 need: "paused",
             });
         }
+        if self
+            .snapshot_staged
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(VmError::Config(
+                "an earlier snapshot has not completed yet".into(),
+            ));
+        }
+        // From here on the flag is cleared by the pending snapshot (on
+        // completion or drop) or below, on failure.
+        let r = self.stage(dir, kind);
+        if r.is_err() {
+            self.snapshot_staged.store(false, Ordering::Release);
+        }
+        r
+    }
+
+    fn stage(&self, dir: &Path, kind: MemoryKind) -> Result<PendingSnapshot, VmError> {
         let parent = self
             .last_snapshot
             .lock()
@@ -286,25 +427,28 @@ impl Vm {
                 }
             }
         }
-        // No state file until the memory file is complete: a crash midway
-        // leaves an invalid snapshot, never a mismatched one.
+        // No state file until the memory file is complete and durable: a
+        // crash midway leaves an invalid snapshot, never a mismatched one.
         // With fsync on, the removal is made durable first, so a crash
         // cannot bring the old state file back next to a new memory file.
+        let sync = self.sync_snapshots.load(Ordering::Relaxed);
         match std::fs::remove_file(dir.join(snapshot::STATE_FILE)) {
-            Ok(()) if self.sync_snapshots.load(Ordering::Relaxed) => fsync(&dir)?,
+            Ok(()) if sync => fsync(&dir)?,
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
             _ => {}
         }
 
         let drained = self.drain_dirty()?;
-        match self.write_snapshot(&dir, kind, parent.as_deref(), &drained) {
-            Ok((info, file)) => {
+        match self.write_staged(&dir, kind, parent.as_deref(), &drained) {
+            Ok(mut pending) => {
                 if kind == MemoryKind::Full {
                     chain.clear();
                 }
-                chain.insert(0, file);
-                *self.last_chain.lock().unwrap_or_else(|p| p.into_inner()) = chain;
-                Ok(info)
+                chain.insert(0, pending.mem_path.clone());
+                pending.chain = chain;
+                pending.sync = sync;
+                pending.dirty = drained.dirty;
+                Ok(pending)
             }
             Err(e) => {
                 self.keep_dirty(&drained.dirty);
@@ -318,6 +462,51 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    /// Finishes a snapshot [`Vm::snapshot_staged`] wrote; the VM may be
+    /// running. With fsync on (see [`Vm::set_sync_snapshots`]): `fdatasync`
+    /// of the memory file and the state file (from two threads, so they
+    /// usually share one journal commit), then both are renamed into place
+    /// (the state file last), then `dir` and the directory holding it are
+    /// fsync'd. Only then is the snapshot this VM's last one (the parent of
+    /// the next incremental snapshot), and only then is its `Snapshot`
+    /// lifecycle event sent. On failure the snapshot's pages go back into
+    /// the dirty set and its files are removed, as for a failed
+    /// [`Vm::snapshot`].
+    pub fn complete_snapshot(&self, mut p: PendingSnapshot) -> Result<SnapshotInfo, VmError> {
+        if !Arc::ptr_eq(&p.extra_dirty, &self.extra_dirty) {
+            return Err(VmError::Config(
+                "the staged snapshot belongs to another VM".into(),
+            ));
+        }
+        match p.finish() {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(
+                    dir = %p.info.dir.display(),
+                    kind = ?p.info.kind,
+                    error = %e,
+                    pages = p.dirty.count(),
+                    "snapshot failed; its dirty pages are kept for the next one"
+                );
+                // Dropping `p` gives the pages back and removes the files.
+                return Err(e);
+            }
+        }
+        let dir = p.info.dir.clone();
+        *self.last_chain.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut p.chain);
+        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
+        let info = p.info.clone();
+        p.done = true;
+        drop(p);
+        info!(dir = %dir.display(), kind = ?info.kind, pages = info.pages, "snapshot written");
+        self.emit(
+            LifecycleKind::Snapshot,
+            format!("{:?}", info.kind),
+            Some(info.id.clone()),
+        );
+        Ok(info)
     }
 
     /// The memory files of the chain ending at `parent` (the last
@@ -348,14 +537,14 @@ impl Vm {
         Ok(known)
     }
 
-    /// Writes the snapshot's files; returns its info and its memory file.
-    fn write_snapshot(
+    /// Writes the snapshot's files under their staging names.
+    fn write_staged(
         &self,
         dir: &Path,
         kind: MemoryKind,
         parent: Option<&Path>,
         drained: &Drained,
-    ) -> Result<(SnapshotInfo, PathBuf), VmError> {
+    ) -> Result<PendingSnapshot, VmError> {
         if let (MemoryKind::Incremental, Some(id)) = (kind, &drained.unknown_device) {
             return Err(VmError::Device {
                 id: id.clone(),
@@ -363,7 +552,6 @@ impl Vm {
             });
         }
         let dirty = &drained.dirty;
-        let sync = self.sync_snapshots.load(Ordering::Relaxed);
         let mut devices = Vec::new();
         for d in self
             .devices
@@ -387,20 +575,26 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .snapshot();
 
+        let file = match kind {
+            MemoryKind::Full => snapshot::FULL_MEMORY_FILE,
+            MemoryKind::Incremental => snapshot::DIFF_MEMORY_FILE,
+        };
+        let mem_path = dir.join(file);
+        let mem_tmp = dir.join(format!("{file}.tmp"));
         // SAFETY: vCPUs are paused and devices quiesced, so nothing writes
-        // guest memory while it is copied out.
+        // guest memory while it is copied out (into the page cache: once
+        // written, later guest writes do not reach the file).
         let mem = unsafe { self.memory.as_slice() };
-        let (file, (pages, mem_file)) = match kind {
-            MemoryKind::Full => (
-                snapshot::FULL_MEMORY_FILE,
-                memfile::write_full_file(&dir.join(snapshot::FULL_MEMORY_FILE), mem)
-                    .map_err(SnapshotError::from)?,
-            ),
-            MemoryKind::Incremental => (
-                snapshot::DIFF_MEMORY_FILE,
-                memfile::write_diff_file(&dir.join(snapshot::DIFF_MEMORY_FILE), mem, dirty)
-                    .map_err(SnapshotError::from)?,
-            ),
+        let written = match kind {
+            MemoryKind::Full => memfile::write_full_file(&mem_tmp, mem),
+            MemoryKind::Incremental => memfile::write_diff_file(&mem_tmp, mem, dirty),
+        };
+        let (pages, mem_file) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&mem_tmp);
+                return Err(SnapshotError::from(e).into());
+            }
         };
         // A directory reused for another kind must not keep a stale file.
         let other = match kind {
@@ -439,44 +633,34 @@ impl Vm {
             serial,
             devices,
         };
-        let state = data.write_pending(dir)?;
-        if sync {
-            // Both files' data (and lengths) in one go: synced from two
-            // threads, they usually share one journal commit. The state
-            // file is renamed into place only after both are durable.
-            let mem_path = dir.join(file);
-            sync_together(
-                || mem_file.sync_data().map_err(io_err(&mem_path)),
-                || Ok(state.sync()?),
-            )?;
-        }
-        drop(mem_file);
-        state.commit()?;
-        if sync {
-            // The state file's name in `dir`, and `dir`'s in its parent
-            // (it may be new).
-            match dir.parent() {
-                Some(up) => sync_together(|| fsync(dir), || fsync(up))?,
-                None => fsync(dir)?,
+        let state = match data.write_pending(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&mem_tmp);
+                let _ = std::fs::remove_file(dir.join(format!("{}.tmp", snapshot::STATE_FILE)));
+                return Err(e.into());
             }
-        }
-        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
-        info!(dir = %dir.display(), ?kind, pages, "snapshot written");
-        self.emit(
-            LifecycleKind::Snapshot,
-            format!("{kind:?}"),
-            Some(id.clone()),
-        );
-        Ok((
-            SnapshotInfo {
+        };
+        Ok(PendingSnapshot {
+            extra_dirty: self.extra_dirty.clone(),
+            staged_flag: self.snapshot_staged.clone(),
+            info: SnapshotInfo {
                 dir: dir.to_path_buf(),
                 id,
                 kind,
                 pages,
                 dirty_pages: dirty.iter().collect(),
             },
-            dir.join(file),
-        ))
+            mem_tmp,
+            mem_path,
+            mem_file: Some(mem_file),
+            state: Some(state),
+            dirty: PageBitmap::new(0),
+            chain: Vec::new(),
+            sync: true,
+            renamed: false,
+            done: false,
+        })
     }
 
     /// Builds a new, paused VM from a snapshot directory (following its
