@@ -12,7 +12,7 @@ use tonic::{Code, Request, Response, Status};
 use vmr_proto::pb;
 
 use super::config::{parse_cidr, parse_mac, TenantConfig};
-use super::{Entry, State};
+use super::{BuildSlot, Entry, State};
 use crate::clone::{self, CloneError, ClonePlan, NicPlan};
 use crate::filter::{Filter, NetMatch};
 use crate::schedule::Speed;
@@ -376,21 +376,22 @@ impl pb::replayer_server::Replayer for Replayer {
             faults,
             seed: r.seed,
         };
-        self.reserve()?;
+        let slot = self.reserve()?;
         // The build runs as its own task: a caller that gives up (a deadline, a
         // dropped connection) must not cancel it half way, which would leave
-        // processes behind and the build counted against max_clones. A clone
-        // finished after its caller left is listed and can be deleted.
+        // processes behind. A clone finished after its caller left is listed
+        // and can be deleted.
         let this = Replayer {
             state: self.state.clone(),
         };
         let start_paused = r.start_paused;
-        tokio::spawn(async move {
-            this.create_detached(tenant, params, selector, w, start_paused)
+        let clone_id = new_id();
+        let id = clone_id.clone();
+        self.detached(&clone_id, slot, async move {
+            this.create_detached(id, tenant, params, selector, w, start_paused)
                 .await
         })
         .await
-        .map_err(|e| Status::internal(format!("create task: {e}")))?
         .map(Response::new)
     }
 
@@ -442,7 +443,7 @@ impl pb::replayer_server::Replayer for Replayer {
             let start = r.start;
             return tokio::spawn(async move { this.switch(&id, selector, w, start).await })
                 .await
-                .map_err(|e| Status::internal(format!("switch task: {e}")))?
+                .map_err(|e| Status::internal(format!("switching failed: {}", task_failure(e))))?
                 .map(Response::new);
         }
         let speed = match action {
@@ -606,6 +607,7 @@ impl Replayer {
     /// list the clone.
     async fn create_detached(
         &self,
+        clone_id: String,
         tenant: TenantConfig,
         params: Params,
         selector: vmr_snapshot::Selector,
@@ -614,9 +616,19 @@ impl Replayer {
     ) -> Result<pb::Clone, Status> {
         let (tx, _) = tokio::sync::broadcast::channel(4096);
         let res = self
-            .build(&params, selector, w, None, 0, start_paused, tx.clone())
+            .build(
+                &params,
+                selector,
+                w,
+                clone_id,
+                true,
+                0,
+                start_paused,
+                tx.clone(),
+            )
             .await;
-        *self.state.building.lock().expect("building lock") -= 1;
+        // The build's slot (held by the task) is given back after the clone
+        // is listed, so the two never both miss it.
         let res = res.map(|rt| {
             let info = rt.info();
             tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
@@ -642,19 +654,109 @@ impl Replayer {
     }
 }
 
+/// Why a task ended without a result: its panic's message, or its
+/// cancellation.
+fn task_failure(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "its task was cancelled".into();
+    }
+    let payload = e.into_panic();
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    format!("it panicked: {msg}")
+}
+
+/// Marks a listed clone as being switched (`switches == u32::MAX`) until
+/// dropped. Unless the switch is [`done`](Self::done), dropping it ends the
+/// mark (the clone can be deleted or switched again) and fails the clone's
+/// replay with `failure`: the old guest may be gone, whichever way the
+/// switch ended (an error, a panic, the task's cancellation).
+struct SwitchMark {
+    state: Arc<State>,
+    id: String,
+    switches: u32,
+    failure: String,
+    done: bool,
+}
+
+impl Drop for SwitchMark {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut clones = self
+            .state
+            .clones
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = clones.get_mut(&self.id) {
+            if e.switches == u32::MAX {
+                e.switches = self.switches;
+            }
+            e.runtime.fail_with(self.failure.clone());
+        }
+    }
+}
+
 impl Replayer {
-    /// Counts a clone being built against `max_clones`.
-    fn reserve(&self) -> Result<(), Status> {
-        let n = self.state.clones.lock().expect("clones lock").len();
-        let mut b = self.state.building.lock().expect("building lock");
-        if n + *b >= self.state.config.max_clones {
-            return Err(Status::resource_exhausted(format!(
+    /// Counts a clone being built against `max_clones` until the slot is
+    /// dropped.
+    fn reserve(&self) -> Result<BuildSlot, Status> {
+        let clones = self.state.clones.lock().expect("clones lock");
+        BuildSlot::reserve(
+            &self.state.building,
+            clones.len(),
+            self.state.config.max_clones,
+        )
+        .ok_or_else(|| {
+            Status::resource_exhausted(format!(
                 "{} clones already exist (max_clones)",
                 self.state.config.max_clones
-            )));
+            ))
+        })
+    }
+
+    /// Runs `build` (the build and listing of clone `clone_id`) as its own
+    /// task, which holds `slot` until it ends, however it ends. A task that
+    /// panics or is cancelled is a failed create: its files go, and the
+    /// error says what happened.
+    async fn detached<T: Send + 'static>(
+        &self,
+        clone_id: &str,
+        slot: BuildSlot,
+        build: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let task = tokio::spawn(async move {
+            let res = build.await;
+            drop(slot);
+            res
+        });
+        match task.await {
+            Ok(res) => res,
+            Err(e) => {
+                let why = task_failure(e);
+                tracing::error!(clone = %clone_id, %why, "building a clone failed");
+                self.state
+                    .counters
+                    .create_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                let listed = self
+                    .state
+                    .clones
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains_key(clone_id);
+                if !listed {
+                    let _ = std::fs::remove_dir_all(self.state.config.work_dir.join(clone_id));
+                }
+                Err(Status::internal(format!(
+                    "building clone {clone_id} failed: {why}"
+                )))
+            }
         }
-        *b += 1;
-        Ok(())
     }
 
     /// Restarts clone `id` from another cut: the old guest, backends and
@@ -679,60 +781,78 @@ impl Replayer {
             e.switches = u32::MAX;
             (e.runtime.clone(), e.params.clone(), e.progress.clone(), sw)
         };
-        let old2 = old.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || old2.teardown()).await {
-            if let Some(e) = self.state.clones.lock().expect("clones lock").get_mut(id) {
-                e.switches = switches;
-            }
-            return Err(Status::internal(format!("teardown task: {e}")));
+        let mut mark = SwitchMark {
+            state: self.state.clone(),
+            id: id.to_string(),
+            switches,
+            failure: "switching failed: the switch task panicked or was cancelled before the new guest was listed".into(),
+            done: false,
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || old.teardown()).await {
+            mark.failure = format!(
+                "switching failed: tearing down the old guest failed: {}",
+                task_failure(e)
+            );
+            return Err(Status::internal(mark.failure.clone()));
         }
         let res = self
             .build(
                 &params,
                 selector,
                 w,
-                Some(id.to_string()),
+                id.to_string(),
+                false,
                 switches + 1,
                 !start,
                 progress,
             )
             .await;
-        let mut clones = self.state.clones.lock().expect("clones lock");
-        let e = clones.get_mut(id).ok_or_else(|| {
-            Status::not_found(format!("clone {id} was deleted during the switch"))
-        })?;
-        match res {
-            Ok(rt) => {
-                let info = rt.info();
-                e.runtime = rt;
-                e.switches = switches + 1;
-                tracing::info!(clone = %id, snapshot = %info.snapshot_id, "clone switched");
-                Ok(info)
-            }
+        let rt = match res {
+            Ok(rt) => rt,
             Err(s) => {
-                e.switches = switches;
-                old.fail_with(format!("switching failed: {}", s.message()));
-                Err(s)
+                mark.failure = format!("switching failed: {}", s.message());
+                return Err(s);
             }
-        }
+        };
+        let unlisted = {
+            let mut clones = self.state.clones.lock().expect("clones lock");
+            match clones.get_mut(id) {
+                Some(e) => {
+                    let info = rt.info();
+                    e.runtime = rt;
+                    e.switches = switches + 1;
+                    mark.done = true;
+                    tracing::info!(clone = %id, snapshot = %info.snapshot_id, "clone switched");
+                    return Ok(info);
+                }
+                None => rt,
+            }
+        };
+        // Removed meanwhile (the server is shutting down): the new guest
+        // goes too.
+        mark.done = true;
+        let _ = tokio::task::spawn_blocking(move || unlisted.teardown()).await;
+        Err(Status::not_found(format!(
+            "clone {id} was deleted during the switch"
+        )))
     }
 
-    /// Materialises the snapshot and builds the clone (a new id, or `id`
-    /// when switching).
+    /// Materialises the snapshot and builds clone `clone_id` (`fresh`: a
+    /// new clone, whose whole directory goes on failure; otherwise a switch,
+    /// whose new snapshot and run directories go).
     #[allow(clippy::too_many_arguments)]
     async fn build(
         &self,
         p: &Params,
         selector: vmr_snapshot::Selector,
         w: Window,
-        id: Option<String>,
+        clone_id: String,
+        fresh: bool,
         switches: u32,
         start_paused: bool,
         tx: tokio::sync::broadcast::Sender<pb::ReplayProgress>,
     ) -> Result<Arc<clone::CloneRuntime>, Status> {
         let cfg = &self.state.config;
-        let fresh = id.is_none();
-        let clone_id = id.unwrap_or_else(new_id);
         let base = cfg.work_dir.join(&clone_id);
         let snap_dir = base.join(format!("snapshot-{switches}"));
         let run_dir = base.join(format!("run-{switches}"));
@@ -864,9 +984,16 @@ impl Replayer {
         let listener = Box::new(move |p: pb::ReplayProgress| {
             let _ = tx.send(p);
         });
+        // A panicking build unwinds through the runtime it started (whose
+        // drop tears it down); its files go here.
         let built = tokio::task::spawn_blocking(move || clone::build(plan, listener))
             .await
-            .map_err(|e| Status::internal(format!("build task: {e}")))?;
+            .map_err(|e| {
+                cleanup(Status::internal(format!(
+                    "building the clone failed: {}",
+                    task_failure(e)
+                )))
+            })?;
         built.map_err(|e| cleanup(clone_status(e)))
     }
 }
@@ -892,4 +1019,112 @@ fn new_id() -> String {
         wall % 0xffff_ffff,
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A service over a file store in `dir`, with room for one clone.
+    fn replayer(dir: &std::path::Path) -> Replayer {
+        let config = super::super::Config::parse(&format!(
+            "work_dir = \"{work}\"\nmax_clones = 1\n[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n[store]\nurl = \"file://{store}\"\n",
+            work = dir.join("work").display(),
+            store = dir.join("store").display(),
+        ))
+        .expect("a valid configuration");
+        let store = vmr_snapshot::SnapshotStore::open(&vmr_snapshot::StoreConfig::new(
+            config.store.url.clone(),
+        ))
+        .expect("a file store");
+        Replayer {
+            state: Arc::new(State {
+                config,
+                store,
+                blk_bin: "vhost-tap-blk".into(),
+                net_bin: "vhost-tap-net".into(),
+                clones: Mutex::new(HashMap::new()),
+                building: Arc::new(Mutex::new(0)),
+                counters: Default::default(),
+            }),
+        }
+    }
+
+    fn building(r: &Replayer) -> usize {
+        *r.state.building.lock().expect("building lock")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_build_gives_its_slot_back_and_says_why() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let r = replayer(tmp.path());
+        let slot = r.reserve().expect("room for one clone");
+        let full = r.reserve().expect_err("max_clones is 1");
+        assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+        let dir = r.state.config.work_dir.join("c-panics");
+        std::fs::create_dir_all(dir.join("snapshot-0")).expect("work dir");
+        let res: Result<(), Status> = r
+            .detached("c-panics", slot, async {
+                panic!("the layer chain of vda is cyclic");
+            })
+            .await;
+        let e = res.expect_err("the build panicked");
+        assert_eq!(e.code(), Code::Internal, "{e:?}");
+        assert_eq!(
+            e.message(),
+            "building clone c-panics failed: it panicked: the layer chain of vda is cyclic"
+        );
+        assert_eq!(building(&r), 0, "the slot was given back");
+        drop(r.reserve().expect("the slot is free again"));
+        assert!(!dir.exists(), "the failed clone's files are removed");
+        assert_eq!(r.state.counters.create_failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_build_cancelled_with_its_runtime_gives_its_slot_back() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let r = Arc::new(replayer(tmp.path()));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let slot = r.reserve().expect("room for one clone");
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let r2 = r.clone();
+        rt.spawn(async move {
+            let _: Result<(), Status> = r2
+                .detached("c-cancelled", slot, async move {
+                    let _ = started_tx.send(());
+                    std::future::pending().await
+                })
+                .await;
+        });
+        started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the build task ran");
+        assert_eq!(building(&r), 1, "the build holds its slot");
+        // Shutting the runtime down cancels the build task.
+        rt.shutdown_timeout(Duration::from_secs(10));
+        assert_eq!(building(&r), 0, "the cancelled build gave its slot back");
+        drop(r.reserve().expect("the slot is free again"));
+    }
+
+    #[test]
+    fn a_slot_is_given_back_after_a_panic_that_poisoned_the_count() {
+        let building = Arc::new(Mutex::new(0));
+        let slot = BuildSlot::reserve(&building, 0, 1).expect("room for one");
+        assert!(BuildSlot::reserve(&building, 0, 1).is_none(), "full");
+        let b2 = building.clone();
+        let _ = std::thread::spawn(move || {
+            let _slot = slot;
+            let _held = b2.lock().expect("count lock");
+            panic!("poisons the count");
+        })
+        .join();
+        assert!(building.is_poisoned());
+        assert_eq!(*building.lock().unwrap_or_else(|p| p.into_inner()), 0);
+        assert!(BuildSlot::reserve(&building, 0, 1).is_some());
+    }
 }

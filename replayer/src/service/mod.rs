@@ -13,7 +13,7 @@ mod metrics;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -68,9 +68,42 @@ pub(crate) struct State {
     pub blk_bin: PathBuf,
     pub net_bin: PathBuf,
     pub clones: Mutex<HashMap<String, Entry>>,
-    /// Clones being built (counted against `max_clones`).
-    pub building: Mutex<usize>,
+    /// Clones being built (counted against `max_clones`); a [`BuildSlot`]
+    /// holds each one.
+    pub building: Arc<Mutex<usize>>,
     pub counters: metrics::Counters,
+}
+
+/// A clone build's place under `max_clones`. Dropping it gives the place
+/// back, so every way out of the build task gives it back: success (after
+/// the clone is listed), an error, a panic and the task's cancellation.
+#[derive(Debug)]
+#[must_use = "the place is given back when the slot is dropped"]
+pub(crate) struct BuildSlot {
+    building: Arc<Mutex<usize>>,
+}
+
+impl BuildSlot {
+    /// Takes a place when the `listed` clones and those being built are
+    /// fewer than `max`.
+    pub(crate) fn reserve(building: &Arc<Mutex<usize>>, listed: usize, max: usize) -> Option<Self> {
+        let mut b = building.lock().unwrap_or_else(PoisonError::into_inner);
+        if listed + *b >= max {
+            return None;
+        }
+        *b += 1;
+        Some(Self {
+            building: building.clone(),
+        })
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        // Also while unwinding from a panic that poisoned the lock.
+        let mut b = self.building.lock().unwrap_or_else(PoisonError::into_inner);
+        *b = b.saturating_sub(1);
+    }
 }
 
 impl State {
@@ -133,7 +166,7 @@ pub async fn serve(
         config,
         store,
         clones: Mutex::new(HashMap::new()),
-        building: Mutex::new(0),
+        building: Arc::new(Mutex::new(0)),
         counters: metrics::Counters::default(),
     });
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
