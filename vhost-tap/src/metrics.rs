@@ -40,6 +40,9 @@ pub struct Metrics {
     pub faults: AtomicU64,
     /// Frames taken from a replay source.
     pub injected: AtomicU64,
+    /// Block image writer threads that died (their writes failed with
+    /// `IOERR`; the queue then writes on its device thread).
+    pub writer_failures: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -61,6 +64,7 @@ pub struct MetricsSnapshot {
     pub io_errors: u64,
     pub faults: u64,
     pub injected: u64,
+    pub writer_failures: u64,
 }
 
 impl Metrics {
@@ -90,6 +94,7 @@ impl Metrics {
             io_errors: l(&self.io_errors),
             faults: l(&self.faults),
             injected: l(&self.injected),
+            writer_failures: l(&self.writer_failures),
         }
     }
 }
@@ -115,6 +120,7 @@ impl MetricsSnapshot {
             io_errors = self.io_errors,
             faults = self.faults,
             injected = self.injected,
+            writer_failures = self.writer_failures,
             "metrics"
         );
     }

@@ -19,7 +19,13 @@
 //! device thread puts such a request in the used ring once the writer has
 //! written it and queued its record. It waits for every such write before
 //! it handles any other request of the queue and before it releases the
-//! queue, so the completion and draining guarantees above still hold.
+//! queue, so the completion and draining guarantees above still hold. A
+//! write whose copy fails goes through the writer too, so its `IOERR`
+//! record is numbered in request order. If the writer thread dies, the
+//! writes it held complete with `IOERR` and are recorded as such (in
+//! request order), the failure is logged and counted
+//! (`writer_failures`), and the queue writes its later large writes on
+//! the device thread.
 //!
 //! A FLUSH completes only after the tee made every record queued before it
 //! durable ([`crate::capture::Tee::sync`]) and the disk flushed: the disk is
@@ -43,8 +49,9 @@ use vmm_sys_util::event::{
 use vmr_proto::pb;
 
 use super::disk::{Disk, DiskError};
+use super::hooks::Hooks;
 use super::request::{self, Limits, Request, RequestType, Segment};
-use super::writer::{self, InFlight, Writer};
+use super::writer::{self, Done, InFlight, Writer};
 use crate::capture::replay::{self, Expectations, Output, Outputs, ReplayClock};
 use crate::capture::Tee;
 use crate::fault::{BlockFault, FaultCtx, FaultHook};
@@ -124,6 +131,9 @@ struct Worker {
     note_seq: Option<u64>,
     /// The image writer of recorded large writes (started on first use).
     writer: Option<Writer>,
+    /// The queue's writer died: its large writes are written by the
+    /// device thread.
+    writer_failed: bool,
     /// Writes completed while a request waited for the writer, for the
     /// used ring.
     drained: Vec<u16>,
@@ -138,6 +148,7 @@ struct Inner {
     tee: Option<Tee>,
     faults: Option<Arc<dyn FaultHook>>,
     metrics: Arc<Metrics>,
+    hooks: Arc<Hooks>,
 }
 
 /// The virtio-blk vhost-user backend. Cheap to clone (shared state).
@@ -179,6 +190,7 @@ impl BlockBackend {
                     note_hash: None,
                     note_seq: None,
                     writer: None,
+                    writer_failed: false,
                     drained: Vec::with_capacity(writer::MAX_IN_FLIGHT),
                 })
             })
@@ -193,8 +205,15 @@ impl BlockBackend {
                 tee,
                 faults,
                 metrics,
+                hooks: Arc::default(),
             }),
         })
+    }
+
+    /// The fault points of the large-write path.
+    #[cfg(test)]
+    pub(crate) fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
     }
 
     /// The metrics of this backend.
@@ -299,7 +318,7 @@ impl BlockBackend {
                         completed += 1;
                     }
                     // Writes the writer has finished meanwhile.
-                    while let Some(h) = self.complete_write(&mem, &mut worker, false) {
+                    while let Some(h) = self.complete_write(&mem, &mut worker, q, false) {
                         queue.add_used(&*mem, h, 1).map_err(io::Error::other)?;
                         completed += 1;
                     }
@@ -314,7 +333,7 @@ impl BlockBackend {
                     signal_if_needed(&mut state, &mem)?;
                     signalled = completed;
                 }
-                if let Some(h) = self.complete_write(&mem, &mut worker, true) {
+                if let Some(h) = self.complete_write(&mem, &mut worker, q, true) {
                     state
                         .get_queue_mut()
                         .add_used(&*mem, h, 1)
@@ -342,8 +361,8 @@ impl BlockBackend {
     /// Completes the oldest write in flight on the queue's writer (waiting
     /// for it with `wait`): writes its status for the guest and returns
     /// its head for the used ring.
-    fn complete_write(&self, mem: &GuestMem, w: &mut Worker, wait: bool) -> Option<u16> {
-        Self::finish_one(&self.inner.metrics, mem, w.writer.as_mut()?, wait)
+    fn complete_write(&self, mem: &GuestMem, w: &mut Worker, q: u16, wait: bool) -> Option<u16> {
+        self.finish_one(mem, w.writer.as_mut()?, q, wait)
     }
 
     /// Hands a recorded large write to the queue's image writer: copies
@@ -361,18 +380,39 @@ impl BlockBackend {
         let Some(tee) = inner.tee.as_ref() else {
             return false;
         };
+        // A writer that died is not restarted: the queue's large writes
+        // are written by the device thread from then on.
+        if let Some(writer) = w.writer.as_mut().filter(|x| x.dead()) {
+            while let Some(h) = self.finish_one(mem, writer, q, true) {
+                w.drained.push(h);
+            }
+            w.writer = None;
+            w.writer_failed = true;
+        }
+        if w.writer_failed {
+            return false;
+        }
         if w.writer.is_none() {
-            w.writer = Writer::start(inner.disk.clone(), tee.clone(), inner.metrics.clone(), q);
+            w.writer = Writer::start(
+                inner.disk.clone(),
+                tee.clone(),
+                inner.metrics.clone(),
+                inner.hooks.clone(),
+                q,
+            );
         }
         let Some(writer) = w.writer.as_mut() else {
             return false;
         };
         while !writer.has_room() {
-            if let Some(h) = Self::finish_one(&inner.metrics, mem, writer, true) {
+            if let Some(h) = self.finish_one(mem, writer, q, true) {
                 w.drained.push(h);
             }
         }
         let segs = &w.segs;
+        let hooks = &inner.hooks;
+        // A copy that fails still goes to the writer (which leaves the disk
+        // alone), so its IOERR record is numbered after the writes before it.
         let pending = tee.copy_write(
             &inner.config.device,
             q,
@@ -381,33 +421,35 @@ impl BlockBackend {
             req.data_len,
             |at, chunk| {
                 let from = u64::from(request::HEADER_LEN) + at;
-                request::gather(mem, segs, from, chunk).is_ok()
+                !hooks.copy_fails(req.sector) && request::gather(mem, segs, from, chunk).is_ok()
             },
         );
-        let pending = match pending {
-            Ok(p) => p,
-            Err((status, _)) => {
-                // The copy failed: the record is queued with IOERR and the
-                // request completes now, like a synchronous one.
-                let _ = mem.write_obj(virtio_status(status) as u8, req.status);
-                Metrics::add(&inner.metrics.requests, 1);
-                Metrics::add(&inner.metrics.io_errors, 1);
-                w.drained.push(head);
-                return true;
-            }
-        };
         let off = req.sector.checked_mul(512);
         let fl = InFlight {
             head,
             status: req.status,
+            sector: req.sector,
+            len: req.data_len,
         };
-        if let Err(pending) = writer.submit(pending, off, req.sector, fl) {
-            // The writer is gone: write here.
-            let r = match off {
-                Some(off) => inner.disk.write(off, pending.data(), &mut w.scratch),
-                None => Err(DiskError::OutOfRange),
+        hooks.before_submit(req.sector, || writer.thread_ended());
+        if let Err(pending) = writer.submit(pending, off, fl) {
+            // The writer died: the writes it held complete (and are
+            // recorded) first, then this one is written here.
+            while let Some(h) = self.finish_one(mem, writer, q, true) {
+                w.drained.push(h);
+            }
+            let status = if pending.copied() {
+                writer::write_at(
+                    &inner.disk,
+                    &inner.metrics,
+                    off,
+                    req.sector,
+                    pending.data(),
+                    &mut w.scratch,
+                )
+            } else {
+                VIRTIO_BLK_S_IOERR
             };
-            let status = self.write_status(r, req.sector, req.data_len);
             tee.finish_write(pending, block_status(status));
             let _ = mem.write_obj(status as u8, req.status);
             Metrics::add(&inner.metrics.requests, 1);
@@ -416,19 +458,34 @@ impl BlockBackend {
             }
             w.drained.push(head);
             w.writer = None;
+            w.writer_failed = true;
         }
+        hooks.deferred();
         true
     }
 
     /// Completes the writer's oldest write (waiting for it with `wait`):
-    /// writes its status for the guest and returns its head.
-    fn finish_one(
-        metrics: &Metrics,
-        mem: &GuestMem,
-        writer: &mut Writer,
-        wait: bool,
-    ) -> Option<u16> {
-        let (req, status) = writer.complete(wait)?;
+    /// writes its status for the guest and returns its head. A write the
+    /// writer lost by dying completes with `IOERR` and gets an `IOERR`
+    /// record here, so the capture never silently lacks a request.
+    fn finish_one(&self, mem: &GuestMem, writer: &mut Writer, q: u16, wait: bool) -> Option<u16> {
+        let metrics = &self.inner.metrics;
+        let (req, done) = writer.complete(wait)?;
+        let status = match done {
+            Done::Status(s) => s,
+            Done::Lost => {
+                self.record(
+                    q,
+                    pb::BlockOp::Write,
+                    req.sector,
+                    req.len,
+                    None,
+                    None,
+                    VIRTIO_BLK_S_IOERR,
+                );
+                VIRTIO_BLK_S_IOERR
+            }
+        };
         Metrics::add(&metrics.requests, 1);
         if status == VIRTIO_BLK_S_IOERR {
             Metrics::add(&metrics.io_errors, 1);
@@ -480,7 +537,7 @@ impl BlockBackend {
         // Any other request waits for the writes in flight, so their
         // records come first and a FLUSH covers them.
         if let Some(writer) = w.writer.as_mut() {
-            while let Some(h) = Self::finish_one(&inner.metrics, mem, writer, true) {
+            while let Some(h) = self.finish_one(mem, writer, q, true) {
                 w.drained.push(h);
             }
         }

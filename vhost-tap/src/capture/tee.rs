@@ -505,8 +505,10 @@ impl Tee {
     /// `copy` and checksums it chunk by chunk the same way, and returns the
     /// record, not yet numbered or queued. Write the disk from
     /// [`PendingWrite::data`], then hand the record and the write's status
-    /// to [`Tee::finish_write`]. A `copy` that fails queues the record at
-    /// once with `IOERR` and returns its status and `seq`.
+    /// to [`Tee::finish_write`]. A `copy` that fails still returns the
+    /// record, not numbered either ([`PendingWrite::copied`] is false): the
+    /// disk must not be written from it, and [`Tee::finish_write`] with
+    /// `IOERR` numbers it in its turn among the queue's other writes.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_write(
         &self,
@@ -516,14 +518,13 @@ impl Tee {
         sector: u64,
         len: u32,
         copy: impl FnMut(u64, &mut [u8]) -> bool,
-    ) -> Result<PendingWrite, (pb::BlockStatus, Option<u64>)> {
+    ) -> PendingWrite {
         let (rec, status) = self.fill_block(device, queue, op, sector, len, |data| {
             copy_checksummed(data, copy)
         });
-        if status == pb::BlockStatus::Ok {
-            Ok(PendingWrite { rec })
-        } else {
-            Err((status, self.push(rec)))
+        PendingWrite {
+            rec,
+            copied: status == pb::BlockStatus::Ok,
         }
     }
 
@@ -742,13 +743,21 @@ fn copy_checksummed(
 }
 
 /// A write's record between [`Tee::copy_write`] and [`Tee::finish_write`]:
-/// its payload is copied and checksummed, it has no `seq` yet and is not
-/// queued.
+/// its payload is copied and checksummed (or the copy failed), it has no
+/// `seq` yet and is not queued.
 pub struct PendingWrite {
     rec: Record,
+    copied: bool,
 }
 
 impl PendingWrite {
+    /// Whether the whole payload was copied from the guest (false: the
+    /// copy failed, the request fails with `IOERR` and the disk must not be
+    /// written from [`PendingWrite::data`]).
+    pub fn copied(&self) -> bool {
+        self.copied
+    }
+
     /// The copied payload: the bytes to write to the disk.
     pub fn data(&self) -> &[u8] {
         match &self.rec.event.payload {
