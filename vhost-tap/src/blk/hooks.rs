@@ -49,8 +49,9 @@ mod armed {
         pub panic_at: Mutex<Option<u64>>,
         /// The image writer waits before each write while this is set.
         pub hold: AtomicBool,
-        /// The device thread hands the write at this sector over only once
-        /// the writer's thread ended.
+        /// When the device thread is about to hand the write at this
+        /// sector over, it lifts `hold` and waits until the writer's thread
+        /// ended.
         pub submit_after_exit_at: Mutex<Option<u64>>,
         /// Large writes the device thread handled on the writer path.
         pub deferred: AtomicU64,
@@ -81,6 +82,7 @@ mod armed {
 
         pub(crate) fn before_submit(&self, sector: u64, writer_gone: impl Fn() -> bool) {
             if is(&self.submit_after_exit_at, sector) {
+                self.hold.store(false, Ordering::Release);
                 wait(writer_gone);
             }
         }

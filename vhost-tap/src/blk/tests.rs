@@ -283,35 +283,44 @@ fn writes_held_by_a_dead_writer_fail_and_are_recorded_and_later_writes_go_on() {
 fn a_writer_found_dead_at_hand_over_completes_what_it_held() {
     let mut rig = Rig::new();
     let hooks = rig.backend.hooks();
-    // The writer dies on the first write; the second is handed over only
-    // once its thread has ended.
-    *hooks.panic_at.lock().unwrap() = Some(sector_of(0));
-    *hooks.submit_after_exit_at.lock().unwrap() = Some(sector_of(1));
-    for i in 0..3 {
+    // The writer holds the first two writes until the device thread is
+    // about to hand over the third; then it writes the first, dies on the
+    // second and has ended before the third is handed over. The status of
+    // the first is still unread then.
+    hooks.hold.store(true, Ordering::Release);
+    *hooks.panic_at.lock().unwrap() = Some(sector_of(1));
+    *hooks.submit_after_exit_at.lock().unwrap() = Some(sector_of(2));
+    for i in 0..4 {
         rig.post_write(sector_of(i), i as u8 + 1);
     }
     rig.kick();
     assert!(
-        rig.wait_used(3),
-        "the guest waits for the write the dead writer held (statuses {:?})",
+        rig.wait_used(4),
+        "the guest waits for a write the dead writer held (statuses {:?})",
         rig.statuses()
     );
-    assert_eq!(rig.statuses(), [IOERR, OK, OK]);
+    assert_eq!(rig.statuses(), [OK, IOERR, OK, OK]);
     let m = rig.metrics.snapshot();
     assert_eq!((m.writer_failures, m.io_errors), (1, 1));
+    // The third went to the writer path and found it dead; the fourth was
+    // written by the device thread without it.
+    assert_eq!(rig.deferred(), 3);
     let events = rig.finish();
     use pb::BlockStatus::{Ioerr, Ok as Good};
     assert_eq!(
         block_records(&events),
         [
-            (sector_of(0), Ioerr, 0),
-            (sector_of(1), Good, LEN as usize),
+            (sector_of(0), Good, LEN as usize),
+            (sector_of(1), Ioerr, 0),
             (sector_of(2), Good, LEN as usize),
-        ]
+            (sector_of(3), Good, LEN as usize),
+        ],
+        "every request is recorded once, in request order"
     );
     let disk = std::fs::read(&rig.image).unwrap();
     let at = |i: u64| sector_of(i) as usize * 512;
-    assert!(disk[at(0)..at(1)].iter().all(|&b| b == 0));
-    assert!(disk[at(1)..at(2)].iter().all(|&b| b == 2));
+    assert!(disk[at(0)..at(1)].iter().all(|&b| b == 1));
+    assert!(disk[at(1)..at(2)].iter().all(|&b| b == 0));
     assert!(disk[at(2)..at(3)].iter().all(|&b| b == 3));
+    assert!(disk[at(3)..at(4)].iter().all(|&b| b == 4));
 }

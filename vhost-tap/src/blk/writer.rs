@@ -114,7 +114,8 @@ impl Writer {
     }
 
     /// Whether the thread has died. Its writes still in flight then
-    /// complete as [`Done::Lost`].
+    /// complete with the statuses it sent before it died, the others as
+    /// [`Done::Lost`].
     pub(crate) fn dead(&self) -> bool {
         self.dead
     }
@@ -126,6 +127,8 @@ impl Writer {
     }
 
     /// Marks the thread dead (once): reaps it, logs why and counts it.
+    /// Called once one end of a channel was found closed, which the thread
+    /// only closes by ending.
     fn died(&mut self) {
         if self.dead {
             return;
@@ -199,10 +202,9 @@ impl Writer {
         self.in_flight.front()?;
         // The thread sends a write's status right after it queued its
         // record, and the channel hands over every status sent before it
-        // reports the sender gone: a write without a status has no record.
-        let done = if self.dead {
-            Done::Lost
-        } else if wait {
+        // reports the sender gone (also once the writer is known dead): a
+        // write without a status has no record.
+        let done = if wait {
             loop {
                 match self.done.recv_timeout(SLOW_WRITE) {
                     Ok(s) => break Done::Status(s),
