@@ -201,6 +201,24 @@ pub trait Instance: Send + Sync {
     fn snapshot(&self, dir: &Path, opts: SnapshotOptions)
         -> Result<SnapshotArtifacts, DriverError>;
 
+    /// As [`Instance::snapshot`], in two steps: this call saves the
+    /// execution state (pausing a running instance for it, as `snapshot`
+    /// does), and [`StagedSnapshot::complete`] makes it durable and
+    /// complete, which may happen after the guest resumed. Until then `dir`
+    /// holds no snapshot (a crash leaves files that neither the driver nor
+    /// a restore takes for one). Drivers that cannot split the work do all
+    /// of it here (the default).
+    fn snapshot_staged<'a>(
+        &'a self,
+        dir: &Path,
+        opts: SnapshotOptions,
+    ) -> Result<Box<dyn StagedSnapshot + 'a>, DriverError> {
+        Ok(Box::new(CompleteSnapshot {
+            arts: self.snapshot(dir, opts)?,
+            dir: dir.to_path_buf(),
+        }))
+    }
+
     /// Where a gdb remote-protocol debugger can attach, if the spec asked
     /// for one.
     fn debugger(&self) -> Option<DebugListen>;
@@ -208,6 +226,38 @@ pub trait Instance: Send + Sync {
     /// The concrete instance, for driver-specific extras (for example the
     /// microVM's test-guest ports).
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A snapshot [`Instance::snapshot_staged`] saved but that is not complete
+/// yet. Dropping it without [`StagedSnapshot::complete`] abandons it.
+pub trait StagedSnapshot {
+    /// Makes the snapshot durable and writes its artifact list; only then
+    /// is it a snapshot (and the parent of the next incremental one).
+    /// `pause`, when the caller paused the instance around the staging
+    /// itself, is the guest-visible pause to record instead of the
+    /// driver's own (which is none for an instance that was paused).
+    fn complete(self: Box<Self>, pause: Option<Duration>)
+        -> Result<SnapshotArtifacts, DriverError>;
+}
+
+/// A snapshot that was complete when staged.
+struct CompleteSnapshot {
+    arts: SnapshotArtifacts,
+    dir: PathBuf,
+}
+
+impl StagedSnapshot for CompleteSnapshot {
+    fn complete(
+        self: Box<Self>,
+        pause: Option<Duration>,
+    ) -> Result<SnapshotArtifacts, DriverError> {
+        let mut arts = self.arts;
+        if let Some(p) = pause {
+            arts.pause = Some(Duration::from_micros(p.as_micros() as u64));
+            arts.store(&self.dir)?;
+        }
+        Ok(arts)
+    }
 }
 
 /// The driver called `name`.

@@ -29,7 +29,9 @@ use vmr_vmm::devices::{self, VirtioSpec};
 use vmr_vmm::guest_abi::TestPorts;
 use vmr_vmm::snapshot::RestoreMemory;
 use vmr_vmm::vcpu::VmEvent;
-use vmr_vmm::vm::{BootSource, RestoreOptions, RunState as VmRunState, Vm, VmConfig};
+use vmr_vmm::vm::{
+    BootSource, PendingSnapshot, RestoreOptions, RunState as VmRunState, Vm, VmConfig,
+};
 
 use crate::artifacts::{
     self, Artifact, ArtifactKind, HostInfo, MemoryKind, SnapshotArtifacts, ARTIFACTS_VERSION,
@@ -38,6 +40,7 @@ use crate::events::{Bus, DriverEvent, Subscription};
 use crate::spec::{BootSpec, DebugListen, InstanceSpec};
 use crate::{
     Driver, DriverError, EndReason, ExitInfo, Instance, InstanceInfo, RunState, SnapshotOptions,
+    StagedSnapshot,
 };
 
 /// Driver name.
@@ -581,18 +584,21 @@ impl MicrovmInstance {
         }
     }
 
-    fn write_devices(&self, dir: &Path) -> Result<Artifact, DriverError> {
+    /// `devices.json`'s artifact entry and body.
+    fn devices_artifact(&self) -> Result<(Artifact, Vec<u8>), DriverError> {
         let body = serde_json::to_vec_pretty(&self.devices).map_err(|e| DriverError::Artifact {
             artifact: "devices".into(),
             reason: e.to_string(),
         })?;
-        artifacts::write_durable(&dir.join(DEVICES_FILE), &body)?;
-        Ok(Artifact {
-            name: "devices".into(),
-            kind: ArtifactKind::State,
-            file: DEVICES_FILE.into(),
-            size: body.len() as u64,
-        })
+        Ok((
+            Artifact {
+                name: "devices".into(),
+                kind: ArtifactKind::State,
+                file: DEVICES_FILE.into(),
+                size: body.len() as u64,
+            },
+            body,
+        ))
     }
 }
 
@@ -645,6 +651,110 @@ fn relative_to(from: &Path, target: &Path) -> String {
         rel.push(c.as_os_str());
     }
     rel.display().to_string()
+}
+
+/// A microVM snapshot written under staging names, not yet durable.
+struct MicrovmStaged<'a> {
+    inst: &'a MicrovmInstance,
+    vm: Arc<Vm>,
+    pending: PendingSnapshot,
+    dir: PathBuf,
+    memory: MemoryKind,
+    parent: Option<PathBuf>,
+    pause: Option<Duration>,
+    taken_at_ns: u64,
+}
+
+impl StagedSnapshot for MicrovmStaged<'_> {
+    fn complete(
+        self: Box<Self>,
+        pause: Option<Duration>,
+    ) -> Result<SnapshotArtifacts, DriverError> {
+        let MicrovmStaged {
+            inst,
+            vm,
+            pending,
+            dir,
+            memory,
+            parent,
+            pause: own_pause,
+            taken_at_ns,
+        } = *self;
+        let started = Instant::now();
+        vm.complete_snapshot(pending)?;
+        // The microVM's chain moved on: the next incremental snapshot's
+        // parent is this one, whether or not the driver's files below are
+        // written.
+        *inst.last_snapshot.lock() = Some(dir.clone());
+        let mut files = list_vmm_files(&dir)?;
+        let (devices, devices_body) = inst.devices_artifact()?;
+        files.push(devices);
+        let pause = pause.or(own_pause);
+        let arts = SnapshotArtifacts {
+            version: ARTIFACTS_VERSION,
+            driver: NAME.into(),
+            driver_format: FORMAT,
+            instance: inst.id.clone(),
+            memory,
+            parent: parent.as_deref().map(|p| relative_to(&dir, p)),
+            artifacts: files,
+            pause: pause.map(|p| Duration::from_micros(p.as_micros() as u64)),
+            taken_at_ns,
+            host: HostInfo::current(),
+        };
+        let arts_body = serde_json::to_vec_pretty(&arts).map_err(|e| DriverError::Artifact {
+            artifact: artifacts::ARTIFACTS_FILE.into(),
+            reason: e.to_string(),
+        })?;
+        write_durable_pair(
+            &dir,
+            [
+                (DEVICES_FILE, &devices_body[..]),
+                (artifacts::ARTIFACTS_FILE, &arts_body[..]),
+            ],
+        )?;
+        info!(
+            instance = %inst.id,
+            dir = %dir.display(),
+            bytes = arts.total_bytes(),
+            pause_us = pause.map(|p| p.as_micros() as u64),
+            durable_us = started.elapsed().as_micros() as u64,
+            "microVM snapshot"
+        );
+        Ok(arts)
+    }
+}
+
+/// Writes two small files into `dir` durably: both under temporary names,
+/// `fdatasync`'d from two threads, renamed (the second last), then one
+/// fsync of `dir`.
+fn write_durable_pair(dir: &Path, files: [(&str, &[u8]); 2]) -> Result<(), DriverError> {
+    let write = |name: &str, body: &[u8]| -> Result<(), DriverError> {
+        use std::io::Write;
+        let tmp = dir.join(format!("{name}.tmp"));
+        let mut f =
+            std::fs::File::create(&tmp).map_err(DriverError::io(tmp.display().to_string()))?;
+        f.write_all(body)
+            .and_then(|_| f.sync_data())
+            .map_err(DriverError::io(tmp.display().to_string()))
+    };
+    let [(a, ab), (b, bb)] = files;
+    std::thread::scope(|s| {
+        let h = s.spawn(|| write(a, ab));
+        let rb = write(b, bb);
+        let ra = h.join().unwrap_or_else(|_| {
+            Err(DriverError::Artifact {
+                artifact: a.into(),
+                reason: "the writing thread panicked".into(),
+            })
+        });
+        ra.and(rb)
+    })?;
+    for name in [a, b] {
+        let (tmp, path) = (dir.join(format!("{name}.tmp")), dir.join(name));
+        std::fs::rename(&tmp, &path).map_err(DriverError::io(path.display().to_string()))?;
+    }
+    artifacts::sync_dir(dir)
 }
 
 impl Instance for MicrovmInstance {
@@ -741,6 +851,17 @@ impl Instance for MicrovmInstance {
         dir: &Path,
         opts: SnapshotOptions,
     ) -> Result<SnapshotArtifacts, DriverError> {
+        self.snapshot_staged(dir, opts)?.complete(None)
+    }
+
+    /// The microVM writes memory and state while paused (copies into the
+    /// page cache) and syncs them in [`StagedSnapshot::complete`], so a
+    /// running instance is resumed before the flush.
+    fn snapshot_staged<'a>(
+        &'a self,
+        dir: &Path,
+        opts: SnapshotOptions,
+    ) -> Result<Box<dyn StagedSnapshot + 'a>, DriverError> {
         let vm = self.vm()?;
         let empty = std::fs::read_dir(dir)
             .map_err(DriverError::io(dir.display().to_string()))?
@@ -772,7 +893,7 @@ impl Instance for MicrovmInstance {
             MemoryKind::Full => vmr_vmm::snapshot::MemoryKind::Full,
             MemoryKind::Incremental => vmr_vmm::snapshot::MemoryKind::Incremental,
         };
-        let result = vm.snapshot(dir, kind);
+        let result = vm.snapshot_staged(dir, kind);
         let pause = if was_running {
             let resumed = vm.resume();
             let p = started.elapsed();
@@ -781,28 +902,17 @@ impl Instance for MicrovmInstance {
         } else {
             None
         };
-        result?;
-        // The microVM's chain moved on: the next incremental snapshot's
-        // parent is this one, whether or not the driver's files below are
-        // written.
-        *self.last_snapshot.lock() = Some(dir.to_path_buf());
-        let mut files = list_vmm_files(dir)?;
-        files.push(self.write_devices(dir)?);
-        let arts = SnapshotArtifacts {
-            version: ARTIFACTS_VERSION,
-            driver: NAME.into(),
-            driver_format: FORMAT,
-            instance: self.id.clone(),
+        let pending = result?;
+        Ok(Box::new(MicrovmStaged {
+            inst: self,
+            vm,
+            pending,
+            dir: dir.to_path_buf(),
             memory: opts.memory,
-            parent: parent.as_deref().map(|p| relative_to(dir, p)),
-            artifacts: files,
+            parent,
             pause,
             taken_at_ns,
-            host: HostInfo::current(),
-        };
-        arts.store(dir)?;
-        info!(instance = %self.id, dir = %dir.display(), bytes = arts.total_bytes(), pause_us = pause.map(|p| p.as_micros() as u64), "microVM snapshot");
-        Ok(arts)
+        }))
     }
 
     fn debugger(&self) -> Option<DebugListen> {

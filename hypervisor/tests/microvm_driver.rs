@@ -500,6 +500,90 @@ fn incremental_chain_moved_elsewhere_restores_from_its_last_link() {
 }
 
 #[test]
+// Heavy: needs /dev/kvm.
+fn a_staged_snapshot_is_a_snapshot_only_once_complete_and_the_chain_keeps_every_page() {
+    require_kvm();
+    let elf = guest_elf();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let inst = boot_cpu_only(dir, "staged", &elf);
+    let m = microvm(inst.as_ref());
+    let chain = dir.join("staged-snaps");
+    let link = |n: &str| {
+        let d = chain.join(n);
+        std::fs::create_dir_all(&d).expect("snapshot dir");
+        d
+    };
+    let work = dir.join("restored");
+    std::fs::create_dir_all(&work).expect("temp dir is writable");
+    let spec = InstanceSpec::new(
+        "restored",
+        &work,
+        BootSpec::Kernel {
+            kernel: elf.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        },
+    );
+    let inc = SnapshotOptions {
+        memory: MemoryKind::Incremental,
+    };
+    inst.snapshot(&link("0001"), SnapshotOptions::default())
+        .expect("full snapshot");
+
+    dirty(m, &[1, 2]);
+    let d2 = link("0002");
+    let staged = inst.snapshot_staged(&d2, inc).expect("staged");
+    // The driver paused the running guest for the staging only.
+    assert_eq!(inst.query().expect("query").state, RunState::Running);
+    // What a crash now leaves is no snapshot, for the driver or a restore.
+    let e = vmr_hypervisor::SnapshotArtifacts::load(&d2, "microvm").expect_err("incomplete");
+    assert!(e.to_string().contains("artifacts.json"), "{e}");
+    assert!(
+        driver().restore(&spec, &d2).is_err(),
+        "an incomplete snapshot restored"
+    );
+    dirty(m, &[2, 5]);
+    let arts = staged.complete(None).expect("completes");
+    assert!(arts.pause.is_some(), "the driver paused the guest");
+    assert_eq!(arts.parent.as_deref(), Some("../0001"));
+    vmr_hypervisor::SnapshotArtifacts::load(&d2, "microvm").expect("complete");
+
+    // An abandoned one leaves nothing behind and loses no page.
+    dirty(m, &[9]);
+    let d3 = link("0003");
+    drop(inst.snapshot_staged(&d3, inc).expect("staged"));
+    assert!(
+        std::fs::read_dir(&d3).expect("dir").next().is_none(),
+        "an abandoned snapshot left files"
+    );
+    dirty(m, &[11]);
+    let d4 = link("0004");
+    let arts = inst
+        .snapshot(&d4, inc)
+        .expect("snapshot after the abandoned one");
+    assert_eq!(arts.parent.as_deref(), Some("../0002"));
+    let expect: Vec<(u32, u64)> = [1u32, 2, 5, 9, 11]
+        .iter()
+        .map(|&p| (p, read_u64(m, ARENA_GPA + u64::from(p) * 4096)))
+        .collect();
+    assert_eq!(expect[1].1, dirty_pattern(2, 2));
+    assert_eq!(expect[3].1, dirty_pattern(9, 3));
+    inst.stop(Duration::from_secs(5)).expect("stop");
+
+    let clone = driver().restore(&spec, &d4).expect("restore from 0004");
+    let mc = microvm(clone.as_ref());
+    for (p, v) in expect {
+        assert_eq!(
+            read_u64(mc, ARENA_GPA + u64::from(p) * 4096),
+            v,
+            "arena page {p}"
+        );
+    }
+    clone.stop(Duration::from_secs(5)).expect("stop");
+}
+
+#[test]
 // Heavy: needs /dev/kvm and gdb (Debian package gdb).
 fn gdb_reads_registers_of_a_paused_instance_through_the_endpoint() {
     require_kvm();

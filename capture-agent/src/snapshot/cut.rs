@@ -9,9 +9,12 @@
 //!    and for disks the top layer frozen and a new one opened.
 //! 4. `seq_at_cut` = the instance's counter (last number handed out) after
 //!    every device acknowledged.
-//! 5. Save the execution state through the driver (the guest stays paused).
+//! 5. Save the execution state through the driver (the guest stays paused;
+//!    staged: the microVM writes its files without syncing them).
 //! 6. Record a `Lifecycle` snapshot event in the agent's event log.
-//! 7. Resume; the pause is what the guest saw of the cut.
+//! 7. Resume; the pause is what the guest saw of the cut. Then the driver
+//!    makes the snapshot durable (the microVM's fsyncs run here, after the
+//!    resume); nothing below starts before.
 //! 8. Pack each newly frozen disk layer, upload with `vmr-snapshot` (only
 //!    new layers; the chain below is taken over from the base snapshot),
 //!    manifest last, then (unless publishing is off) publish it on
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use vmr_hypervisor::{MemoryKind, RunState, SnapshotOptions};
+use vmr_hypervisor::{MemoryKind, RunState, SnapshotOptions, StagedSnapshot};
 use vmr_proto::domain::LifecycleKind;
 use vmr_snapshot::{DiskLayerFile, Manifest, PartitionOffset, SnapshotStore, UploadRequest};
 
@@ -141,6 +144,9 @@ pub struct CutReport {
     pub uploaded_bytes: u64,
     /// Time from resume to the manifest stored.
     pub upload_time: Duration,
+    /// Time from resume to the driver's snapshot files durable (part of
+    /// `upload_time`: nothing is uploaded before).
+    pub durable_time: Duration,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CutError {
@@ -235,7 +241,7 @@ pub fn take(
             .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
     }
     // From here on the guest is resumed whatever happens.
-    let cut = (|| -> Result<(u64, Vec<DiskChain>), CutError> {
+    let cut = (|| -> Result<(u64, Vec<DiskChain>, Box<dyn StagedSnapshot + '_>), CutError> {
         progress(Stage::Cut);
         let mut chains = Vec::new();
         for d in inst.devices() {
@@ -259,8 +265,11 @@ pub fn take(
         }
         let seq_at_cut = inst.events().seq().peek().saturating_sub(1);
         progress(Stage::Saving);
-        guest
-            .snapshot(
+        // Staged: the execution state is saved now; the driver makes it
+        // durable after the resume (the microVM's fsyncs are not part of
+        // the pause).
+        let staged = guest
+            .snapshot_staged(
                 &dir,
                 SnapshotOptions {
                     memory: opts.memory,
@@ -271,7 +280,7 @@ pub fn take(
             LifecycleKind::Snapshot,
             &format!("snapshot {} seq_at_cut {seq_at_cut}", opts.snapshot_id),
         )?;
-        Ok((seq_at_cut, chains))
+        Ok((seq_at_cut, chains, staged))
     })();
     let resumed = if was_running {
         guest
@@ -281,21 +290,19 @@ pub fn take(
         Ok(())
     };
     let pause = t0.elapsed();
-    let (seq_at_cut, chains) = cut?;
+    let t_up = Instant::now();
+    let (seq_at_cut, chains, staged) = cut?;
     resumed?;
-    // The guest-visible pause is the agent's (the driver saw a paused
-    // guest); artifacts.json carries it into the manifest.
-    let mut arts = vmr_hypervisor::SnapshotArtifacts::load(&dir, inst.driver())
-        .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
-    if was_running {
-        arts.pause = Some(Duration::from_micros(pause.as_micros() as u64));
-        arts.store(&dir)
-            .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
-    }
     progress(Stage::Resumed {
         pause_us: pause.as_micros() as u64,
     });
-    let t_up = Instant::now();
+    // Durable before anything uploads it. The guest-visible pause is the
+    // agent's (the driver saw a paused guest); artifacts.json carries it
+    // into the manifest.
+    staged
+        .complete(was_running.then_some(pause))
+        .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
+    let durable_time = t_up.elapsed();
 
     // New layers: those above what the base snapshot already holds.
     progress(Stage::Packing);
@@ -359,6 +366,7 @@ pub fn take(
         pause,
         uploaded_bytes,
         upload_time,
+        durable_time,
     })
 }
 

@@ -433,7 +433,7 @@ impl SnapshotEngine {
         // After the cut, not before it: the cut stays close to its slot.
         self.sweep(&instance, id);
         let r = r?;
-        tracing::info!(instance = %instance, snapshot = %id, pause_us = r.pause.as_micros() as u64, bytes = r.uploaded_bytes, upload_ms = r.upload_time.as_millis() as u64, "snapshot stored");
+        tracing::info!(instance = %instance, snapshot = %id, pause_us = r.pause.as_micros() as u64, bytes = r.uploaded_bytes, durable_us = r.durable_time.as_micros() as u64, upload_ms = r.upload_time.as_millis() as u64, "snapshot stored");
         if request.pin {
             let mut pins = self.pins(&instance);
             pins.insert(id.to_string());
