@@ -115,6 +115,16 @@ pub enum CloneError {
     Driver(#[from] vmr_hypervisor::DriverError),
     #[error("{0}")]
     State(String),
+    /// Going live failed at one NIC. `replay_kept`: the NICs already
+    /// changed were put back and the replay goes on as before; otherwise
+    /// the replay had stopped and the clone is failed.
+    #[error("cannot go live: NIC {nic} (namespace interface {interface}): {reason}")]
+    GoLive {
+        nic: String,
+        interface: String,
+        reason: String,
+        replay_kept: bool,
+    },
 }
 
 /// A NIC of the machine.
@@ -476,6 +486,8 @@ pub struct CloneRuntime {
     debugger: Option<String>,
     /// The replay clock is paused because a debugger stopped the guest.
     debugger_held: AtomicBool,
+    /// Held while going live (one attempt at a time).
+    going_live: Mutex<()>,
 }
 
 impl std::fmt::Debug for CloneRuntime {
@@ -501,6 +513,11 @@ fn mac_str(m: &[u8; 6]) -> String {
 }
 
 fn run_ip(args: &[&str]) -> Result<(), CloneError> {
+    ip_output(args).map(drop)
+}
+
+/// Runs `ip` with `args` and returns what it printed.
+fn ip_output(args: &[&str]) -> Result<String, CloneError> {
     let out = Command::new("ip").args(args).output().map_err(|e| {
         setup(
             "network namespace",
@@ -517,7 +534,34 @@ fn run_ip(args: &[&str]) -> Result<(), CloneError> {
             ),
         ));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The MAC address of interface `dev` in namespace `netns`.
+fn link_mac(netns: &str, dev: &str) -> Result<String, CloneError> {
+    let out = ip_output(&["-n", netns, "-o", "link", "show", "dev", dev])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            setup(
+                "network namespace",
+                format!("{dev} has no Ethernet address"),
+            )
+        })
+}
+
+/// An error and its sources, as one line.
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
 }
 
 /// Builds the clone `plan` describes and leaves it restored and paused (or
@@ -602,6 +646,7 @@ pub fn build(plan: ClonePlan, listener: Listener) -> Result<Arc<CloneRuntime>, C
         torn_down: AtomicBool::new(false),
         debugger: None,
         debugger_held: AtomicBool::new(false),
+        going_live: Mutex::new(()),
         plan,
     };
     // From here on, a failure tears down what was started (drop).
@@ -1472,12 +1517,55 @@ impl CloneRuntime {
     /// the namespace's interface towards each NIC takes the recorded
     /// peer's MAC and address and comes up, so the guest's service is
     /// reachable from inside the namespace (see [`pb::CloneAccess`]).
+    ///
+    /// All or nothing: the MACs change first, while the replay goes on (the
+    /// namespace's stack has no address yet, so the clone sees nothing of
+    /// it); a NIC that fails there puts the NICs already changed back and
+    /// the clone replays on as before ([`CloneError::GoLive`] with
+    /// `replay_kept`). Then the replay stops and the interfaces take their
+    /// addresses and come up; a failure there puts every NIC back and fails
+    /// the clone, with the NIC in its detail.
     pub fn go_live(&self) -> Result<(), CloneError> {
+        let _one = self.going_live.lock().expect("go-live lock");
         if self.shared.ended.load(Ordering::SeqCst) || self.is_over() {
             return Err(CloneError::State(format!(
                 "the replay has ended ({}); only a replaying, paused or finished clone can go live",
                 self.shared.status.lock().expect("status lock").detail
             )));
+        }
+        // Each interface's own MAC, to put back.
+        let mut changed: Vec<(String, String)> = Vec::new();
+        for (i, nic) in self.plan.nics.iter().enumerate() {
+            let tap = live_tap(i);
+            let step = link_mac(&self.netns, &tap).and_then(|own| {
+                if let Some(mac) = self.peer_macs.get(&nic.name) {
+                    run_ip(&[
+                        "-n",
+                        &self.netns,
+                        "link",
+                        "set",
+                        "dev",
+                        &tap,
+                        "address",
+                        &mac_str(mac),
+                    ])?;
+                }
+                Ok(own)
+            });
+            match step {
+                Ok(own) => changed.push((tap, own)),
+                Err(e) => {
+                    self.undo_live(&changed);
+                    let e = CloneError::GoLive {
+                        nic: nic.name.clone(),
+                        interface: tap,
+                        reason: error_line(&e),
+                        replay_kept: true,
+                    };
+                    tracing::warn!(clone = %self.shared.id, error = %e, "going live failed; the replay goes on");
+                    return Err(e);
+                }
+            }
         }
         self.shared.ended.store(true, Ordering::SeqCst);
         self.shared.clock.stop();
@@ -1486,36 +1574,50 @@ impl CloneRuntime {
         self.peer_active.store(false, Ordering::SeqCst);
         for (i, nic) in self.plan.nics.iter().enumerate() {
             let tap = live_tap(i);
-            if let Some(mac) = self.peer_macs.get(&nic.name) {
-                run_ip(&[
-                    "-n",
-                    &self.netns,
-                    "link",
-                    "set",
-                    "dev",
-                    &tap,
-                    "address",
-                    &mac_str(mac),
-                ])?;
-            }
             let a = self.plan.access.nics.get(i).cloned().unwrap_or_default();
-            if let Some(peer) = &a.peer_ip {
-                run_ip(&[
-                    "-n",
-                    &self.netns,
-                    "addr",
-                    "add",
-                    &format!("{peer}/{}", a.prefix),
-                    "dev",
-                    &tap,
-                ])?;
+            let step = a
+                .peer_ip
+                .as_ref()
+                .map_or(Ok(()), |peer| {
+                    run_ip(&[
+                        "-n",
+                        &self.netns,
+                        "addr",
+                        "replace",
+                        &format!("{peer}/{}", a.prefix),
+                        "dev",
+                        &tap,
+                    ])
+                })
+                .and_then(|()| run_ip(&["-n", &self.netns, "link", "set", "dev", &tap, "up"]));
+            if let Err(e) = step {
+                self.undo_live(&changed);
+                let e = CloneError::GoLive {
+                    nic: nic.name.clone(),
+                    interface: tap,
+                    reason: error_line(&e),
+                    replay_kept: false,
+                };
+                self.fail(format!(
+                    "{e}; the replay had stopped, so the clone can neither replay nor go live: delete it"
+                ));
+                return Err(e);
             }
-            run_ip(&["-n", &self.netns, "link", "set", "dev", &tap, "up"])?;
         }
         if let Some(i) = self.instance() {
-            let st = i.query()?.state;
-            if st == RunState::Paused || st == RunState::Created {
-                i.resume()?;
+            let resumed = i.query().and_then(|q| {
+                if q.state == RunState::Paused || q.state == RunState::Created {
+                    i.resume()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = resumed {
+                self.fail(format!(
+                    "going live failed: the guest cannot run: {}",
+                    error_line(&e)
+                ));
+                return Err(e.into());
             }
         }
         let first = self.plan.access.nics.first().cloned().unwrap_or_default();
@@ -1543,6 +1645,21 @@ impl CloneRuntime {
             );
         });
         Ok(())
+    }
+
+    /// Puts namespace interfaces (name, own MAC) back as they were before
+    /// going live: no address, their own MAC.
+    fn undo_live(&self, changed: &[(String, String)]) {
+        for (tap, mac) in changed {
+            for args in [
+                vec!["-n", &self.netns, "addr", "flush", "dev", tap],
+                vec!["-n", &self.netns, "link", "set", "dev", tap, "address", mac],
+            ] {
+                if let Err(error) = run_ip(&args) {
+                    tracing::warn!(clone = %self.shared.id, interface = %tap, %error, "putting a namespace interface back failed");
+                }
+            }
+        }
     }
 
     /// Pauses the replay and the guest.

@@ -5,6 +5,9 @@
 //! through the `replayer` binary and then made live: both of the
 //! namespace's interfaces come up with the image's peer addresses, the
 //! first with the recorded peer's MAC, and `Clone.access` lists both.
+//! Before that, a go-live whose second NIC's interface is missing is
+//! refused naming that NIC, with the first NIC put back and the clone still
+//! `FINISHED`.
 //!
 //! Heavy: needs /dev/kvm, root (network namespaces), python3, iproute2, the
 //! Tansu broker, the schema-registry and vhost-tap binaries
@@ -390,6 +393,64 @@ instance_prefix = "shop-"
             done.frames_acknowledged >= 1,
             "the request frame was acknowledged: {done:?}"
         );
+        // A go-live that fails at the second NIC (its namespace interface
+        // is gone) puts the first back and leaves the clone as it was.
+        let ns = access.netns.clone();
+        let ip_ns = |args: &[&str]| output(Command::new("ip").args(["-n", &ns]).args(args));
+        let mac_of = |link: &str| {
+            link.split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("no MAC in {link}"))
+        };
+        let own_mac0 = mac_of(&ip_ns(&["-o", "link", "show", "dev", "vmrlive0"]));
+        ip_ns(&["link", "set", "dev", "vmrlive1", "down"]);
+        ip_ns(&["link", "set", "dev", "vmrlive1", "name", "vmrhide1"]);
+        let refused = c
+            .control(authed(pb::ControlRequest {
+                clone_id: id.clone(),
+                action: pb::ControlAction::GoLive as i32,
+                ..Default::default()
+            }))
+            .await
+            .expect_err("going live without the second NIC's interface");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .contains("NIC net1 (namespace interface vmrlive1)"),
+            "the error names the NIC: {refused:?}"
+        );
+        let kept = c
+            .get_clone(authed(pb::GetCloneRequest {
+                clone_id: id.clone(),
+            }))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            kept.state,
+            pb::CloneState::Finished as i32,
+            "the clone is as before the failed go-live: {kept:?}"
+        );
+        let link0 = ip_ns(&["-o", "link", "show", "dev", "vmrlive0"]);
+        assert_eq!(
+            mac_of(&link0),
+            own_mac0,
+            "vmrlive0 has its own MAC back: {link0}"
+        );
+        let addrs0 = ip_ns(&["-o", "addr", "show", "dev", "vmrlive0"]);
+        assert!(
+            !addrs0.contains("192.168.77.1"),
+            "vmrlive0 has no address after the failed go-live: {addrs0}"
+        );
+        // With the interface back, going live works.
+        ip_ns(&["link", "set", "dev", "vmrhide1", "name", "vmrlive1"]);
         let live = c
             .control(authed(pb::ControlRequest {
                 clone_id: id.clone(),

@@ -43,6 +43,10 @@ fn clone_status(e: CloneError) -> Status {
         },
         CloneError::Setup { .. } => Code::Internal,
         CloneError::State(_) => Code::FailedPrecondition,
+        CloneError::GoLive {
+            replay_kept: true, ..
+        } => Code::FailedPrecondition,
+        CloneError::GoLive { .. } => Code::Internal,
     };
     Status::new(code, chain(&e))
 }
