@@ -1,24 +1,35 @@
 //! Incremental snapshots of a 512 MiB test guest, this build's write path
-//! against the previous one, in one run.
+//! against the previous one, and the guest-visible pause against the time
+//! until the snapshot is durable, in one run.
 //!
 //! For each dirty-set size (300 pages, 1024 pages, and 5 % of memory:
 //! 6554 pages spread over it with `CMD_DIRTY_SPAN`) and each round, the
-//! guest dirties the pages and is paused; while it stays paused:
+//! guest dirties the pages, then (fsync on in even rounds, off in odd ones;
+//! the two ways alternate every two rounds):
 //!
-//! 1. `Vm::snapshot(Incremental)` runs (this build, fsync on in even rounds,
-//!    off in odd ones), timed from the call to its return;
-//! 2. the same dirty pages and the same state file are written again into
-//!    scratch directories by the previous write path (copied below from the
-//!    build before this one: a 1 MiB `BufWriter` copy of each page, then
-//!    `fsync` of the memory file, `fsync` of the state file, rename,
-//!    `fsync` of the directory and of its parent, one after the other) and
-//!    by this build's path (`memfile::write_diff_file`, one `pwritev` iovec
-//!    per run of pages straight from guest memory, `fdatasync` of both files
-//!    from two threads, rename, both directory `fsync`s from two threads),
-//!    alternating which goes first.
+//! - in the pause: the guest is paused, `Vm::snapshot(Incremental)` runs
+//!   (timed from the call to its return, as before), the guest resumes;
+//! - staged: the guest is paused, `Vm::snapshot_staged` writes the files
+//!   without syncing them, the guest resumes, and `Vm::complete_snapshot`
+//!   syncs them and puts them in place while the guest runs.
+//!
+//! Either way the round records the guest-visible pause (from before
+//! `Vm::pause` to the return of `Vm::resume`) and the time until the
+//! snapshot is complete and durable (from the same start to the return of
+//! the call that completed it). Then, with the VM paused again, the same
+//! dirty pages and the same state file are written into scratch
+//! directories by the previous write path (copied below from the build
+//! before the `pwritev` write path: a 1 MiB `BufWriter` copy of each page, then `fsync`
+//! of the memory file, `fsync` of the state file, rename, `fsync` of the
+//! directory and of its parent, one after the other) and by this build's
+//! path (`memfile::write_diff_file`, one `pwritev` iovec per run of pages
+//! straight from guest memory, `fdatasync` of both files from two threads,
+//! rename, both directory `fsync`s from two threads), alternating which
+//! goes first.
 //!
 //! `cargo bench -p vmr-vmm --bench incremental` (needs /dev/kvm, make and
-//! gcc). `VMR_BENCH_RUNS` sets the rounds per size (default 6).
+//! gcc). `VMR_BENCH_RUNS` sets the rounds per size (default 12: three per
+//! way and fsync setting).
 
 use std::fs::File;
 use std::io::Write;
@@ -121,10 +132,20 @@ fn this_path(dir: &Path, mem: &[u8], dirty: &PageBitmap, state: &SnapshotData, s
     }
 }
 
+/// Pause and time until durable of one way, ms.
+#[derive(Default)]
+struct Timing {
+    pause: Vec<f64>,
+    durable: Vec<f64>,
+}
+
 #[derive(Default)]
 struct Cell {
     vm_sync: Vec<f64>,
     vm_nosync: Vec<f64>,
+    /// [fsync on, off] of `Vm::snapshot` in the pause and of the staged way.
+    whole: [Timing; 2],
+    staged: [Timing; 2],
     prev_sync: Vec<f64>,
     this_sync: Vec<f64>,
     prev_nosync: Vec<f64>,
@@ -147,8 +168,8 @@ fn main() {
     let runs: usize = std::env::var("VMR_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
-        .max(2);
+        .unwrap_or(12)
+        .max(4);
     // Next to the target directory (the same disk the agent's staging uses).
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let elf = build_test_guest(&tmp.path().join("guest")).unwrap_or_else(|e| panic!("{e}"));
@@ -211,21 +232,41 @@ fn main() {
                 ports.wait(WAIT, |s| s.done.len() > done),
                 "dirty workload did not finish"
             );
-            vm.pause().expect("pause");
             let sync = round % 2 == 0;
+            let staged = (round / 2) % 2 == 1;
             vm.set_sync_snapshots(sync);
             seq += 1;
             let dir = tmp.path().join(format!("inc{seq}"));
-            let t = Instant::now();
-            let info = vm.snapshot(&dir, MemoryKind::Incremental).expect("inc");
-            let took = ms(t.elapsed());
-            c.pages = info.pages;
-            if sync {
-                &mut c.vm_sync
+            let t0 = Instant::now();
+            vm.pause().expect("pause");
+            let (info, pause, durable) = if staged {
+                let pending = vm
+                    .snapshot_staged(&dir, MemoryKind::Incremental)
+                    .expect("staged");
+                vm.resume().expect("resume");
+                let pause = t0.elapsed();
+                let info = vm.complete_snapshot(pending).expect("complete");
+                (info, pause, t0.elapsed())
             } else {
-                &mut c.vm_nosync
-            }
-            .push(took);
+                let t = Instant::now();
+                let info = vm.snapshot(&dir, MemoryKind::Incremental).expect("inc");
+                let took = ms(t.elapsed());
+                if sync {
+                    &mut c.vm_sync
+                } else {
+                    &mut c.vm_nosync
+                }
+                .push(took);
+                vm.resume().expect("resume");
+                let pause = t0.elapsed();
+                (info, pause, pause)
+            };
+            c.pages = info.pages;
+            let way = if staged { &mut c.staged } else { &mut c.whole };
+            let t = &mut way[usize::from(!sync)];
+            t.pause.push(ms(pause));
+            t.durable.push(ms(durable));
+            vm.pause().expect("pause");
 
             // The same pages and state, through both write paths.
             let mut bitmap = PageBitmap::new(MEM / 4096);
@@ -238,7 +279,7 @@ fn main() {
             // SAFETY: the VM stays paused (as in a snapshot) until both
             // paths have run; nothing writes guest memory meanwhile.
             let mem = unsafe { memory.as_slice() };
-            let order = if round % 4 < 2 {
+            let order = if (round / 4) % 2 == 0 {
                 [true, false]
             } else {
                 [false, true]
@@ -267,8 +308,9 @@ fn main() {
     vm.pause().expect("pause");
     drop(vm);
 
+    let half = runs / 2;
     println!();
-    println!("Incremental snapshot of a 512 MiB test guest (every page non-zero), median of {} rounds each; ms", runs / 2);
+    println!("Incremental snapshot of a 512 MiB test guest (every page non-zero); ms, median of {half} rounds (write paths) or {} (`Vm::snapshot`)", half / 2);
     println!();
     println!("| dirty set | pages | fsync | previous write path | this build's write path | `Vm::snapshot` (this build) |");
     println!("| --- | ---: | --- | ---: | ---: | ---: |");
@@ -287,6 +329,22 @@ fn main() {
             median(c.this_nosync.clone()),
             median(c.vm_nosync.clone())
         );
+    }
+    println!();
+    println!("Guest-visible pause and time until the snapshot is durable (both from the pause), same run; ms, median of {} rounds each", half / 2);
+    println!();
+    println!("| dirty set | pages | fsync | in the pause: pause = durable | staged: pause | staged: until durable |");
+    println!("| --- | ---: | --- | ---: | ---: | ---: |");
+    for (name, c) in &cells {
+        for (i, label) in ["on", "off"].iter().enumerate() {
+            println!(
+                "| {name} | {} | {label} | {:.2} | {:.2} | {:.2} |",
+                c.pages,
+                median(c.whole[i].pause.clone()),
+                median(c.staged[i].pause.clone()),
+                median(c.staged[i].durable.clone()),
+            );
+        }
     }
     println!();
     println!("Firecracker v1.16.1 on this kind of host: diff snapshot of ~300 dirty pages 5.7 ms with fsync, 2.0 ms without.");
