@@ -33,7 +33,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmr_hypervisor::{
@@ -1765,25 +1765,36 @@ impl CloneRuntime {
 
     /// Stops the guest, the backends and the replay and removes the
     /// namespace and the clone's directory. Idempotent; every wait is
-    /// bounded.
+    /// bounded. It runs once only, so it goes on past locks a panic
+    /// poisoned rather than stop half way.
     pub fn teardown(&self) {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return;
         }
         self.stop.store(true, Ordering::SeqCst);
         self.shared.clock.stop();
-        if let Some(i) = self.instance.lock().expect("instance lock").take() {
+        if let Some(i) = self
+            .instance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             if let Err(error) = i.stop(STOP_GRACE) {
                 tracing::warn!(clone = %self.shared.id, %error, "stopping the guest failed");
             }
         }
-        for (name, mut child) in self.procs.lock().expect("procs lock").drain(..) {
+        for (name, mut child) in self
+            .procs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             stop_child(&name, &mut child);
         }
         let threads: Vec<_> = self
             .threads
             .lock()
-            .expect("threads lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
             .collect();
         let me = std::thread::current().id();

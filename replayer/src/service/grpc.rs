@@ -633,21 +633,50 @@ impl Replayer {
             .await;
         // The build's slot (held by the task) is given back after the clone
         // is listed, so the two never both miss it.
-        let res = res.map(|rt| {
-            let info = rt.info();
-            tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
-            self.state.clones.lock().expect("clones lock").insert(
-                info.clone_id.clone(),
-                Entry {
-                    tenant: tenant.name.clone(),
-                    runtime: rt,
-                    progress: tx,
-                    params: Arc::new(params),
-                    switches: 0,
-                },
-            );
-            info
-        });
+        let res = match res {
+            Ok(rt) => {
+                let info = rt.info();
+                let refused = {
+                    let mut clones = self.state.clones.lock().expect("clones lock");
+                    if self.state.closing.load(Ordering::SeqCst) {
+                        Some(rt)
+                    } else {
+                        clones.insert(
+                            info.clone_id.clone(),
+                            Entry {
+                                tenant: tenant.name.clone(),
+                                runtime: rt,
+                                progress: tx,
+                                params: Arc::new(params.clone()),
+                                switches: 0,
+                            },
+                        );
+                        None
+                    }
+                };
+                match refused {
+                    None => {
+                        tracing::info!(clone = %info.clone_id, instance = %params.instance, tenant = %tenant.name, "clone created");
+                        Ok(info)
+                    }
+                    // Built after the shutdown removed every clone: it
+                    // goes too, rather than outlive the server.
+                    Some(rt) => {
+                        let base = self.state.config.work_dir.join(&info.clone_id);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            rt.teardown();
+                            let _ = std::fs::remove_dir_all(base);
+                        })
+                        .await;
+                        Err(Status::unavailable(format!(
+                            "the server is shutting down; clone {} was removed",
+                            info.clone_id
+                        )))
+                    }
+                }
+            }
+            Err(s) => Err(s),
+        };
         let counter = if res.is_ok() {
             &self.state.counters.created
         } else {
@@ -1051,6 +1080,7 @@ mod tests {
                 clones: Mutex::new(HashMap::new()),
                 building: Arc::new(Mutex::new(0)),
                 counters: Default::default(),
+                closing: Default::default(),
             }),
         }
     }
@@ -1113,6 +1143,44 @@ mod tests {
         rt.shutdown_timeout(Duration::from_secs(10));
         assert_eq!(building(&r), 0, "the cancelled build gave its slot back");
         drop(r.reserve().expect("the slot is free again"));
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_waits_for_builds_under_way_within_its_bound() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let r = Arc::new(replayer(tmp.path()));
+        r.state.teardown_all();
+        assert!(
+            r.state.closing.load(Ordering::SeqCst),
+            "builds that end now remove their clones"
+        );
+        let slot = r.reserve().expect("room for one clone");
+        let r2 = r.clone();
+        tokio::spawn(async move {
+            let _: Result<(), Status> = r2
+                .detached("c-late", slot, async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Err(Status::unavailable("the server is shutting down"))
+                })
+                .await;
+        });
+        tokio::task::yield_now().await;
+        let t = std::time::Instant::now();
+        assert!(r.state.builds_ended(Duration::from_secs(20)).await);
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "it waited for the build"
+        );
+        let slot = r.reserve().expect("room for one clone");
+        let r3 = r.clone();
+        let stuck = tokio::spawn(async move {
+            let _: Result<(), Status> = r3.detached("c-stuck", slot, std::future::pending()).await;
+        });
+        tokio::task::yield_now().await;
+        let t = std::time::Instant::now();
+        assert!(!r.state.builds_ended(Duration::from_millis(300)).await);
+        assert!(t.elapsed() < Duration::from_secs(10), "the wait is bounded");
+        stuck.abort();
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// How long open calls may go on after the shutdown signal.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the shutdown waits for clones still being built.
+const BUILD_DRAIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Errors running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -72,6 +75,10 @@ pub(crate) struct State {
     /// holds each one.
     pub building: Arc<Mutex<usize>>,
     pub counters: metrics::Counters,
+    /// Set (under the `clones` lock) when the shutdown removes every
+    /// clone: a build that ends later removes its clone instead of listing
+    /// it.
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 /// A clone build's place under `max_clones`. Dropping it gives the place
@@ -108,17 +115,33 @@ impl Drop for BuildSlot {
 
 impl State {
     fn teardown_all(&self) {
-        let all: Vec<Entry> = self
-            .clones
-            .lock()
-            .expect("clones lock")
-            .drain()
-            .map(|(_, e)| e)
-            .collect();
+        let all: Vec<Entry> = {
+            let mut clones = self.clones.lock().expect("clones lock");
+            self.closing
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            clones.drain().map(|(_, e)| e).collect()
+        };
         for e in all {
             tracing::info!(clone = %e.runtime.id(), "removing clone at shutdown");
             e.runtime.teardown();
             let _ = std::fs::remove_dir_all(self.config.work_dir.join(e.runtime.id()));
+        }
+    }
+
+    /// Waits (at most `bound`) until no clone is being built; whether none
+    /// is.
+    async fn builds_ended(&self, bound: std::time::Duration) -> bool {
+        let end = tokio::time::Instant::now() + bound;
+        loop {
+            let n = *self.building.lock().unwrap_or_else(PoisonError::into_inner);
+            if n == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                tracing::warn!(builds = n, "clones still being built at shutdown");
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
@@ -168,6 +191,7 @@ pub async fn serve(
         clones: Mutex::new(HashMap::new()),
         building: Arc::new(Mutex::new(0)),
         counters: metrics::Counters::default(),
+        closing: std::sync::atomic::AtomicBool::new(false),
     });
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = state.config.metrics_listen {
@@ -243,6 +267,8 @@ pub async fn serve(
     let _ = stop_metrics.send(());
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.teardown_all()).await;
+    // Builds still under way remove their clones when they end.
+    state.builds_ended(BUILD_DRAIN).await;
     result.map_err(ServiceError::from)
 }
 
