@@ -51,6 +51,11 @@ enum Command {
         snapshot_on_signal: Option<PathBuf>,
     },
     /// Restore a snapshot directory into a new VM and run it.
+    ///
+    /// With VMR_VMM_TIMINGS=1 in the environment, once the VM runs, stderr
+    /// gets `vmm: timing <stage> mono=<ns>` lines (CLOCK_MONOTONIC at entry
+    /// to main, after argument parsing, after the restore, after the
+    /// resume) and log lines stamped the same way.
     Restore {
         /// The snapshot directory.
         #[arg(long)]
@@ -99,14 +104,75 @@ fn serial_out(path: &Option<PathBuf>) -> Result<SerialOut> {
     })
 }
 
+/// The environment variable that makes `vmm` print restore timestamps.
+const TIMINGS_ENV: &str = "VMR_VMM_TIMINGS";
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `Instant` reads, so a parent
+/// process can subtract its own reading taken before it spawned this one.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Log timestamps as `mono=<ns>` (see [`monotonic_ns`]).
+struct MonotonicTimer;
+
+impl tracing_subscriber::fmt::time::FormatTime for MonotonicTimer {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "mono={}", monotonic_ns())
+    }
+}
+
+/// With `VMR_VMM_TIMINGS=1`: the stages of a run, each stamped with
+/// [`monotonic_ns`], printed to stderr as `vmm: timing <stage> mono=<ns>`
+/// once the guest runs (so printing them does not delay it).
+#[derive(Default)]
+struct Timings(Option<Vec<(&'static str, u64)>>);
+
+impl Timings {
+    fn stamp(&mut self, stage: &'static str) {
+        if let Some(v) = &mut self.0 {
+            v.push((stage, monotonic_ns()));
+        }
+    }
+
+    fn print(&mut self) {
+        for (stage, ns) in self.0.take().unwrap_or_default() {
+            eprintln!("vmm: timing {stage} mono={ns}");
+        }
+    }
+}
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let timed = std::env::var_os(TIMINGS_ENV).is_some_and(|v| v == "1");
+    let mut timings = Timings(timed.then(Vec::new));
+    timings.stamp("main");
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // Timed runs log the VM's restore milestones (info level).
+            if timed { "warn,vmr_vmm=info" } else { "warn" }.into()
+        })
+    };
+    if timed {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_timer(MonotonicTimer)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let cli = Cli::parse();
+    timings.stamp("parsed");
     let wants_signal = match &cli.command {
         Command::Run {
             snapshot_on_signal, ..
@@ -137,6 +203,9 @@ fn main() -> Result<()> {
                     .context("--mem-mib is too large")?,
                 vcpus,
                 serial_out: Some(serial_out(&out)?),
+                // Only the incremental snapshots of `--snapshot-on-signal`
+                // need KVM's dirty log (enabling it costs milliseconds).
+                dirty_log: snapshot_on_signal.is_some(),
                 ..Default::default()
             })?;
             vm.load(&BootSource::Auto {
@@ -163,9 +232,12 @@ fn main() -> Result<()> {
                         (true, true) => RestoreMemory::SharedCopy,
                     },
                     serial_out: Some(serial_out(&out)?),
-                    ..Default::default()
+                    // As for `run`: KVM's dirty log only for the incremental
+                    // snapshots of `--snapshot-on-signal`.
+                    dirty_log: snapshot_on_signal.is_some(),
                 },
             )?;
+            timings.stamp("restored");
             if let Some(d) = devices.first() {
                 bail!(
                     "the snapshot has state for device {:?}; reattaching vhost-user backends is done by the capture agent, not this command",
@@ -173,6 +245,8 @@ fn main() -> Result<()> {
                 );
             }
             vm.resume()?;
+            timings.stamp("resumed");
+            timings.print();
             run_vm(&vm, snapshot_on_signal.as_deref())
         }
         Command::Probe { json, timeout_secs } => probe(json, timeout_secs),
