@@ -432,6 +432,22 @@ impl pb::replayer_server::Replayer for Replayer {
         let (rt, _) = self.entry(&tenant, &r.clone_id)?;
         let action = pb::ControlAction::try_from(r.action)
             .map_err(|_| Status::invalid_argument(format!("unknown action {}", r.action)))?;
+        // During a switch the listed runtime is the old one, being torn
+        // down: a control would act on it (or, going live, on the namespace
+        // the new guest gets under the same name).
+        let switching = self
+            .state
+            .clones
+            .lock()
+            .expect("clones lock")
+            .get(&r.clone_id)
+            .is_some_and(|e| e.switches == u32::MAX);
+        if switching {
+            return Err(Status::failed_precondition(format!(
+                "clone {} is being switched to another snapshot; try again when the switch is over",
+                r.clone_id
+            )));
+        }
         if action == pb::ControlAction::Switch {
             let selector = match r.snapshot {
                 None => vmr_snapshot::Selector::Id(rt.info().snapshot_id),
@@ -552,7 +568,12 @@ impl pb::replayer_server::Replayer for Replayer {
                 let _ = std::fs::remove_dir_all(base);
             })
             .await
-            .map_err(|e| Status::internal(format!("teardown task: {e}")))?;
+            .map_err(|e| {
+                Status::internal(format!(
+                    "clone {id} is no longer listed, but removing it failed: {}",
+                    task_failure(e)
+                ))
+            })?;
         }
         Ok(Response::new(pb::DeleteCloneResponse {}))
     }
