@@ -146,8 +146,9 @@ fn a_staged_snapshot_holds_the_cut_and_pages_dirtied_before_it_completes_are_in_
     drop(g);
     let img2 = restore_memory(&inc2, RestoreMemory::SharedCopy).expect("chain restores");
     // SAFETY: this memory belongs to no VM.
+    let img2 = unsafe { img2.as_slice() };
     assert!(
-        unsafe { img2.as_slice() } == &live[..],
+        img2 == &live[..],
         "base + inc1 + inc2 differs from the VM's memory"
     );
     assert_eq!(arena_word(&live, 1), dirty_pattern(1, 2));
@@ -197,7 +198,8 @@ fn a_dropped_staged_snapshot_leaves_nothing_restorable_and_its_pages_go_to_the_n
     drop(g);
     let img = restore_memory(&inc, RestoreMemory::SharedCopy).expect("restores");
     // SAFETY: this memory belongs to no VM.
-    assert!(unsafe { img.as_slice() } == &live[..]);
+    let img = unsafe { img.as_slice() };
+    assert!(img == &live[..], "base + inc differs from the VM's memory");
     assert_eq!(arena_word(&live, 3), dirty_pattern(3, 1));
     assert_eq!(arena_word(&live, 4), dirty_pattern(4, 2));
 }

@@ -213,6 +213,10 @@ pub fn partition_ends(
 /// A disk's frozen layers after its checkpoint, bottom first.
 type DiskChain = (String, Vec<PathBuf>);
 
+/// What the cut saved while the guest was paused: `seq_at_cut`, the disks'
+/// chains and the driver's staged snapshot.
+type Saved<'a> = (u64, Vec<DiskChain>, Box<dyn StagedSnapshot + 'a>);
+
 /// Takes one snapshot of `inst` into `store`; `progress` hears each stage.
 pub fn take(
     inst: &RecordedInstance,
@@ -241,7 +245,7 @@ pub fn take(
             .map_err(|e| CutError::Driver(vmr_hypervisor::error_chain(&e)))?;
     }
     // From here on the guest is resumed whatever happens.
-    let cut = (|| -> Result<(u64, Vec<DiskChain>, Box<dyn StagedSnapshot + '_>), CutError> {
+    let cut = (|| -> Result<Saved<'_>, CutError> {
         progress(Stage::Cut);
         let mut chains = Vec::new();
         for d in inst.devices() {
