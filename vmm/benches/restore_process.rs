@@ -131,8 +131,9 @@ fn parse_stamps(stderr: &str) -> Vec<(String, u64)> {
     out
 }
 
-/// Spawns `program args`, reads its stdout until EOF (noting when the first
-/// byte and `line` arrived), waits for it to exit.
+/// Spawns `cmd`, reads its stdout until EOF (noting when the first byte
+/// arrived and when the output started with all of `line`), waits for it
+/// to exit.
 fn spawn_once(mut cmd: Command, line: Option<&str>) -> Result<Run, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -160,7 +161,9 @@ fn spawn_once(mut cmd: Command, line: Option<&str>) -> Result<Run, String> {
         let now = monotonic_ns();
         first_output.get_or_insert(now);
         seen.extend_from_slice(&buf[..n]);
-        if line_at.is_none() && line.is_some_and(|l| String::from_utf8_lossy(&seen).contains(l)) {
+        // The guest's line must be the first output: nothing else is
+        // written to stdout before it.
+        if line_at.is_none() && line.is_some_and(|l| seen.starts_with(l.as_bytes())) {
             line_at = Some(now);
         }
     }
@@ -188,7 +191,7 @@ fn spawn_once(mut cmd: Command, line: Option<&str>) -> Result<Run, String> {
     let line_at = match line {
         Some(l) => line_at.ok_or_else(|| {
             format!(
-                "no {l:?} on stdout: {}; stderr: {stderr}",
+                "stdout does not start with {l:?}: {}; stderr: {stderr}",
                 String::from_utf8_lossy(&seen)
             )
         })?,
