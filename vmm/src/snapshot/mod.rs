@@ -478,6 +478,23 @@ impl RestoreMemory {
 /// directory is canonical (a relative parent is resolved against its
 /// child's directory).
 pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
+    chain_from(dir, None)
+}
+
+/// As [`memory_chain`], with `dir`'s own state already loaded (by
+/// [`SnapshotData::load`]) so it is not read again; its parents are read
+/// and checked as there.
+pub fn memory_chain_of(
+    dir: &Path,
+    state: &SnapshotData,
+) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
+    chain_from(dir, Some(state))
+}
+
+fn chain_from(
+    dir: &Path,
+    mut head: Option<&SnapshotData>,
+) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
     let mut chain = Vec::new();
     let mut cur = dir.canonicalize().map_err(|source| SnapshotError::Io {
         path: dir.display().to_string(),
@@ -490,7 +507,14 @@ pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, Snaps
                 "parent chain longer than {MAX_CHAIN} (or a loop)"
             )));
         }
-        let data = SnapshotData::load(&cur)?;
+        let loaded;
+        let data = match head.take() {
+            Some(d) => d,
+            None => {
+                loaded = SnapshotData::load(&cur)?;
+                &loaded
+            }
+        };
         if *mem_size.get_or_insert(data.meta.mem_size) != data.meta.mem_size {
             return Err(SnapshotError::Inconsistent(format!(
                 "{} has a different memory size than its child",
@@ -532,7 +556,23 @@ pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, Snaps
 
 /// Builds guest memory from a snapshot's chain.
 pub fn restore_memory(dir: &Path, mode: RestoreMemory) -> Result<VmMemory, SnapshotError> {
-    let chain = memory_chain(dir)?;
+    memory_from_chain(memory_chain(dir)?, mode)
+}
+
+/// As [`restore_memory`], with `dir`'s own state already loaded (see
+/// [`memory_chain_of`]).
+pub fn restore_memory_of(
+    dir: &Path,
+    state: &SnapshotData,
+    mode: RestoreMemory,
+) -> Result<VmMemory, SnapshotError> {
+    memory_from_chain(memory_chain_of(dir, state)?, mode)
+}
+
+fn memory_from_chain(
+    chain: Vec<(PathBuf, MemoryKind, u64)>,
+    mode: RestoreMemory,
+) -> Result<VmMemory, SnapshotError> {
     let (base, _, mem_size) = &chain[0];
     let mem = match mode {
         RestoreMemory::PrivateLazy => {
@@ -800,5 +840,47 @@ mod tests {
             matches!(e, SnapshotError::MissingParent { ref parent, .. } if parent == "../a"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_preloaded_state_keeps_the_chain_checks() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        data(meta(MemoryKind::Full, None))
+            .store(&a)
+            .expect("stores");
+        let child = data(meta(MemoryKind::Incremental, Some(PathBuf::from("../a"))));
+        child.store(&b).expect("stores");
+        let loaded = SnapshotData::load(&b).expect("loads");
+        assert_eq!(
+            memory_chain_of(&b, &loaded).expect("chain"),
+            memory_chain(&b).expect("chain")
+        );
+        // The loaded state's own links are checked as a read one's are.
+        let mut bad = SnapshotData::load(&b).expect("loads");
+        bad.meta.memory.parent = None;
+        let e = memory_chain_of(&b, &bad).expect_err("no parent");
+        assert!(matches!(e, SnapshotError::Inconsistent(_)), "{e}");
+        let mut bad = SnapshotData::load(&b).expect("loads");
+        bad.meta.memory.file = "../x".into();
+        let e = memory_chain_of(&b, &bad).expect_err("bad name");
+        assert!(matches!(e, SnapshotError::Inconsistent(_)), "{e}");
+        let mut bad = SnapshotData::load(&b).expect("loads");
+        bad.meta.mem_size *= 2;
+        let e = memory_chain_of(&b, &bad).expect_err("size differs");
+        assert!(matches!(e, SnapshotError::Inconsistent(_)), "{e}");
+        // Parents are still read and verified.
+        let state = a.join(STATE_FILE);
+        let mut bytes = std::fs::read(&state).expect("reads");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&state, &bytes).expect("writes");
+        let e = memory_chain_of(&b, &loaded).expect_err("corrupt parent");
+        assert!(matches!(e, SnapshotError::Format { .. }), "{e}");
+        std::fs::remove_dir_all(&a).expect("rm");
+        let e = memory_chain_of(&b, &loaded).expect_err("parent gone");
+        assert!(matches!(e, SnapshotError::MissingParent { .. }), "{e}");
     }
 }

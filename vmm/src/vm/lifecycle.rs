@@ -35,23 +35,59 @@ pub(super) struct BuildSpec {
     pub dirty_log: bool,
 }
 
-fn readable_msrs(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Vec<u32> {
-    let list = match kvm.get_msr_index_list() {
-        Ok(l) => l.as_slice().to_vec(),
-        Err(_) => return Vec::new(),
-    };
-    list.into_iter()
-        .filter(|&index| {
-            let e = [kvm_bindings::kvm_msr_entry {
-                index,
-                ..Default::default()
-            }];
-            kvm_bindings::Msrs::from_entries(&e)
-                .ok()
-                .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
-                == Some(1)
+impl Vm {
+    /// The entries of `indices` that `vcpu` can read with `KVM_GET_MSRS`, in
+    /// order. The list is read in batches: KVM reads entries until the
+    /// first it cannot read and returns how many it read, so a batch that
+    /// comes back short drops that entry and goes on after it. A batch the
+    /// ioctl rejects is probed one MSR at a time.
+    pub fn readable_msrs(vcpu: &kvm_ioctls::VcpuFd, indices: &[u32]) -> Vec<u32> {
+        let mut readable = Vec::with_capacity(indices.len());
+        for chunk in indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                match read_msrs(vcpu, rest) {
+                    Some(n) if n <= rest.len() => {
+                        readable.extend_from_slice(&rest[..n]);
+                        // `rest[n]`, if any, is the entry KVM could not read.
+                        rest = rest.get(n + 1..).unwrap_or(&[]);
+                    }
+                    _ => {
+                        readable.extend(
+                            rest.iter()
+                                .copied()
+                                .filter(|&i| read_msrs(vcpu, &[i]) == Some(1)),
+                        );
+                        rest = &[];
+                    }
+                }
+            }
+        }
+        readable
+    }
+}
+
+/// One `KVM_GET_MSRS` of `indices` (at most `KVM_MAX_MSR_ENTRIES`): how many
+/// entries KVM read, `None` if the call failed.
+fn read_msrs(vcpu: &kvm_ioctls::VcpuFd, indices: &[u32]) -> Option<usize> {
+    let entries: Vec<_> = indices
+        .iter()
+        .map(|&index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
         })
-        .collect()
+        .collect();
+    let mut msrs = kvm_bindings::Msrs::from_entries(&entries).ok()?;
+    vcpu.get_msrs(&mut msrs).ok()
+}
+
+/// The MSRs of KVM's index list that `vcpu` can read (empty if KVM gives
+/// no list).
+fn readable_msrs(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Vec<u32> {
+    match kvm.get_msr_index_list() {
+        Ok(l) => Vm::readable_msrs(vcpu, l.as_slice()),
+        Err(_) => Vec::new(),
+    }
 }
 
 impl Vm {

@@ -670,7 +670,7 @@ impl Vm {
     /// [`Vm::resume`].
     pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<(Vm, Vec<DeviceState>), VmError> {
         let data = SnapshotData::load(dir)?;
-        let memory = snapshot::restore_memory(dir, opts.memory)?;
+        let memory = snapshot::restore_memory_of(dir, &data, opts.memory)?;
         let serial = SerialDevice::from_snapshot(
             &data.serial,
             opts.serial_out.unwrap_or_else(|| Box::new(std::io::sink())),
