@@ -116,7 +116,10 @@ impl Drop for BuildSlot {
 impl State {
     fn teardown_all(&self) {
         let all: Vec<Entry> = {
-            let mut clones = self.clones.lock().expect("clones lock");
+            // Shutdown removes every clone even after a panic poisoned the
+            // lock: otherwise their processes and namespaces would outlive
+            // the service.
+            let mut clones = self.clones.lock().unwrap_or_else(PoisonError::into_inner);
             self.closing
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             clones.drain().map(|(_, e)| e).collect()

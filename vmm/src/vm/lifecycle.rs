@@ -43,7 +43,9 @@ impl Vm {
     /// ioctl rejects is probed one MSR at a time.
     pub fn readable_msrs(vcpu: &kvm_ioctls::VcpuFd, indices: &[u32]) -> Vec<u32> {
         let mut readable = Vec::with_capacity(indices.len());
-        for chunk in indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        // KVM refuses a KVM_GET_MSRS of KVM_MAX_MSR_ENTRIES (256) or more
+        // entries with E2BIG, so a batch holds at most 255.
+        for chunk in indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES - 1) {
             let mut rest = chunk;
             while !rest.is_empty() {
                 match read_msrs(vcpu, rest) {
@@ -67,7 +69,7 @@ impl Vm {
     }
 }
 
-/// One `KVM_GET_MSRS` of `indices` (at most `KVM_MAX_MSR_ENTRIES`): how many
+/// One `KVM_GET_MSRS` of `indices` (fewer than `KVM_MAX_MSR_ENTRIES`): how many
 /// entries KVM read, `None` if the call failed.
 fn read_msrs(vcpu: &kvm_ioctls::VcpuFd, indices: &[u32]) -> Option<usize> {
     let entries: Vec<_> = indices
