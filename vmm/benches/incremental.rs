@@ -31,6 +31,8 @@
 //! gcc). `VMR_BENCH_RUNS` sets the rounds per size (default 12: three per
 //! way and fsync setting).
 
+mod common;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -157,14 +159,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list.
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("this bench needs /dev/kvm: {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("incremental");
     let runs: usize = std::env::var("VMR_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -178,15 +173,7 @@ fn main() {
         ..Default::default()
     })
     .expect("VM");
-    {
-        // Every page non-zero, as in a guest that has used its memory.
-        let memory = vm.memory();
-        // SAFETY: the guest has not started; nothing else uses the memory.
-        let m = unsafe { memory.as_mut_slice() };
-        for (i, page) in m.chunks_mut(4096).enumerate() {
-            page[8..16].copy_from_slice(&(i as u64 | 1).to_le_bytes());
-        }
-    }
+    common::fill_pages(&vm);
     let ports = TestPorts::new();
     ports.attach(&vm.pio_bus()).expect("ports");
     vm.load(&BootSource::Elf(elf)).expect("load");

@@ -18,6 +18,8 @@
 //! `cargo bench -p vmr-vmm --bench restore_devices` (needs /dev/kvm, make
 //! and gcc, and userfaultfd: root or `vm.unprivileged_userfaultfd = 1`).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,14 +121,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list.
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("restore_devices bench needs /dev/kvm: {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("restore_devices");
     let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let dir = tmp.path();
     let elf = build_test_guest(&dir.join("guest")).unwrap_or_else(|e| panic!("{e}"));
@@ -142,14 +137,7 @@ fn main() {
         ..Default::default()
     })
     .expect("VM");
-    {
-        let memory = vm.memory();
-        // SAFETY: the guest has not started; nothing else uses the memory.
-        let m = unsafe { memory.as_mut_slice() };
-        for (i, page) in m.chunks_mut(4096).enumerate() {
-            page[8..16].copy_from_slice(&(i as u64 | 1).to_le_bytes());
-        }
-    }
+    common::fill_pages(&vm);
     let ports = TestPorts::new();
     ports.attach(&vm.pio_bus()).expect("ports");
     let log = Arc::new(DirtyLog::new(MEM).expect("memfd"));

@@ -44,6 +44,8 @@
 //! their directories and keeps them (for strace or perf by hand; delete
 //! them after).
 
+mod common;
+
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -287,14 +289,7 @@ fn make_snapshots(dir: &Path) -> (PathBuf, PathBuf) {
         ..Default::default()
     })
     .expect("VM");
-    {
-        let memory = vm.memory();
-        // SAFETY: the guest has not started; nothing else uses the memory.
-        let m = unsafe { memory.as_mut_slice() };
-        for (i, page) in m.chunks_mut(4096).enumerate() {
-            page[8..16].copy_from_slice(&(i as u64 | 1).to_le_bytes());
-        }
-    }
+    common::fill_pages(&vm);
     let ports = TestPorts::new();
     ports.attach(&vm.pio_bus()).expect("ports");
     vm.load(&BootSource::Elf(elf)).expect("load");
@@ -341,14 +336,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list.
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("restore_process bench needs /dev/kvm: {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("restore_process");
     let runs: usize = std::env::var("VMR_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
