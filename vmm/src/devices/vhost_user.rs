@@ -321,10 +321,20 @@ impl VhostUserConnection {
     }
 
     /// A function that sends `POSTCOPY_END` on this connection (from another
-    /// thread; requests are serialized with the device's own).
+    /// thread; requests are serialized with the device's own) and returns
+    /// once the backend has processed it. Requests go out without asking
+    /// for an acknowledgement, so a request that always has a reply
+    /// (`GET_PROTOCOL_FEATURES`) follows it as a barrier: when its reply
+    /// arrives, the backend has handled everything before it, and has
+    /// closed its userfaultfd.
     pub fn postcopy_ender(&self) -> impl FnMut() -> Result<(), String> + Send + 'static {
         let mut f = self.frontend.clone();
-        move || f.postcopy_end().map_err(|e| e.to_string())
+        move || {
+            f.postcopy_end().map_err(|e| e.to_string())?;
+            f.get_protocol_features()
+                .map(|_| ())
+                .map_err(|e| format!("no reply after POSTCOPY_END: {e}"))
+        }
     }
 
     /// Shares guest memory with the backend.

@@ -21,7 +21,8 @@
 //! data, in runs of up to 2 MiB; a page that already exists (`EEXIST`) is
 //! skipped. When it is done, every data page is present and every page still
 //! missing is a zero page, which a plain shared-memory fault fills with zeros
-//! anyway: the backends get `POSTCOPY_END`, their descriptors are closed, the
+//! anyway: the backends get `POSTCOPY_END` (each one's faults are still
+//! served until it has processed it), their descriptors are closed, the
 //! VMM's range is unregistered and the handler stops.
 //!
 //! A page the handler cannot fill (the snapshot file became unreadable) is
@@ -766,22 +767,29 @@ impl Inner {
         self.done_cv.notify_all();
     }
 
+    /// Sends every backend `POSTCOPY_END`. A backend may be blocked on a
+    /// fault while the message waits behind its current request, so each
+    /// peer stays in the list the handler serves until its `POSTCOPY_END`
+    /// has returned (the backend has closed its userfaultfd by then); only
+    /// then is the VMM's copy of the descriptor dropped.
     fn end_peers(&self) {
         let mut ended = lock(&self.handshake);
         if *ended {
             return;
         }
         *ended = true;
-        let mut peers = std::mem::take(&mut *lock(&self.peers));
-        for p in peers.iter_mut() {
-            if let Some(mut end) = p.end.take() {
-                if let Err(e) = end() {
-                    warn!(backend = %p.name, error = %e, "POSTCOPY_END failed");
-                }
+        let ends: Vec<(u64, String, PeerEnd)> = lock(&self.peers)
+            .iter_mut()
+            .filter_map(|p| Some((p.id, p.name.clone(), p.end.take()?)))
+            .collect();
+        for (id, name, mut end) in ends {
+            if let Err(e) = end() {
+                warn!(backend = %name, error = %e, "POSTCOPY_END failed");
             }
+            lock(&self.peers).retain(|p| p.id != id);
+            self.peer_gen.fetch_add(1, Ordering::Release);
+            let _ = self.wake.write(1);
         }
-        self.peer_gen.fetch_add(1, Ordering::Release);
-        let _ = self.wake.write(1);
         drop(ended);
     }
 }
