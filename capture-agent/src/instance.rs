@@ -501,13 +501,24 @@ impl RecordedInstance {
         let spec = guest_spec(&opts, &image, &dirs)?;
         let guest: Arc<dyn Instance> =
             Arc::from(driver.launch(&spec).map_err(InstanceError::Driver)?);
-        // The record first, so its write does not delay the lifecycle
-        // forwarder past the caller's own "launched" step (the forwarder
-        // replays every event since the launch).
         *lock(&me.guest) = Some(guest.clone());
         if let Some(spec_pb) = &opts.record_spec {
             let rec = me.new_record(&opts, spec_pb);
             me.keep_record(RecordFile::create(dirs.root.join(RECORD_FILE), rec)?);
+        }
+        // "launched" goes out before the lifecycle forwarder starts, so it
+        // is always an instance's first note; the forwarder then delivers
+        // every guest event since the launch (the boot among them).
+        if let Some(h) = &me.on_note {
+            h(
+                &me.instance,
+                &InstanceNote {
+                    kind: None,
+                    detail: "launched".into(),
+                    seq: 0,
+                    wall_time_ns: now_wall_ns(),
+                },
+            );
         }
         me.attach_guest(guest)?;
         tracing::info!(instance = %me.instance, driver = %opts.driver, image = %me.image.name, "recorded instance running");

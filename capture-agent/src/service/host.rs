@@ -734,8 +734,9 @@ impl Host {
         match RecordedInstance::launch(opts) {
             Ok(inst) => {
                 *lock(&entry.phase) = Phase::Up(Arc::new(inst));
+                // The instance itself noted "launched" before its first
+                // guest event.
                 self.counters.launches.fetch_add(1, Ordering::Relaxed);
-                self.note(&id, "launched");
                 Ok(entry)
             }
             Err(e) => {
