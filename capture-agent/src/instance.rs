@@ -544,16 +544,12 @@ impl RecordedInstance {
         let devices = device_infos(&specs, &dirs);
         let guest_proc = rec.guest.process.filter(|_| !rec.guest.in_agent);
         let mut guest_alive = guest_proc.is_some_and(|p| p.alive());
-        let adopt: Vec<(BackendSpec, Option<(u32, u64)>)> = specs
+        let adopt: Vec<(BackendSpec, Option<(u32, u64)>, u64)> = specs
             .into_iter()
             .map(|s| {
-                let p = rec
-                    .backends
-                    .iter()
-                    .find(|b| b.device == s.device)
-                    .and_then(|b| b.process)
-                    .map(|p| (p.pid, p.start_time));
-                (s, p)
+                let b = rec.backends.iter().find(|b| b.device == s.device);
+                let p = b.and_then(|b| b.process).map(|p| (p.pid, p.start_time));
+                (s, p, b.map_or(0, |b| b.restarts))
             })
             .collect();
         let supervisor = Supervisor::adopt(

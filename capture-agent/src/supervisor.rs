@@ -689,11 +689,13 @@ impl Supervisor {
     /// [`vmr_hypervisor::process`]) that still runs is adopted and
     /// supervised as if started here; a device whose backend is gone (or
     /// whose pid is another process now, which is never signalled) gets a
-    /// new backend at once when `restart_missing`, else stays down.
+    /// new backend at once when `restart_missing`, else stays down. Each
+    /// device comes with its recorded process (pid, start time) and how
+    /// often it was restarted before, which the count continues from.
     pub fn adopt(
         instance: InstanceId,
         data: &Path,
-        devices: Vec<(BackendSpec, Option<(u32, u64)>)>,
+        devices: Vec<(BackendSpec, Option<(u32, u64)>, u64)>,
         cfg: SupervisorConfig,
         restart_missing: bool,
     ) -> Result<Self, SupervisorError> {
@@ -710,7 +712,7 @@ impl Supervisor {
             shared: shared.clone(),
             monitor: None,
         };
-        for (spec, recorded) in devices {
+        for (spec, recorded, restarts) in devices {
             let (child, last_exit) = match recorded.map(|(pid, st)| Pidfd::adopt(pid, st)) {
                 Some(Ok(p)) => {
                     tracing::info!(instance = %shared.instance, device = %spec.device, pid = p.pid(), "backend adopted");
@@ -734,7 +736,7 @@ impl Supervisor {
                     spec,
                     child,
                     started: Instant::now(),
-                    restarts: 0,
+                    restarts,
                     delay: shared.cfg.restart_initial,
                     restart_at: (missing && restart_missing).then(Instant::now),
                     last_exit,
@@ -1067,9 +1069,9 @@ mod tests {
             "vm-1".parse().unwrap(),
             dir.path(),
             vec![
-                (blk("vda"), Some((a, st(a)))),
+                (blk("vda"), Some((a, st(a))), 2),
                 // The pid is right, the start time is not: another process.
-                (blk("vdb"), Some((o, st(o) + 1))),
+                (blk("vdb"), Some((o, st(o) + 1)), 0),
             ],
             SupervisorConfig::default(),
             false,
@@ -1077,6 +1079,8 @@ mod tests {
         .unwrap();
         let status = sup.status();
         assert_eq!(status[0].pid, Some(a));
+        // The restart count goes on from the record's.
+        assert_eq!(status[0].restarts, 2);
         assert_eq!(status[1].pid, None);
         assert!(status[1]
             .last_exit
