@@ -38,8 +38,8 @@ use crate::sensors::{Inventory, Schedule, SensorLoop, Sensors};
 use crate::shipper::{display_chain, Shipper, ShipperHandle, ShipperOptions};
 use crate::source::{SourceError, SpoolSource};
 use crate::supervisor::{
-    BackendKind, BackendSpec, BackendStatus, CaptureFilter, InstanceDirs, Supervisor,
-    SupervisorConfig, SupervisorError,
+    BackendKind, BackendSpec, BackendStatus, CaptureFilter, InstanceDirs, RecordedBackend,
+    Supervisor, SupervisorConfig, SupervisorError,
 };
 use vmr_proto::config::Endpoints;
 
@@ -544,12 +544,15 @@ impl RecordedInstance {
         let devices = device_infos(&specs, &dirs);
         let guest_proc = rec.guest.process.filter(|_| !rec.guest.in_agent);
         let mut guest_alive = guest_proc.is_some_and(|p| p.alive());
-        let adopt: Vec<(BackendSpec, Option<(u32, u64)>, u64)> = specs
+        let adopt: Vec<RecordedBackend> = specs
             .into_iter()
-            .map(|s| {
-                let b = rec.backends.iter().find(|b| b.device == s.device);
-                let p = b.and_then(|b| b.process).map(|p| (p.pid, p.start_time));
-                (s, p, b.map_or(0, |b| b.restarts))
+            .map(|spec| {
+                let b = rec.backends.iter().find(|b| b.device == spec.device);
+                RecordedBackend {
+                    process: b.and_then(|b| b.process).map(|p| (p.pid, p.start_time)),
+                    restarts: b.map_or(0, |b| b.restarts),
+                    spec,
+                }
             })
             .collect();
         let supervisor = Supervisor::adopt(

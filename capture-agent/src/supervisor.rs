@@ -381,6 +381,18 @@ fn status_of(s: &Slot) -> BackendStatus {
     }
 }
 
+/// A device's backend as an earlier agent process recorded it, for
+/// [`Supervisor::adopt`].
+#[derive(Debug, Clone)]
+pub struct RecordedBackend {
+    /// The device's backend.
+    pub spec: BackendSpec,
+    /// Its process (pid, start time), if one was recorded.
+    pub process: Option<(u32, u64)>,
+    /// How often it was restarted before.
+    pub restarts: u64,
+}
+
 /// Runs and restarts an instance's device backends.
 pub struct Supervisor {
     shared: Arc<Shared>,
@@ -695,7 +707,7 @@ impl Supervisor {
     pub fn adopt(
         instance: InstanceId,
         data: &Path,
-        devices: Vec<(BackendSpec, Option<(u32, u64)>, u64)>,
+        devices: Vec<RecordedBackend>,
         cfg: SupervisorConfig,
         restart_missing: bool,
     ) -> Result<Self, SupervisorError> {
@@ -712,7 +724,12 @@ impl Supervisor {
             shared: shared.clone(),
             monitor: None,
         };
-        for (spec, recorded, restarts) in devices {
+        for RecordedBackend {
+            spec,
+            process: recorded,
+            restarts,
+        } in devices
+        {
             let (child, last_exit) = match recorded.map(|(pid, st)| Pidfd::adopt(pid, st)) {
                 Some(Ok(p)) => {
                     tracing::info!(instance = %shared.instance, device = %spec.device, pid = p.pid(), "backend adopted");
@@ -1069,9 +1086,17 @@ mod tests {
             "vm-1".parse().unwrap(),
             dir.path(),
             vec![
-                (blk("vda"), Some((a, st(a))), 2),
+                RecordedBackend {
+                    spec: blk("vda"),
+                    process: Some((a, st(a))),
+                    restarts: 2,
+                },
                 // The pid is right, the start time is not: another process.
-                (blk("vdb"), Some((o, st(o) + 1)), 0),
+                RecordedBackend {
+                    spec: blk("vdb"),
+                    process: Some((o, st(o) + 1)),
+                    restarts: 0,
+                },
             ],
             SupervisorConfig::default(),
             false,
