@@ -37,12 +37,17 @@
 //! its own process; `restore_devices` measures that path from
 //! `Vm::restore` on).
 //!
+//! With `VMR_BENCH_BASELINE_VMM=<path>` (a `vmm` binary built from another
+//! commit), the private and shared lazy cases also run that binary,
+//! interleaved with this build's runs, so a before/after comparison shares
+//! the host's load; its rows are marked "baseline".
+//!
 //! `cargo bench -p vmr-vmm --bench restore_process` (needs /dev/kvm, make
-//! and gcc, and userfaultfd for `--shared-memory`: root or
-//! `vm.unprivileged_userfaultfd = 1`). `VMR_BENCH_RUNS` sets the runs per
-//! case (default 20); `VMR_BENCH_KEEP=1` only writes the snapshots, prints
-//! their directories and keeps them (for strace or perf by hand; delete
-//! them after).
+//! and gcc, and userfaultfd for `--shared-memory` and for the private
+//! restore of a chain: root or `vm.unprivileged_userfaultfd = 1`).
+//! `VMR_BENCH_RUNS` sets the runs per case (default 20); `VMR_BENCH_KEEP=1`
+//! only writes the snapshots, prints their directories and keeps them (for
+//! strace or perf by hand; delete them after).
 
 mod common;
 
@@ -209,12 +214,13 @@ fn spawn_once(mut cmd: Command, line: Option<&str>) -> Result<Run, String> {
 }
 
 fn restore_once(
+    vmm: &Path,
     snapshot: &Path,
     args: &[&str],
     dirty_log: Option<&Path>,
     timed: bool,
 ) -> Result<Run, String> {
-    let mut cmd = Command::new(VMM);
+    let mut cmd = Command::new(vmm);
     cmd.arg("restore")
         .arg("--snapshot")
         .arg(snapshot)
@@ -233,7 +239,11 @@ fn restore_once(
     }
     let run = spawn_once(cmd, Some(RUNNING_LINE))?;
     if timed && stamp(&run, "resumed").is_none() {
-        return Err(format!("no timing stamps from {VMM}: {:?}", run.stamps));
+        return Err(format!(
+            "no timing stamps from {}: {:?}",
+            vmm.display(),
+            run.stamps
+        ));
     }
     Ok(run)
 }
@@ -264,6 +274,9 @@ fn time_ms(f: impl FnOnce()) -> f64 {
 }
 
 struct Case {
+    /// The binary (this build's, or the baseline's).
+    vmm: PathBuf,
+    baseline: bool,
     snapshot: &'static str,
     dir: PathBuf,
     mode: &'static str,
@@ -366,11 +379,38 @@ fn main() {
             &["--shared-memory", "--eager-copy"],
         ),
     ];
+    let baseline = std::env::var_os("VMR_BENCH_BASELINE_VMM").map(PathBuf::from);
+    if let Some(b) = &baseline {
+        assert!(
+            b.is_file(),
+            "VMR_BENCH_BASELINE_VMM: {} is not a file",
+            b.display()
+        );
+    }
     let mut cases = Vec::new();
     for (snapshot, dir) in [("full", &full), ("inc3 (chain of 3)", &last)] {
         for (mode, memory, args) in modes {
+            if let (Some(b), true) = (&baseline, memory != RestoreMemory::SharedCopy) {
+                cases.push(Case {
+                    vmm: b.clone(),
+                    baseline: true,
+                    snapshot,
+                    dir: dir.clone(),
+                    mode,
+                    memory,
+                    args,
+                    before: false,
+                    plain: Vec::new(),
+                    timed: Vec::new(),
+                    load: Vec::new(),
+                    memory_ms: Vec::new(),
+                    vm_restore: Vec::new(),
+                });
+            }
             for before in [false, true] {
                 cases.push(Case {
+                    vmm: PathBuf::from(VMM),
+                    baseline: false,
                     snapshot,
                     dir: dir.clone(),
                     mode,
@@ -388,7 +428,8 @@ fn main() {
     }
     let dirty = |c: &Case| c.before.then_some(series.as_path());
     for c in &cases {
-        restore_once(&c.dir, c.args, dirty(c), false).unwrap_or_else(|e| panic!("warm-up: {e}"));
+        restore_once(&c.vmm, &c.dir, c.args, dirty(c), false)
+            .unwrap_or_else(|e| panic!("warm-up: {e}"));
     }
     let mut floor_true = Vec::new();
     let mut floor_vmm = Vec::new();
@@ -401,13 +442,15 @@ fn main() {
         floor_vmm.push(ms_between(r.spawn, r.exited));
         for c in &mut cases {
             let d = c.before.then_some(series.as_path());
-            c.plain
-                .push(restore_once(&c.dir, c.args, d, false).unwrap_or_else(|e| panic!("{e}")));
-            if c.before {
+            c.plain.push(
+                restore_once(&c.vmm, &c.dir, c.args, d, false).unwrap_or_else(|e| panic!("{e}")),
+            );
+            if c.before || c.baseline {
                 continue;
             }
-            c.timed
-                .push(restore_once(&c.dir, c.args, None, true).unwrap_or_else(|e| panic!("{e}")));
+            c.timed.push(
+                restore_once(&c.vmm, &c.dir, c.args, None, true).unwrap_or_else(|e| panic!("{e}")),
+            );
             // The same library calls in this process (the VM is dropped
             // paused).
             c.load.push(time_ms(|| {
@@ -470,7 +513,9 @@ fn main() {
             "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             c.snapshot,
             c.mode,
-            if c.before {
+            if c.baseline {
+                "off (baseline binary)"
+            } else if c.before {
                 "on (`--snapshot-on-signal`; before)"
             } else {
                 "off (this build)"
@@ -499,7 +544,7 @@ fn main() {
     println!();
     println!("| snapshot | memory | exec + loading to main | log + CLI setup | state load, memory, KVM VM + vCPUs | vCPU/irqchip state, vCPU thread | resume | resume to first guest output | total |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for c in cases.iter().filter(|c| !c.before) {
+    for c in cases.iter().filter(|c| !c.before && !c.baseline) {
         let col = |from: &dyn Fn(&Run) -> Option<u64>, to: &dyn Fn(&Run) -> Option<u64>| {
             let v: Vec<f64> = c
                 .timed
@@ -534,12 +579,73 @@ fn main() {
     }
     println!();
     println!(
+        "Inside the restore (this build), with VMR_VMM_TIMINGS=1: the `vmr_vmm::timing` milestones, median of {runs} runs per step; ms"
+    );
+    println!();
+    // (from stamp, to stamp, column)
+    let steps = [
+        ("parsed", "state loaded", "state file read and decoded"),
+        ("state loaded", "memory mapped", "memory mapped"),
+        (
+            "memory mapped",
+            "kvm opened",
+            "/dev/kvm opened, capabilities",
+        ),
+        ("kvm opened", "KVM_CREATE_VM", "KVM_CREATE_VM"),
+        (
+            "KVM_CREATE_VM",
+            "KVM_SET_USER_MEMORY_REGION",
+            "KVM_SET_USER_MEMORY_REGION",
+        ),
+        (
+            "KVM_SET_USER_MEMORY_REGION",
+            "KVM_CREATE_IRQCHIP",
+            "KVM_CREATE_IRQCHIP",
+        ),
+        ("KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2", "KVM_CREATE_PIT2"),
+        ("KVM_CREATE_PIT2", "vCPUs created", "vCPUs created"),
+        (
+            "vCPUs created",
+            "irqchip, PIT and clock state set",
+            "irqchip, PIT and clock state set",
+        ),
+        (
+            "irqchip, PIT and clock state set",
+            "vCPU state set",
+            "vCPU state set",
+        ),
+        ("vCPU state set", "restored", "vCPU thread"),
+    ];
+    print!("| snapshot | memory |");
+    for (_, _, label) in &steps {
+        print!(" {label} |");
+    }
+    println!();
+    println!("| --- | --- |{}", " ---: |".repeat(steps.len()));
+    for c in cases.iter().filter(|c| !c.before && !c.baseline) {
+        print!("| {} | {} |", c.snapshot, c.mode);
+        for (from, to, _) in &steps {
+            let v: Vec<f64> = c
+                .timed
+                .iter()
+                .filter_map(|r| Some(ms_between(stamp(r, from)?, stamp(r, to)?)))
+                .collect();
+            if v.len() == c.timed.len() && !v.is_empty() {
+                print!(" {:.2} |", median(v));
+            } else {
+                print!(" n/a |");
+            }
+        }
+        println!();
+    }
+    println!();
+    println!(
         "The same library calls inside this process (no exec), dirty log off: median of {runs}; ms"
     );
     println!();
     println!("| snapshot | memory | `SnapshotData::load` (one state file) | `snapshot::restore_memory` | `Vm::restore` (paused VM) |");
     println!("| --- | --- | ---: | ---: | ---: |");
-    for c in cases.iter().filter(|c| !c.before) {
+    for c in cases.iter().filter(|c| !c.before && !c.baseline) {
         println!(
             "| {} | {} | {:.2} | {:.2} | {:.2} |",
             c.snapshot,

@@ -32,6 +32,7 @@ pub mod probe;
 pub mod serial;
 pub mod snapshot;
 pub mod supervise;
+pub mod timing;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

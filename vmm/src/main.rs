@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use vmr_vmm::serial::SerialOut;
 use vmr_vmm::snapshot::RestoreMemory;
 use vmr_vmm::supervise::{supervise, Outcome, Report, SnapshotOnRequest, SnapshotSeries};
+// `CLOCK_MONOTONIC` in nanoseconds: the clock `Instant` reads, so a parent
+// process can subtract its own reading taken before it spawned this one.
+use vmr_vmm::timing::monotonic_ns;
 use vmr_vmm::vcpu::VmEvent;
 use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
 
@@ -54,8 +57,8 @@ enum Command {
     ///
     /// With VMR_VMM_TIMINGS=1 in the environment, once the VM runs, stderr
     /// gets `vmm: timing <stage> mono=<ns>` lines (CLOCK_MONOTONIC at entry
-    /// to main, after argument parsing, after the restore, after the
-    /// resume) and log lines stamped the same way.
+    /// to main, after argument parsing, at the restore's steps, after the
+    /// restore, after the resume) and log lines stamped the same way.
     Restore {
         /// The snapshot directory.
         #[arg(long)]
@@ -107,18 +110,6 @@ fn serial_out(path: &Option<PathBuf>) -> Result<SerialOut> {
 /// The environment variable that makes `vmm` print restore timestamps.
 const TIMINGS_ENV: &str = "VMR_VMM_TIMINGS";
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `Instant` reads, so a parent
-/// process can subtract its own reading taken before it spawned this one.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Log timestamps as `mono=<ns>` (see [`monotonic_ns`]).
 struct MonotonicTimer;
 
@@ -130,7 +121,8 @@ impl tracing_subscriber::fmt::time::FormatTime for MonotonicTimer {
 
 /// With `VMR_VMM_TIMINGS=1`: the stages of a run, each stamped with
 /// [`monotonic_ns`], printed to stderr as `vmm: timing <stage> mono=<ns>`
-/// once the guest runs (so printing them does not delay it).
+/// once the guest runs (so printing them does not delay it), in time order
+/// with the library's own milestones ([`vmr_vmm::timing`]).
 #[derive(Default)]
 struct Timings(Option<Vec<(&'static str, u64)>>);
 
@@ -142,7 +134,12 @@ impl Timings {
     }
 
     fn print(&mut self) {
-        for (stage, ns) in self.0.take().unwrap_or_default() {
+        let Some(mut all) = self.0.take() else {
+            return;
+        };
+        all.extend(vmr_vmm::timing::take());
+        all.sort_by_key(|&(_, ns)| ns);
+        for (stage, ns) in all {
             eprintln!("vmm: timing {stage} mono={ns}");
         }
     }
@@ -152,6 +149,9 @@ fn main() -> Result<()> {
     let timed = std::env::var_os(TIMINGS_ENV).is_some_and(|v| v == "1");
     let mut timings = Timings(timed.then(Vec::new));
     timings.stamp("main");
+    if timed {
+        vmr_vmm::timing::enable();
+    }
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             // Timed runs log the VM's restore milestones (info level).

@@ -442,6 +442,13 @@ pub enum RestoreMemory {
     /// touch, restore cost does not grow with memory size, the files are
     /// never written. vhost-user backends cannot map it, so use this for
     /// CPU-only clones (no vhost-user devices).
+    ///
+    /// The last link of an incremental chain is restored as
+    /// [`RestoreMemory::SharedOnDemand`] instead (each page copied in from
+    /// the newest file that holds it on its first access, no background
+    /// copy), so its restore does not grow with the diffs either; where
+    /// userfaultfd cannot be set up, the diffs are copied over the private
+    /// mapping before the VM runs.
     #[default]
     PrivateLazy,
     /// A fresh memfd filled from the files before the VM runs (eager): costs
@@ -569,32 +576,64 @@ pub fn restore_memory_of(
     memory_from_chain(memory_chain_of(dir, state)?, mode)
 }
 
+/// A private copy-on-write mapping of the full memory file `base`.
+fn private_file(base: &Path, mem_size: u64) -> Result<VmMemory, SnapshotError> {
+    let f = std::fs::File::open(base).map_err(|source| SnapshotError::Io {
+        path: base.display().to_string(),
+        source,
+    })?;
+    let len = f
+        .metadata()
+        .map_err(|source| SnapshotError::Io {
+            path: base.display().to_string(),
+            source,
+        })?
+        .len();
+    if len != mem_size {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} is {len} bytes, expected {mem_size}",
+            base.display()
+        )));
+    }
+    Ok(VmMemory::from_file_private(f, mem_size)?)
+}
+
+/// A fresh memfd filled lazily from `chain` (`SharedLazy` or
+/// `SharedOnDemand`).
+fn lazy_memory(
+    chain: &[(PathBuf, MemoryKind, u64)],
+    mem_size: u64,
+    mode: RestoreMemory,
+) -> Result<VmMemory, SnapshotError> {
+    let mut m = VmMemory::new_shared(mem_size)?;
+    // Nothing has touched the new mapping: register it before anything
+    // does. The chain's diffs are sources, not applied. The prefetch of
+    // `SharedLazy` starts when the VM resumes.
+    let owner = lazy::LazyOwner::start(m.host_base() as u64, mem_size, chain, false)?;
+    m.set_lazy(owner, mode == RestoreMemory::SharedLazy);
+    Ok(m)
+}
+
 fn memory_from_chain(
     chain: Vec<(PathBuf, MemoryKind, u64)>,
     mode: RestoreMemory,
 ) -> Result<VmMemory, SnapshotError> {
     let (base, _, mem_size) = &chain[0];
     let mem = match mode {
-        RestoreMemory::PrivateLazy => {
-            let f = std::fs::File::open(base).map_err(|source| SnapshotError::Io {
-                path: base.display().to_string(),
-                source,
-            })?;
-            let len = f
-                .metadata()
-                .map_err(|source| SnapshotError::Io {
-                    path: base.display().to_string(),
-                    source,
-                })?
-                .len();
-            if len != *mem_size {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "{} is {len} bytes, expected {mem_size}",
-                    base.display()
-                )));
+        RestoreMemory::PrivateLazy if chain.len() > 1 => {
+            match lazy_memory(&chain, *mem_size, RestoreMemory::SharedOnDemand) {
+                Err(SnapshotError::Lazy(e @ lazy::LazyError::Uffd { .. })) => {
+                    tracing::warn!(
+                        error = %e,
+                        diffs = chain.len() - 1,
+                        "no userfaultfd: the diffs are copied in before the VM runs"
+                    );
+                    private_file(base, *mem_size)?
+                }
+                r => return r,
             }
-            VmMemory::from_file_private(f, *mem_size)?
         }
+        RestoreMemory::PrivateLazy => private_file(base, *mem_size)?,
         RestoreMemory::SharedCopy => {
             let m = VmMemory::new_shared(*mem_size)?;
             // SAFETY: the memory is new and not yet visible to any guest or
@@ -603,13 +642,7 @@ fn memory_from_chain(
             m
         }
         RestoreMemory::SharedLazy | RestoreMemory::SharedOnDemand => {
-            let mut m = VmMemory::new_shared(*mem_size)?;
-            // Nothing has touched the new mapping: register it before
-            // anything does. The chain's diffs are sources, not applied.
-            // The prefetch of `SharedLazy` starts when the VM resumes.
-            let owner = lazy::LazyOwner::start(m.host_base() as u64, *mem_size, &chain, false)?;
-            m.set_lazy(owner, mode == RestoreMemory::SharedLazy);
-            return Ok(m);
+            return lazy_memory(&chain, *mem_size, mode);
         }
     };
     for (diff, _, _) in &chain[1..] {

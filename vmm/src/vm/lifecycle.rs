@@ -25,14 +25,20 @@ use crate::boot::loader::{self, ImageKind};
 use crate::bus::Bus;
 use crate::memory::{PageBitmap, VmMemory, PAGE_SIZE};
 use crate::serial::SerialDevice;
-use crate::vcpu::{ExitRequest, Vcpu, VcpuContext, VcpuFeatures, VcpuHandle, VmEvent};
+use crate::timing;
+use crate::vcpu::{ExitRequest, Vcpu, VcpuContext, VcpuFeatures, VcpuHandle, VcpuState, VmEvent};
 
 /// The shape of a VM to build (from a [`VmConfig`] or a snapshot).
-pub(super) struct BuildSpec {
+pub(super) struct BuildSpec<'a> {
     pub mem_size: u64,
     pub vcpus: u8,
     pub irqchip: bool,
     pub dirty_log: bool,
+    /// Restoring: the saved vCPU states, one per vCPU. Their CPUID is set
+    /// by [`Vcpu::restore_state`] and their MSR lists are what later
+    /// snapshots save, so the host's supported CPUID is not read and the
+    /// readable MSRs are not probed.
+    pub restoring: Option<&'a [VcpuState]>,
 }
 
 impl Vm {
@@ -103,12 +109,14 @@ impl Vm {
             vcpus,
             irqchip: want_irqchip,
             dirty_log,
+            restoring,
         } = spec;
         if vcpus == 0 {
             return Err(VmError::Config("at least one vCPU is needed".into()));
         }
         let kvm = open_kvm()?;
         let caps = Capabilities::probe(&kvm);
+        timing::stamp("kvm opened");
         if caps.api_version != 12 {
             return Err(VmError::Config(format!(
                 "KVM API version {} (need 12)",
@@ -131,20 +139,22 @@ impl Vm {
                 caps.max_vcpus
             )));
         }
+        if let Some(states) = restoring {
+            if states.len() != usize::from(vcpus) {
+                return Err(VmError::Config(format!(
+                    "{} vCPU states for {vcpus} vCPUs",
+                    states.len()
+                )));
+            }
+        }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        timing::stamp("KVM_CREATE_VM");
         fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        if irqchip {
-            fd.create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        }
-        if pit {
-            let cfg = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(cfg).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        }
+        // Guest memory before the irqchip and the PIT: adding a memory slot
+        // waits for an SRCU grace period of the VM, and creating those
+        // devices starts one that the kernel advances only on timer ticks,
+        // so a slot added after them can wait milliseconds for nothing.
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: if dirty_log {
@@ -160,10 +170,29 @@ impl Vm {
         // keeps `memory` alive for as long as the VM fd exists.
         unsafe { fd.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        timing::stamp("KVM_SET_USER_MEMORY_REGION");
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            timing::stamp("KVM_CREATE_IRQCHIP");
+        }
+        if pit {
+            let cfg = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(cfg).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+            timing::stamp("KVM_CREATE_PIT2");
+        }
 
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        // A restore sets each vCPU's saved CPUID; a new VM gets the host's.
+        let supported = match restoring {
+            Some(_) => None,
+            None => Some(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            ),
+        };
         let features = VcpuFeatures {
             xsave: caps.xsave,
             xcrs: caps.xcrs,
@@ -177,18 +206,28 @@ impl Vm {
             let vfd = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let msrs = msr_indices
-                .get_or_insert_with(|| Arc::new(readable_msrs(&kvm, &vfd)))
-                .clone();
+            let msrs = match restoring {
+                // The MSRs the snapshot holds: restore sets every one (and
+                // fails if KVM refuses one), so they are readable.
+                Some(states) => {
+                    Arc::new(states[id as usize].msrs.iter().map(|e| e.index).collect())
+                }
+                None => msr_indices
+                    .get_or_insert_with(|| Arc::new(readable_msrs(&kvm, &vfd)))
+                    .clone(),
+            };
             let v = Vcpu {
                 id,
                 fd: vfd,
                 features,
                 msr_indices: msrs,
             };
-            v.set_cpuid(&supported)?;
+            if let Some(supported) = &supported {
+                v.set_cpuid(supported)?;
+            }
             pending.push(v);
         }
+        timing::stamp("vCPUs created");
 
         let fd = Arc::new(fd);
         let mmio = Arc::new(Bus::new("mmio"));
@@ -240,6 +279,7 @@ impl Vm {
                 vcpus: cfg.vcpus,
                 irqchip: cfg.irqchip,
                 dirty_log: cfg.dirty_log,
+                restoring: None,
             },
             memory,
             serial,

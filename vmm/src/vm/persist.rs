@@ -31,6 +31,7 @@ use crate::snapshot::{
     self, memfile, DeviceState, MemoryKind, MemoryRef, SnapshotData, SnapshotError, SnapshotMeta,
     VmKvmState,
 };
+use crate::timing;
 use crate::vcpu::VcpuState;
 
 /// A device that takes part in pause, resume and snapshots.
@@ -670,7 +671,9 @@ impl Vm {
     /// [`Vm::resume`].
     pub fn restore(dir: &Path, opts: RestoreOptions) -> Result<(Vm, Vec<DeviceState>), VmError> {
         let data = SnapshotData::load(dir)?;
+        timing::stamp("state loaded");
         let memory = snapshot::restore_memory_of(dir, &data, opts.memory)?;
+        timing::stamp("memory mapped");
         let serial = SerialDevice::from_snapshot(
             &data.serial,
             opts.serial_out.unwrap_or_else(|| Box::new(std::io::sink())),
@@ -683,6 +686,7 @@ impl Vm {
                 vcpus,
                 irqchip: data.meta.irqchip,
                 dirty_log: opts.dirty_log,
+                restoring: Some(&data.vcpus),
             },
             memory,
             serial,
@@ -714,9 +718,11 @@ impl Vm {
             c.flags = 0;
             vm.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))?;
         }
+        timing::stamp("irqchip, PIT and clock state set");
         for (v, st) in vm.pending.iter().zip(&data.vcpus) {
             v.restore_state(st)?;
         }
+        timing::stamp("vCPU state set");
         vm.spawn_vcpus(true)?;
         vm.set_state(RunState::Paused);
         let canon = dir.canonicalize().map_err(|source| {
