@@ -14,7 +14,9 @@
 //! frozen chain. Then the snapshot is restored into a new QEMU with its own
 //! backends (the disk on the downloaded layer chain with a private top
 //! layer, the NIC in a namespace of its own) and the clone answers a `GET`
-//! of a key written before the cut.
+//! of a key written before the cut. The guest's `DIRTY` request is checked
+//! too: its answers to good and bad counts, its pages in the snapshot's
+//! memory stream, and its answer in the clone.
 //!
 //! Heavy: root, qemu-system-x86_64, demo-linux, Tansu and the workspace
 //! binaries (`cargo build -p vhost-tap -p schema-registry --bins`). Run:
@@ -104,6 +106,22 @@ fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no slot in {reply:?}"));
+    // The service dirties guest memory on request (checked in the
+    // snapshot's memory stream below) and refuses bad counts.
+    for (line, want) in [
+        ("DIRTY 64", "OK dirty 64"),
+        ("DIRTY 0", "ERR badcount"),
+        ("DIRTY 064", "ERR badcount"),
+        ("DIRTY x", "ERR badcount"),
+        ("DIRTY 99999999", "ERR toomany max="),
+        ("DIRTY", "ERR usage"),
+    ] {
+        let got = request(&ns, line).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            got.starts_with(want),
+            "{line}: {got:?}, want {want:?} (an image without DIRTY needs guest/linux/build.sh)"
+        );
+    }
 
     // Keep the service busy while the snapshot is taken.
     let stop = Arc::new(AtomicBool::new(false));
@@ -209,6 +227,19 @@ fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
         h_snap, h_orig,
         "the snapshot's disk differs from the original's at the cut"
     );
+
+    // The pages the first DIRTY wrote ("vmr-dirty 1\n" repeated) are in
+    // the snapshot's memory: QEMU's stream carries each page's 4096 bytes
+    // contiguously, and any page of them holds 60 whole lines.
+    let vmstate = std::fs::read(mat.snapshot_dir.join("vmstate")).expect("the memory stream");
+    let needle = "vmr-dirty 1\n".repeat(60).into_bytes();
+    assert!(
+        vmstate
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice()),
+        "the dirtied pages are not in the snapshot's memory stream"
+    );
+    drop(vmstate);
 
     let report = rec.shutdown();
     eprintln!("stop: {:?}", report.exit);
@@ -367,6 +398,8 @@ fn snapshot_of_a_busy_demo_linux_guest_matches_the_recorded_stream() {
     );
     let put = request(&cns, "PUT in clone").unwrap_or_else(|e| panic!("{e}"));
     assert!(put.starts_with("OK "), "clone PUT: {put:?}");
+    let dirty = request(&cns, "DIRTY 64").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dirty, "OK dirty 64", "clone DIRTY");
     let _ = clone.stop(Duration::from_secs(5));
     drop(cns);
 }
