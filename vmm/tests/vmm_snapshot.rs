@@ -195,6 +195,16 @@ fn incremental_snapshots_hold_exactly_the_dirtied_pages_and_chain_bit_for_bit() 
         i3.dirty_pages.iter().copied().collect::<BTreeSet<_>>(),
         gpa_pages(&[5, 6])
     );
+    // A full snapshot of the clone (whose memory the private restore of a
+    // chain fills lazily) holds every page as the clone sees it.
+    let full3 = dir.path().join("full3");
+    clone.snapshot(&full3, MemoryKind::Full).expect("full3");
+    let written =
+        std::fs::read(full3.join(vmr_vmm::snapshot::FULL_MEMORY_FILE)).expect("memory.bin");
+    assert!(
+        written == img,
+        "the full snapshot differs from the clone's memory"
+    );
 }
 
 #[test]

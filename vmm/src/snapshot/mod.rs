@@ -833,6 +833,12 @@ mod tests {
             RestoreMemory::SharedOnDemand,
         ] {
             let m = restore_memory(&b, mode).expect("restores");
+            // Only the eager copy fills the memory before it is used.
+            assert_eq!(
+                m.lazy().is_some(),
+                mode != RestoreMemory::SharedCopy,
+                "{mode:?}"
+            );
             // SAFETY: no guest uses this memory.
             assert_eq!(unsafe { m.as_slice() }, &img[..], "{mode:?}");
         }
