@@ -29,8 +29,10 @@
 //! The headline runs carry no instrumentation. A second set of runs sets
 //! `VMR_VMM_TIMINGS=1`: the binary then stamps its stages with
 //! `CLOCK_MONOTONIC` (the clock this process reads before `spawn()`) and
-//! logs the VM's restore milestones, for the breakdown table. A third table
-//! times the same library calls inside this process.
+//! logs the VM's restore milestones, for the breakdown table, and prints
+//! the library's own milestones (`vmr_vmm::timing`: state file, memory,
+//! each KVM VM ioctl, vCPU state), for the table of the restore's steps. A
+//! last table times the same library calls inside this process.
 //!
 //! The restored clones have no vhost-user devices: `vmm restore` refuses a
 //! snapshot with device state (the capture agent reattaches backends in
