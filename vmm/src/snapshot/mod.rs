@@ -344,19 +344,7 @@ impl SnapshotData {
     /// Reads and verifies `dir/vmstate.bin` (the size cap is checked before
     /// reading).
     pub fn load(dir: &Path) -> Result<Self, SnapshotError> {
-        let path = dir.join(STATE_FILE);
-        let io = |source| SnapshotError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let len = std::fs::metadata(&path).map_err(io)?.len();
-        if len > format::MAX_FILE_LEN {
-            return Err(SnapshotError::Format {
-                path: path.display().to_string(),
-                source: format::FormatError::TooLarge(len),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(io)?;
+        let (bytes, path) = read_state_file(dir)?;
         Self::decode(&bytes, &path)
     }
 
@@ -483,7 +471,9 @@ impl RestoreMemory {
 
 /// The memory files of a snapshot's chain, base first. Each link's
 /// directory is canonical (a relative parent is resolved against its
-/// child's directory).
+/// child's directory). Each link's state file is verified as a container
+/// (size cap, magic, version, length, CRC-32); only its meta section is
+/// parsed.
 pub fn memory_chain(dir: &Path) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
     chain_from(dir, None)
 }
@@ -496,6 +486,47 @@ pub fn memory_chain_of(
     state: &SnapshotData,
 ) -> Result<Vec<(PathBuf, MemoryKind, u64)>, SnapshotError> {
     chain_from(dir, Some(state))
+}
+
+/// The bytes of `dir/vmstate.bin` and its path (the size cap is checked
+/// before reading).
+fn read_state_file(dir: &Path) -> Result<(Vec<u8>, PathBuf), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let io = |source| SnapshotError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let len = std::fs::metadata(&path).map_err(io)?.len();
+    if len > format::MAX_FILE_LEN {
+        return Err(SnapshotError::Format {
+            path: path.display().to_string(),
+            source: format::FormatError::TooLarge(len),
+        });
+    }
+    let bytes = std::fs::read(&path).map_err(io)?;
+    Ok((bytes, path))
+}
+
+/// The meta section of `dir/vmstate.bin`, for a parent in a memory chain:
+/// the container is verified as by [`SnapshotData::load`] (size cap,
+/// magic, version, length, CRC-32), but of its sections only the meta one
+/// is parsed (a parent's vCPU, VM and device state are never used).
+fn load_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
+    let (bytes, path) = read_state_file(dir)?;
+    let sections = format::decode(&bytes).map_err(|source| SnapshotError::Format {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut metas = sections.iter().filter(|s| s.kind == kind::META);
+    let meta = match (metas.next(), metas.next()) {
+        (Some(m), None) => parse::<SnapshotMeta>("meta", &m.payload)?,
+        (None, _) => return Err(SnapshotError::Inconsistent("no meta section".into())),
+        (Some(_), Some(_)) => {
+            return Err(SnapshotError::Inconsistent("repeated meta section".into()))
+        }
+    };
+    crate::memory::check_size(meta.mem_size)?;
+    Ok(meta)
 }
 
 fn chain_from(
@@ -515,27 +546,27 @@ fn chain_from(
             )));
         }
         let loaded;
-        let data = match head.take() {
-            Some(d) => d,
+        let meta = match head.take() {
+            Some(d) => &d.meta,
             None => {
-                loaded = SnapshotData::load(&cur)?;
+                loaded = load_meta(&cur)?;
                 &loaded
             }
         };
-        if *mem_size.get_or_insert(data.meta.mem_size) != data.meta.mem_size {
+        if *mem_size.get_or_insert(meta.mem_size) != meta.mem_size {
             return Err(SnapshotError::Inconsistent(format!(
                 "{} has a different memory size than its child",
                 cur.display()
             )));
         }
-        let m = &data.meta.memory;
+        let m = &meta.memory;
         if m.file.contains('/') || m.file.is_empty() {
             return Err(SnapshotError::Inconsistent(format!(
                 "bad memory file name {:?}",
                 m.file
             )));
         }
-        chain.push((cur.join(&m.file), m.kind, data.meta.mem_size));
+        chain.push((cur.join(&m.file), m.kind, meta.mem_size));
         match (m.kind, &m.parent) {
             (MemoryKind::Full, _) => break,
             (MemoryKind::Incremental, Some(p)) => {
@@ -879,6 +910,34 @@ mod tests {
             matches!(e, SnapshotError::MissingParent { ref parent, .. } if parent == "../a"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_parent_state_file_is_verified_though_only_its_meta_is_read() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        let img = vec![0u8; 16 * 4096];
+        data(meta(MemoryKind::Full, None))
+            .store(&a)
+            .expect("stores");
+        memfile::write_full(&a.join(FULL_MEMORY_FILE), &img).expect("writes");
+        data(meta(MemoryKind::Incremental, Some(PathBuf::from("../a"))))
+            .store(&b)
+            .expect("stores");
+        let dirty = crate::memory::PageBitmap::new(16);
+        memfile::write_diff(&b.join(DIFF_MEMORY_FILE), &img, &dirty).expect("writes");
+        assert_eq!(memory_chain(&b).expect("the chain reads").len(), 2);
+        // A flipped byte anywhere in the parent's state file (here, its
+        // last section) fails the container's CRC.
+        let state = a.join(STATE_FILE);
+        let mut bytes = std::fs::read(&state).expect("readable");
+        let at = bytes.len() - 8;
+        bytes[at] ^= 0x40;
+        std::fs::write(&state, &bytes).expect("writes");
+        let e = memory_chain(&b).expect_err("the parent is corrupt");
+        assert!(matches!(e, SnapshotError::Format { .. }), "{e}");
     }
 
     #[test]
