@@ -109,7 +109,14 @@ fn take(
         .map(|o| o.size)
         .sum();
     let pause_ms = mf.pause_us as f64 / 1e3;
-    let upload_ms = (mf.uploaded_at_ns.saturating_sub(mf.wall_time_ns)) as f64 / 1e6 - pause_ms;
+    // The manifest's monotonic time is the pause's start (its wall time is
+    // the driver's save, later in the pause); its `uploaded_at_ns` is wall
+    // time. The pause's end on the wall clock, through this host's
+    // wall-minus-monotonic offset:
+    let (wall, mono) = vmr_hypervisor::events::now_ns();
+    let resumed_wall =
+        (mf.mono_time_ns + mf.pause_us * 1000) as i128 + (wall as i128 - mono as i128);
+    let upload_ms = (mf.uploaded_at_ns as i128 - resumed_wall) as f64 / 1e6;
     (mf.memory.clone(), pause_ms, new, upload_ms)
 }
 
