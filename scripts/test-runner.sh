@@ -6,23 +6,34 @@
 #   VMR_TEST_BINARY_TIMEOUT   seconds one test binary may run (default 900;
 #                             the slowest binary takes about 300)
 #
-# Past the bound it prints every thread's backtrace (gdb), then kills the
-# binary's process group (the binary and whatever it started that stayed in
-# it) and exits 124; cargo reports the binary as failed and, with
-# --no-fail-fast, goes on with the next one.
+# Past the bound it prints every thread's backtrace (gdb), then kills every
+# process of the binary's session (the binary and whatever it started that
+# did not start a session of its own) and exits 124; cargo reports the
+# binary as failed and, with --no-fail-fast, goes on with the next one.
 set -uo pipefail
 
 limit="${VMR_TEST_BINARY_TIMEOUT:-900}"
 name="$(basename "$1")"
 
-# A process group of its own, so a timeout can take down what it started.
-setsid "$@" &
+# A session of its own, so a timeout can take down everything it started
+# (harnessed children get process groups of their own, in this session).
+setsid -w "$@" &
 pid=$!
-trap 'kill -TERM -- "-$pid" 2>/dev/null' INT TERM
+
+kill_all() {
+    # Everything in the binary's session, then its process group.
+    if command -v pkill >/dev/null; then
+        pkill "-$1" -s "$pid" 2>/dev/null
+    fi
+    kill "-$1" -- "-$pid" 2>/dev/null
+}
+
+trap 'kill_all TERM; sleep 2; kill_all KILL' INT TERM
 marker="$(mktemp)"
 (
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep "$limit" &
+    nap=
+    trap 'kill "${nap:-0}" 2>/dev/null; exit 0' TERM
+    sleep "$limit" </dev/null >/dev/null 2>&1 &
     nap=$!
     wait "$nap"
     kill -0 "$pid" 2>/dev/null || exit 0
@@ -36,7 +47,9 @@ marker="$(mktemp)"
     else
         echo "(gdb is not installed, so no backtraces)" >&2
     fi
-    kill -KILL -- "-$pid" 2>/dev/null
+    kill_all TERM
+    sleep 2
+    kill_all KILL
 ) &
 watchdog=$!
 wait "$pid"
@@ -45,6 +58,8 @@ kill "$watchdog" 2>/dev/null
 wait "$watchdog" 2>/dev/null
 if [ -s "$marker" ]; then
     rc=124
+    # What the binary started may still be exiting.
+    kill_all KILL
 fi
 rm -f "$marker"
 exit "$rc"
