@@ -360,7 +360,8 @@ impl Vcpu {
             })
             .collect();
         let mut msrs = Vec::with_capacity(entries.len());
-        for chunk in entries.chunks_mut(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        // KVM refuses KVM_MAX_MSR_ENTRIES (256) or more entries a call.
+        for chunk in entries.chunks_mut(kvm_bindings::KVM_MAX_MSR_ENTRIES - 1) {
             let mut m = Msrs::from_entries(chunk).map_err(|_| VcpuError::Fam(id, "MSR"))?;
             let n = f.get_msrs(&mut m).map_err(kvm(id, "KVM_GET_MSRS"))?;
             if n != chunk.len() {
@@ -443,7 +444,7 @@ impl Vcpu {
         if let (Some(l), true) = (&s.lapic, self.features.irqchip) {
             f.set_lapic(l).map_err(kvm(id, "KVM_SET_LAPIC"))?;
         }
-        for chunk in s.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        for chunk in s.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES - 1) {
             self.set_msrs(chunk)?;
         }
         if let (Some(e), true) = (&s.events, self.features.vcpu_events) {
