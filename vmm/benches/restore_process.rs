@@ -63,6 +63,7 @@ use vmr_vmm::guest_abi::{
     build_test_guest, dirty_span_command, TestPorts, CMD_COUNT, SPAN_FIRST_PAGE,
 };
 use vmr_vmm::snapshot::{self, MemoryKind, RestoreMemory, SnapshotData};
+use vmr_vmm::timing::monotonic_ns;
 use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
 
 const MEM: u64 = 512 << 20;
@@ -70,16 +71,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// What the restored guest prints first (see `guest/test-guest/main.c`).
 const RUNNING_LINE: &str = "no command port: exiting\n";
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 fn ms_between(from: u64, to: u64) -> f64 {
     (to as f64 - from as f64) / 1e6

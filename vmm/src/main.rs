@@ -12,7 +12,7 @@ use vmr_vmm::snapshot::RestoreMemory;
 use vmr_vmm::supervise::{supervise, Outcome, Report, SnapshotOnRequest, SnapshotSeries};
 // `CLOCK_MONOTONIC` in nanoseconds: the clock `Instant` reads, so a parent
 // process can subtract its own reading taken before it spawned this one.
-use vmr_vmm::timing::monotonic_ns;
+use vmr_vmm::timing::{self, monotonic_ns};
 use vmr_vmm::vcpu::VmEvent;
 use vmr_vmm::vm::{BootSource, RestoreOptions, Vm, VmConfig};
 
@@ -119,39 +119,22 @@ impl tracing_subscriber::fmt::time::FormatTime for MonotonicTimer {
     }
 }
 
-/// With `VMR_VMM_TIMINGS=1`: the stages of a run, each stamped with
-/// [`monotonic_ns`], printed to stderr as `vmm: timing <stage> mono=<ns>`
-/// once the guest runs (so printing them does not delay it), in time order
-/// with the library's own milestones ([`vmr_vmm::timing`]).
-#[derive(Default)]
-struct Timings(Option<Vec<(&'static str, u64)>>);
-
-impl Timings {
-    fn stamp(&mut self, stage: &'static str) {
-        if let Some(v) = &mut self.0 {
-            v.push((stage, monotonic_ns()));
-        }
-    }
-
-    fn print(&mut self) {
-        let Some(mut all) = self.0.take() else {
-            return;
-        };
-        all.extend(vmr_vmm::timing::take());
-        all.sort_by_key(|&(_, ns)| ns);
-        for (stage, ns) in all {
-            eprintln!("vmm: timing {stage} mono={ns}");
-        }
+/// With `VMR_VMM_TIMINGS=1`: prints every stamp of the run (this binary's
+/// stages and the library's restore milestones, all in
+/// [`vmr_vmm::timing`]) to stderr as `vmm: timing <stage> mono=<ns>`, once
+/// the guest runs (so printing them does not delay it).
+fn print_timings() {
+    for (stage, ns) in timing::take() {
+        eprintln!("vmm: timing {stage} mono={ns}");
     }
 }
 
 fn main() -> Result<()> {
     let timed = std::env::var_os(TIMINGS_ENV).is_some_and(|v| v == "1");
-    let mut timings = Timings(timed.then(Vec::new));
-    timings.stamp("main");
     if timed {
-        vmr_vmm::timing::enable();
+        timing::enable();
     }
+    timing::stamp("main");
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             // Timed runs log the VM's restore milestones (info level).
@@ -172,7 +155,7 @@ fn main() -> Result<()> {
             .init();
     }
     let cli = Cli::parse();
-    timings.stamp("parsed");
+    timing::stamp("parsed");
     let wants_signal = match &cli.command {
         Command::Run {
             snapshot_on_signal, ..
@@ -237,7 +220,7 @@ fn main() -> Result<()> {
                     dirty_log: snapshot_on_signal.is_some(),
                 },
             )?;
-            timings.stamp("restored");
+            timing::stamp("restored");
             if let Some(d) = devices.first() {
                 bail!(
                     "the snapshot has state for device {:?}; reattaching vhost-user backends is done by the capture agent, not this command",
@@ -245,8 +228,8 @@ fn main() -> Result<()> {
                 );
             }
             vm.resume()?;
-            timings.stamp("resumed");
-            timings.print();
+            timing::stamp("resumed");
+            print_timings();
             run_vm(&vm, snapshot_on_signal.as_deref())
         }
         Command::Probe { json, timeout_secs } => probe(json, timeout_secs),

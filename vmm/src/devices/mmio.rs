@@ -159,7 +159,7 @@ pub enum MmioError {
 
 /// How long a device whose backend cannot take part in lazy restore waits
 /// for guest memory to be fully populated before it starts.
-pub const POPULATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+pub use crate::snapshot::lazy::POPULATE_TIMEOUT;
 
 /// Where a device sits and what it talks to.
 #[derive(Debug, Clone)]

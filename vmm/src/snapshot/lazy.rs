@@ -45,6 +45,12 @@ use super::{MemoryKind, SnapshotError};
 use crate::memory::PAGE_SIZE;
 use crate::uffd::{Fill, Uffd, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MISSING_SHMEM};
 
+/// How long a caller waits for lazily restored memory to be fully
+/// populated ([`LazyMemory::populate_all`]): a device whose backend cannot
+/// take part in lazy restore, before it starts, and a full snapshot, before
+/// it reads every page.
+pub const POPULATE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Longest run of pages the prefetcher copies in one `UFFDIO_COPY`.
 const MAX_RUN_PAGES: u64 = 512;
 

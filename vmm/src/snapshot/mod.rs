@@ -609,17 +609,12 @@ pub fn restore_memory_of(
 
 /// A private copy-on-write mapping of the full memory file `base`.
 fn private_file(base: &Path, mem_size: u64) -> Result<VmMemory, SnapshotError> {
-    let f = std::fs::File::open(base).map_err(|source| SnapshotError::Io {
+    let io = |source| SnapshotError::Io {
         path: base.display().to_string(),
         source,
-    })?;
-    let len = f
-        .metadata()
-        .map_err(|source| SnapshotError::Io {
-            path: base.display().to_string(),
-            source,
-        })?
-        .len();
+    };
+    let f = std::fs::File::open(base).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
     if len != mem_size {
         return Err(SnapshotError::Inconsistent(format!(
             "{} is {len} bytes, expected {mem_size}",

@@ -34,10 +34,6 @@ use crate::snapshot::{
 use crate::timing;
 use crate::vcpu::VcpuState;
 
-/// How long a full snapshot of lazily restored memory waits for the
-/// missing pages to be filled.
-const POPULATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// A device that takes part in pause, resume and snapshots.
 ///
 /// The devices layer registers one per device with
@@ -591,7 +587,7 @@ impl Vm {
             // with the prefetcher (runs of up to 2 MiB) instead of one
             // fault per page. An incremental one reads only dirty pages,
             // which the guest's writes brought in already.
-            lazy.populate_all(POPULATE_TIMEOUT)
+            lazy.populate_all(snapshot::lazy::POPULATE_TIMEOUT)
                 .map_err(SnapshotError::from)?;
         }
         // SAFETY: vCPUs are paused and devices quiesced, so nothing writes
