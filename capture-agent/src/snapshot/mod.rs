@@ -543,6 +543,13 @@ impl SnapshotControl for SnapshotEngine {
                 };
                 let r = me.run(&instance, &request, &snapshot_id, &tx, &|| slot.release());
                 slot.release();
+                // Not busy before the result is out: a caller that sees
+                // the operation done may take the next snapshot at once.
+                me.inner
+                    .busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
                 tx.send_modify(|st| {
                     st.finished_ns = now_ns();
                     match r {
@@ -557,11 +564,6 @@ impl SnapshotControl for SnapshotEngine {
                         }
                     }
                 });
-                me.inner
-                    .busy
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
             });
         if let Err(e) = spawned {
             self.inner.cutting.fetch_sub(1, Ordering::AcqRel);
