@@ -29,15 +29,17 @@ kill_all() {
 }
 
 trap 'kill_all TERM; sleep 2; kill_all KILL' INT TERM
-marker="$(mktemp)"
-(
-    nap=
-    trap 'kill "${nap:-0}" 2>/dev/null; exit 0' TERM
-    sleep "$limit" </dev/null >/dev/null 2>&1 &
-    nap=$!
-    wait "$nap"
-    kill -0 "$pid" 2>/dev/null || exit 0
-    echo 1 >"$marker"
+
+# The bound is a plain sleep, a direct child, so both pids are known before
+# either can end (a watchdog subshell that is stopped before it has started
+# its sleep has nothing safe to kill). Its stdio is not the binary's, so it
+# holds no pipe cargo waits on.
+sleep "$limit" </dev/null >/dev/null 2>&1 &
+nap=$!
+ended=
+wait -n -p ended "$pid" "$nap"
+rc=$?
+if [ "$ended" = "$nap" ] && kill -0 "$pid" 2>/dev/null; then
     echo >&2
     echo "TIMEOUT: test binary $name ran past ${limit}s (VMR_TEST_BINARY_TIMEOUT);" \
         "the test it last named above did not finish. Its threads:" >&2
@@ -50,16 +52,9 @@ marker="$(mktemp)"
     kill_all TERM
     sleep 2
     kill_all KILL
-) &
-watchdog=$!
-wait "$pid"
-rc=$?
-kill "$watchdog" 2>/dev/null
-wait "$watchdog" 2>/dev/null
-if [ -s "$marker" ]; then
-    rc=124
-    # What the binary started may still be exiting.
-    kill_all KILL
+    wait "$pid" 2>/dev/null
+    exit 124
 fi
-rm -f "$marker"
+kill "$nap" 2>/dev/null
+wait "$nap" 2>/dev/null
 exit "$rc"
