@@ -1181,6 +1181,9 @@ impl CloneRuntime {
         step: Option<u64>,
         run_to: Option<u64>,
     ) -> Result<(), CloneError> {
+        // A clone stopped or made live before its replay began has no
+        // replay left to start.
+        self.not_over()?;
         if self.shared.started.swap(true, Ordering::SeqCst) {
             return Err(CloneError::State(
                 "the replay has already been started".into(),
@@ -1271,7 +1274,11 @@ impl CloneRuntime {
                         let nic = self
                             .peers
                             .get(&n.device)
-                            .or_else(|| self.peers.values().next())
+                            // One NIC takes a frame of any device; with more,
+                            // a frame goes only to its own device's peer.
+                            .or_else(|| {
+                                self.peers.values().next().filter(|_| self.peers.len() == 1)
+                            })
                             .ok_or_else(|| {
                                 DeliverError(format!("no NIC for device {}", n.device))
                             })?;
@@ -1748,13 +1755,18 @@ impl CloneRuntime {
         Ok(())
     }
 
-    fn live(&self) -> Result<(), CloneError> {
+    fn not_over(&self) -> Result<(), CloneError> {
         if self.shared.ended.load(Ordering::SeqCst) || self.is_over() {
             return Err(CloneError::State(format!(
                 "the replay has ended ({})",
                 self.shared.status.lock().expect("status lock").detail
             )));
         }
+        Ok(())
+    }
+
+    fn live(&self) -> Result<(), CloneError> {
+        self.not_over()?;
         if !self.shared.started.load(Ordering::SeqCst) {
             return Err(CloneError::State(
                 "the replay has not been started (CONTROL_ACTION_START)".into(),

@@ -495,6 +495,59 @@ instance_prefix = "shop-"
         .await
         .expect("delete");
         assert!(!netns_list().contains(&netns), "{}", netns_list());
+
+        // A clone made live before its replay began has no replay left to
+        // start: START is refused and the clone stays live.
+        let ready = c
+            .create_clone(authed(pb::CreateCloneRequest {
+                instance_id: INSTANCE.into(),
+                start_paused: true,
+                ..Default::default()
+            }))
+            .await
+            .expect("a clone that waits for START")
+            .into_inner();
+        assert_eq!(ready.state, pb::CloneState::Ready as i32, "{ready:?}");
+        let rid = ready.clone_id.clone();
+        let action = |action: pb::ControlAction| {
+            authed(pb::ControlRequest {
+                clone_id: rid.clone(),
+                action: action as i32,
+                ..Default::default()
+            })
+        };
+        let live = c
+            .control(action(pb::ControlAction::GoLive))
+            .await
+            .expect("go live before the replay began")
+            .into_inner();
+        assert_eq!(live.state, pb::CloneState::Live as i32, "{live:?}");
+        let refused = c
+            .control(action(pb::ControlAction::Start))
+            .await
+            .expect_err("START on a live clone");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("the replay has ended"),
+            "{refused:?}"
+        );
+        let still = c
+            .get_clone(authed(pb::GetCloneRequest {
+                clone_id: rid.clone(),
+            }))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(still.state, pb::CloneState::Live as i32, "{still:?}");
+        c.delete_clone(authed(pb::DeleteCloneRequest {
+            clone_id: rid.clone(),
+        }))
+        .await
+        .expect("delete the live clone");
     });
     // SAFETY: kill(2) on the pid of our own child.
     unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
