@@ -19,15 +19,24 @@ APT_PACKAGES=(
     libclang-dev
 )
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+missing_packages() {
+    missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+}
+# Twice at most: installing one package can remove another that conflicts
+# with it (a backported qemu-utils goes when Debian's qemu-system-x86 comes),
+# which the second pass puts back in the matching version.
+missing_packages
+for pass in 1 2; do
+    [ ${#missing[@]} -gt 0 ] || break
     log "installing system packages: ${missing[*]}"
-    as_root apt-get update -qq
+    [ "$pass" = 2 ] || as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+    missing_packages
+done
+[ ${#missing[@]} -eq 0 ] || die "system packages still missing after installing them: ${missing[*]}"
 
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
